@@ -1,0 +1,258 @@
+"""The hook system: alignment methods act at fixed stages of a pipeline call.
+
+A generation is the fixed sequence of stages of diffusers' own `__call__`. An :class:`AlignmentMethod` declares
+the stages it acts at and implements one handler per stage; the aligned pipeline calls the handlers of every
+method at each stage, in the order the user listed the methods. All per-call data lives in a
+:class:`GenerationState`, never on the pipeline or on the method.
+
+| stage          | when                                             | handler            |
+|----------------|--------------------------------------------------|--------------------|
+| `prompt`       | before `encode_prompt`                           | `on_prompt`        |
+| `conditioning` | after `encode_prompt`                            | `on_conditioning`  |
+| `init_latents` | after `prepare_latents`                          | `on_init_latents`  |
+| `attention`    | once, before the denoising loop                  | `on_attention`     |
+| `step_start`   | before the denoiser at step i                    | `on_step_start`    |
+| `noise_pred`   | after the CFG combination, before the scheduler  | `on_noise_pred`    |
+| `step_end`     | after `scheduler.step`                           | `on_step_end`      |
+| `output`       | after the VAE decode, before post-processing     | `on_output`        |
+
+Every method also has `setup` (before any stage, after `validate`) and `teardown` (always, in `finally`).
+Whatever a method changes on a registered component (attention processors, train/eval mode, `requires_grad`)
+is restored by the pipeline after the call, also when a method raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class Stage(str, enum.Enum):
+    """The stages of a pipeline call at which an alignment method can act."""
+
+    PROMPT = "prompt"
+    CONDITIONING = "conditioning"
+    INIT_LATENTS = "init_latents"
+    ATTENTION = "attention"
+    STEP_START = "step_start"
+    NOISE_PRED = "noise_pred"
+    STEP_END = "step_end"
+    OUTPUT = "output"
+
+
+HANDLERS: dict[Stage, str] = {stage: f"on_{stage.value}" for stage in Stage}
+
+
+@dataclass(eq=False)
+class GenerationState:
+    """Everything one pipeline call knows, handed to every handler. Handlers read and replace its tensors.
+
+    Tensor fields follow diffusers' names. `latents` is `[N, C, h, w]` with `N = len(prompt) * num_images_per_prompt`;
+    `prompt_embeds` is the conditional batch `[N, L, D]` and `negative_prompt_embeds` the unconditional one (or
+    `None` without classifier-free guidance). `decoded` is the VAE output in `[-1, 1]` at the `output` stage.
+    """
+
+    pipe: Any
+    prompt: list[str] | None
+    negative_prompt: list[str] | None
+    num_images_per_prompt: int
+    height: int
+    width: int
+    guidance_scale: float
+    generator: torch.Generator | list[torch.Generator] | None
+    device: torch.device
+    output_type: str
+    user_latents: torch.Tensor | None = None
+    prompt_embeds: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+    step_index: int = -1
+    timestep: torch.Tensor | None = None
+    noise_pred: torch.Tensor | None = None
+    decoded: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    #: Indices into the sampled batch of the images that are returned (set by selection methods).
+    selected: torch.Tensor | None = None
+    traces: dict[str, Any] = field(default_factory=dict)
+    #: Compute spent so far; see :meth:`compute`.
+    denoiser_calls: int = 0
+    denoiser_evals: int = 0
+    vae_decodes: int = 0
+    reward_calls: int = 0
+    start_time: float = field(default_factory=time.perf_counter)
+    #: Per-method scratch space, keyed by the method object.
+    scratch: dict[Any, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        """The number of latents sampled in this call (after any method enlarged the batch)."""
+        return len(self.prompt) * self.num_images_per_prompt
+
+    @property
+    def image_prompts(self) -> list[str]:
+        """The prompt of each sampled image, in batch order (diffusers repeats each prompt consecutively)."""
+        if self.prompt is None:
+            raise ValueError("This method needs text prompts, but the call passed only `prompt_embeds`.")
+        return [p for p in self.prompt for _ in range(self.num_images_per_prompt)]
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The decoded images as float `[N, 3, H, W]` in `[0, 1]` (what rewards take)."""
+        if self.decoded is None:
+            raise RuntimeError("Images exist only at the `output` stage.")
+        return (self.decoded / 2 + 0.5).clamp(0, 1)
+
+    def compute(self) -> dict[str, float]:
+        """Compute spent by this call: denoiser forward passes (`denoiser_calls`), denoiser evaluations summed
+        over the latents in the batch (`nfe`: a CFG pair counts once), VAE decodes, reward calls and wall time."""
+        return {
+            "denoiser_calls": self.denoiser_calls,
+            "nfe": self.denoiser_evals,
+            "vae_decodes": self.vae_decodes,
+            "reward_calls": self.reward_calls,
+            "wall_time_s": time.perf_counter() - self.start_time,
+        }
+
+
+class AlignmentMethod:
+    """Base class of every alignment method.
+
+    A subclass lists the stages it acts at in `stages` and implements the matching `on_<stage>(state)` handlers.
+    It may override `validate` to refuse combinations with other methods before any compute, and `setup` /
+    `teardown` for per-call preparation. A method object holds configuration only: per-call data goes into
+    `state.scratch[self]` or `state.traces`.
+    """
+
+    #: The stages this method acts at.
+    stages: tuple[Stage, ...] = ()
+    #: Whether two instances of this method may be used in one call.
+    allow_multiple: bool = False
+    #: Whether the method enlarges the sampled batch (at most one such method per call).
+    changes_batch: bool = False
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def validate(self, methods: list[AlignmentMethod]) -> None:
+        """Raises `ValueError` if this method cannot run together with `methods` (which includes itself)."""
+
+    def setup(self, state: GenerationState) -> None:
+        """Called once per call before any stage; may enlarge the batch (`state.num_images_per_prompt`)."""
+
+    def teardown(self, state: GenerationState) -> None:
+        """Called once per call in `finally`, also when the call failed."""
+
+    def __repr__(self) -> str:
+        return f"{self.name}()"
+
+
+def _as_method_list(alignment) -> list[AlignmentMethod]:
+    if alignment is None:
+        return []
+    if isinstance(alignment, AlignmentMethod):
+        return [alignment]
+    if not isinstance(alignment, (list, tuple)):
+        raise TypeError(f"`alignment` must be an AlignmentMethod or a list of them, got {type(alignment).__name__}.")
+    for method in alignment:
+        if not isinstance(method, AlignmentMethod):
+            raise TypeError(f"`alignment` entries must be AlignmentMethod instances, got {method!r}.")
+    return list(alignment)
+
+
+class AlignmentRunner:
+    """Runs the handlers of a list of methods at each stage, in the order given.
+
+    Construction checks the combination (unknown stages, missing handlers, duplicates, more than one method that
+    enlarges the batch, each method's own `validate`) so that a bad combination fails before any compute.
+    """
+
+    def __init__(self, alignment=None):
+        self.methods = _as_method_list(alignment)
+        self.by_stage: dict[Stage, list[AlignmentMethod]] = {stage: [] for stage in Stage}
+        for method in self.methods:
+            for stage in method.stages:
+                stage = Stage(stage)
+                if not callable(getattr(method, HANDLERS[stage], None)):
+                    raise TypeError(f"{method.name} declares stage {stage.value!r} but has no {HANDLERS[stage]}().")
+                self.by_stage[stage].append(method)
+        for method in self.methods:
+            if not method.allow_multiple and sum(type(m) is type(method) for m in self.methods) > 1:
+                raise ValueError(f"{method.name} is listed more than once in `alignment`; give it once.")
+        batch_changers = [m.name for m in self.methods if m.changes_batch]
+        if len(batch_changers) > 1:
+            raise ValueError(f"Only one method may enlarge the batch, got {batch_changers}.")
+        for method in self.methods:
+            method.validate(self.methods)
+
+    def __bool__(self) -> bool:
+        return bool(self.methods)
+
+    def has(self, stage: Stage) -> bool:
+        return bool(self.by_stage[stage])
+
+    def run(self, stage: Stage, state: GenerationState) -> None:
+        handler = HANDLERS[stage]
+        for method in self.by_stage[stage]:
+            getattr(method, handler)(state)
+
+    @contextlib.contextmanager
+    def session(self, state: GenerationState):
+        """Sets the methods up, and in `finally` tears them down and restores every registered component."""
+        if not self.methods:
+            yield
+            return
+        snapshot = ComponentSnapshot(state.pipe)
+        started: list[AlignmentMethod] = []
+        try:
+            for method in self.methods:
+                started.append(method)
+                method.setup(state)
+            yield
+        finally:
+            try:
+                for method in reversed(started):
+                    method.teardown(state)
+            finally:
+                snapshot.restore()
+
+
+class ComponentSnapshot:
+    """Records the mutable state of a pipeline's registered modules and puts it back.
+
+    Covers attention processors (of every module that has them), train/eval mode, and `requires_grad` of every
+    parameter. Restoring re-installs only what changed, so an untouched pipeline costs nothing to restore.
+    """
+
+    def __init__(self, pipe):
+        self.modules: dict[str, torch.nn.Module] = {
+            name: module for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)
+        }
+        self.training = {name: [m.training for m in module.modules()] for name, module in self.modules.items()}
+        self.requires_grad = {
+            name: [p.requires_grad for p in module.parameters()] for name, module in self.modules.items()
+        }
+        self.processors = {
+            name: dict(module.attn_processors)
+            for name, module in self.modules.items()
+            if hasattr(module, "attn_processors") and hasattr(module, "set_attn_processor")
+        }
+
+    def restore(self) -> None:
+        for name, module in self.modules.items():
+            for m, mode in zip(module.modules(), self.training[name]):
+                m.training = mode
+            for p, flag in zip(module.parameters(), self.requires_grad[name]):
+                if p.requires_grad != flag:
+                    p.requires_grad_(flag)
+        for name, saved in self.processors.items():
+            module = self.modules[name]
+            current = module.attn_processors
+            if current.keys() != saved.keys() or any(current[k] is not saved[k] for k in saved):
+                module.set_attn_processor(saved)

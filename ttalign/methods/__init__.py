@@ -1,0 +1,64 @@
+"""Alignment methods, one file per method family."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from ttalign.hooks import AlignmentMethod
+
+from .search import BestOfN
+from .trace import TraceLatents
+
+#: Methods that can be named on the command line (`--align NAME[:key=value,...]`).
+METHODS: dict[str, type[AlignmentMethod]] = {
+    "best_of_n": BestOfN,
+    "trace_latents": TraceLatents,
+}
+
+
+def _parse_value(method: str, key: str, raw: str, hint):
+    from ttalign.rewards import load_reward
+
+    if key == "reward" or "reward" in str(hint).lower():
+        return load_reward(raw)
+    text = str(hint)
+    try:
+        if "bool" in text:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return raw.lower() in ("true", "1", "yes")
+        if "int" in text:
+            return int(raw)
+        if "float" in text:
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"Bad value {raw!r} for option {key!r} of method {method!r} (expected {text}).") from None
+    return raw
+
+
+def method_from_spec(spec: str) -> AlignmentMethod:
+    """Builds a method from a command-line spec `NAME[:key=value,...]`, e.g. `"best_of_n:n=4,reward=jpeg_incompressibility"`."""
+    name, _, options = spec.partition(":")
+    name = name.strip()
+    if name not in METHODS:
+        raise ValueError(f"Unknown alignment method {name!r}; available: {', '.join(sorted(METHODS))}.")
+    cls = METHODS[name]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for item in filter(None, (part.strip() for part in options.split(","))):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"Option {item!r} of method {name!r} must be written key=value.")
+        if key not in fields:
+            raise ValueError(f"Unknown option {key!r} for method {name!r}; options: {', '.join(sorted(fields))}.")
+        kwargs[key] = _parse_value(name, key, raw.strip(), hints.get(key))
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required option is missing
+        raise ValueError(f"Method {name!r}: {err}") from None
+
+
+__all__ = ["METHODS", "AlignmentMethod", "BestOfN", "TraceLatents", "method_from_spec"]

@@ -1,0 +1,100 @@
+"""Search over samples: best-of-N selection by a reward.
+
+Best-of-N is the baseline of inference-time scaling (Ma et al. 2025, "Inference-Time Scaling for Diffusion Models
+beyond Scaling Denoising Steps", https://arxiv.org/abs/2501.09732): draw N initial noises, denoise each, keep the
+image the verifier scores highest. Its compute is N times a plain call, reported in `traces["compute"]`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ttalign.hooks import AlignmentMethod, GenerationState, Stage
+from ttalign.rewards.base import check_scores
+
+
+def reward_name(reward) -> str:
+    return getattr(reward, "name", None) or getattr(reward, "__name__", None) or type(reward).__name__
+
+
+@dataclass(eq=False)
+class BestOfN(AlignmentMethod):
+    """Samples `n` candidates for every requested image and returns the one with the highest reward.
+
+    Args:
+        reward (`Callable[[Tensor, list[str]], Tensor]`):
+            Any reward `f(images: float [B, 3, H, W] in [0, 1], prompts: list[str]) -> Tensor[B]`, higher is
+            better; differentiable or not.
+        n (`int`, defaults to 4):
+            Candidates per returned image.
+        reward_batch_size (`int`, *optional*):
+            Score at most this many candidates per reward call (all at once by default).
+
+    After the call, `out.rewards` holds the winners' rewards and `out.traces["best_of_n"]` the scores of all
+    candidates (`scores`, `[N, n]`), the index of each winner among its candidates (`chosen`, `[N]`) and its index
+    in the sampled batch (`selected`, `[N]`).
+
+    Example:
+
+    ```py
+    >>> from ttalign.methods import BestOfN
+    >>> from ttalign.rewards import JpegIncompressibility
+    >>> out = pipe("a red circle", alignment=[BestOfN(reward=JpegIncompressibility(), n=4)])
+    ```
+    """
+
+    reward: Callable[[torch.Tensor, list[str]], torch.Tensor]
+    n: int = 4
+    reward_batch_size: int | None = None
+
+    stages = (Stage.OUTPUT,)
+    changes_batch = True
+
+    def __post_init__(self):
+        if not callable(self.reward):
+            raise ValueError(f"BestOfN needs a callable reward, got {self.reward!r}.")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"BestOfN needs n >= 1, got n={self.n!r}.")
+        if self.reward_batch_size is not None and self.reward_batch_size < 1:
+            raise ValueError(f"reward_batch_size must be >= 1, got {self.reward_batch_size!r}.")
+
+    def setup(self, state: GenerationState) -> None:
+        if state.user_latents is not None:
+            raise ValueError("BestOfN draws its own initial noise for each candidate: do not pass `latents`.")
+        if isinstance(state.generator, list):
+            raise ValueError(
+                f"BestOfN needs a single torch.Generator (it draws {self.n} candidates per image), "
+                f"got a list of {len(state.generator)}."
+            )
+        state.image_prompts  # raises a clear error if the call passed only prompt embeddings
+        state.num_images_per_prompt *= self.n
+
+    def on_output(self, state: GenerationState) -> None:
+        images, prompts = state.images, state.image_prompts  # [N * n, 3, H, W]
+        step = self.reward_batch_size or len(prompts)
+        scores = []
+        for start in range(0, len(prompts), step):
+            chunk = self.reward(images[start : start + step], prompts[start : start + step])
+            scores.append(check_scores(chunk, len(prompts[start : start + step]), reward_name(self.reward)))
+            state.reward_calls += 1
+        scores = torch.cat(scores).float().view(-1, self.n)  # [N, n]
+
+        finite = torch.isfinite(scores)
+        if not finite.all():
+            bad = int((~finite).sum())
+            if not finite.any(dim=1).all():
+                raise ValueError(f"Reward {reward_name(self.reward)} returned no finite score for some image.")
+            warnings.warn(f"Reward {reward_name(self.reward)} returned {bad} non-finite scores; ignoring them.")
+        best = torch.where(finite, scores, torch.full_like(scores, float("-inf"))).argmax(dim=1)  # [N]
+        selected = torch.arange(scores.shape[0], device=best.device) * self.n + best  # [N]
+
+        state.latents = state.latents[selected.to(state.latents.device)]
+        state.decoded = state.decoded[selected.to(state.decoded.device)]
+        state.num_images_per_prompt //= self.n
+        state.rewards = scores.gather(1, best[:, None]).squeeze(1)  # [N]
+        state.selected = selected
+        state.traces["best_of_n"] = {"scores": scores.cpu(), "chosen": best.cpu(), "selected": selected.cpu()}

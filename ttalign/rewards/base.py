@@ -1,0 +1,61 @@
+"""The reward interface shared by every method and trainer."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_images(images: torch.Tensor, name: str = "images") -> None:
+    """Raises `ValueError` unless `images` is a float tensor `[B, 3, H, W]` with values in `[0, 1]`."""
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"`{name}` must be a torch.Tensor [B, 3, H, W] in [0, 1], got {type(images).__name__}.")
+    if not images.is_floating_point():
+        raise ValueError(f"`{name}` must be a float tensor in [0, 1], got dtype {images.dtype}.")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"`{name}` must have shape [B, 3, H, W], got {tuple(images.shape)}.")
+    if images.numel():
+        lo, hi = images.detach().aminmax()
+        if lo < -1e-4 or hi > 1 + 1e-4:
+            raise ValueError(f"`{name}` must lie in [0, 1], got values in [{lo.item():.4g}, {hi.item():.4g}].")
+
+
+def check_scores(scores, batch_size: int, reward_name: str) -> torch.Tensor:
+    """Checks what a reward returned: a tensor `[B]`; raises `ValueError` naming the reward otherwise."""
+    if not isinstance(scores, torch.Tensor) or scores.shape != (batch_size,):
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"Reward {reward_name} must return a tensor of shape ({batch_size},), got {shape}.")
+    return scores
+
+
+class Reward(torch.nn.Module):
+    """Base class of rewards: `reward(images, prompts) -> Tensor[B]`, higher is better.
+
+    `images` are float `[B, 3, H, W]` in `[0, 1]`; `prompts` is a list of `B` strings. Subclasses implement
+    `score(images, prompts)`; `__call__` validates the input first.
+
+    Attributes:
+        differentiable (`bool`): whether gradients reach the pixels.
+        native_range (`tuple[float, float]`): the typical range of the scores.
+        license (`str`): the license of the model weights (or of the code, for analytic rewards).
+    """
+
+    differentiable: bool = False
+    native_range: tuple[float, float] = (float("-inf"), float("inf"))
+    license: str = "Apache-2.0"
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, prompts: list[str] | str | None = None) -> torch.Tensor:
+        check_images(images)
+        if prompts is None:
+            prompts = [""] * images.shape[0]
+        elif isinstance(prompts, str):
+            prompts = [prompts] * images.shape[0]
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"Got {len(prompts)} prompts for {images.shape[0]} images.")
+        return check_scores(self.score(images, list(prompts)), images.shape[0], self.name)

@@ -1,0 +1,215 @@
+"""Tiny real components, built locally without any network access.
+
+These are the same model classes that a Stable Diffusion checkpoint loads (``UNet2DConditionModel``,
+``AutoencoderKL``, ``CLIPTextModel``, ``CLIPTokenizer``), at a size that runs in milliseconds on a CPU. Tests,
+docs and benchmarks use them wherever a real checkpoint is out of reach. The tokenizer is built from a generated
+vocabulary: whole-word tokens for :data:`DEFAULT_WORDS`, and single characters (with and without the ``</w>``
+end-of-word marker) so that any other word still tokenizes, as sub-word pieces.
+
+Example:
+
+```py
+>>> from ttalign import AlignedStableDiffusionPipeline
+>>> from ttalign.testing import get_tiny_components
+>>> pipe = AlignedStableDiffusionPipeline(**get_tiny_components())
+>>> image = pipe("a red circle", num_inference_steps=2, output_type="np").images[0]
+```
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import string
+import tempfile
+
+import torch
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+
+#: Whole-word tokens of the generated vocabulary: the shapes world's words plus a few common ones.
+DEFAULT_WORDS: tuple[str, ...] = (
+    # shapes world
+    "a", "an", "the", "one", "two", "three", "red", "green", "blue", "yellow", "purple", "orange", "white",
+    "black", "circle", "circles", "square", "squares", "triangle", "triangles", "left", "right", "of", "above",
+    "below", "and", "photo", "image", "picture", "small", "large", "big", "on", "with", "next", "to", "is",
+    # common words used in tests and docs
+    "cat", "dog", "car", "tree", "house", "bird", "sitting", "bench", "park", "sky", "in", "at", "by", "man",
+    "woman", "painting", "sunset", "beach", "mountain", "city", "street", "night", "portrait", "astronaut",
+    "riding", "horse", "apple", "banana", "table", "chair", "flower", "garden", "river", "boat", "snow",
+)  # fmt: skip
+
+
+def _pieces(word: str) -> list[str]:
+    """Initial BPE symbols of a word, the last one carrying the end-of-word marker (as CLIP's BPE does)."""
+    return list(word[:-1]) + [word[-1] + "</w>"]
+
+
+def _apply_bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE: repeatedly merge the lowest-ranked adjacent pair, every occurrence at once."""
+    symbols = _pieces(word)
+    while len(symbols) > 1:
+        pairs = [(ranks.get((a, b), float("inf")), (a, b)) for a, b in zip(symbols[:-1], symbols[1:])]
+        rank, best = min(pairs)
+        if rank == float("inf"):
+            break
+        merged, i = [], 0
+        while i < len(symbols):
+            if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
+def build_clip_vocab(words: tuple[str, ...] | list[str] = DEFAULT_WORDS) -> tuple[dict[str, int], list[str]]:
+    """Builds a CLIP BPE vocabulary and merge list in which each of `words` is a single token.
+
+    Returns `(vocab, merges)`: `vocab` maps tokens to ids (``<|startoftext|>`` is 0, ``<|endoftext|>`` is 1),
+    `merges` lists merge rules as ``"left right"`` strings in rank order.
+    """
+    vocab: dict[str, int] = {BOS_TOKEN: 0, EOS_TOKEN: 1}
+    for ch in string.ascii_lowercase + string.digits + ".,:;!?()'-":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in dict.fromkeys(w.lower() for w in words):
+        if not word.isalpha():
+            raise ValueError(f"Vocabulary words must be alphabetic, got {word!r}.")
+        # A merge added later has a higher rank than every earlier one, so it never changes how an earlier
+        # word is split: each earlier word always has a lower-ranked merge available until it is one token.
+        symbols = _apply_bpe(word, ranks)
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            symbols = [pair[0] + pair[1]] + symbols[2:]
+    return vocab, [f"{a} {b}" for a, b in merges]
+
+
+def get_tiny_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS, model_max_length: int = 77):
+    """A real `CLIPTokenizer` built from a generated vocabulary (see :func:`build_clip_vocab`)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = build_clip_vocab(words)
+    if "vocab" in inspect.signature(CLIPTokenizer.__init__).parameters:  # transformers >= 5
+        return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=model_max_length)
+    with tempfile.TemporaryDirectory() as tmp:  # transformers 4.x reads files
+        with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizer(
+            os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"), model_max_length=model_max_length
+        )
+
+
+def get_tiny_text_encoder(vocab_size: int = 1000, hidden_size: int = 32, seed: int = 0):
+    """A 5-layer `CLIPTextModel` with hidden size 32 (the size of diffusers' own pipeline tests)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        projection_dim=hidden_size,
+    )
+    torch.manual_seed(seed)
+    return CLIPTextModel(config).eval()
+
+
+def get_tiny_unet(cross_attention_dim: int = 32, sample_size: int = 32, seed: int = 0):
+    """A two-level `UNet2DConditionModel` (block channels 32, 64) with cross-attention at both levels."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=32,
+        attention_head_dim=8,
+    ).eval()
+
+
+def get_tiny_vae(seed: int = 0):
+    """A two-level `AutoencoderKL` (8x downsampling is not needed: it downsamples 2x, 4 latent channels)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=32,
+    ).eval()
+
+
+def get_tiny_scheduler(name: str = "ddim"):
+    """A scheduler with Stable Diffusion's noise schedule: `"ddim"`, `"euler"`, `"euler_a"`, `"pndm"` or `"lcm"`."""
+    from diffusers import (
+        DDIMScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        LCMScheduler,
+        PNDMScheduler,
+    )
+
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    if name == "ddim":
+        return DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1, **common)
+    if name == "euler":
+        return EulerDiscreteScheduler(steps_offset=1, **common)
+    if name == "euler_a":
+        return EulerAncestralDiscreteScheduler(steps_offset=1, **common)
+    if name == "pndm":
+        return PNDMScheduler(skip_prk_steps=True, steps_offset=1, **common)
+    if name == "lcm":
+        return LCMScheduler(**common)
+    raise ValueError(f"Unknown scheduler name {name!r}; expected one of 'ddim', 'euler', 'euler_a', 'pndm', 'lcm'.")
+
+
+def get_tiny_components(scheduler: str = "ddim", seed: int = 0) -> dict:
+    """All components of a tiny Stable Diffusion pipeline, seeded: pass them to the pipeline constructor."""
+    return {
+        "unet": get_tiny_unet(seed=seed),
+        "scheduler": get_tiny_scheduler(scheduler),
+        "vae": get_tiny_vae(seed=seed),
+        "text_encoder": get_tiny_text_encoder(seed=seed),
+        "tokenizer": get_tiny_tokenizer(),
+        "safety_checker": None,
+        "feature_extractor": None,
+        "image_encoder": None,
+        "requires_safety_checker": False,
+    }
+
+
+def get_tiny_pipeline(scheduler: str = "ddim", seed: int = 0, disable_progress_bar: bool = True):
+    """An :class:`~ttalign.AlignedStableDiffusionPipeline` on the tiny components."""
+    from ttalign.pipelines import AlignedStableDiffusionPipeline
+
+    pipe = AlignedStableDiffusionPipeline(**get_tiny_components(scheduler=scheduler, seed=seed))
+    pipe.set_progress_bar_config(disable=disable_progress_bar)
+    return pipe
