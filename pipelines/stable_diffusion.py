@@ -20,6 +20,7 @@ from diffusers.utils import deprecate
 
 from ttalign.hooks import AlignmentRunner, GenerationState, Stage
 
+
 @dataclass
 class AlignedPipelineOutput(StableDiffusionPipelineOutput):
     """Output of an aligned pipeline.
@@ -97,7 +98,7 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (the parent's signature)
         *,
         alignment: list | None = None,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
@@ -327,9 +328,7 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
                         prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                         negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
 
-                    if i == len(timesteps) - 1 or (
-                        (i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0
-                    ):
+                    if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                         progress_bar.update()
                         if callback is not None and i % callback_steps == 0:
                             step_idx = i // getattr(self.scheduler, "order", 1)

@@ -92,9 +92,7 @@ def cmd_demo(args) -> int:
     common = dict(num_inference_steps=args.steps, guidance_scale=7.5)
     base = pipe(prompt, generator=_generator(args.seed), **common)
     reward = JpegIncompressibility()
-    aligned = pipe(
-        prompt, generator=_generator(args.seed), alignment=[BestOfN(reward=reward, n=4)], **common
-    )
+    aligned = pipe(prompt, generator=_generator(args.seed), alignment=[BestOfN(reward=reward, n=4)], **common)
     import numpy as np
     import torch
 

@@ -100,7 +100,9 @@ def get_tiny_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS, model
 
     vocab, merges = build_clip_vocab(words)
     if "vocab" in inspect.signature(CLIPTokenizer.__init__).parameters:  # transformers >= 5
-        return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=model_max_length)
+        return CLIPTokenizer(
+            vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=model_max_length
+        )
     with tempfile.TemporaryDirectory() as tmp:  # transformers 4.x reads files
         with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
             json.dump(vocab, f)

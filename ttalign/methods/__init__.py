@@ -38,7 +38,10 @@ def _parse_value(method: str, key: str, raw: str, hint):
 
 
 def method_from_spec(spec: str) -> AlignmentMethod:
-    """Builds a method from a command-line spec `NAME[:key=value,...]`, e.g. `"best_of_n:n=4,reward=jpeg_incompressibility"`."""
+    """Builds a method from a command-line spec `NAME[:key=value,...]`.
+
+    Example: `method_from_spec("best_of_n:n=4,reward=jpeg_incompressibility")`.
+    """
     name, _, options = spec.partition(":")
     name = name.strip()
     if name not in METHODS:

@@ -70,7 +70,8 @@ class BestOfN(AlignmentMethod):
                 f"BestOfN needs a single torch.Generator (it draws {self.n} candidates per image), "
                 f"got a list of {len(state.generator)}."
             )
-        state.image_prompts  # raises a clear error if the call passed only prompt embeddings
+        if state.prompt is None:
+            raise ValueError("BestOfN scores images against their prompts: pass `prompt`, not only `prompt_embeds`.")
         state.num_images_per_prompt *= self.n
 
     def on_output(self, state: GenerationState) -> None:
@@ -88,7 +89,9 @@ class BestOfN(AlignmentMethod):
             bad = int((~finite).sum())
             if not finite.any(dim=1).all():
                 raise ValueError(f"Reward {reward_name(self.reward)} returned no finite score for some image.")
-            warnings.warn(f"Reward {reward_name(self.reward)} returned {bad} non-finite scores; ignoring them.")
+            warnings.warn(
+                f"Reward {reward_name(self.reward)} returned {bad} non-finite scores; ignoring them.", stacklevel=2
+            )
         best = torch.where(finite, scores, torch.full_like(scores, float("-inf"))).argmax(dim=1)  # [N]
         selected = torch.arange(scores.shape[0], device=best.device) * self.n + best  # [N]
 

@@ -128,9 +128,7 @@ def _place(rng: np.random.Generator, n: int, relation: str | None = None, size: 
         radii = rng.uniform(4.5, 6.5, size=n)
         xs = [rng.uniform(r + 1, size - r - 1) for r in radii]
         ys = [rng.uniform(r + 1, size - r - 1) for r in radii]
-        ok = all(
-            np.hypot(xs[i] - xs[j], ys[i] - ys[j]) >= radii[i] + radii[j] + 2 for i in range(n) for j in range(i)
-        )
+        ok = all(np.hypot(xs[i] - xs[j], ys[i] - ys[j]) >= radii[i] + radii[j] + 2 for i in range(n) for j in range(i))
         if ok and relation is not None:
             dx, dy = xs[0] - xs[1], ys[0] - ys[1]
             main, other = (dx, dy) if relation in ("left of", "right of") else (dy, dx)
@@ -196,7 +194,9 @@ def parse_caption(caption: str) -> Spec:
     """Parses a caption of the grammar into a :class:`Spec`; raises `ValueError` for any other text."""
     match = _CAPTION.match(caption.lower())
     if not match:
-        raise ValueError(f"Caption {caption!r} is not in the shapes-world grammar (e.g. 'a red circle left of a square').")
+        raise ValueError(
+            f"Caption {caption!r} is not in the shapes-world grammar (e.g. 'a red circle left of a square')."
+        )
     g = match.groups()
     phrases = []
     for number, color, shape, plural in (g[0:4], g[5:9]):

@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from ttalign.testing import get_tiny_components
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_components():
+    """Tiny seeded components shared by the session; tests must not modify them (the hook system restores them)."""
+    return get_tiny_components()
+
+
+@pytest.fixture
+def pipes(tiny_components):
+    """A diffusers `StableDiffusionPipeline` and an `AlignedStableDiffusionPipeline` on the very same modules."""
+    from diffusers import StableDiffusionPipeline
+
+    from ttalign import AlignedStableDiffusionPipeline
+
+    reference = StableDiffusionPipeline(**tiny_components)
+    aligned = AlignedStableDiffusionPipeline.from_pipe(reference)
+    for pipe in (reference, aligned):
+        pipe.set_progress_bar_config(disable=True)
+    return reference, aligned
