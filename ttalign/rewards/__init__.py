@@ -5,18 +5,22 @@ from __future__ import annotations
 from .base import Reward, check_images, check_scores
 from .jpeg import JpegCompressibility, JpegIncompressibility
 
-#: Rewards that can be named on the command line, by their short names.
-REWARDS: dict[str, type[Reward]] = {
-    "jpeg_compressibility": JpegCompressibility,
-    "jpeg_incompressibility": JpegIncompressibility,
+#: Rewards that can be named on the command line: short name -> "module:class" (imported on use).
+REWARDS: dict[str, str] = {
+    "jpeg_compressibility": "ttalign.rewards.jpeg:JpegCompressibility",
+    "jpeg_incompressibility": "ttalign.rewards.jpeg:JpegIncompressibility",
+    "shapes_soft": "ttalign.shapes.soft:ShapesSoftVerifier",
 }
 
 
 def load_reward(name: str) -> Reward:
     """Instantiates a reward by its short name (see `REWARDS`)."""
+    import importlib
+
     if name not in REWARDS:
         raise ValueError(f"Unknown reward {name!r}; available: {', '.join(sorted(REWARDS))}.")
-    return REWARDS[name]()
+    module, _, cls = REWARDS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()
 
 
 __all__ = [

@@ -216,3 +216,13 @@ def parse_caption(caption: str) -> Spec:
     else:
         category = "color_attribution" if all(p.color for p in phrases) else "two_objects"
     return Spec(phrases=phrases, relation=relation, category=category)
+
+
+def evaluation_prompts(per_category: int = 40, seed: int = 1234) -> list[tuple[str, str]]:
+    """The fixed evaluation set: `per_category` captions of each of the six categories, as `(prompt, category)`.
+
+    Captions are drawn with :func:`sample_scene` from their own seeded stream, so the set never changes; small
+    categories repeat captions (there are only 3 single-object captions).
+    """
+    rng = np.random.default_rng(seed)
+    return [(sample_scene(rng, category)[1], category) for category in CATEGORIES for _ in range(per_category)]
