@@ -21,7 +21,7 @@ def test_generate_writes_an_image(tmp_path, capsys):
 def test_generate_is_seeded(tmp_path):
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
     for path in paths:
-        assert main(["generate", "a cat", "--steps", "2", "--seed", "7", "--out", str(path)]) == 0
+        assert main(["generate", "a cat", "--model", "tiny", "--steps", "2", "--seed", "7", "--out", str(path)]) == 0
     assert paths[0].read_bytes() == paths[1].read_bytes()
 
 

@@ -3,7 +3,7 @@
 Examples:
 
 ```
-ttalign generate "a red circle" --model tiny --align best_of_n:n=4,reward=jpeg_incompressibility --seed 0 --out out.png
+ttalign generate "a red circle left of a blue square" --align best_of_n:n=4,reward=shapes_soft --seed 0 --out out.png
 ttalign demo --out outputs/demo.png
 ```
 """
@@ -15,14 +15,20 @@ import os
 import sys
 
 TINY_MODEL = "tiny"
+SHAPES_MODEL = "shapes"
 
 
 def load_pipeline(model: str, dtype: str = "float32", device: str | None = None):
-    """Loads an :class:`~ttalign.AlignedStableDiffusionPipeline` from a folder or hub id, or `"tiny"`."""
+    """Loads an :class:`~ttalign.AlignedStableDiffusionPipeline` from a folder or hub id, `"shapes"` (the
+    embedded shapes-world model) or `"tiny"` (tiny random components)."""
     import torch
 
     from ttalign import AlignedStableDiffusionPipeline
 
+    if model == SHAPES_MODEL:
+        from ttalign.shapes import MODEL_DIR
+
+        model = MODEL_DIR
     if model == TINY_MODEL:
         from ttalign.testing import get_tiny_components
 
@@ -60,11 +66,14 @@ def cmd_generate(args) -> int:
 
     methods = [method_from_spec(spec) for spec in args.align]  # fails before any model is loaded
     pipe = load_pipeline(args.model, args.dtype, args.device)
+    shapes = args.model == SHAPES_MODEL
+    steps = args.steps or (25 if shapes else 50)
+    guidance_scale = args.guidance_scale if args.guidance_scale is not None else (3.0 if shapes else 7.5)
     out = pipe(
         args.prompt,
         negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
         height=args.height,
         width=args.width,
         generator=_generator(args.seed),
@@ -79,33 +88,49 @@ def cmd_generate(args) -> int:
     return 0
 
 
+DEMO_PROMPTS = (
+    "a red circle left of a blue square",
+    "a yellow triangle and a green circle",
+    "two blue squares",
+    "a green square above a red triangle",
+)
+
+
 def cmd_demo(args) -> int:
-    """The main job: generate with and without an alignment method, side by side."""
-    from PIL import Image
+    """The main job: the embedded shapes model with and without an alignment method, side by side, verified."""
+    import torch
+    from PIL import Image, ImageDraw
 
     from ttalign.methods import BestOfN
-    from ttalign.rewards import JpegIncompressibility
+    from ttalign.shapes import SAMPLING_DEFAULTS, ShapesSoftVerifier, load_pipeline, verify
 
-    print("ttalign demo: no trained default model is shipped yet; running on the tiny random components.")
-    pipe = load_pipeline(TINY_MODEL, device=args.device)
-    prompt = "a red circle left of a blue square"
-    common = dict(num_inference_steps=args.steps, guidance_scale=7.5)
-    base = pipe(prompt, generator=_generator(args.seed), **common)
-    reward = JpegIncompressibility()
-    aligned = pipe(prompt, generator=_generator(args.seed), alignment=[BestOfN(reward=reward, n=4)], **common)
-    import numpy as np
-    import torch
+    pipe = load_pipeline(device=args.device)
+    prompts = list(DEMO_PROMPTS)
+    method = BestOfN(reward=ShapesSoftVerifier(), n=args.n)
+    runs = {}
+    for name, alignment in (("baseline", []), (f"best-of-{args.n}", [method])):
+        out = pipe(prompts, generator=_generator(args.seed), output_type="pt", alignment=alignment,
+                   **SAMPLING_DEFAULTS)  # fmt: skip
+        runs[name] = (out.images, verify(out.images, prompts), out.traces["compute"])
 
-    base_score = reward(torch.from_numpy(np.asarray(base.images[0], dtype=np.float32) / 255).permute(2, 0, 1)[None])
-    w, h = base.images[0].size
-    canvas = Image.new("RGB", (2 * w, h))
-    canvas.paste(base.images[0], (0, 0))
-    canvas.paste(aligned.images[0], (w, 0))
+    size = 192  # the 32-px images, enlarged 6x
+    canvas = Image.new("RGB", (2 * size + 300, len(prompts) * size), "white")
+    draw = ImageDraw.Draw(canvas)
+    for col, (name, (images, verification, compute)) in enumerate(runs.items()):
+        print(f"{name} (nfe {compute['nfe']}, {compute['wall_time_s']:.1f}s):")
+        for row, (image, verdict) in enumerate(zip(images, verification.verdicts)):
+            array = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            canvas.paste(Image.fromarray(array).resize((size, size), Image.NEAREST), (col * size, row * size))
+            mark = "PASS" if verdict.passed else "fail"
+            draw.text((col * size + 4, row * size + 4), f"{name}: {mark}", fill=(0, 0, 0))
+            failed = [clause for clause, ok in verdict.clauses.items() if not ok]
+            print(f"  {mark}  {verdict.prompt!r}" + (f"  (failed: {', '.join(failed)})" if failed else ""))
+            if col == 0:
+                draw.text((2 * size + 8, row * size + size // 2), verdict.prompt, fill=(0, 0, 0))
     _save(canvas, args.out)
-    print(f"prompt: {prompt!r}")
-    print(f"baseline   JPEG-incompressibility reward: {base_score.item():.3f}")
-    print(f"best-of-4  JPEG-incompressibility reward: {aligned.rewards[0].item():.3f}")
-    print(f"wrote {args.out} (left: baseline, right: best-of-4)")
+    base, aligned = (sum(v.passed) for _, v, _ in runs.values())
+    print(f"verified: baseline {base}/{len(prompts)}, best-of-{args.n} {aligned}/{len(prompts)}")
+    print(f"wrote {args.out} (left: baseline, right: best-of-{args.n} with the soft verifier)")
     return 0
 
 
@@ -115,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate one image with alignment methods")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=TINY_MODEL, help="folder or hub id of a Stable Diffusion pipeline, or 'tiny'")
+    gen.add_argument(
+        "--model",
+        default=SHAPES_MODEL,
+        help="folder or hub id of a Stable Diffusion pipeline, 'shapes' (the embedded model) or 'tiny'",
+    )
     gen.add_argument(
         "--align",
         action="append",
@@ -125,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--out", default="out.png")
-    gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--steps", type=int, default=None, help="default: 25 for 'shapes', else 50")
+    gen.add_argument("--guidance-scale", type=float, default=None, help="default: 3.0 for 'shapes', else 7.5")
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
@@ -137,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job: baseline against an aligned generation, side by side")
     demo.add_argument("--out", default="outputs/demo.png")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--n", type=int, default=4, help="candidates per image for best-of-N")
     demo.add_argument("--device", default=None)
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -19,7 +19,7 @@ from .world import CATEGORIES, COLORS, RELATIONS, SHAPES, evaluation_prompts, pa
 #: Folder of the embedded model (diffusers layout), shipped inside the package.
 MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
 #: Sampling settings the embedded model is evaluated with.
-SAMPLING_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 5.0}
+SAMPLING_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 3.0}
 
 
 def load_pipeline(device: str | None = None, path: str | None = None):
