@@ -140,7 +140,9 @@ def train_vae(vae, images: torch.Tensor, args, log) -> float:
             log(f"vae step {step}/{args.vae_steps} loss {loss.item():.4f} mse {F.mse_loss(recon, x).item():.5f}")
     vae.eval()
     with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mean for i in range(0, 2048, 256)])
+        latents = torch.cat(
+            [vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mean for i in range(0, min(2048, len(images)), 256)]
+        )
     return float(1.0 / latents.std())
 
 
