@@ -91,8 +91,12 @@ def cmd_generate(args) -> int:
 DEMO_PROMPTS = (
     "a red circle left of a blue square",
     "a yellow triangle and a green circle",
-    "two blue squares",
+    "three blue squares",
     "a green square above a red triangle",
+    "a blue circle right of a yellow square",
+    "a red square and a green triangle",
+    "a triangle below a circle",
+    "a yellow circle and a blue triangle",
 )
 
 
