@@ -10,6 +10,7 @@ REWARDS: dict[str, str] = {
     "jpeg_compressibility": "ttalign.rewards.jpeg:JpegCompressibility",
     "jpeg_incompressibility": "ttalign.rewards.jpeg:JpegIncompressibility",
     "shapes_soft": "ttalign.shapes.soft:ShapesSoftVerifier",
+    "shapes_clip": "ttalign.shapes.clip:ShapesCLIPScore",
 }
 
 

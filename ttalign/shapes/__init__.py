@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from .clip import CLIP_DIR, ShapesCLIPScore
 from .soft import ShapesSoftVerifier
 from .verifier import Verdict, Verification, detect, verify
 from .world import CATEGORIES, COLORS, RELATIONS, SHAPES, evaluation_prompts, parse_caption, render, sample_scene
@@ -42,6 +43,8 @@ def load_pipeline(device: str | None = None, path: str | None = None):
 
 __all__ = [
     "CATEGORIES",
+    "CLIP_DIR",
+    "ShapesCLIPScore",
     "COLORS",
     "MODEL_DIR",
     "RELATIONS",
