@@ -59,7 +59,7 @@ class GenerationState:
 
     pipe: Any
     prompt: list[str] | None
-    negative_prompt: list[str] | None
+    negative_prompt: str | list[str] | None
     num_images_per_prompt: int
     height: int
     width: int
