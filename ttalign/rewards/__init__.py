@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from .base import Reward, check_images, check_scores
+from .clip import AestheticMLP, CLIPEmbedder, CLIPScore, LaionAesthetic
 from .jpeg import JpegCompressibility, JpegIncompressibility
+from .preprocess import clip_preprocess
+from .weighted import WeightedReward
 
 #: Rewards that can be named on the command line: short name -> "module:class" (imported on use).
 REWARDS: dict[str, str] = {
@@ -26,6 +29,12 @@ def load_reward(name: str) -> Reward:
 
 __all__ = [
     "REWARDS",
+    "AestheticMLP",
+    "CLIPEmbedder",
+    "CLIPScore",
+    "LaionAesthetic",
+    "WeightedReward",
+    "clip_preprocess",
     "JpegCompressibility",
     "JpegIncompressibility",
     "Reward",
