@@ -11,6 +11,7 @@ from ttalign.rewards import (
     JpegCompressibility,
     JpegIncompressibility,
     LaionAesthetic,
+    PickScore,
     WeightedReward,
     clip_preprocess,
 )
@@ -80,6 +81,18 @@ def test_clip_score_equals_the_reference_model_computation(tiny_clip_dir):
     assert len(reward.embedder._text_cache) == 2  # one embedding per distinct prompt
     hessel = CLIPScore(reward.embedder, hessel=True)(images, prompts)
     assert torch.allclose(hessel, 2.5 * (scores / 100).clamp_min(0), atol=1e-5)
+
+
+def test_pickscore_is_the_scaled_cosine_with_a_separate_processor(tiny_clip_dir):
+    from transformers import CLIPModel
+
+    reward = PickScore.from_pretrained(str(tiny_clip_dir), processor_path=str(tiny_clip_dir))
+    clip = CLIPScore.from_pretrained(str(tiny_clip_dir))
+    images = torch.cat([_smooth_image(64, 64, seed) for seed in range(2)])
+    scale = CLIPModel.from_pretrained(tiny_clip_dir).logit_scale.exp().item()
+    assert torch.allclose(
+        reward(images, ["a cat", "a dog"]), clip(images, ["a cat", "a dog"]) / 100 * scale, atol=1e-4
+    )
 
 
 def test_laion_aesthetic_loads_the_released_layout(tiny_clip_dir, tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import Reward, check_images, check_scores
-from .clip import AestheticMLP, CLIPEmbedder, CLIPScore, LaionAesthetic
+from .clip import AestheticMLP, CLIPEmbedder, CLIPScore, LaionAesthetic, PickScore
 from .jpeg import JpegCompressibility, JpegIncompressibility
 from .preprocess import clip_preprocess
 from .weighted import WeightedReward
@@ -33,6 +33,7 @@ __all__ = [
     "CLIPEmbedder",
     "CLIPScore",
     "LaionAesthetic",
+    "PickScore",
     "WeightedReward",
     "clip_preprocess",
     "JpegCompressibility",

@@ -98,6 +98,45 @@ class CLIPScore(Reward):
         return 2.5 * cos.clamp_min(0) if self.hessel else 100 * cos
 
 
+class PickScore(Reward):
+    """PickScore (Kirstain et al. 2023, https://arxiv.org/abs/2305.01569): `logit_scale.exp() * cos(image, text)`
+    under the PickScore CLIP-H. The raw score (about 18-24), not the reference's softmax across candidates, so
+    images are scored independently.
+
+    `from_pretrained()` loads the model `yuvalkirstain/PickScore_v1` with the tokenizer and image processor of
+    `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`, as the reference does.
+    """
+
+    differentiable = True
+    native_range = (15.0, 25.0)
+    license = "MIT (PickScore_v1 weights)"
+
+    def __init__(self, embedder: CLIPEmbedder):
+        super().__init__()
+        self.embedder = embedder
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str = "yuvalkirstain/PickScore_v1",
+        processor_path: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        dtype=None,
+        device=None,
+    ):
+        from transformers import AutoModel, AutoTokenizer
+
+        model = AutoModel.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
+        embedder = CLIPEmbedder(
+            model, AutoTokenizer.from_pretrained(processor_path), **_image_settings(processor_path)
+        )
+        return cls(embedder.to(device) if device else embedder)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        image = self.embedder.image_embeds(images)
+        cos = (image * self.embedder.text_embeds(prompts).to(image.device)).sum(-1)
+        return self.embedder.model.logit_scale.exp().float() * cos
+
+
 class AestheticMLP(torch.nn.Sequential):
     """The LAION aesthetic predictor v2 head: 768-1024-128-64-16-1 linear layers (dropout, no activations); its
     state-dict keys (`layers.0`, `layers.2`, `layers.4`, `layers.6`, `layers.7`) follow the released file."""
