@@ -1,4 +1,4 @@
-"""Command line: `ttalign generate | demo`.
+"""Command line: `ttalign generate | demo | eval-reward`.
 
 Examples:
 
@@ -138,6 +138,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_eval_reward(args) -> int:
+    """Pairwise preference accuracy of a reward on a preference set."""
+    from ttalign.rewards import load_reward
+    from ttalign.rewards.evaluation import load_pairs, make_shapes_preference_set, pairwise_accuracy
+
+    reward = load_reward(args.reward)
+    if args.make_shapes_pairs:
+        make_shapes_preference_set(args.pairs, n=args.make_shapes_pairs, seed=args.seed)
+        print(f"wrote {args.make_shapes_pairs} shapes-world pairs to {args.pairs}")
+    if not os.path.exists(args.pairs):
+        raise ValueError(f"No preference set at {args.pairs!r}.")
+    result = pairwise_accuracy(reward, load_pairs(args.pairs, args.limit))
+    print(f"{args.reward}: accuracy {result['accuracy']:.4f} on {result['pairs']} pairs "
+          f"({result['ties_skipped']} ties skipped)")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttalign", description="Inference-time alignment for diffusers pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=int, default=4, help="candidates per image for best-of-N")
     demo.add_argument("--device", default=None)
     demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval-reward", help="pairwise preference accuracy of a reward (Pick-a-Pic / HPDv2 layout)")
+    ev.add_argument("--reward", required=True, help="a reward's short name, e.g. shapes_soft")
+    ev.add_argument("--pairs", required=True, help="folder with pairs.jsonl, or a dataset saved with save_to_disk")
+    ev.add_argument("--limit", type=int, default=None)
+    ev.add_argument("--make-shapes-pairs", type=int, default=0, metavar="N",
+                    help="first write N verifier-labelled shapes-world pairs to --pairs")  # fmt: skip
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(func=cmd_eval_reward)
     return parser
 
 

@@ -1,0 +1,135 @@
+"""Reward-model evaluation: pairwise preference accuracy on data in the Pick-a-Pic / HPDv2 layout.
+
+A preference set is a list of records `(prompt, image_0, image_1, label)` with `label` 0 when `image_0` is preferred,
+1 when `image_1` is, and 0.5 for a tie (ties are left out of the accuracy). Two storage forms are read:
+
+- a folder with `pairs.jsonl` (one JSON object per line, image paths relative to the folder);
+- a 🤗 `datasets` dataset saved with `save_to_disk`, with the same columns (images as `Image` features), read when
+  `datasets` is installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+FIELDS = ("prompt", "image_0", "image_1", "label")
+
+
+@dataclasses.dataclass
+class PreferencePair:
+    prompt: str
+    image_0: Image.Image
+    image_1: Image.Image
+    label: float
+
+
+def _check(record, where: str) -> None:
+    if not isinstance(record, dict) or any(k not in record for k in FIELDS):
+        raise ValueError(f"{where}: a record needs the fields {FIELDS}, got {record!r:.200}.")
+    if record["label"] not in (0, 1, 0.5):
+        raise ValueError(f"{where}: label must be 0, 1 or 0.5, got {record['label']!r}.")
+
+
+def load_pairs(path: str, limit: int | None = None) -> list[PreferencePair]:
+    """Reads a preference set (see the module docstring); a malformed record raises `ValueError` naming it."""
+    jsonl = os.path.join(path, "pairs.jsonl")
+    pairs = []
+    if os.path.isfile(jsonl):
+        with open(jsonl, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{jsonl}, line {number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{where}: not valid JSON ({err.msg}).") from None
+                _check(record, where)
+                images = []
+                for key in ("image_0", "image_1"):
+                    file = os.path.join(path, record[key])
+                    if not os.path.isfile(file):
+                        raise ValueError(f"{where}: {key} file {record[key]!r} does not exist.")
+                    images.append(Image.open(file).convert("RGB"))
+                pairs.append(PreferencePair(record["prompt"], *images, float(record["label"])))
+                if limit and len(pairs) >= limit:
+                    break
+        return pairs
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{path!r} has no pairs.jsonl, and reading a saved dataset needs `datasets`.") from None
+    dataset = datasets.load_from_disk(path)
+    for index, record in enumerate(dataset):
+        _check(record, f"{path}, record {index}")
+        pairs.append(PreferencePair(record["prompt"], record["image_0"].convert("RGB"),
+                                    record["image_1"].convert("RGB"), float(record["label"])))  # fmt: skip
+        if limit and len(pairs) >= limit:
+            break
+    return pairs
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def pairwise_accuracy(reward, pairs: list[PreferencePair], batch_size: int = 32) -> dict:
+    """The fraction of non-tied pairs in which the reward scores the preferred image higher (a tie in scores
+    counts half)."""
+    decided = [p for p in pairs if p.label in (0.0, 1.0)]
+    if not decided:
+        raise ValueError("The preference set has no pair with a winner.")
+    hits = 0.0
+    for start in range(0, len(decided), batch_size):
+        chunk = decided[start : start + batch_size]
+        prompts = [p.prompt for p in chunk]
+        first = reward(torch.stack([_to_tensor(p.image_0) for p in chunk]), prompts)
+        second = reward(torch.stack([_to_tensor(p.image_1) for p in chunk]), prompts)
+        if not (torch.isfinite(first).all() and torch.isfinite(second).all()):
+            raise ValueError(f"The reward returned non-finite scores on pairs {start}..{start + len(chunk) - 1}.")
+        labels = torch.tensor([p.label for p in chunk])
+        prefers_second = (second > first).float() + 0.5 * (second == first).float()
+        hits += float((prefers_second * labels + (1 - prefers_second) * (1 - labels)).sum())
+    return {"pairs": len(decided), "ties_skipped": len(pairs) - len(decided), "accuracy": hits / len(decided)}
+
+
+def make_shapes_preference_set(out: str, n: int = 200, seed: int = 0) -> str:
+    """Writes a preference set from the shapes world to `out` (folder with `pairs.jsonl` and PNGs).
+
+    Each pair shows a scene drawn for the prompt and a scene drawn for another caption; the exact verifier
+    decides the winner (pairs where it does not pass exactly one image are skipped); sides are shuffled.
+    """
+    from ttalign.shapes.verifier import verify
+    from ttalign.shapes.world import render, sample_scene
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(out, exist_ok=True)
+    lines = []
+    while len(lines) < n:
+        objects, prompt = sample_scene(rng)
+        other, _ = sample_scene(rng)
+        images = [render(objects), render(other)]
+        passed = verify(np.stack(images), [prompt, prompt]).passed
+        if passed.count(True) != 1:
+            continue
+        swap = bool(rng.integers(2))
+        if swap:
+            images, passed = images[::-1], passed[::-1]
+        names = []
+        for side, image in enumerate(images):
+            name = f"{len(lines):05d}_{side}.png"
+            Image.fromarray((image * 255).round().astype(np.uint8)).save(os.path.join(out, name))
+            names.append(name)
+        label = 0 if passed[0] else 1
+        lines.append(json.dumps({"prompt": prompt, "image_0": names[0], "image_1": names[1], "label": label}))
+    with open(os.path.join(out, "pairs.jsonl.tmp"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(os.path.join(out, "pairs.jsonl.tmp"), os.path.join(out, "pairs.jsonl"))
+    return out
