@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import Reward, check_images, check_scores
 from .clip import AestheticMLP, CLIPEmbedder, CLIPScore, LaionAesthetic, PickScore
+from .hps import HPSv2
 from .jpeg import JpegCompressibility, JpegIncompressibility
 from .preprocess import clip_preprocess
 from .weighted import WeightedReward
@@ -32,6 +33,7 @@ __all__ = [
     "AestheticMLP",
     "CLIPEmbedder",
     "CLIPScore",
+    "HPSv2",
     "LaionAesthetic",
     "PickScore",
     "WeightedReward",

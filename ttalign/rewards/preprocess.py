@@ -50,3 +50,13 @@ def clip_preprocess(
     mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype)[None, :, None, None]
     std_t = torch.tensor(std, device=x.device, dtype=x.dtype)[None, :, None, None]
     return (x - mean_t) / std_t
+
+
+def resize_longest_side(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic, antialiased resize of `[B, 3, H, W]` so that the longer side is `size` (ratio kept, sides rounded)."""
+    height, width = images.shape[-2:]
+    scale = size / max(height, width)
+    new_h, new_w = round(height * scale), round(width * scale)
+    if (new_h, new_w) == (height, width):
+        return images
+    return F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
