@@ -165,3 +165,16 @@ def test_weighted_reward_logs_components_and_normalizes():
 def test_bad_input_is_refused_with_the_bad_value(images, message):
     with pytest.raises(ValueError, match=message):
         JpegIncompressibility()(images)
+
+
+def test_non_finite_scores_are_reported():
+    from ttalign.rewards import Reward
+
+    class Broken(Reward):
+        def score(self, images, prompts):
+            scores = images.mean(dim=(1, 2, 3))
+            scores[1] = float("nan")
+            return scores
+
+    with pytest.raises(ValueError, match=r"Broken returned non-finite scores for images \[1\]"):
+        Broken()(torch.rand(3, 3, 8, 8))

@@ -31,7 +31,8 @@ class Reward(torch.nn.Module):
     """Base class of rewards: `reward(images, prompts) -> Tensor[B]`, higher is better.
 
     `images` are float `[B, 3, H, W]` in `[0, 1]`; `prompts` is a list of `B` strings. Subclasses implement
-    `score(images, prompts)`; `__call__` validates the input first.
+    `score(images, prompts)`; `__call__` validates the input first and refuses non-finite scores (a `ValueError`
+    naming the images), so a NaN is never silently averaged.
 
     Attributes:
         differentiable (`bool`): whether gradients reach the pixels.
@@ -58,4 +59,8 @@ class Reward(torch.nn.Module):
             prompts = [prompts] * images.shape[0]
         if len(prompts) != images.shape[0]:
             raise ValueError(f"Got {len(prompts)} prompts for {images.shape[0]} images.")
-        return check_scores(self.score(images, list(prompts)), images.shape[0], self.name)
+        scores = check_scores(self.score(images, list(prompts)), images.shape[0], self.name)
+        bad = (~torch.isfinite(scores.detach())).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"Reward {self.name} returned non-finite scores for images {bad}: {scores.tolist()}.")
+        return scores
