@@ -42,7 +42,7 @@ def test_reward_is_differentiable_and_caches_text(reward):
     images = torch.rand(2, 3, 64, 64, requires_grad=True)
     reward(images, ["a circle", "a circle"]).sum().backward()
     assert images.grad.abs().sum() > 0
-    assert "a circle" in reward._text_cache
+    assert "a circle" in reward.embedder._text_cache
     assert isinstance(load_reward("shapes_clip"), ShapesCLIPScore)
 
 

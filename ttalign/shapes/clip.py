@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ttalign.rewards.base import Reward
+from ttalign.rewards.clip import CLIPEmbedder, CLIPScore
 from ttalign.shapes.world import IMAGE_SIZE, VOCABULARY, sample_batch
 
 #: Image normalization of the model (OpenAI CLIP's constants).
@@ -80,41 +80,21 @@ def pairwise_accuracy(model, tokenizer, n: int = 1000, seed: int = 99) -> float:
     return float((true > other)[different].float().mean())
 
 
-class ShapesCLIPScore(Reward):
+class ShapesCLIPScore(CLIPScore):
     """CLIPScore under the shapes CLIP: `100 * cos(image, text)`, differentiable, text embeddings cached per prompt.
 
     Args:
         path (`str`, *optional*): a folder in the `CLIPModel` layout (default: the embedded shapes CLIP).
     """
 
-    differentiable = True
     native_range = (-100.0, 100.0)
+    license = "Apache-2.0"
 
     def __init__(self, path: str | None = None):
-        super().__init__()
-        from transformers import CLIPModel, CLIPTokenizer
-
         path = path or CLIP_DIR
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"No shapes CLIP at {path!r}; train one with `python -m ttalign.shapes.clip`.")
-        self.model = CLIPModel.from_pretrained(path).eval().requires_grad_(False)
-        self.tokenizer = CLIPTokenizer.from_pretrained(path)
-        self._text_cache: dict[str, torch.Tensor] = {}
-
-    def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            ids = self.tokenizer(missing, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
-            with torch.no_grad():
-                embeds = _embed_text(self.model, ids.input_ids.to(self.model.device))
-            self._text_cache.update(zip(missing, embeds))
-        return torch.stack([self._text_cache[p] for p in prompts])
-
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-            images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic", antialias=True)
-        image_embeds = _embed_images(self.model, images.to(self.model.dtype))  # [B, D]
-        return 100 * (image_embeds * self.text_embeddings(prompts).to(image_embeds)).sum(-1)
+        super().__init__(CLIPEmbedder.from_pretrained(path))
 
 
 def train(args) -> None:
