@@ -29,7 +29,7 @@ def test_generate_is_seeded(tmp_path):
     "align, message",
     [
         ("nope", "Unknown alignment method 'nope'; available: best_of_n, trace_latents"),
-        ("best_of_n:n=2,reward=clip", "Unknown reward 'clip'"),
+        ("best_of_n:n=2,reward=nope", "Unknown reward 'nope'"),
         ("best_of_n:k=2", "Unknown option 'k' for method 'best_of_n'"),
         ("trace_latents:every", "must be written key=value"),
     ],

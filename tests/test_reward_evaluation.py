@@ -65,3 +65,55 @@ def test_malformed_records_name_file_and_line(tmp_path, line, message):
     with pytest.raises(ValueError, match=re.escape(message)) as err:
         load_pairs(str(tmp_path))
     assert "pairs.jsonl" in str(err.value)
+
+
+@pytest.mark.parametrize("layout", ["ours", "pickapic"])
+def test_pairs_read_through_datasets(pairs_dir, tmp_path, layout):
+    import io
+
+    import datasets
+    import numpy as np
+
+    reference = load_pairs(pairs_dir, limit=6)
+    if layout == "ours":
+        columns = {
+            "prompt": [p.prompt for p in reference],
+            "image_0": [p.image_0 for p in reference],
+            "image_1": [p.image_1 for p in reference],
+            "label": [p.label for p in reference],
+        }
+        features = datasets.Features({"prompt": datasets.Value("string"), "image_0": datasets.Image(),
+                                      "image_1": datasets.Image(), "label": datasets.Value("float32")})  # fmt: skip
+    else:  # Pick-a-Pic v2: caption, encoded jpg_0 / jpg_1 bytes, label_0 = 1 when image 0 wins
+
+        def png(image):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            return buffer.getvalue()
+
+        columns = {
+            "caption": [p.prompt for p in reference],
+            "jpg_0": [png(p.image_0) for p in reference],
+            "jpg_1": [png(p.image_1) for p in reference],
+            "label_0": [1.0 - p.label for p in reference],
+            "label_1": [p.label for p in reference],
+        }
+        features = None
+    datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp_path / "set"))
+    pairs = load_pairs(str(tmp_path / "set"))
+    assert [p.prompt for p in pairs] == [p.prompt for p in reference]
+    assert [p.label for p in pairs] == [p.label for p in reference] and {p.label for p in pairs} == {0.0, 1.0}
+    for got, want in zip(pairs, reference):
+        assert np.array_equal(np.asarray(got.image_0), np.asarray(want.image_0))
+        assert np.array_equal(np.asarray(got.image_1), np.asarray(want.image_1))
+    assert main(["eval-reward", "--reward", "shapes_soft", "--pairs", str(tmp_path / "set")]) == 0
+
+
+def test_malformed_dataset_records_are_named(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict(
+        {"prompt": ["a"], "image_0": [b"not an image"], "image_1": [b"x"], "label": [0.0]}
+    ).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match=r"record 0, image_0: cannot decode"):
+        load_pairs(str(tmp_path / "bad"))

@@ -215,3 +215,68 @@ def get_tiny_pipeline(scheduler: str = "ddim", seed: int = 0, disable_progress_b
     pipe = AlignedStableDiffusionPipeline(**get_tiny_components(scheduler=scheduler, seed=seed))
     pipe.set_progress_bar_config(disable=disable_progress_bar)
     return pipe
+
+
+def save_tiny_image_reward(folder: str, seed: int = 0, vision_width: int = 128, text_width: int = 32) -> str:
+    """Writes a randomly initialized ImageReward in the official layout to `folder`: `ImageReward.pt` (the BLIP
+    key names, unused projection weights and the `position_ids` buffer included), `med_config.json`, and a BERT
+    `vocab.txt` generated from :data:`DEFAULT_WORDS`. Returns `folder`."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.2):
+        return torch.randn(*shape, generator=generator) * scale
+
+    def norm(prefix, width):
+        return {f"{prefix}.weight": 1 + rand(width, scale=0.1), f"{prefix}.bias": rand(width, scale=0.1)}
+
+    def linear(prefix, n_in, n_out):
+        return {f"{prefix}.weight": rand(n_out, n_in, scale=n_in**-0.5), f"{prefix}.bias": rand(n_out, scale=0.1)}
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *DEFAULT_WORDS, *string.ascii_lowercase]
+    vocab += [f"##{c}" for c in string.ascii_lowercase]
+    patch, grid, depth, layers = 16, 2, 2, 2
+    v, t = vision_width, text_width
+    state = {
+        "blip.visual_encoder.cls_token": rand(1, 1, v),
+        "blip.visual_encoder.pos_embed": rand(1, grid * grid + 1, v),
+        "blip.visual_encoder.patch_embed.proj.weight": rand(v, 3, patch, patch, scale=(3 * patch * patch) ** -0.5),
+        "blip.visual_encoder.patch_embed.proj.bias": rand(v, scale=0.1),
+        **norm("blip.visual_encoder.norm", v),
+        "blip.text_encoder.embeddings.word_embeddings.weight": rand(len(vocab) + 2, t),
+        "blip.text_encoder.embeddings.position_embeddings.weight": rand(40, t),
+        "blip.text_encoder.embeddings.position_ids": torch.arange(40)[None],
+        **norm("blip.text_encoder.embeddings.LayerNorm", t),
+        **linear("blip.vision_proj", v, 16),
+        **linear("blip.text_proj", t, 16),
+    }
+    for i in range(depth):
+        block = f"blip.visual_encoder.blocks.{i}"
+        state |= norm(f"{block}.norm1", v) | norm(f"{block}.norm2", v)
+        state |= linear(f"{block}.attn.qkv", v, 3 * v) | linear(f"{block}.attn.proj", v, v)
+        state |= linear(f"{block}.mlp.fc1", v, 4 * v) | linear(f"{block}.mlp.fc2", 4 * v, v)
+    for i in range(layers):
+        layer = f"blip.text_encoder.encoder.layer.{i}"
+        for attn, kv_width in (("attention", t), ("crossattention", v)):
+            state |= linear(f"{layer}.{attn}.self.query", t, t)
+            state |= linear(f"{layer}.{attn}.self.key", kv_width, t) | linear(
+                f"{layer}.{attn}.self.value", kv_width, t
+            )
+            state |= linear(f"{layer}.{attn}.output.dense", t, t) | norm(f"{layer}.{attn}.output.LayerNorm", t)
+        state |= linear(f"{layer}.intermediate.dense", t, 2 * t)
+        state |= linear(f"{layer}.output.dense", 2 * t, t) | norm(f"{layer}.output.LayerNorm", t)
+    for i, (n_in, n_out) in zip((0, 2, 4, 6, 7), ((t, 1024), (1024, 128), (128, 64), (64, 16), (16, 1))):
+        state |= linear(f"mlp.layers.{i}", n_in, n_out)
+    med_config = {
+        "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1, "hidden_size": t, "initializer_range": 0.02, "intermediate_size": 2 * t,
+        "layer_norm_eps": 1e-12, "max_position_embeddings": 40, "model_type": "bert", "num_attention_heads": 2,
+        "num_hidden_layers": layers, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": len(vocab) + 2,
+        "encoder_width": 768, "add_cross_attention": True,
+    }  # fmt: skip
+    os.makedirs(folder, exist_ok=True)
+    torch.save(state, os.path.join(folder, "ImageReward.pt"))
+    with open(os.path.join(folder, "med_config.json"), "w") as f:
+        json.dump(med_config, f, indent=2)
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    return folder

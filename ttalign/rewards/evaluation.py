@@ -4,8 +4,9 @@ A preference set is a list of records `(prompt, image_0, image_1, label)` with `
 1 when `image_1` is, and 0.5 for a tie (ties are left out of the accuracy). Two storage forms are read:
 
 - a folder with `pairs.jsonl` (one JSON object per line, image paths relative to the folder);
-- a 🤗 `datasets` dataset saved with `save_to_disk`, with the same columns (images as `Image` features), read when
-  `datasets` is installed.
+- through 🤗 `datasets` (when installed): a dataset saved with `save_to_disk` or a hub dataset id (`name:split`),
+  with the same columns (images as `Image` features or encoded bytes), or with Pick-a-Pic's own columns
+  (`caption`, `jpg_0`, `jpg_1`, `label_0`), as in `yuvalkirstain/pickapic_v2`.
 """
 
 from __future__ import annotations
@@ -64,15 +65,47 @@ def load_pairs(path: str, limit: int | None = None) -> list[PreferencePair]:
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"{path!r} has no pairs.jsonl, and reading a saved dataset needs `datasets`.") from None
-    dataset = datasets.load_from_disk(path)
+        raise ValueError(f"{path!r} has no pairs.jsonl, and reading a dataset needs `datasets`.") from None
+    if os.path.isdir(path):
+        dataset = datasets.load_from_disk(path)
+    else:  # a hub dataset, "name" or "name:split" (default split "test")
+        name, _, split = path.partition(":")
+        dataset = datasets.load_dataset(name, split=split or "test")
     for index, record in enumerate(dataset):
+        record = _from_pickapic(record)
         _check(record, f"{path}, record {index}")
-        pairs.append(PreferencePair(record["prompt"], record["image_0"].convert("RGB"),
-                                    record["image_1"].convert("RGB"), float(record["label"])))  # fmt: skip
+        images = [_decode(record[key], f"{path}, record {index}, {key}") for key in ("image_0", "image_1")]
+        pairs.append(PreferencePair(record["prompt"], *images, float(record["label"])))
         if limit and len(pairs) >= limit:
             break
     return pairs
+
+
+def _from_pickapic(record: dict) -> dict:
+    """Pick-a-Pic's own columns (`caption`, `jpg_0`, `jpg_1`, `label_0`: 1 when image 0 wins, 0.5 for a tie) ->
+    `(prompt, image_0, image_1, label)`; other records are returned unchanged."""
+    if isinstance(record, dict) and "caption" in record and "jpg_0" in record and "label_0" in record:
+        return {"prompt": record["caption"], "image_0": record["jpg_0"], "image_1": record["jpg_1"],
+                "label": 1 - record["label_0"]}  # fmt: skip
+    return record
+
+
+def _decode(image, where: str) -> Image.Image:
+    """A PIL image, encoded bytes, or a `datasets` image dict -> RGB PIL image."""
+    import io
+
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+    try:
+        if isinstance(image, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(image))
+        elif isinstance(image, str):
+            image = Image.open(image)
+    except OSError as err:
+        raise ValueError(f"{where}: cannot decode the image ({err}).") from None
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"{where}: expected an image, got {type(image).__name__}.")
+    return image.convert("RGB")
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:

@@ -8,6 +8,13 @@ from .base import Reward, check_scores
 
 NORMALIZATIONS = ("none", "affine", "zscore")
 
+#: ReNO's weights (Eyring et al. 2024, https://arxiv.org/abs/2406.04312) on the raw scores: its losses are
+#: `5 (1 - HPSv2.1)`, `1 (2 - ImageReward)`, `0.01 (100 - 100 cos_CLIP)` and `0.05 (30 - PickScore)`; as a reward to
+#: maximize, the constants drop out of every gradient and ranking.
+RENO_WEIGHTS = {"hps": 5.0, "image_reward": 1.0, "clip": 0.01, "pickscore": 0.05}
+#: The CLIP model of ReNO's CLIP term.
+RENO_CLIP = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
 
 class WeightedReward(Reward):
     """`sum_i w_i * norm_i(r_i(images, prompts))`.
@@ -37,6 +44,24 @@ class WeightedReward(Reward):
         self.differentiable = all(getattr(r, "differentiable", False) for r, _ in self.components)
         self._stats: dict[int, tuple[float, float]] = {}
         self.last_components: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def reno(cls, hps=None, image_reward=None, clip=None, pickscore=None, device: str | None = None):
+        """ReNO's reward: `5 HPSv2.1 + ImageReward + 0.01 CLIPScore + 0.05 PickScore` (see `RENO_WEIGHTS`).
+
+        Components left as `None` are loaded from the hub (HPSv2.1, ImageReward, CLIPScore on `RENO_CLIP`,
+        PickScore); pass loaded rewards to reuse them or to run offline.
+        """
+        from .clip import CLIPScore, PickScore
+        from .hps import HPSv2
+        from .image_reward import ImageReward
+
+        hps = hps if hps is not None else HPSv2.from_pretrained("v2.1", device=device)
+        image_reward = image_reward if image_reward is not None else ImageReward.from_pretrained(device=device)
+        clip = clip if clip is not None else CLIPScore.from_pretrained(RENO_CLIP, device=device)
+        pickscore = pickscore if pickscore is not None else PickScore.from_pretrained(device=device)
+        parts = {"hps": hps, "image_reward": image_reward, "clip": clip, "pickscore": pickscore}
+        return cls([(parts[k], w) for k, w in RENO_WEIGHTS.items()], normalization="none")
 
     @staticmethod
     def _name(reward) -> str:
