@@ -165,6 +165,7 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
             height=height,
             width=width,
             guidance_scale=guidance_scale,
+            eta=eta,
             generator=generator,
             device=device,
             output_type=output_type,
@@ -198,8 +199,8 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
                 lora_scale=lora_scale,
                 clip_skip=self.clip_skip,
             )
+            state.prompt_embeds, state.negative_prompt_embeds = prompt_embeds, negative_prompt_embeds
             if runner.has(Stage.CONDITIONING):
-                state.prompt_embeds, state.negative_prompt_embeds = prompt_embeds, negative_prompt_embeds
                 runner.run(Stage.CONDITIONING, state)
                 prompt_embeds, negative_prompt_embeds = state.prompt_embeds, state.negative_prompt_embeds
             # classifier-free guidance runs the unconditional and conditional batches in one forward pass
@@ -260,7 +261,7 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
 
             # 6.3 Attention stage: methods install their attention processors for this call
             if runner.has(Stage.ATTENTION):
-                state.prompt_embeds, state.latents = prompt_embeds, latents
+                state.latents = latents
                 runner.run(Stage.ATTENTION, state)
 
             # 7. Denoising loop
@@ -272,7 +273,7 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
                         continue
                     state.step_index, state.timestep = i, t
                     if runner.has(Stage.STEP_START):
-                        state.latents, state.prompt_embeds = latents, prompt_embeds
+                        state.latents = latents
                         runner.run(Stage.STEP_START, state)
                         latents = state.latents
 

@@ -54,7 +54,7 @@ class GenerationState:
 
     Tensor fields follow diffusers' names. `latents` is `[N, C, h, w]` with `N = len(prompt) * num_images_per_prompt`;
     `prompt_embeds` is the conditional batch `[N, L, D]` and `negative_prompt_embeds` the unconditional one (or
-    `None` without classifier-free guidance). `decoded` is the VAE output in `[-1, 1]` at the `output` stage.
+    `None` without classifier-free guidance), both set from the `conditioning` stage on. `decoded` is the VAE output in `[-1, 1]` at the `output` stage.
     """
 
     pipe: Any
@@ -64,6 +64,7 @@ class GenerationState:
     height: int
     width: int
     guidance_scale: float
+    eta: float
     generator: torch.Generator | list[torch.Generator] | None
     device: torch.device
     output_type: str

@@ -6,6 +6,8 @@ only read its noise schedule.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -47,3 +49,311 @@ def predict_x0(scheduler, model_output: torch.Tensor, timestep: torch.Tensor, sa
         if prediction_type == "v_prediction":
             return alpha_prod**0.5 * sample - (1 - alpha_prod) ** 0.5 * model_output
     raise ValueError(f"Unsupported prediction_type {prediction_type!r} of {type(scheduler).__name__}.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Functional scheduler steps. diffusers' `scheduler.step` keeps state (a step index, multistep histories) and draws its
+# own noise; a sampler that is replayed under gradient checkpointing, or whose injected noises are optimized or drawn
+# per particle, needs the same update as a pure function of (step index, sample, model output, noise). These are
+# diffusers' update rules written out, tested step for step against `scheduler.step`.
+# ---------------------------------------------------------------------------------------------------------------------
+
+SUPPORTED_SCHEDULERS = ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler")
+
+
+def scheduler_kind(scheduler) -> str:
+    """`"ddim"`, `"euler"`, `"euler_ancestral"` or `"lcm"`; `ValueError` naming the scheduler otherwise."""
+    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler
+
+    kinds = (
+        (DDIMScheduler, "ddim"),
+        (EulerAncestralDiscreteScheduler, "euler_ancestral"),
+        (EulerDiscreteScheduler, "euler"),
+        (LCMScheduler, "lcm"),
+    )
+    for cls, kind in kinds:
+        if type(scheduler) is cls:
+            if getattr(scheduler.config, "thresholding", False):
+                raise ValueError(f"{cls.__name__} with `thresholding=True` is not supported by the sampler.")
+            return kind
+    raise ValueError(
+        f"The differentiable sampler supports {', '.join(SUPPORTED_SCHEDULERS)}; the pipeline has "
+        f"{type(scheduler).__name__}; swap it: `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`."
+    )
+
+
+def _x0_and_eps_vp(scheduler, model_output, sample, alpha_prod):
+    """x0 and eps from a variance-preserving model output in the scheduler's prediction type."""
+    prediction_type = scheduler.config.prediction_type
+    beta_prod = 1 - alpha_prod
+    if prediction_type == "epsilon":
+        eps = model_output
+        x0 = (sample - beta_prod**0.5 * eps) / alpha_prod**0.5
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (sample - alpha_prod**0.5 * x0) / beta_prod**0.5
+    elif prediction_type == "v_prediction":
+        x0 = alpha_prod**0.5 * sample - beta_prod**0.5 * model_output
+        eps = alpha_prod**0.5 * model_output + beta_prod**0.5 * sample
+    else:
+        raise ValueError(f"Unsupported prediction_type {prediction_type!r}.")
+    if scheduler.config.get("clip_sample", False):
+        r = scheduler.config.clip_sample_range
+        x0 = x0.clamp(-r, r)
+    return x0, eps
+
+
+def _ddim_prev_timestep(scheduler, timestep):
+    return timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+
+
+def _ddim_alphas(scheduler, timestep, device, dtype):
+    prev = _ddim_prev_timestep(scheduler, int(timestep))
+    alpha_prod = scheduler.alphas_cumprod[int(timestep)]
+    alpha_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
+    return alpha_prod.to(device, dtype), alpha_prev.to(device, dtype)
+
+
+def scale_model_input(scheduler, sample: torch.Tensor, index: int) -> torch.Tensor:
+    """`scheduler.scale_model_input` without its step-index side effect: `x / sqrt(sigma^2 + 1)` in sigma space."""
+    if is_sigma_space(scheduler):
+        sigma = scheduler.sigmas[index].to(sample.device, sample.dtype)
+        return sample / (sigma**2 + 1) ** 0.5
+    return sample
+
+
+def step_noise_std(scheduler, index: int, eta: float = 0.0) -> float:
+    """The standard deviation of the noise a step injects (0 for a deterministic step)."""
+    kind = scheduler_kind(scheduler)
+    if kind == "ddim":
+        t = scheduler.timesteps[index]
+        alpha_prod, alpha_prev = _ddim_alphas(scheduler, t, "cpu", torch.float64)
+        variance = (1 - alpha_prev) / (1 - alpha_prod) * (1 - alpha_prod / alpha_prev)
+        return float(eta * variance**0.5)
+    if kind == "euler_ancestral":
+        s_from, s_to = float(scheduler.sigmas[index]), float(scheduler.sigmas[index + 1])
+        return (s_to**2 * (s_from**2 - s_to**2) / s_from**2) ** 0.5
+    if kind == "lcm":
+        if index == scheduler.num_inference_steps - 1:
+            return 0.0
+        prev_t = scheduler.timesteps[index + 1]
+        return float((1 - scheduler.alphas_cumprod[int(prev_t)]) ** 0.5)
+    return 0.0
+
+
+def scheduler_step(scheduler, index: int, model_output: torch.Tensor, sample: torch.Tensor, eta: float = 0.0,
+                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One denoising step `x_t -> x_{t-1}` of the scheduler at step `index`, as a pure function.
+
+    Args:
+        scheduler: a DDIM, Euler, Euler ancestral or LCM scheduler after `set_timesteps` (only read).
+        index (`int`): the step, `0 <= index < len(scheduler.timesteps)`.
+        model_output (`Tensor [N, C, h, w]`): the (guided) denoiser output in the scheduler's prediction type.
+        sample (`Tensor [N, C, h, w]`): the latents `x_t` as the scheduler holds them.
+        eta (`float`): DDIM's noise scale (0: deterministic DDIM, 1: DDPM-like ancestral); other kinds ignore it.
+        noise (`Tensor [N, C, h, w]`, *optional*): the standard normal noise a stochastic step injects; required
+            when `step_noise_std(scheduler, index, eta) > 0`.
+
+    Returns:
+        `(prev_sample, x0)`: `x_{t-1}` and the denoiser's x0 estimate (LCM: its boundary-condition output).
+    """
+    kind = scheduler_kind(scheduler)
+    std = step_noise_std(scheduler, index, eta)
+    if std > 0 and noise is None:
+        raise ValueError(f"Step {index} of {type(scheduler).__name__} injects noise (std {std:.3g}): pass `noise`.")
+    if kind == "ddim":
+        t = scheduler.timesteps[index]
+        alpha_prod, alpha_prev = _ddim_alphas(scheduler, t, sample.device, sample.dtype)
+        x0, eps = _x0_and_eps_vp(scheduler, model_output, sample, alpha_prod)
+        prev = alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2) ** 0.5 * eps
+        return (prev + std * noise if std > 0 else prev), x0
+    if kind in ("euler", "euler_ancestral"):
+        sigma = scheduler.sigmas[index].to(sample.device, sample.dtype)
+        sigma_next = scheduler.sigmas[index + 1].to(sample.device, sample.dtype)
+        x0 = predict_x0_sigma(scheduler, model_output, sample, sigma)
+        derivative = (sample - x0) / sigma
+        if kind == "euler":
+            return sample + derivative * (sigma_next - sigma), x0
+        sigma_down = (sigma_next**2 - std**2) ** 0.5
+        prev = sample + derivative * (sigma_down - sigma)
+        return (prev + std * noise if std > 0 else prev), x0
+    # LCM
+    t = scheduler.timesteps[index]
+    alpha_prod = scheduler.alphas_cumprod[int(t)].to(sample.device, sample.dtype)
+    x0, _ = _x0_and_eps_vp(scheduler, model_output, sample, alpha_prod)
+    c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+    denoised = c_out * x0 + c_skip * sample
+    if index == scheduler.num_inference_steps - 1:
+        return denoised, denoised
+    alpha_prev = scheduler.alphas_cumprod[int(scheduler.timesteps[index + 1])].to(sample.device, sample.dtype)
+    return alpha_prev**0.5 * denoised + std * noise, denoised
+
+
+def predict_x0_sigma(scheduler, model_output, sample, sigma):
+    """x0 in sigma space (Euler family) from the model output in the scheduler's prediction type."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+    if prediction_type == "sample":
+        return model_output
+    raise ValueError(f"Unsupported prediction_type {prediction_type!r}.")
+
+
+def ddim_step_with_logprob(scheduler, index: int, model_output: torch.Tensor, sample: torch.Tensor, eta: float = 1.0,
+                           prev_sample: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A DDIM step that also returns the log-probability of the transition (DDPO, Black et al. 2023,
+    https://arxiv.org/abs/2305.13301).
+
+    `std = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))`,
+    `mean = sqrt(a_prev) * x0_hat + sqrt(1 - a_prev - std^2) * eps`, and the log-probability is the Gaussian
+    log-density of `prev_sample` under `N(mean, std^2)`, averaged over all dimensions but the batch.
+
+    Args:
+        prev_sample (`Tensor`, *optional*): the transition to score (a recorded trajectory); drawn as
+            `mean + std * noise` when not given.
+
+    Returns:
+        `(prev_sample [N, C, h, w], log_prob [N])`.
+    """
+    if scheduler_kind(scheduler) != "ddim":
+        raise ValueError(f"ddim_step_with_logprob needs a DDIMScheduler, got {type(scheduler).__name__}.")
+    std = step_noise_std(scheduler, index, eta)
+    if std <= 0:
+        raise ValueError(f"The log-probability needs a stochastic step (eta > 0), got eta={eta!r}.")
+    t = scheduler.timesteps[index]
+    alpha_prod, alpha_prev = _ddim_alphas(scheduler, t, sample.device, sample.dtype)
+    x0, eps = _x0_and_eps_vp(scheduler, model_output, sample, alpha_prod)
+    mean = alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2) ** 0.5 * eps  # [N, C, h, w]
+    if prev_sample is None:
+        if noise is None:
+            raise ValueError("Pass `prev_sample` (a recorded transition) or `noise` to draw one.")
+        prev_sample = mean + std * noise
+    log_prob = (
+        -((prev_sample.detach() - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+    )  # [N, C, h, w]
+    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+class DifferentiableSampler:
+    """The denoising loop over a pipeline's own UNet, VAE and scheduler, differentiable end to end.
+
+    It runs the same update as the pipeline's loop (classifier-free guidance, `scale_model_input`, the scheduler's
+    rule through :func:`scheduler_step`), so the same initial noise (and injected noises) give the same images; with
+    gradients enabled, each step (and the VAE decode) is wrapped in `torch.utils.checkpoint`, so memory stays that of
+    one step instead of growing with the number of steps. Noise optimization, seed search, particle steering and
+    the trainer's reward backpropagation all sample through it.
+
+    Args:
+        pipe: a Stable Diffusion pipeline whose scheduler has had `set_timesteps` called.
+        prompt_embeds (`Tensor [N, L, D]`): conditional embeddings; `negative_prompt_embeds` the unconditional
+            ones (classifier-free guidance runs when they are given and `guidance_scale > 1`).
+        guidance_scale (`float`).
+        eta (`float`): DDIM's noise scale.
+        gradient_checkpointing (`bool`, defaults to `True`).
+        timestep_cond, cross_attention_kwargs: passed to the UNet as by the pipeline.
+
+    The counters `denoiser_calls`, `denoiser_evals` and `vae_decodes` count forward passes (replays under
+    checkpointing excluded); `backward_passes` counts the calls whose graph was differentiated.
+    """
+
+    def __init__(self, pipe, prompt_embeds, negative_prompt_embeds=None, guidance_scale: float = 1.0,
+                 eta: float = 0.0, gradient_checkpointing: bool = True, timestep_cond=None,
+                 cross_attention_kwargs=None):  # fmt: skip
+        self.pipe, self.scheduler = pipe, pipe.scheduler
+        self.kind = scheduler_kind(self.scheduler)
+        self.cfg = negative_prompt_embeds is not None and guidance_scale > 1
+        self.embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if self.cfg else prompt_embeds
+        self.guidance_scale, self.eta = guidance_scale, eta
+        self.gradient_checkpointing = gradient_checkpointing
+        self.timestep_cond, self.cross_attention_kwargs = timestep_cond, cross_attention_kwargs
+        self.denoiser_calls = self.denoiser_evals = self.vae_decodes = 0
+
+    @classmethod
+    def from_state(cls, state, eta: float | None = None, gradient_checkpointing: bool = True):
+        """The sampler of a pipeline call in progress (from the `init_latents` stage on)."""
+        pipe = state.pipe
+        timestep_cond = None
+        if pipe.unet.config.time_cond_proj_dim is not None:
+            w = torch.tensor(state.guidance_scale - 1).repeat(state.batch_size)
+            timestep_cond = pipe.get_guidance_scale_embedding(w, embedding_dim=pipe.unet.config.time_cond_proj_dim)
+            timestep_cond = timestep_cond.to(state.device, state.prompt_embeds.dtype)
+        return cls(pipe, state.prompt_embeds, state.negative_prompt_embeds, state.guidance_scale,
+                   state.eta if eta is None else eta, gradient_checkpointing, timestep_cond,
+                   pipe.cross_attention_kwargs)  # fmt: skip
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.scheduler.timesteps)
+
+    def noise_stds(self) -> list[float]:
+        """The injected noise's standard deviation at each step (all 0 for a deterministic schedule)."""
+        return [step_noise_std(self.scheduler, i, self.eta) for i in range(self.num_steps)]
+
+    @property
+    def stochastic(self) -> bool:
+        return any(s > 0 for s in self.noise_stds())
+
+    def draw_noises(self, shape, generator=None, device=None, dtype=torch.float32) -> list[torch.Tensor | None]:
+        """Standard normal noise for every stochastic step (`None` for deterministic steps)."""
+        return [
+            torch.randn(shape, generator=generator, dtype=dtype).to(device) if std > 0 else None
+            for std in self.noise_stds()
+        ]
+
+    def model_output(self, index: int, latents: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The guided denoiser output at step `index`, `[N, C, h, w]`."""
+        embeds = self.embeds if embeds is None else embeds
+        t = self.scheduler.timesteps[index]
+        x = torch.cat([latents] * 2) if self.cfg else latents
+        x = scale_model_input(self.scheduler, x, index)
+        out = self.pipe.unet(x, t, encoder_hidden_states=embeds, timestep_cond=self.timestep_cond,
+                             cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]  # fmt: skip
+        if self.cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + self.guidance_scale * (cond - uncond)
+        return out
+
+    def _step(self, index, latents, embeds, noise):
+        return scheduler_step(self.scheduler, index, self.model_output(index, latents, embeds), latents, self.eta,
+                              noise)  # fmt: skip
+
+    def step(self, index: int, latents: torch.Tensor, noise: torch.Tensor | None = None):
+        """One guided step: `(prev_latents, x0)`; checkpointed when gradients are on."""
+        self.denoiser_calls += 1
+        self.denoiser_evals += latents.shape[0]
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._step, index, latents, self.embeds, noise,
+                                                     use_reentrant=False)  # fmt: skip
+        return self._step(index, latents, self.embeds, noise)
+
+    def sample(self, latents: torch.Tensor, noises=None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Runs steps `start..stop-1` from `latents` (`[N, C, h, w]`, as the pipeline holds them after
+        `prepare_latents`); `noises` holds one tensor (or `None`) per step, as from :meth:`draw_noises`."""
+        stop = self.num_steps if stop is None else stop
+        for i in range(start, stop):
+            latents, _ = self.step(i, latents, None if noises is None else noises[i])
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode to images `[N, 3, H, W]` in `[0, 1]`; checkpointed when gradients are on."""
+        vae = self.pipe.vae
+        self.vae_decodes += latents.shape[0]
+
+        def run(z):
+            return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
+
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            image = torch.utils.checkpoint.checkpoint(run, latents.to(vae.dtype), use_reentrant=False)
+        else:
+            image = run(latents.to(vae.dtype))
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def account(self, state) -> None:
+        """Adds this sampler's counters to a call's compute accounting, and resets them."""
+        state.denoiser_calls += self.denoiser_calls
+        state.denoiser_evals += self.denoiser_evals
+        state.vae_decodes += self.vae_decodes
+        self.denoiser_calls = self.denoiser_evals = self.vae_decodes = 0
