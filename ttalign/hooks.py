@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,8 @@ class GenerationState:
 
     Tensor fields follow diffusers' names. `latents` is `[N, C, h, w]` with `N = len(prompt) * num_images_per_prompt`;
     `prompt_embeds` is the conditional batch `[N, L, D]` and `negative_prompt_embeds` the unconditional one (or
-    `None` without classifier-free guidance), both set from the `conditioning` stage on. `decoded` is the VAE output in `[-1, 1]` at the `output` stage.
+    `None` without classifier-free guidance), both set from the `conditioning` stage on.
+    `decoded` is the VAE output in `[-1, 1]` at the `output` stage. `eta` is the call's DDIM noise scale.
     """
 
     pipe: Any
@@ -108,6 +110,15 @@ class GenerationState:
         if self.decoded is None:
             raise RuntimeError("Images exist only at the `output` stage.")
         return (self.decoded / 2 + 0.5).clamp(0, 1)
+
+    def derived_generator(self, salt: int) -> torch.Generator:
+        """A CPU generator for a method's own draws, derived from the call's generator (fresh entropy without one),
+        so that a seeded call is reproducible; `salt` tells methods apart."""
+        if isinstance(self.generator, torch.Generator):
+            base = self.generator.initial_seed()
+        else:
+            base = secrets.randbits(62)
+        return torch.Generator().manual_seed((base * 1_000_003 + salt) % (2**63))
 
     def compute(self) -> dict[str, float]:
         """Compute spent by this call: denoiser forward passes (`denoiser_calls`), denoiser evaluations summed

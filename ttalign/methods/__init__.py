@@ -7,6 +7,8 @@ import typing
 
 from ttalign.hooks import AlignmentMethod
 
+from .guidance import ParticleSteering, RewardGuidance
+from .noise import NoiseOptimization, SeedSearch
 from .search import BestOfN
 from .trace import TraceLatents
 
@@ -14,6 +16,10 @@ from .trace import TraceLatents
 METHODS: dict[str, type[AlignmentMethod]] = {
     "best_of_n": BestOfN,
     "trace_latents": TraceLatents,
+    "seed_search": SeedSearch,
+    "noise_optimization": NoiseOptimization,
+    "reward_guidance": RewardGuidance,
+    "particle_steering": ParticleSteering,
 }
 
 
@@ -64,4 +70,14 @@ def method_from_spec(spec: str) -> AlignmentMethod:
         raise ValueError(f"Method {name!r}: {err}") from None
 
 
-__all__ = ["METHODS", "AlignmentMethod", "BestOfN", "TraceLatents", "method_from_spec"]
+__all__ = [
+    "METHODS",
+    "AlignmentMethod",
+    "BestOfN",
+    "NoiseOptimization",
+    "ParticleSteering",
+    "RewardGuidance",
+    "SeedSearch",
+    "TraceLatents",
+    "method_from_spec",
+]

@@ -14,11 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage
-from ttalign.rewards.base import check_scores
-
-
-def reward_name(reward) -> str:
-    return getattr(reward, "name", None) or getattr(reward, "__name__", None) or type(reward).__name__
+from ttalign.rewards.base import check_scores, reward_name
 
 
 @dataclass(eq=False)

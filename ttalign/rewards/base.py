@@ -27,6 +27,16 @@ def check_scores(scores, batch_size: int, reward_name: str) -> torch.Tensor:
     return scores
 
 
+def reward_name(reward) -> str:
+    """A reward's name for messages and logs (its `name`, a function's `__name__`, or its class name)."""
+    return getattr(reward, "name", None) or getattr(reward, "__name__", None) or type(reward).__name__
+
+
+def is_differentiable(reward) -> bool:
+    """Whether gradients reach the pixels through `reward` (its `differentiable` attribute)."""
+    return bool(getattr(reward, "differentiable", False))
+
+
 class Reward(torch.nn.Module):
     """Base class of rewards: `reward(images, prompts) -> Tensor[B]`, higher is better.
 

@@ -1,0 +1,201 @@
+"""Seed search, noise optimization, reward guidance and particle steering on the tiny components."""
+
+import numpy as np
+import pytest
+import torch
+
+from ttalign.methods import BestOfN, NoiseOptimization, ParticleSteering, RewardGuidance, SeedSearch
+from ttalign.methods.guidance import systematic_resample
+from ttalign.methods.noise import noise_norm_nll
+from ttalign.rewards import JpegIncompressibility, Reward
+from ttalign.testing import get_tiny_pipeline
+
+PROMPTS = ["a red circle", "two blue squares"]
+
+
+class Redness(Reward):
+    """A cheap differentiable reward: mean red minus mean green."""
+
+    differentiable = True
+
+    def score(self, images, prompts):
+        return images[:, 0].mean((1, 2)) - images[:, 1].mean((1, 2))
+
+
+def _call(pipe, alignment=(), seed=0, steps=3, **kwargs):
+    kwargs.setdefault("guidance_scale", 3.0)
+    return pipe(PROMPTS, num_inference_steps=steps, output_type="pt", alignment=list(alignment),
+                generator=torch.Generator().manual_seed(seed), **kwargs)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ddim():
+    return get_tiny_pipeline("ddim")
+
+
+def test_seed_search_with_one_candidate_is_the_plain_call(ddim):
+    plain = _call(ddim).images
+    out = _call(ddim, [SeedSearch(reward=Redness(), n=1)])
+    assert torch.allclose(out.images, plain, atol=1e-5)
+    assert torch.allclose(out.rewards, Redness()(plain, PROMPTS), atol=1e-5)
+
+
+@pytest.mark.parametrize("scheduler,eta", [("ddim", 0.0), ("euler_a", 0.0), ("ddim", 1.0)])
+def test_seed_search_returns_the_best_scored_image(scheduler, eta):
+    pipe = get_tiny_pipeline(scheduler)
+    reward = Redness()
+    plain = _call(pipe, eta=eta)
+    out = _call(pipe, [SeedSearch(reward=reward, n=3, rounds=1, neighbors=2)], eta=eta)
+    scores = out.traces["seed_search"]["scores"]
+    assert scores.shape == (2, 5)
+    assert torch.allclose(out.rewards, scores.max(dim=1).values)
+    # the returned image is the one that was scored (injected noises are replayed for stochastic schedules)
+    assert torch.allclose(reward(out.images, PROMPTS), out.rewards, atol=1e-4)
+    if scheduler == "ddim" and eta == 0:  # deterministic: candidate 0 is the plain call's image
+        assert torch.allclose(scores[:, 0], reward(plain.images, PROMPTS), atol=1e-4)
+        assert (out.rewards >= reward(plain.images, PROMPTS) - 1e-5).all()
+    assert out.traces["compute"]["nfe"] == (5 + 1) * 3 * 2
+
+
+def test_noise_optimization_improves_the_reward_and_returns_the_best_iterate(ddim):
+    reward = Redness()
+    method = NoiseOptimization(reward=reward, steps=4, lr=1.0, optimizer="adamw", grad_clip=None, regularizer=0.01)
+    out = _call(ddim, [method])
+    trace = out.traces["noise_optimization"]
+    assert trace["rewards"].shape == (4, 2)
+    assert (trace["best"] > trace["rewards"][0]).all()  # it improved on the initial noise
+    assert torch.allclose(trace["best"], trace["rewards"].max(dim=0).values)
+    assert torch.allclose(reward(out.images, PROMPTS), out.rewards, atol=1e-4)
+    assert out.traces["compute"]["nfe"] == (4 + 1) * 3 * 2
+
+
+def test_noise_optimization_is_per_image(ddim):
+    """A batch is optimized as if each image were alone (per-image state, clipping and best iterate)."""
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    method = NoiseOptimization(reward=Redness(), steps=3, lr=2.0, grad_clip=0.05)
+    both = ddim(PROMPTS, num_inference_steps=2, guidance_scale=3.0, latents=latents, output_type="latent",
+                alignment=[method]).images  # fmt: skip
+    first = ddim(PROMPTS[:1], num_inference_steps=2, guidance_scale=3.0, latents=latents[:1], output_type="latent",
+                 alignment=[method]).images  # fmt: skip
+    assert torch.allclose(both[:1], first, atol=1e-4)
+
+
+def test_noise_optimization_all_noises_mode_replays_the_optimized_noises(ddim):
+    reward = Redness()
+    method = NoiseOptimization(reward=reward, optimize="all-noises", steps=3, lr=0.5)
+    assert (method.optimizer, method.eta, method.grad_clip) == ("adamw", 1.0, 1.0)  # DNO's preset
+    out = _call(ddim, [method])
+    trace = out.traces["noise_optimization"]
+    assert (trace["best"] >= trace["rewards"][0]).all()
+    assert torch.allclose(reward(out.images, PROMPTS), out.rewards, atol=1e-4)
+
+
+def test_noise_optimization_early_stopping_and_non_finite_gradients(ddim):
+    reward = Redness()
+    out = _call(ddim, [NoiseOptimization(reward=reward, steps=5, lr=1.0, optimizer="adamw", target=-10.0)])
+    assert out.traces["noise_optimization"]["iterations"].tolist() == [1, 1]  # the target was met at once
+
+    class NaNGradientForFirst(Redness):
+        def score(self, images, prompts):
+            images = images.clone()
+            images.register_hook(lambda g: torch.cat([g[:1] * float("nan"), g[1:]]))
+            return super().score(images, prompts)
+
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    out = ddim(PROMPTS, num_inference_steps=2, guidance_scale=3.0, latents=latents, output_type="latent",
+               alignment=[NoiseOptimization(reward=NaNGradientForFirst(), steps=3, lr=1.0)])  # fmt: skip
+    trace = out.traces["noise_optimization"]
+    assert trace["skipped"].tolist() == [3, 0]
+    plain = ddim(PROMPTS, num_inference_steps=2, guidance_scale=3.0, latents=latents, output_type="latent").images
+    assert torch.allclose(out.images[0], plain[0], atol=1e-5)  # the first image never moved
+    assert not torch.allclose(out.images[1], plain[1], atol=1e-3)
+
+
+def test_gradient_methods_refuse_non_differentiable_rewards():
+    for cls in (NoiseOptimization, RewardGuidance):
+        with pytest.raises(ValueError, match="JpegIncompressibility"):
+            cls(reward=JpegIncompressibility())
+
+
+def test_noise_norm_regularizer_is_the_chi_nll():
+    z = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)).half()
+    norm = z.float().norm(dim=1)
+    assert torch.allclose(noise_norm_nll(z), 0.5 * norm**2 - 63 * torch.log(norm))
+    assert noise_norm_nll(z).dtype == torch.float32 and torch.isfinite(noise_norm_nll(z)).all()
+
+
+def test_reward_guidance(ddim):
+    reward = Redness()
+    plain = _call(ddim)
+    assert torch.allclose(_call(ddim, [RewardGuidance(reward=reward, scale=0.0)]).images, plain.images, atol=1e-6)
+    guided = _call(ddim, [RewardGuidance(reward=reward, scale=30.0)])
+    assert (reward(guided.images, PROMPTS) > reward(plain.images, PROMPTS)).all()
+    trace = guided.traces["reward_guidance"]
+    assert trace["steps"] == [0, 1, 2] and trace["skipped"] == 0
+    assert guided.traces["compute"]["vae_decodes"] == 3 * 2 + 2
+
+
+def test_systematic_resampling():
+    log_w = torch.log(torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.5, 0.0, 0.0, 0.5]]))
+    parents = systematic_resample(log_w, torch.tensor([[0.3], [0.3], [0.0]]))
+    assert parents.tolist() == [[2, 2, 2, 2], [0, 1, 2, 3], [0, 0, 3, 3]]
+
+
+@pytest.mark.parametrize("scheduler,potential", [("ddim", "max"), ("euler_a", "diff"), ("ddim", "add")])
+def test_particle_steering(scheduler, potential):
+    pipe = get_tiny_pipeline(scheduler)
+    reward = Redness()
+    method = ParticleSteering(reward=reward, particles=3, potential=potential, resample_every=1, resample_start=0.0,
+                              resample_stop=1.0, ess_threshold=None)  # fmt: skip
+    out = _call(pipe, [method], steps=4)
+    trace = out.traces["particle_steering"]
+    assert trace["steps"] == [0, 1, 2]  # every step but the last
+    for ess, parents in zip(trace["ess"], trace["parents"]):
+        assert ((ess >= 1 - 1e-5) & (ess <= 3 + 1e-5)).all()
+        assert parents.shape == (2, 3) and parents.min() >= 0 and parents.max() <= 2
+    assert torch.allclose(out.rewards, trace["final_rewards"].max(dim=1).values)
+    assert torch.allclose(reward(out.images, PROMPTS), out.rewards, atol=1e-4)
+    again = _call(pipe, [method], steps=4)
+    assert torch.allclose(again.images, out.images)  # deterministic per-particle streams
+    assert out.traces["compute"]["nfe"] == 4 * 2 * 3
+    assert len(out.images) == 2
+
+
+def test_particle_steering_resamples_towards_high_weights(ddim):
+    """With a huge lambda, each image's particles collapse onto the best one at the first resampling."""
+    method = ParticleSteering(reward=Redness(), particles=4, lmbda=1e6, resample_every=1, resample_start=0.0,
+                              resample_stop=0.0, ess_threshold=0.5)  # fmt: skip
+    out = _call(ddim, [method], steps=3)
+    trace = out.traces["particle_steering"]
+    best = trace["rewards"][0].argmax(dim=1)
+    assert trace["resampled"][0].all()
+    assert (trace["parents"][0] == best[:, None]).all()
+
+
+def test_particle_steering_refusals(ddim):
+    with pytest.raises(ValueError, match="stochastic sampler"):
+        _call(get_tiny_pipeline("euler"), [ParticleSteering(reward=Redness())])
+    with pytest.raises(ValueError, match="stochastic sampler"):
+        _call(ddim, [ParticleSteering(reward=Redness(), eta=0.0)])
+    with pytest.raises(ValueError):
+        _call(ddim, [ParticleSteering(reward=Redness()), BestOfN(reward=Redness())])
+    with pytest.raises(ValueError, match="own the injected noises"):
+        _call(ddim, [NoiseOptimization(reward=Redness(), optimize="all-noises"), ParticleSteering(reward=Redness())])
+    with pytest.raises(ValueError, match="potential"):
+        ParticleSteering(reward=Redness(), potential="min")
+
+
+def test_methods_compose(ddim):
+    """Seed search, then noise optimization from the chosen seed, then guidance, with best-of-N selection."""
+    reward = Redness()
+    out = _call(
+        ddim,
+        [
+            SeedSearch(reward=reward, n=2),
+            NoiseOptimization(reward=reward, steps=2, lr=1.0, optimizer="adamw"),
+            RewardGuidance(reward=reward, scale=5.0),
+            BestOfN(reward=reward, n=2),
+        ],
+    )
+    assert len(out.images) == 2 and np.isfinite(out.rewards.numpy()).all()
+    assert {"seed_search", "noise_optimization", "reward_guidance", "best_of_n"} <= set(out.traces)
