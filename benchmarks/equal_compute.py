@@ -1,0 +1,113 @@
+"""Verified success against compute (NFE per image) for the method runs of `benchmarks/run_methods.sh`.
+
+Reads `benchmarks/results/shapes_methods_*.json` (written by `shapes_eval.py`), groups them into series by method,
+and writes `shapes_equal_compute.md` (a table per category), `.json` and `.png` (overall verified success against
+NFE per image, one line per method).
+
+    python benchmarks/equal_compute.py
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS, write_results  # noqa: E402
+
+SERIES = {  # run-name prefix -> series label
+    "baseline": "baseline",
+    "best_of": "best-of-N",
+    "particle_steering": "particle steering (FK)",
+    "noise_optimization": "noise optimization",
+    "seed_search": "seed search",
+    "reward_guidance": "reward guidance",
+}
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+CATEGORIES = ("single_object", "colors", "counting", "two_objects", "position", "color_attribution")
+
+
+def load_runs() -> list[dict]:
+    runs = []
+    for path in sorted(glob.glob(os.path.join(RESULTS, "shapes_methods_*.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        key = os.path.basename(path)[len("shapes_methods_") : -len(".json")]
+        series = next((label for prefix, label in SERIES.items() if key.startswith(prefix)), key)
+        runs.append({"run": key, "series": series, **data})
+    return runs
+
+
+def plot(runs: list[dict], path: str, width: int = 720, height: int = 440) -> None:
+    """A line chart with PIL: overall verified success (%) against NFE per image, one line per series."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 60, width - 200, 20, height - 50
+    max_nfe = max(r["nfe_per_image"] for r in runs) * 1.05
+    lo = min(r["overall"] for r in runs) * 100 - 5
+    hi = max(r["overall"] for r in runs) * 100 + 5
+
+    def xy(nfe, overall):
+        return (left + (right - left) * nfe / max_nfe, bottom - (bottom - top) * (overall * 100 - lo) / (hi - lo))
+
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black")
+    for k in range(6):
+        value = lo + (hi - lo) * k / 5
+        y = bottom - (bottom - top) * k / 5
+        draw.line([(left - 4, y), (left, y)], fill="black")
+        draw.text((8, y - 6), f"{value:.0f}%", fill="black")
+        nfe = max_nfe * k / 5
+        x = left + (right - left) * k / 5
+        draw.line([(x, bottom), (x, bottom + 4)], fill="black")
+        draw.text((x - 10, bottom + 8), f"{nfe:.0f}", fill="black")
+    draw.text(((left + right) // 2 - 60, height - 22), "NFE per image", fill="black")
+    baseline = next((r for r in runs if r["series"] == "baseline"), None)
+    labels = [s for s in dict.fromkeys(r["series"] for r in runs)]
+    for i, label in enumerate(labels):
+        color = COLORS[i % len(COLORS)]
+        points = sorted((r for r in runs if r["series"] == label), key=lambda r: r["nfe_per_image"])
+        if baseline is not None and label in ("best-of-N", "particle steering (FK)"):
+            points = [baseline] + points  # N = 1 is the plain model
+        coords = [xy(r["nfe_per_image"], r["overall"]) for r in points]
+        if len(coords) > 1:
+            draw.line(coords, fill=color, width=2)
+        for x, y in coords:
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
+        draw.rectangle([right + 20, top + 20 * i + 4, right + 32, top + 20 * i + 16], fill=color)
+        draw.text((right + 38, top + 20 * i + 4), label, fill="black")
+    image.save(path)
+
+
+def main() -> None:
+    runs = load_runs()
+    if not runs:
+        raise SystemExit("No shapes_methods_*.json results: run benchmarks/run_methods.sh first.")
+    header = "| run | NFE / image | " + " | ".join(CATEGORIES) + " | overall | soft reward | wall (s) |"
+    lines = [header, "|" + "---|" * (len(CATEGORIES) + 5)]
+    for r in sorted(runs, key=lambda r: (list(SERIES.values()).index(r["series"]), r["nfe_per_image"])):
+        cats = " | ".join(f"{100 * r['category_accuracy'][c]:.1f}" for c in CATEGORIES)
+        lines.append(f"| {r['run']} | {r['nfe_per_image']:.0f} | {cats} | **{100 * r['overall']:.1f}** | "
+                     f"{r['soft_reward']:.3f} | {r['wall_time_s']:.0f} |")  # fmt: skip
+    plot(runs, os.path.join(RESULTS, "shapes_equal_compute.png"))
+    first = runs[0]
+    markdown = (
+        "# Shapes world: methods at equal compute\n\n`bash benchmarks/run_methods.sh` then "
+        "`python benchmarks/equal_compute.py`\n\n"
+        f"{first['images']} images per run ({first['command'].split('--per-category ')[-1].split()[0]} prompts per "
+        "category, see each run's command in its JSON), 25 DDIM steps, guidance 3.0, soft verifier as the reward. "
+        "NFE counts denoiser forward passes per returned image (a CFG pair counts once; backward passes of the "
+        "gradient methods are not counted, their cost shows in the wall time).\n\n" + "\n".join(lines) + "\n\n"
+        "![verified success against NFE](shapes_equal_compute.png)\n"
+    )
+    data = {"benchmark": "equal_compute", "runs": [{k: r[k] for k in ("run", "series", "nfe_per_image", "overall",
+            "category_accuracy", "soft_reward", "wall_time_s", "command")} for r in runs]}  # fmt: skip
+    write_results("shapes_equal_compute", data, markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
