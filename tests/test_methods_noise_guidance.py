@@ -199,3 +199,16 @@ def test_methods_compose(ddim):
     )
     assert len(out.images) == 2 and np.isfinite(out.rewards.numpy()).all()
     assert {"seed_search", "noise_optimization", "reward_guidance", "best_of_n"} <= set(out.traces)
+
+
+def test_new_methods_from_command_line_specs():
+    from ttalign.methods import method_from_spec
+
+    po = method_from_spec("particle_steering:particles=2,reward=shapes_soft,potential=diff,ess_threshold=0.3")
+    assert (po.particles, po.potential, po.ess_threshold) == (2, "diff", 0.3)
+    no = method_from_spec("noise_optimization:reward=shapes_soft,optimize=all-noises,steps=7")
+    assert (no.steps, no.optimizer, no.lr) == (7, "adamw", 0.01)
+    assert method_from_spec("seed_search:reward=jpeg_incompressibility,n=3,rounds=1").rounds == 1
+    assert method_from_spec("reward_guidance:reward=shapes_soft,scale=2.5").scale == 2.5
+    with pytest.raises(ValueError, match="not differentiable|is not"):
+        method_from_spec("reward_guidance:reward=jpeg_incompressibility")

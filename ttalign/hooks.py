@@ -120,15 +120,28 @@ class GenerationState:
             base = secrets.randbits(62)
         return torch.Generator().manual_seed((base * 1_000_003 + salt) % (2**63))
 
+    def __post_init__(self):
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
     def compute(self) -> dict[str, float]:
         """Compute spent by this call: denoiser forward passes (`denoiser_calls`), denoiser evaluations summed
-        over the latents in the batch (`nfe`: a CFG pair counts once), VAE decodes, reward calls and wall time."""
+        over the latents in the batch (`nfe`: a CFG pair counts once), VAE decodes, reward calls, wall time and peak
+        memory (`peak_memory_mb`: CUDA memory allocated during the call on a GPU; on a CPU, the process's peak
+        resident memory so far)."""
+        if torch.device(self.device).type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {
             "denoiser_calls": self.denoiser_calls,
             "nfe": self.denoiser_evals,
             "vae_decodes": self.vae_decodes,
             "reward_calls": self.reward_calls,
             "wall_time_s": time.perf_counter() - self.start_time,
+            "peak_memory_mb": peak,
         }
 
 
