@@ -7,6 +7,7 @@ import typing
 
 from ttalign.hooks import AlignmentMethod
 
+from .attention import AttendAndExcite, RegionReweight, TokenReweight
 from .guidance import ParticleSteering, RewardGuidance
 from .noise import NoiseOptimization, SeedSearch
 from .search import BestOfN
@@ -20,6 +21,8 @@ METHODS: dict[str, type[AlignmentMethod]] = {
     "noise_optimization": NoiseOptimization,
     "reward_guidance": RewardGuidance,
     "particle_steering": ParticleSteering,
+    "attend_and_excite": AttendAndExcite,
+    "token_reweight": TokenReweight,
 }
 
 
@@ -73,6 +76,9 @@ def method_from_spec(spec: str) -> AlignmentMethod:
 __all__ = [
     "METHODS",
     "AlignmentMethod",
+    "AttendAndExcite",
+    "RegionReweight",
+    "TokenReweight",
     "BestOfN",
     "NoiseOptimization",
     "ParticleSteering",

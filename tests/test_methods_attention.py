@@ -1,0 +1,188 @@
+"""Attention control: Attend-and-Excite parity with diffusers' deprecated pipeline, token and region re-weighting."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from ttalign import AlignedStableDiffusionPipeline
+from ttalign.methods import AttendAndExcite, RegionReweight, TokenReweight
+from ttalign.methods.attention import gaussian_kernel, parse_weighted_prompt, token_spans
+from ttalign.testing import get_tiny_pipeline
+
+PROMPTS = ["a cat and a dog", "a red car and a tree"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return get_tiny_pipeline("ddim")
+
+
+def _call(pipe, prompts=PROMPTS, alignment=(), **kwargs):
+    kwargs.setdefault("num_inference_steps", 4)
+    kwargs.setdefault("guidance_scale", 7.5)
+    return pipe(prompts, output_type="np", generator=torch.Generator().manual_seed(0), alignment=list(alignment),
+                **kwargs)  # fmt: skip
+
+
+def test_attend_and_excite_reproduces_diffusers_pipeline(tiny_components):
+    from diffusers import StableDiffusionAttendAndExcitePipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = StableDiffusionAttendAndExcitePipeline(
+            **{k: v for k, v in tiny_components.items() if k != "image_encoder"}
+        )
+    reference.set_progress_bar_config(disable=True)
+    ours = AlignedStableDiffusionPipeline.from_pipe(reference)
+    ours.set_progress_bar_config(disable=True)
+    settings = {"max_iter_to_alter": 3, "thresholds": {1: 0.5}, "scale_factor": 20, "attn_res": (16, 16)}
+    indices = [[2, 5], [3, 6]]
+    expected = reference(PROMPTS, token_indices=indices, num_inference_steps=4, guidance_scale=7.5, output_type="np",
+                         generator=torch.Generator().manual_seed(0), **settings).images  # fmt: skip
+    out = _call(ours, alignment=[AttendAndExcite(token_indices=indices, **settings)])
+    plain = _call(ours).images
+    assert np.abs(out.images - expected).max() <= 1e-4
+    assert np.abs(plain - expected).max() > 3e-4  # the method did change the images (parity is ~1e-5)
+    refinements = out.traces["attend_and_excite"]["refinements"]
+    assert len(refinements) == 3 and max(refinements[1]) > 0  # refined at the threshold step
+    # words are mapped to the same token indices automatically
+    by_words = _call(ours, alignment=[AttendAndExcite(tokens=lambda p: p.split()[-4::3], **settings)])
+    assert np.abs(by_words.images - out.images).max() <= 1e-6
+    # the UNet's processors are the original ones again
+    assert all(type(p).__name__ != "ControlProcessor" for p in ours.unet.attn_processors.values())
+
+
+def test_token_spans_include_sub_words(pipe):
+    tokenizer = pipe.tokenizer
+    assert token_spans(tokenizer, "a cat and a dog", ["cat", "dog"]) == [[2], [5]]
+    pieces = tokenizer.tokenize("zebra")
+    assert len(pieces) > 1  # not in the generated vocabulary: split into characters
+    assert token_spans(tokenizer, "a zebra and a cat", ["zebra", "cat"]) == [
+        list(range(2, 2 + len(pieces))),
+        [2 + len(pieces) + 2],
+    ]
+    with pytest.raises(ValueError, match="'horse' is not in the prompt"):
+        token_spans(tokenizer, "a cat", ["horse"])
+
+
+def test_attend_and_excite_settings_and_errors(pipe):
+    method = AttendAndExcite(tokens=["cat"])
+    assert method.thresholds == {0: 0.05, 10: 0.5, 20: 0.8} and method.max_iter_to_alter == 25
+    assert method.scale_factor == 20 and method.attn_res == (16, 16)
+    kernel = gaussian_kernel(3, 0.5)
+    assert kernel.shape == (3, 3) and torch.isclose(kernel.sum(), torch.tensor(1.0))
+    assert kernel[1, 1] / kernel[0, 1] == pytest.approx(np.exp(1.0), rel=1e-5)  # exp(-((x - m) / (2 sigma))^2)
+    with pytest.raises(ValueError, match="exactly one"):
+        AttendAndExcite()
+    with pytest.raises(ValueError, match="resolution"):
+        _call(pipe, alignment=[AttendAndExcite(tokens=["a"], attn_res=(5, 5), max_iter_to_alter=1, thresholds={})])
+    assert all(type(p).__name__ != "ControlProcessor" for p in pipe.unet.attn_processors.values())
+
+
+def test_attend_and_excite_works_with_lora_and_other_methods(tiny_components):
+    from peft import LoraConfig
+
+    pipe = AlignedStableDiffusionPipeline(**{**tiny_components, "unet": get_tiny_pipeline().unet})
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for name, param in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # a non-trivial adapter
+    before = dict(pipe.unet.attn_processors)
+    method = AttendAndExcite(tokens=["cat", "dog"], max_iter_to_alter=2, thresholds={}, attn_res=(16, 16))
+    out = _call(pipe, prompts=["a cat and a dog"], alignment=[method, TokenReweight(mode="attention")])
+    assert np.isfinite(out.images).all()
+    assert pipe.unet.attn_processors == before
+    pipe.unet.disable_adapters()
+    without = _call(pipe, prompts=["a cat and a dog"], alignment=[method])
+    assert np.abs(without.images - out.images).max() > 1e-4  # the adapter took part in the controlled call
+
+
+def test_parse_weighted_prompt():
+    assert parse_weighted_prompt("a (red:1.3) cat") == ("a red cat", [("red", 1.3)])
+    text, weights = parse_weighted_prompt("a (big red) dog on [snow]")
+    assert text == "a big red dog on snow"
+    assert weights[0] == ("big red", pytest.approx(1.1)) and weights[1] == ("snow", pytest.approx(1 / 1.1))
+    with pytest.raises(ValueError, match="must be > 0"):
+        parse_weighted_prompt("a (red:0) cat")
+
+
+def test_token_reweight_embedding_mode_is_a1111s_rule():
+    pipe = get_tiny_pipeline("ddim")
+    with torch.no_grad():  # a non-zero mean, as real CLIP's final layer norm gives (the tiny one is zero-mean)
+        pipe.text_encoder.final_layer_norm.bias.fill_(0.1)
+    plain = _call(pipe, prompts=["a red cat"]).images
+    assert np.abs(_call(pipe, prompts=["a (red:1.0) cat"], alignment=[TokenReweight()]).images - plain).max() < 1e-6
+    captured = {}
+
+    def grab(p, i, t, kwargs):
+        captured["embeds"] = kwargs["prompt_embeds"]
+        return kwargs
+
+    weighted = _call(pipe, prompts=["a (red:1.5) cat"], alignment=[TokenReweight()], guidance_scale=1.0,
+                     callback_on_step_end=grab, callback_on_step_end_tensor_inputs=["prompt_embeds"])  # fmt: skip
+    with torch.no_grad():
+        base = pipe.encode_prompt(["a red cat"], "cpu", 1, False)[0]
+    w = torch.ones(base.shape[1])
+    w[2] = 1.5
+    scaled = base * w[None, :, None]
+    expected = scaled * (base.mean() / scaled.mean())
+    assert torch.allclose(captured["embeds"], expected, atol=1e-5)
+    assert np.abs(weighted.images - plain).max() > 1e-4
+
+
+def test_token_reweight_attention_mode_changes_only_with_weights(pipe):
+    plain = _call(pipe, prompts=["a red cat"]).images
+    same = _call(pipe, prompts=["a (red:1.0) cat"], alignment=[TokenReweight(mode="attention")]).images
+    assert np.abs(same - plain).max() < 1e-5
+    moved = _call(pipe, prompts=["a (red:3.0) cat"], alignment=[TokenReweight(mode="attention")]).images
+    assert np.abs(moved - plain).max() > 1e-4
+
+
+def test_region_reweight_moves_attention_into_the_region(pipe):
+    """The recorded cross-attention of a phrase's token is larger inside its box with the method than without."""
+    from ttalign.attention import attention_control, sync_step
+    from ttalign.hooks import AlignmentMethod, Stage
+
+    class Probe(AlignmentMethod):
+        stages = (Stage.ATTENTION, Stage.STEP_START)
+
+        def on_step_start(self, state):
+            sync_step(state)
+
+        def __init__(self):
+            self.maps = []
+
+        def on_attention(self, state):
+            control = attention_control(state)
+            maps = self.maps
+
+            class Keep:
+                @staticmethod
+                def wants(ctx):
+                    return ctx.is_cross and ctx.step_index == 0 and ctx.height == 16
+
+                def __call__(self, ctx, probs):
+                    maps.append(probs[probs.shape[0] // 2 :, :, 2].mean(0).view(16, 16))
+
+            control.recording = True
+            control.recorders.append(Keep())
+
+    regions = {"cat": (0.0, 0.0, 0.5, 1.0)}
+    runs = {}
+    for name, methods in (
+        ("plain", []),
+        ("region", [RegionReweight(regions=regions, stop=1.0)]),
+        ("strong", [RegionReweight(regions=regions, stop=1.0, cross_weight=4.0)]),
+    ):
+        probe = Probe()
+        _call(pipe, prompts=["a cat"], alignment=[*methods, probe])
+        attention = torch.stack(probe.maps).mean(0)  # [16, 16]
+        runs[name] = attention[:, :8].sum() / attention.sum()  # share of the token's attention in the left half
+    assert runs["strong"] > runs["region"] > runs["plain"] and runs["strong"] > runs["plain"] + 0.03
+    unchanged = _call(pipe, prompts=["a cat"], alignment=[RegionReweight(regions=regions, stop=0.0)]).images
+    assert np.abs(unchanged - _call(pipe, prompts=["a cat"]).images).max() < 1e-6
+    with pytest.raises(ValueError, match="box must be"):
+        _call(pipe, prompts=["a cat"], alignment=[RegionReweight(regions={"cat": (0.5, 0, 0.2, 1)}, stop=1.0)])

@@ -1,0 +1,465 @@
+"""Attention control: Attend-and-Excite, token re-weighting and region re-weighting.
+
+- `AttendAndExcite` (Chefer et al. 2023, https://arxiv.org/abs/2301.13826): at the early steps, moves the latents so
+  that every subject token has a strong cross-attention peak somewhere. Same images as diffusers' deprecated
+  `StableDiffusionAttendAndExcitePipeline` with the same settings, batched across samples, with attention maps
+  materialized only in the layers at the chosen resolution.
+- `TokenReweight`: `(word:1.3)` weights as in A1111 / Compel, on the token embeddings (A1111's rule) or on the
+  cross-attention probabilities.
+- `RegionReweight` (DenseDiffusion, Kim et al. 2023, https://arxiv.org/abs/2308.12964): modulates attention logits so
+  that each phrase's tokens are attended inside its region, and pixels of one region attend to each other.
+
+All three act through :mod:`ttalign.attention`: control processors installed for the call and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ttalign.attention import attention_control, sync_step
+from ttalign.hooks import AlignmentMethod, GenerationState, Stage
+from ttalign.sampling import scale_model_input
+
+
+def gaussian_kernel(size: int = 3, sigma: float = 0.5) -> torch.Tensor:
+    """Attend-and-Excite's smoothing kernel `[size, size]`. Like the reference code, it is
+    `exp(-((x - mean) / (2 sigma))^2)` (not the textbook `/ (2 sigma^2)`), normalized to sum 1."""
+    grid = torch.arange(size, dtype=torch.float32)
+    mean = (size - 1) / 2
+    one = 1 / (sigma * math.sqrt(2 * math.pi)) * torch.exp(-(((grid - mean) / (2 * sigma)) ** 2))
+    kernel = one[:, None] * one[None, :]
+    return kernel / kernel.sum()
+
+
+def token_spans(tokenizer, prompt: str, words: list[str]) -> list[list[int]]:
+    """The token indices (BOS at 0) of each word or phrase of `words` in `prompt`, sub-word pieces included:
+    `[[2], [5, 6]]`. Raises `ValueError` naming a word that is not in the prompt."""
+    tokens = tokenizer.tokenize(prompt)
+    spans = []
+    for word in words:
+        pieces = tokenizer.tokenize(word)
+        for start in range(len(tokens) - len(pieces) + 1):
+            if pieces and tokens[start : start + len(pieces)] == pieces:
+                spans.append(list(range(start + 1, start + 1 + len(pieces))))
+                break
+        else:
+            raise ValueError(f"Token {word!r} is not in the prompt {prompt!r} (its tokens: {tokens}).")
+    return spans
+
+
+@dataclass(eq=False)
+class AttendAndExcite(AlignmentMethod):
+    """Attend-and-Excite with the official defaults.
+
+    Args:
+        tokens (`list[str]` or `Callable[[str], list[str]]`, *optional*): the subject words of every prompt (or a
+            function giving them per prompt); mapped to token indices automatically, a word split into sub-word
+            tokens counting as the sum of its tokens' maps.
+        token_indices (`list[int]` or `list[list[int]]`, *optional*): explicit token indices (BOS is 0), one list
+            for all prompts or one per prompt, as in diffusers' pipeline.
+        max_iter_to_alter (`int`, defaults to 25): the latents are updated at steps `i < max_iter_to_alter`.
+        thresholds (`dict[int, float]`, defaults to `{0: 0.05, 10: 0.5, 20: 0.8}`): at these steps, refine until
+            every token's peak reaches the threshold (at most `max_refinement_steps` iterations).
+        scale_factor (`float`, defaults to 20): step size `scale_factor * sqrt(linspace(1, 0.5, T)[i])`.
+        attn_res (`tuple[int, int]`, defaults to `(16, 16)`): the resolution of the cross-attention maps used.
+        smooth_attentions (`bool`), sigma (`float`), kernel_size (`int`): Gaussian smoothing of the maps.
+        normalize_eot (`bool`, defaults to `False`): softmax over the prompt's tokens only (drop EOT and padding),
+            for SD 2.x text encoders; otherwise drop the first and last of the 77 positions, as the reference.
+        max_refinement_steps (`int`, defaults to 20).
+
+    `out.traces["attend_and_excite"]` holds the loss of every sample at every altered step (`[steps, N]`) and the
+    refinement iterations.
+
+    Example:
+
+    ```py
+    >>> from ttalign.methods import AttendAndExcite
+    >>> out = pipe("a cat and a frog", alignment=[AttendAndExcite(tokens=["cat", "frog"])])
+    ```
+    """
+
+    tokens: list[str] | Callable[[str], list[str]] | None = None
+    token_indices: list | None = None
+    max_iter_to_alter: int = 25
+    thresholds: dict = field(default_factory=lambda: {0: 0.05, 10: 0.5, 20: 0.8})
+    scale_factor: float = 20.0
+    attn_res: tuple = (16, 16)
+    smooth_attentions: bool = True
+    sigma: float = 0.5
+    kernel_size: int = 3
+    normalize_eot: bool = False
+    max_refinement_steps: int = 20
+
+    stages = (Stage.ATTENTION, Stage.STEP_START)
+
+    def __post_init__(self):
+        if (self.tokens is None) == (self.token_indices is None):
+            raise ValueError("AttendAndExcite needs exactly one of `tokens` or `token_indices`.")
+        if isinstance(self.tokens, str):
+            self.tokens = [w.strip() for w in self.tokens.split("+") if w.strip()]
+        if self.max_iter_to_alter < 0 or self.scale_factor <= 0 or self.max_refinement_steps < 0:
+            raise ValueError(
+                f"Bad AttendAndExcite settings: max_iter_to_alter={self.max_iter_to_alter}, "
+                f"scale_factor={self.scale_factor}, max_refinement_steps={self.max_refinement_steps}."
+            )
+        self.attn_res = tuple(self.attn_res)
+
+    def _indices(self, state: GenerationState) -> list[list[list[int]]]:
+        """Per sampled image: a list of token groups (each a list of indices)."""
+        prompts = state.prompt or []
+        if self.token_indices is not None:
+            per_prompt = self.token_indices if isinstance(self.token_indices[0], (list, tuple)) else None
+            if per_prompt is not None and len(per_prompt) != len(prompts):
+                raise ValueError(f"token_indices has {len(per_prompt)} lists for {len(prompts)} prompts.")
+            groups = [
+                [[i] for i in (per_prompt[k] if per_prompt else self.token_indices)] for k in range(len(prompts))
+            ]
+        else:
+            tokenizer = state.pipe.tokenizer
+            groups = []
+            for prompt in prompts:
+                words = self.tokens(prompt) if callable(self.tokens) else self.tokens
+                groups.append(token_spans(tokenizer, prompt, list(words)))
+        return [g for g in groups for _ in range(state.num_images_per_prompt)]
+
+    def on_attention(self, state: GenerationState) -> None:
+        if state.prompt is None and self.token_indices is None:
+            raise ValueError("AttendAndExcite with `tokens` needs `prompt` (not only `prompt_embeds`).")
+        control = attention_control(state)
+        store: dict = {"maps": [], "groups": self._indices(state), "losses": [], "refinements": []}
+        if self.normalize_eot:
+            tokenizer = state.pipe.tokenizer
+            store["eot"] = [len(tokenizer(p).input_ids) - 1 for p in state.prompt for _ in
+                            range(state.num_images_per_prompt)]  # fmt: skip
+        state.scratch[self] = store
+        res = self.attn_res
+
+        class Recorder:
+            @staticmethod
+            def wants(ctx):
+                return ctx.is_cross and (ctx.height, ctx.width) == res
+
+            def __call__(self, ctx, probs):
+                store["maps"].append(probs)
+
+        control.recorders.append(Recorder())
+        n_steps = len(state.timesteps)
+        store["step_size"] = self.scale_factor * np.sqrt(np.linspace(1.0, 0.5, n_steps))
+        state.traces["attend_and_excite"] = {"losses": store["losses"], "refinements": store["refinements"]}
+
+    def _max_attention(self, store: dict, rows: list[int]) -> torch.Tensor:
+        """The smoothed peak of every token group's map, `[n, groups]` (`rows`: the sampled images forwarded)."""
+        maps = store.pop("maps")
+        store["maps"] = []
+        if not maps:
+            raise ValueError(f"No cross-attention layer has resolution {self.attn_res}; pick another `attn_res`.")
+        n = len(rows)
+        per_layer = [m.reshape(n, -1, *self.attn_res, m.shape[-1]) for m in maps]  # [n, heads, h, w, L] each
+        attention = torch.cat(per_layer, dim=1).mean(dim=1)  # [n, h, w, L], mean over heads and layers
+        kernel = gaussian_kernel(self.kernel_size, self.sigma).to(attention)[None, None]
+        out = []
+        for k, row in enumerate(rows):
+            last = store["eot"][row] if self.normalize_eot else attention.shape[-1] - 1
+            text = torch.softmax(attention[k, :, :, 1:last] * 100, dim=-1)  # [h, w, tokens]
+            peaks = []
+            for group in store["groups"][row]:
+                image = sum(text[:, :, i - 1] for i in group)  # indices shift by -1 (BOS dropped)
+                if self.smooth_attentions:
+                    pad = self.kernel_size // 2
+                    image = F.conv2d(F.pad(image[None, None], (pad,) * 4, mode="reflect"), kernel)[0, 0]
+                peaks.append(image.max())
+            out.append(torch.stack(peaks))
+        return torch.stack(out)
+
+    def _loss(self, state, latents, rows, t, index) -> torch.Tensor:
+        """Forwards the conditional branch of `rows` with maps recorded; `[n]` losses `max_k (1 - peak_k)^+`."""
+        control = state.scratch["attention_control"]
+        pipe = state.pipe
+        with control.record(cfg=False):
+            pipe.unet(scale_model_input(pipe.scheduler, latents, index), t,
+                      encoder_hidden_states=state.prompt_embeds[rows],
+                      cross_attention_kwargs=pipe.cross_attention_kwargs)  # fmt: skip
+        state.denoiser_calls += 1
+        state.denoiser_evals += len(rows)
+        peaks = self._max_attention(state.scratch[self], rows)
+        return (1.0 - peaks).clamp(min=0).max(dim=1).values
+
+    @staticmethod
+    def _update(latents, loss, step_size):
+        (grad,) = torch.autograd.grad(loss.sum(), latents)
+        moved = latents - step_size * grad
+        return torch.where((loss != 0).view(-1, 1, 1, 1), moved, latents)
+
+    def on_step_start(self, state: GenerationState) -> None:
+        sync_step(state)
+        i, t = state.step_index, state.timestep
+        threshold = self.thresholds.get(i)
+        if i >= self.max_iter_to_alter and threshold is None:
+            return
+        store = state.scratch[self]
+        step_size = float(store["step_size"][i])
+        n = state.latents.shape[0]
+        rows = list(range(n))
+        with torch.enable_grad():
+            latents = state.latents.detach().clone().requires_grad_()
+            loss = self._loss(state, latents, rows, t, i)
+            iterations = [0] * n
+            if threshold is not None:
+                target = max(0.0, 1.0 - threshold)
+                active = [r for r in rows if loss[r] > 1.0 - threshold]
+                current = latents.detach().clone()
+                while active:
+                    x = current[active].requires_grad_()
+                    step_loss = self._loss(state, x, active, t, i)
+                    current[active] = self._update(x, step_loss, step_size).detach()
+                    for r in active:
+                        iterations[r] += 1
+                    active = [r for k, r in enumerate(active)
+                              if step_loss[k] > target and iterations[r] < self.max_refinement_steps]  # fmt: skip
+                if any(iterations):
+                    latents = current.requires_grad_()
+                    loss = self._loss(state, latents, rows, t, i)
+            if i < self.max_iter_to_alter:
+                latents = self._update(latents, loss, step_size)
+        state.latents = latents.detach()
+        store["losses"].append(loss.detach().cpu())
+        store["refinements"].append(iterations)
+
+
+_WEIGHTED = re.compile(r"\(([^():]+):\s*([0-9]*\.?[0-9]+)\s*\)|\(([^():]+)\)|\[([^\[\]]+)\]")
+
+
+def parse_weighted_prompt(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """A1111 / Compel emphasis: `"a (red:1.3) cat"` -> `("a red cat", [("red", 1.3)])`; `(word)` is x1.1 and
+    `[word]` is /1.1. Raises `ValueError` on a non-positive weight."""
+    weights = []
+
+    def replace(match):
+        if match.group(1) is not None:
+            text, weight = match.group(1).strip(), float(match.group(2))
+        elif match.group(3) is not None:
+            text, weight = match.group(3).strip(), 1.1
+        else:
+            text, weight = match.group(4).strip(), 1 / 1.1
+        if weight <= 0:
+            raise ValueError(f"Token weight must be > 0, got {weight} for {text!r} in {prompt!r}.")
+        weights.append((text, weight))
+        return text
+
+    return re.sub(r"\s+", " ", _WEIGHTED.sub(replace, prompt)).strip(), weights
+
+
+@dataclass(eq=False)
+class TokenReweight(AlignmentMethod):
+    """Token weights written in the prompt, `"a (red:1.4) cat"`, as users know them from A1111 and Compel.
+
+    The weights are stripped from the prompt before encoding. With `mode="embedding"` (A1111's rule), each weighted
+    token's embedding is multiplied by its weight and the whole sequence rescaled to keep its mean (skipped when that
+    mean is zero); with
+    `mode="attention"`, the conditional cross-attention probabilities of the weighted tokens are multiplied by the
+    weight in every layer (Prompt-to-Prompt re-weighting).
+
+    Example:
+
+    ```py
+    >>> from ttalign.methods import TokenReweight
+    >>> out = pipe("a (red:1.5) cube on a [blue] sphere", alignment=[TokenReweight()])
+    ```
+    """
+
+    mode: str = "embedding"
+
+    stages = (Stage.PROMPT, Stage.CONDITIONING, Stage.ATTENTION)
+
+    def __post_init__(self):
+        if self.mode not in ("embedding", "attention"):
+            raise ValueError(f"TokenReweight mode must be 'embedding' or 'attention', got {self.mode!r}.")
+
+    def on_prompt(self, state: GenerationState) -> None:
+        if state.prompt is None:
+            raise ValueError("TokenReweight reads weights from `prompt`; it cannot act on `prompt_embeds` alone.")
+        parsed = [parse_weighted_prompt(p) for p in state.prompt]
+        state.prompt = [text for text, _ in parsed]
+        tokenizer = state.pipe.tokenizer
+        weights = []  # per prompt: [L] weight per token position
+        length = tokenizer.model_max_length
+        for text, pairs in parsed:
+            w = torch.ones(length)
+            spans = token_spans(tokenizer, text, [phrase for phrase, _ in pairs]) if pairs else []
+            for span, (_, weight) in zip(spans, pairs):
+                w[[i for i in span if i < length]] = weight
+            weights.append(w)
+        state.scratch[self] = torch.stack(weights)  # [P, L]
+        state.traces["token_reweight"] = {"prompts": state.prompt, "weights": [pairs for _, pairs in parsed]}
+
+    def _per_image(self, state: GenerationState) -> torch.Tensor:
+        return state.scratch[self].repeat_interleave(state.num_images_per_prompt, dim=0)  # [N, L]
+
+    def on_conditioning(self, state: GenerationState) -> None:
+        if self.mode != "embedding":
+            return
+        embeds = state.prompt_embeds  # [N, L, D]
+        w = self._per_image(state).to(embeds)[:, : embeds.shape[1], None]  # [N, L, 1]
+        original_mean = embeds.float().mean(dim=(1, 2), keepdim=True)  # [N, 1, 1]
+        weighted = embeds.float() * w
+        new_mean = weighted.mean(dim=(1, 2), keepdim=True)
+        # A1111 restores the mean; a (near) zero-mean sequence has no mean to restore, and is left as weighted
+        scale = torch.where(
+            new_mean.abs() > 1e-6 * embeds.float().std(), original_mean / new_mean, torch.ones_like(new_mean)
+        )
+        state.prompt_embeds = (weighted * scale).to(embeds.dtype)
+
+    def on_attention(self, state: GenerationState) -> None:
+        if self.mode != "attention":
+            return
+        control = attention_control(state)
+        weights = self._per_image(state).to(state.device)  # [N, L]
+
+        class Scale:
+            @staticmethod
+            def wants(ctx):
+                return ctx.is_cross
+
+            def __call__(self, ctx, probs):
+                n = weights.shape[0]
+                heads = probs.shape[0] // (2 * n if ctx.cfg else n)
+                w = weights[:, : probs.shape[-1]].to(probs.dtype).repeat_interleave(heads, dim=0)[:, None, :]
+                if ctx.cfg:  # [uncond; cond]: only the conditional half is re-weighted
+                    w = torch.cat([torch.ones_like(w), w])
+                return probs * w
+
+        control.prob_hooks.append(Scale())
+
+
+def _region_mask(region, height: int, width: int, device) -> torch.Tensor:
+    """A region -> a float mask `[height, width]`: a box `(x0, y0, x1, y1)` in `[0, 1]` image fractions, or a mask
+    tensor / array `[H, W]` (resized, nearest)."""
+    if isinstance(region, (tuple, list)) and len(region) == 4:
+        x0, y0, x1, y1 = (float(v) for v in region)
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise ValueError(
+                f"A box must be (x0, y0, x1, y1) with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {region}."
+            )
+        ys = (torch.arange(height, device=device) + 0.5) / height
+        xs = (torch.arange(width, device=device) + 0.5) / width
+        return ((ys[:, None] >= y0) & (ys[:, None] < y1) & (xs[None] >= x0) & (xs[None] < x1)).float()
+    mask = torch.as_tensor(np.asarray(region), dtype=torch.float32, device=device)
+    if mask.ndim != 2:
+        raise ValueError(f"A region mask must be 2-D [H, W], got shape {tuple(mask.shape)}.")
+    return (F.interpolate(mask[None, None], size=(height, width), mode="nearest")[0, 0] > 0.5).float()
+
+
+@dataclass(eq=False)
+class RegionReweight(AlignmentMethod):
+    """DenseDiffusion-style region control: each phrase is attended inside its region.
+
+    For the conditional branch, during the first `stop` fraction of the steps and with time weight `(t / 1000)^5`,
+    the cross-attention logits of each phrase's tokens are raised towards the row maximum inside its region and
+    lowered towards the row minimum outside it, scaled by `cross_weight` and by `1 - area` of the region; in
+    self-attention, logits between pixels of the same region are raised and between different regions lowered, with
+    `self_weight`. Tokens outside every phrase and pixels outside every region are left alone.
+
+    Args:
+        regions (`dict[str, box or mask]` or `Callable[[str], dict]`): phrase -> box `(x0, y0, x1, y1)` in `[0, 1]`
+            fractions of the image, or a `[H, W]` mask; or a function giving that dict per prompt.
+        cross_weight (`float`, defaults to 1.0), self_weight (`float`, defaults to 0.3).
+        stop (`float`, defaults to 0.3): the fraction of the steps modulated.
+        time_power (`float`, defaults to 5).
+
+    Example:
+
+    ```py
+    >>> from ttalign.methods import RegionReweight
+    >>> regions = {"a red circle": (0.0, 0.0, 0.5, 1.0), "a blue square": (0.5, 0.0, 1.0, 1.0)}
+    >>> out = pipe("a red circle left of a blue square", alignment=[RegionReweight(regions=regions)])
+    ```
+    """
+
+    regions: dict | Callable[[str], dict]
+    cross_weight: float = 1.0
+    self_weight: float = 0.3
+    stop: float = 0.3
+    time_power: float = 5.0
+
+    stages = (Stage.ATTENTION, Stage.STEP_START)
+
+    def __post_init__(self):
+        if not (callable(self.regions) or isinstance(self.regions, dict)):
+            raise ValueError(
+                f"regions must be a dict phrase -> box/mask or a function of the prompt, got {self.regions!r}."
+            )
+        if not 0 <= self.stop <= 1:
+            raise ValueError(f"stop must be in [0, 1], got {self.stop!r}.")
+
+    def on_attention(self, state: GenerationState) -> None:
+        if state.prompt is None:
+            raise ValueError("RegionReweight maps phrases to tokens: pass `prompt`.")
+        control = attention_control(state)
+        tokenizer, device = state.pipe.tokenizer, state.device
+        per_image = []  # (token spans, regions) per sampled image
+        for prompt in state.prompt:
+            regions = self.regions(prompt) if callable(self.regions) else self.regions
+            spans = token_spans(tokenizer, prompt, list(regions)) if regions else []
+            per_image += [(spans, list(regions.values()))] * state.num_images_per_prompt
+        n_steps, cache = len(state.timesteps), {}
+        method = self
+
+        def masks(h, w, length):
+            """Cross `[N, hw, L]` region indicator and weight, self `[N, hw, hw]` same-region sign (cached)."""
+            key = (h, w, length)
+            if key not in cache:
+                cross = torch.zeros(len(per_image), h * w, length, device=device)
+                size = torch.zeros(len(per_image), 1, length, device=device)
+                touched = torch.zeros(len(per_image), 1, length, device=device)
+                label = torch.zeros(len(per_image), h * w, device=device)  # region id per pixel, 0 = none
+                for b, (spans, regions) in enumerate(per_image):
+                    for r, (span, region) in enumerate(zip(spans, regions), start=1):
+                        mask = _region_mask(region, h, w, device).flatten()
+                        cols = [i for i in span if i < length]
+                        cross[b][:, cols] = mask[:, None]
+                        size[b, 0, cols] = 1 - mask.mean()
+                        touched[b, 0, cols] = 1
+                        label[b] = torch.where(mask > 0, torch.full_like(label[b], r), label[b])
+                inside = label > 0
+                same = (label[:, :, None] == label[:, None, :]) & inside[:, :, None] & inside[:, None, :]
+                differ = (label[:, :, None] != label[:, None, :]) & inside[:, :, None] & inside[:, None, :]
+                area = torch.stack([(label == label[b][:, None]).float().mean(-1) for b in range(len(per_image))])
+                cache[key] = (cross, size * touched, touched, same.float(), differ.float(), (1 - area)[:, :, None])
+            return cache[key]
+
+        class Modulate:
+            @staticmethod
+            def wants(ctx):
+                return ctx.step_index < method.stop * n_steps and ctx.timestep is not None
+
+            def __call__(self, ctx, scores):
+                n = len(per_image)
+                cond = scores[-n * (scores.shape[0] // (2 * n if ctx.cfg else n)) :] if ctx.cfg else scores
+                heads = cond.shape[0] // n
+                treg = (float(ctx.timestep) / 1000) ** method.time_power
+                hi, lo = cond.max(-1, keepdim=True).values, cond.min(-1, keepdim=True).values
+                cross, size, touched, same, differ, self_size = masks(ctx.height, ctx.width, cond.shape[-1])
+                if ctx.is_cross:
+                    inside = cross.repeat_interleave(heads, 0)
+                    s = size.repeat_interleave(heads, 0) * method.cross_weight * treg
+                    t = touched.repeat_interleave(heads, 0)
+                    cond = cond + t * (inside * s * (hi - cond) - (1 - inside) * s * (cond - lo))
+                else:
+                    s = self_size.repeat_interleave(heads, 0) * method.self_weight * treg
+                    cond = (cond + same.repeat_interleave(heads, 0) * s * (hi - cond)
+                            - differ.repeat_interleave(heads, 0) * s * (cond - lo))  # fmt: skip
+                if ctx.cfg:
+                    return torch.cat([scores[: scores.shape[0] - cond.shape[0]], cond])
+                return cond
+
+        control.logit_hooks.append(Modulate())
+
+    def on_step_start(self, state: GenerationState) -> None:
+        sync_step(state)
