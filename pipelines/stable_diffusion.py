@@ -166,6 +166,7 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
             width=width,
             guidance_scale=guidance_scale,
             eta=eta,
+            num_inference_steps=num_inference_steps,
             generator=generator,
             device=device,
             output_type=output_type,

@@ -67,6 +67,7 @@ class GenerationState:
     width: int
     guidance_scale: float
     eta: float
+    num_inference_steps: int
     generator: torch.Generator | list[torch.Generator] | None
     device: torch.device
     output_type: str

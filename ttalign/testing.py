@@ -280,3 +280,40 @@ def save_tiny_image_reward(folder: str, seed: int = 0, vision_width: int = 128, 
     with open(os.path.join(folder, "vocab.txt"), "w") as f:
         f.write("\n".join(vocab) + "\n")
     return folder
+
+
+def save_tiny_gpt2(folder: str, seed: int = 0) -> str:
+    """Writes a randomly initialized 2-layer `GPT2LMHeadModel` and a byte-level BPE tokenizer (GPT-2's layout:
+    `vocab.json` + `merges.txt`, the 256 byte symbols plus a few merges) to `folder`, for Promptist tests."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    # GPT-2's reversible byte -> printable character table
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    symbols = [table[b] for b in range(256)]
+    merges = [("Ġ", "a"), ("Ġ", "c"), ("a", "t"), ("Ġc", "at"), ("Ġ", "r"), ("e", "d"), ("Ġr", "ed")]
+    vocab = {s: i for i, s in enumerate(symbols)}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    vocab["<|endoftext|>"] = len(vocab)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    eos = vocab["<|endoftext|>"]
+    config = GPT2Config(vocab_size=len(vocab), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=eos, eos_token_id=eos)  # fmt: skip
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "GPT2Tokenizer", "model_max_length": 128, "bos_token": "<|endoftext|>",
+                   "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)  # fmt: skip
+    return folder

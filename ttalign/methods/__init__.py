@@ -10,6 +10,7 @@ from ttalign.hooks import AlignmentMethod
 from .attention import AttendAndExcite, RegionReweight, TokenReweight
 from .guidance import ParticleSteering, RewardGuidance
 from .noise import NoiseOptimization, SeedSearch
+from .prompt import Promptist, PromptRewrite
 from .search import BestOfN
 from .trace import TraceLatents
 
@@ -23,12 +24,23 @@ METHODS: dict[str, type[AlignmentMethod]] = {
     "particle_steering": ParticleSteering,
     "attend_and_excite": AttendAndExcite,
     "token_reweight": TokenReweight,
+    "region_reweight": RegionReweight,
+    "prompt_rewrite": PromptRewrite,
+    "promptist": Promptist,
 }
 
 
 def _parse_value(method: str, key: str, raw: str, hint):
     from ttalign.rewards import load_reward
 
+    if raw.startswith("@"):  # a Python object: @module:attribute
+        import importlib
+
+        module, _, attr = raw[1:].partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError, ValueError):
+            raise ValueError(f"Option {key!r} of method {method!r}: cannot import {raw[1:]!r}.") from None
     if key == "reward" or "reward" in str(hint).lower():
         return load_reward(raw)
     text = str(hint)
@@ -37,6 +49,11 @@ def _parse_value(method: str, key: str, raw: str, hint):
             if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError
             return raw.lower() in ("true", "1", "yes")
+        if "dict" in text:  # k:v;k:v
+            pairs = (item.split(":") for item in raw.split(";") if item)
+            return {int(k) if k.strip().lstrip("-").isdigit() else k.strip(): float(v) for k, v in pairs}
+        if "tuple" in text:  # 16x16
+            return tuple(int(v) for v in raw.lower().split("x"))
         if "int" in text:
             return int(raw)
         if "float" in text:
@@ -48,6 +65,9 @@ def _parse_value(method: str, key: str, raw: str, hint):
 
 def method_from_spec(spec: str) -> AlignmentMethod:
     """Builds a method from a command-line spec `NAME[:key=value,...]`.
+
+    Values are parsed by the option's type: numbers, booleans, `16x16` for tuples, `0:0.05;10:0.5` for dicts, a
+    reward's short name for rewards, and `@module:attribute` for any Python object (a function, for example).
 
     Example: `method_from_spec("best_of_n:n=4,reward=jpeg_incompressibility")`.
     """
@@ -82,6 +102,8 @@ __all__ = [
     "BestOfN",
     "NoiseOptimization",
     "ParticleSteering",
+    "PromptRewrite",
+    "Promptist",
     "RewardGuidance",
     "SeedSearch",
     "TraceLatents",

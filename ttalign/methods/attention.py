@@ -410,6 +410,8 @@ class RegionReweight(AlignmentMethod):
             per_image += [(spans, list(regions.values()))] * state.num_images_per_prompt
         n_steps, cache = len(state.timesteps), {}
         method = self
+        if not any(spans for spans, _ in per_image):
+            return  # no prompt of this call has regions: nothing to modulate, the fast path stays
 
         def masks(h, w, length):
             """Cross `[N, hw, L]` region indicator and weight, self `[N, hw, hw]` same-region sign (cached)."""

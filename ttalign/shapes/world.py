@@ -226,3 +226,33 @@ def evaluation_prompts(per_category: int = 40, seed: int = 1234) -> list[tuple[s
     """
     rng = np.random.default_rng(seed)
     return [(sample_scene(rng, category)[1], category) for category in CATEGORIES for _ in range(per_category)]
+
+
+# --- attention-control helpers ------------------------------------------------------------------------------------
+
+
+def subject_words(caption: str) -> list[str]:
+    """The subject nouns of a caption as they are written (`"circles"` for two circles): Attend-and-Excite's tokens.
+
+    `attend_and_excite:tokens=@ttalign.shapes.world:subject_words` on the command line."""
+    return [phrase.shape + ("s" if phrase.count > 1 else "") for phrase in parse_caption(caption).phrases]
+
+
+_HALVES = {
+    "left of": ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)),
+    "right of": ((0.5, 0.0, 1.0, 1.0), (0.0, 0.0, 0.5, 1.0)),
+    "above": ((0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)),
+    "below": ((0.0, 0.5, 1.0, 1.0), (0.0, 0.0, 1.0, 0.5)),
+}
+
+
+def layout_regions(caption: str) -> dict[str, tuple[float, float, float, float]]:
+    """A layout for a position caption: each phrase (colour and noun, as written) -> the half of the image its
+    relation puts it in, as a box `(x0, y0, x1, y1)`; `{}` for captions without a relation.
+
+    `region_reweight:regions=@ttalign.shapes.world:layout_regions` on the command line."""
+    spec = parse_caption(caption)
+    if spec.relation is None:
+        return {}
+    words = [(f"{p.color} " if p.color else "") + p.shape + ("s" if p.count > 1 else "") for p in spec.phrases]
+    return dict(zip(words, _HALVES[spec.relation]))
