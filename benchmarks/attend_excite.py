@@ -1,0 +1,115 @@
+"""Attend-and-Excite: ttalign's batched method against diffusers' deprecated `StableDiffusionAttendAndExcitePipeline`
+on the same components, seed and settings: time, peak memory, and the largest difference between their images.
+
+Each side runs in a fresh process (peak memory: `torch.cuda.max_memory_allocated` on CUDA, else the growth of the
+process's peak resident memory over the loaded pipeline). Writes `benchmarks/results/attend_excite.json` and `.md`.
+
+    python benchmarks/attend_excite.py --size 128 --steps 10 --prompts 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, write_results  # noqa: E402
+
+PROMPTS = ["a cat and a dog", "a red car and a tree", "a bird and a house", "a horse and a boat"]
+INDICES = [[2, 5], [3, 6], [2, 5], [2, 5]]
+
+
+def _peak(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(side: str, args, out_path: str) -> dict:
+    from ttalign import AlignedStableDiffusionPipeline
+    from ttalign.methods import AttendAndExcite
+    from ttalign.testing import get_tiny_components
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    components = {k: v for k, v in get_tiny_components().items() if k != "image_encoder"}
+    if side == "reference":
+        from diffusers import StableDiffusionAttendAndExcitePipeline
+
+        pipe = StableDiffusionAttendAndExcitePipeline(**components)
+    else:
+        pipe = AlignedStableDiffusionPipeline(**components, image_encoder=None)
+    pipe = pipe.to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    prompts, indices = PROMPTS[: args.prompts], INDICES[: args.prompts]
+    settings = {"max_iter_to_alter": args.steps // 2, "thresholds": {0: 0.05, args.steps // 4: 0.5},
+                "scale_factor": 20, "attn_res": (args.size // 4, args.size // 4)}  # fmt: skip
+    call = {"num_inference_steps": args.steps, "guidance_scale": 7.5, "height": args.size, "width": args.size,
+            "output_type": "np", "generator": torch.Generator(args.device).manual_seed(0)}  # fmt: skip
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    before = _peak(args.device) if args.device != "cuda" else torch.cuda.memory_allocated() / 2**20
+    start = time.perf_counter()
+    if side == "reference":
+        images = pipe(prompts, token_indices=indices, **call, **settings).images
+    else:
+        images = pipe(prompts, alignment=[AttendAndExcite(token_indices=indices, **settings)], **call).images
+    seconds = time.perf_counter() - start
+    np.save(out_path, images)
+    return {"side": side, "seconds": seconds, "peak_added_mb": _peak(args.device) - before}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=128, help="image size (the tiny VAE downsamples by 2)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one[0], args, args.one[1])))
+        return
+    rows, images = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for side in ("reference", "ttalign"):
+            path = os.path.join(tmp, f"{side}.npy")
+            cmd = [sys.executable, __file__, "--one", side, path, "--size", str(args.size), "--steps",
+                   str(args.steps), "--prompts", str(args.prompts), "--device", args.device]  # fmt: skip
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            images[side] = np.load(path)
+            print(rows[-1], flush=True)
+    diff = float(np.abs(images["reference"] - images["ttalign"]).max())
+    ref, ours = rows
+    command = "python benchmarks/attend_excite.py " + " ".join(sys.argv[1:])
+    env = environment()
+    markdown = (
+        f"# Attend-and-Excite against diffusers' deprecated pipeline\n\n`{command}`\n\n"
+        f"Tiny components (diffusers' test sizes), {args.prompts} prompts, {args.size}x{args.size} images, "
+        f"{args.steps} DDIM steps, guidance 7.5, A&E on the {args.size // 4}x{args.size // 4} cross-attention maps, "
+        f"refinement at steps 0 and {args.steps // 4}, {env['device']}.\n\n"
+        "| pipeline | time (s) | peak memory added (MB) |\n|---|---|---|\n"
+        f"| diffusers `StableDiffusionAttendAndExcitePipeline` | {ref['seconds']:.1f} | {ref['peak_added_mb']:.0f} |\n"
+        f"| ttalign `AttendAndExcite` | {ours['seconds']:.1f} | {ours['peak_added_mb']:.0f} |\n\n"
+        f"Speed-up **{ref['seconds'] / ours['seconds']:.2f}x**, memory "
+        f"**{ref['peak_added_mb'] / max(ours['peak_added_mb'], 1e-6):.2f}x** less; largest image difference "
+        f"{diff:.1e} (same images).\n"
+    )
+    write_results("attend_excite", {"benchmark": "attend_excite", "command": command, "rows": rows,
+                                    "max_abs_diff": diff, "environment": env}, markdown)  # fmt: skip
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
