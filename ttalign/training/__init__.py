@@ -1,0 +1,36 @@
+"""Training: the losses of Diffusion-DPO, Diffusion-KTO, DDPO / DPOK and reward backpropagation.
+
+The trainers that drive them (`DiffusionDPOTrainer`, `DiffusionKTOTrainer`, `DDPOTrainer`, `RewardBackpropTrainer`)
+are not implemented yet: importing one raises `NotImplementedError`.
+"""
+
+from .losses import (
+    diffusion_dpo_loss,
+    diffusion_kto_loss,
+    dpok_loss,
+    normalize_advantages,
+    per_sample_mse,
+    ppo_clip_loss,
+    refl_loss,
+    reinforce_loss,
+)
+
+_PLANNED = ("DiffusionDPOTrainer", "DiffusionKTOTrainer", "DDPOTrainer", "RewardBackpropTrainer")
+
+
+def __getattr__(name: str):
+    if name in _PLANNED:
+        raise NotImplementedError(f"ttalign.training.{name} is not implemented yet; the losses are available.")
+    raise AttributeError(f"module 'ttalign.training' has no attribute {name!r}")
+
+
+__all__ = [
+    "diffusion_dpo_loss",
+    "diffusion_kto_loss",
+    "dpok_loss",
+    "normalize_advantages",
+    "per_sample_mse",
+    "ppo_clip_loss",
+    "refl_loss",
+    "reinforce_loss",
+]

@@ -1,0 +1,87 @@
+"""The training objectives, each written from its paper's formula (see the docstrings), on plain tensors.
+
+One beta convention for Diffusion-DPO and KTO: `loss = -logsigmoid(-0.5 * beta * (model_diff - ref_diff))`, beta 5000
+for Stable Diffusion 1.5. diffusers' `train_diffusion_dpo.py` writes `-logsigmoid(beta_dpo * (ref_diff - model_diff))`
+with default `beta_dpo = 2500`: the same loss, with `beta = 2 * beta_dpo`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`[B, C, H, W]` -> `[B]`: the mean squared error over every dimension but the batch, in fp32."""
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+
+
+def diffusion_dpo_loss(model_mse_w, model_mse_l, ref_mse_w, ref_mse_l, beta: float = 5000.0):
+    """Diffusion-DPO (Wallace et al. 2023, https://arxiv.org/abs/2311.12908), winner and loser noised with the same
+    noise and timestep: `model_diff = mse_w - mse_l`, `ref_diff = ref_mse_w - ref_mse_l`,
+    `loss = -logsigmoid(-0.5 * beta * (model_diff - ref_diff)).mean()`.
+
+    Returns `(loss, implicit_accuracy)`: the share of pairs where the model prefers the winner more than the
+    reference does."""
+    model_diff = model_mse_w - model_mse_l  # [B]
+    ref_diff = ref_mse_w - ref_mse_l  # [B]
+    inside = -0.5 * beta * (model_diff - ref_diff)
+    return -F.logsigmoid(inside).mean(), (inside > 0).float().mean()
+
+
+def diffusion_kto_loss(model_mse, ref_mse, desirable, beta: float = 5000.0, lambda_desirable: float = 1.0,
+                       lambda_undesirable: float = 1.0):  # fmt: skip
+    """Diffusion-KTO (Li et al. 2024, https://arxiv.org/abs/2404.04465) on binary feedback:
+    `g = ref_mse - model_mse`, `kl = clamp(mean(g), 0)` (detached), `h = sigmoid(sign * beta * (g - kl))` with
+    `sign = +1` for desirable and `-1` for undesirable samples, `loss = mean(lambda_y * (1 - h))`."""
+    g = ref_mse - model_mse  # [B]
+    kl = g.mean().clamp(min=0).detach()
+    sign = torch.where(desirable, 1.0, -1.0).to(g)
+    weight = torch.where(desirable, lambda_desirable, lambda_undesirable).to(g)
+    h = torch.sigmoid(sign * beta * (g - kl))
+    return (weight * (1 - h)).mean()
+
+
+def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range: float = 1e-4):
+    """DDPO's PPO objective (Black et al. 2023, https://arxiv.org/abs/2305.13301): with
+    `ratio = exp(log_prob - old_log_prob)`, `loss = mean(max(-A * ratio, -A * clamp(ratio, 1 - e, 1 + e)))`.
+    Returns `(loss, clip_fraction)`."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    return torch.maximum(unclipped, clipped).mean(), ((ratio - 1).abs() > clip_range).float().mean()
+
+
+def reinforce_loss(log_prob, advantages):
+    """DDPO-SF (REINFORCE): `-mean(A * log_prob)`."""
+    return -(advantages * log_prob).mean()
+
+
+def dpok_loss(log_prob, old_log_prob, rewards, values, eps_model, eps_ref, reward_weight: float = 10.0,
+              kl_weight: float = 0.01, clip_range: float = 1e-4):  # fmt: skip
+    """DPOK (Fan et al. 2023, https://arxiv.org/abs/2305.16381), as its code: a plain clamp of the ratio (not PPO's
+    min) and a KL term on the guided noise predictions:
+    `-w_R * (R - V) * clamp(ratio, 1 +- e) + w_KL * mean((eps_theta - eps_ref)^2)`."""
+    ratio = torch.clamp(torch.exp(log_prob - old_log_prob), 1 - clip_range, 1 + clip_range)
+    policy = -reward_weight * (rewards - values) * ratio  # [B]
+    kl = per_sample_mse(eps_model, eps_ref)  # [B]
+    return (policy + kl_weight * kl).mean()
+
+
+def normalize_advantages(rewards: torch.Tensor, prompts: list[str], clip: float = 5.0) -> torch.Tensor:
+    """DDPO's per-prompt advantage: `(r - mean_prompt) / (std_prompt + 1e-8)` (the batch statistics for a prompt
+    seen once), clamped to `+-clip`."""
+    advantages = torch.empty_like(rewards, dtype=torch.float32)
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(i)
+    for indices in groups.values():
+        r = rewards[indices].float() if len(indices) > 1 else rewards.float()
+        mean, std = r.mean(), r.std() if len(r) > 1 else torch.tensor(1.0)
+        advantages[indices] = (rewards[indices].float() - mean) / (std + 1e-8)
+    return advantages.clamp(-clip, clip)
+
+
+def refl_loss(rewards: torch.Tensor, scale: float = 1e-3, target: float = 2.0) -> torch.Tensor:
+    """ReFL (Xu et al. 2023, https://arxiv.org/abs/2304.05977): `mean(relu(target - reward)) * scale`."""
+    return F.relu(target - rewards).mean() * scale
