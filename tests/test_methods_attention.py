@@ -186,3 +186,11 @@ def test_region_reweight_moves_attention_into_the_region(pipe):
     assert np.abs(unchanged - _call(pipe, prompts=["a cat"]).images).max() < 1e-6
     with pytest.raises(ValueError, match="box must be"):
         _call(pipe, prompts=["a cat"], alignment=[RegionReweight(regions={"cat": (0.5, 0, 0.2, 1)}, stop=1.0)])
+
+
+def test_attend_and_excite_with_different_subject_counts(pipe):
+    method = AttendAndExcite(tokens=lambda p: [w for w in p.split() if w in ("cat", "dog")], max_iter_to_alter=2,
+                             thresholds={})  # fmt: skip
+    out = _call(pipe, prompts=["a cat", "a cat and a dog", "a tree"], alignment=[method])
+    losses = out.traces["attend_and_excite"]["losses"]
+    assert len(losses) == 2 and losses[0].shape == (3,) and losses[0][2] == 0  # no subject, no loss

@@ -154,8 +154,8 @@ class AttendAndExcite(AlignmentMethod):
         store["step_size"] = self.scale_factor * np.sqrt(np.linspace(1.0, 0.5, n_steps))
         state.traces["attend_and_excite"] = {"losses": store["losses"], "refinements": store["refinements"]}
 
-    def _max_attention(self, store: dict, rows: list[int]) -> torch.Tensor:
-        """The smoothed peak of every token group's map, `[n, groups]` (`rows`: the sampled images forwarded)."""
+    def _max_attention(self, store: dict, rows: list[int]) -> list[torch.Tensor]:
+        """The smoothed peak of every token group's map, one `[groups]` tensor per forwarded image (`rows`)."""
         maps = store.pop("maps")
         store["maps"] = []
         if not maps:
@@ -175,8 +175,8 @@ class AttendAndExcite(AlignmentMethod):
                     pad = self.kernel_size // 2
                     image = F.conv2d(F.pad(image[None, None], (pad,) * 4, mode="reflect"), kernel)[0, 0]
                 peaks.append(image.max())
-            out.append(torch.stack(peaks))
-        return torch.stack(out)
+            out.append(torch.stack(peaks) if peaks else attention.new_ones(0))
+        return out
 
     def _loss(self, state, latents, rows, t, index) -> torch.Tensor:
         """Forwards the conditional branch of `rows` with maps recorded; `[n]` losses `max_k (1 - peak_k)^+`."""
@@ -188,8 +188,9 @@ class AttendAndExcite(AlignmentMethod):
                       cross_attention_kwargs=pipe.cross_attention_kwargs)  # fmt: skip
         state.denoiser_calls += 1
         state.denoiser_evals += len(rows)
-        peaks = self._max_attention(state.scratch[self], rows)
-        return (1.0 - peaks).clamp(min=0).max(dim=1).values
+        losses = [(1.0 - p).clamp(min=0).max() if len(p) else p.new_zeros(()) for p in
+                  self._max_attention(state.scratch[self], rows)]  # fmt: skip
+        return torch.stack(losses)
 
     @staticmethod
     def _update(latents, loss, step_size):
