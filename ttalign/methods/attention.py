@@ -433,7 +433,8 @@ class RegionReweight(AlignmentMethod):
                 inside = label > 0
                 same = (label[:, :, None] == label[:, None, :]) & inside[:, :, None] & inside[:, None, :]
                 differ = (label[:, :, None] != label[:, None, :]) & inside[:, :, None] & inside[:, None, :]
-                area = torch.stack([(label == label[b][:, None]).float().mean(-1) for b in range(len(per_image))])
+                # [N, hw]: the area fraction of each pixel's region
+                area = torch.stack([(lab[:, None] == lab[None, :]).float().mean(-1) for lab in label])
                 cache[key] = (cross, size * touched, touched, same.float(), differ.float(), (1 - area)[:, :, None])
             return cache[key]
 
