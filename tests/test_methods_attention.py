@@ -183,8 +183,8 @@ def test_region_reweight_moves_attention_into_the_region(pipe):
         runs[name] = attention[:, :8].sum() / attention.sum()  # share of the token's attention in the left half
     assert runs["strong"] > runs["region"] > runs["plain"] and runs["strong"] > runs["plain"] + 0.03
     # a batch of prompts with and without regions, several images each
-    batch = _call(pipe, prompts=["a cat", "a dog"], num_images_per_prompt=2,
-                  alignment=[RegionReweight(regions=lambda p: regions if "cat" in p else {}, stop=1.0)]).images  # fmt: skip
+    method = RegionReweight(regions=lambda p: regions if "cat" in p else {}, stop=1.0)
+    batch = _call(pipe, prompts=["a cat", "a dog"], num_images_per_prompt=2, alignment=[method]).images
     assert np.isfinite(batch).all() and batch.shape[0] == 4
     unchanged = _call(pipe, prompts=["a cat"], alignment=[RegionReweight(regions=regions, stop=0.0)]).images
     assert np.abs(unchanged - _call(pipe, prompts=["a cat"]).images).max() < 1e-6
