@@ -24,6 +24,8 @@ SERIES = {  # run-name prefix -> series label
     "noise_optimization": "noise optimization",
     "seed_search": "seed search",
     "reward_guidance": "reward guidance",
+    "attend_and_excite": "Attend-and-Excite",
+    "region_reweight": "region re-weighting (layout from the prompt)",
 }
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 CATEGORIES = ("single_object", "colors", "counting", "two_objects", "position", "color_attribution")
