@@ -1,8 +1,11 @@
-"""Training: the losses of Diffusion-DPO, Diffusion-KTO, DDPO / DPOK and reward backpropagation.
+"""Training: `DiffusionDPOTrainer` (LoRA, accelerate, atomic checkpoints and resume), and the losses of
+Diffusion-DPO, Diffusion-KTO, DDPO / DPOK and reward backpropagation.
 
-The trainers that drive them (`DiffusionDPOTrainer`, `DiffusionKTOTrainer`, `DDPOTrainer`, `RewardBackpropTrainer`)
-are not implemented yet: importing one raises `NotImplementedError`.
+`DiffusionKTOTrainer`, `DDPOTrainer` and `RewardBackpropTrainer` are not implemented yet: accessing one raises
+`NotImplementedError`.
 """
+
+from .dpo import DiffusionDPOTrainer, DPOConfig
 
 from .losses import (
     diffusion_dpo_loss,
@@ -15,7 +18,7 @@ from .losses import (
     reinforce_loss,
 )
 
-_PLANNED = ("DiffusionDPOTrainer", "DiffusionKTOTrainer", "DDPOTrainer", "RewardBackpropTrainer")
+_PLANNED = ("DiffusionKTOTrainer", "DDPOTrainer", "RewardBackpropTrainer")
 
 
 def __getattr__(name: str):
@@ -25,6 +28,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "DPOConfig",
+    "DiffusionDPOTrainer",
     "diffusion_dpo_loss",
     "diffusion_kto_loss",
     "dpok_loss",
