@@ -6,7 +6,6 @@ Diffusion-DPO, Diffusion-KTO, DDPO / DPOK and reward backpropagation.
 """
 
 from .dpo import DiffusionDPOTrainer, DPOConfig
-
 from .losses import (
     diffusion_dpo_loss,
     diffusion_kto_loss,
