@@ -30,7 +30,7 @@ def pairs(tmp_path_factory):
 
 def test_dpo_trains_lora_and_saves_a_diffusers_lora(pairs, tmp_path):
     trainer = run(pairs, str(tmp_path / "out"), 3)
-    lora = trainer._lora_state()
+    lora = trainer.lora_state()
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())  # B starts at zero: it moved
     assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint-2", "checkpoint-3", "logs"]
     trainer.save_lora(str(tmp_path / "lora"))
@@ -79,3 +79,32 @@ def test_dpo_config_is_validated():
         DPOConfig(max_steps=0)
     with pytest.raises(ValueError, match="mixed_precision"):
         DPOConfig(mixed_precision="fp8")
+
+
+def test_kto_trains_on_feedback_records(pairs, tmp_path):
+    import json
+
+    from ttalign.testing import get_tiny_pipeline
+    from ttalign.training import DiffusionKTOTrainer, KTOConfig
+
+    folder = tmp_path / "feedback"
+    folder.mkdir()
+    records = [json.loads(line) for line in open(os.path.join(pairs, "pairs.jsonl"))][:4]
+    with open(folder / "feedback.jsonl", "w") as f:
+        for r in records:
+            for key, good in (("image_0", r["label"] == 0), ("image_1", r["label"] == 1)):
+                f.write(
+                    json.dumps({"prompt": r["prompt"], "image": os.path.join(pairs, r[key]), "label": good}) + "\n"
+                )
+    torch.manual_seed(0)
+    trainer = DiffusionKTOTrainer(get_tiny_pipeline(), KTOConfig(max_steps=2, train_batch_size=2, beta=500.0,
+                                  learning_rate=1e-3, resolution=32, output_dir=str(tmp_path / "out")),
+                                  train_dataset=str(folder))  # fmt: skip
+    assert len(trainer.records) == 8 and trainer.desirable.sum() == 4
+    metrics = trainer.train()
+    assert metrics["step"] == 2 and np.isfinite(metrics["loss"])
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trainer.lora_state().items())
+    with open(folder / "feedback.jsonl", "a") as f:
+        f.write('{"prompt": "x", "image": "nope.png", "label": true}\n')
+    with pytest.raises(ValueError, match="feedback.jsonl, line 9: image file 'nope.png'"):
+        DiffusionKTOTrainer(get_tiny_pipeline(), KTOConfig(output_dir=str(tmp_path / "o2")), train_dataset=str(folder))

@@ -1,11 +1,10 @@
-"""Training: `DiffusionDPOTrainer` (LoRA, accelerate, atomic checkpoints and resume), and the losses of
-Diffusion-DPO, Diffusion-KTO, DDPO / DPOK and reward backpropagation.
+"""Training: `DiffusionDPOTrainer` and `DiffusionKTOTrainer` (LoRA, accelerate, atomic checkpoints and resume), and
+the losses of Diffusion-DPO, Diffusion-KTO, DDPO / DPOK and reward backpropagation.
 
-`DiffusionKTOTrainer`, `DDPOTrainer` and `RewardBackpropTrainer` are not implemented yet: accessing one raises
-`NotImplementedError`.
+`DDPOTrainer` and `RewardBackpropTrainer` are not implemented yet: accessing one raises `NotImplementedError`.
 """
 
-from .dpo import DiffusionDPOTrainer, DPOConfig
+from .dpo import DiffusionDPOTrainer, DiffusionKTOTrainer, DPOConfig, KTOConfig, load_feedback
 from .losses import (
     diffusion_dpo_loss,
     diffusion_kto_loss,
@@ -16,8 +15,9 @@ from .losses import (
     refl_loss,
     reinforce_loss,
 )
+from .trainer import LoRATrainer, TrainingConfig
 
-_PLANNED = ("DiffusionKTOTrainer", "DDPOTrainer", "RewardBackpropTrainer")
+_PLANNED = ("DDPOTrainer", "RewardBackpropTrainer")
 
 
 def __getattr__(name: str):
@@ -29,6 +29,11 @@ def __getattr__(name: str):
 __all__ = [
     "DPOConfig",
     "DiffusionDPOTrainer",
+    "DiffusionKTOTrainer",
+    "KTOConfig",
+    "LoRATrainer",
+    "TrainingConfig",
+    "load_feedback",
     "diffusion_dpo_loss",
     "diffusion_kto_loss",
     "dpok_loss",

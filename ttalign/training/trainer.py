@@ -1,0 +1,231 @@
+"""What every trainer shares: LoRA on the pipeline's UNet through peft, accelerate (devices, mixed precision,
+gradient accumulation, processes), atomic checkpoints with resume, JSONL / tracker logging and a progress bar.
+
+A trainer subclasses :class:`LoRATrainer` and implements `training_step(generator) -> (loss, metrics)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TrainingConfig:
+    """Settings shared by every trainer.
+
+    Args:
+        learning_rate (`float`, defaults to 1e-4): AdamW learning rate of the LoRA weights.
+        lora_rank (`int`, defaults to 8), lora_alpha (`int`, *optional*, defaults to the rank): LoRA on the UNet's
+            attention projections (`to_q`, `to_k`, `to_v`, `to_out.0`).
+        train_batch_size (`int`, defaults to 4): samples (pairs, records or prompts) per step and process.
+        gradient_accumulation_steps (`int`, defaults to 1).
+        max_steps (`int`, defaults to 100): optimizer steps.
+        max_grad_norm (`float`, defaults to 1.0).
+        mixed_precision (`str`, defaults to `"no"`): `"no"`, `"fp16"` or `"bf16"` (accelerate's).
+        gradient_checkpointing (`bool`, defaults to `False`): UNet activation checkpointing.
+        resolution (`int`, *optional*): training images are resized to this square size (default: the pipeline's).
+        checkpointing_steps (`int`, defaults to 50): write a checkpoint every this many optimizer steps.
+        checkpoints_total_limit (`int`, defaults to 2): keep at most this many checkpoints.
+        output_dir (`str`, defaults to `"ttalign-output"`): checkpoints, logs (`logs/metrics.jsonl`).
+        report_to (`str`, *optional*): an accelerate tracker (`"tensorboard"`), in addition to the JSONL log.
+        seed (`int`, defaults to 0).
+    """
+
+    learning_rate: float = 1e-4
+    lora_rank: int = 8
+    lora_alpha: int | None = None
+    train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 100
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    resolution: int | None = None
+    checkpointing_steps: int = 50
+    checkpoints_total_limit: int = 2
+    output_dir: str = "ttalign-output"
+    report_to: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "max_steps", "checkpointing_steps",
+                    "checkpoints_total_limit"):  # fmt: skip
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"{type(self).__name__}.{key} must be an integer >= 1, got {getattr(self, key)!r}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}.")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
+
+
+def image_to_tensor(image, size: int) -> torch.Tensor:
+    """PIL image -> float `[3, size, size]` in `[-1, 1]` (bicubic resize of the shorter side, centre crop)."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
+class LoRATrainer:
+    """Base of the trainers: sets up LoRA, the optimizer and accelerate; runs the loop with checkpoints."""
+
+    name = "train"
+
+    def __init__(self, pipe, config: TrainingConfig):
+        from accelerate import Accelerator
+        from peft import LoraConfig
+
+        self.pipe, self.config = pipe, config
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision=config.mixed_precision,
+            log_with=config.report_to,
+            project_dir=config.output_dir,
+            cpu=not torch.cuda.is_available(),
+        )
+        unet = pipe.unet
+        for module in (unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
+                                    init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))  # fmt: skip
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate)
+        self.unet, self.optimizer = self.accelerator.prepare(unet, self.optimizer)
+        self.step = 0
+        self._rng = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
+        self.size = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    def training_step(self, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """One micro-batch: returns the loss to backpropagate and the metrics to log."""
+        raise NotImplementedError
+
+    # --- checkpoints ----------------------------------------------------------------------------------------------
+
+    def checkpoints(self) -> list[str]:
+        """The complete checkpoints in `output_dir`, oldest first."""
+        root = self.config.output_dir
+        if not os.path.isdir(root):
+            return []
+        names = [d for d in os.listdir(root) if d.startswith("checkpoint-") and d[11:].isdigit()]
+        return [os.path.join(root, d) for d in sorted(names, key=lambda d: int(d[11:]))]
+
+    def lora_state(self) -> dict:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.accelerator.unwrap_model(self.unet))
+
+    def save_checkpoint(self) -> str:
+        """Writes `output_dir/checkpoint-<step>` atomically: a temporary folder renamed into place, so a run killed
+        while writing leaves no partial checkpoint behind."""
+        from safetensors.torch import save_file
+
+        root = self.config.output_dir
+        os.makedirs(root, exist_ok=True)
+        final = os.path.join(root, f"checkpoint-{self.step}")
+        if self.accelerator.is_main_process:
+            tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-checkpoint-")
+            lora = {k: v.detach().cpu().contiguous() for k, v in self.lora_state().items()}
+            save_file(lora, os.path.join(tmp, "lora.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step, "rng": self._rng.get_state(),
+                        "python_rng": random.getstate()}, os.path.join(tmp, "state.pt"))  # fmt: skip
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump({k: v for k, v in asdict(self.config).items() if not callable(v)}, f, indent=2, default=str)
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in self.checkpoints()[: -self.config.checkpoints_total_limit]:
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: str) -> None:
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        lora = load_file(os.path.join(path, "lora.safetensors"))
+        set_peft_model_state_dict(self.accelerator.unwrap_model(self.unet), lora)
+        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self._rng.set_state(state["rng"])
+        random.setstate(state["python_rng"])
+
+    def save_lora(self, directory: str) -> None:
+        """Saves the LoRA in diffusers' format (`pytorch_lora_weights.safetensors`), loadable with
+        `pipe.load_lora_weights(directory)` by diffusers' pipelines and the aligned ones."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        if self.accelerator.is_main_process:
+            layers = convert_state_dict_to_diffusers(self.lora_state())
+            StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+        self.accelerator.wait_for_everyone()
+
+    # --- the loop -------------------------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        """Runs to `max_steps` optimizer steps, resuming from the latest checkpoint in `output_dir`; returns the
+        last logged metrics."""
+        from tqdm.auto import tqdm
+
+        config = self.config
+        random.seed(config.seed)
+        if self.accelerator.is_main_process and os.path.isdir(config.output_dir):
+            for stale in os.listdir(config.output_dir):  # left by a run killed while writing a checkpoint
+                if stale.startswith(".tmp-checkpoint-"):
+                    shutil.rmtree(os.path.join(config.output_dir, stale), ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        checkpoints = self.checkpoints()
+        if checkpoints:
+            self.load_checkpoint(checkpoints[-1])
+        if config.report_to:
+            hparams = {k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))}
+            self.accelerator.init_trackers(f"ttalign-{self.name}", config=hparams)
+        log_path = os.path.join(config.output_dir, "logs", "metrics.jsonl")
+        if self.accelerator.is_main_process:
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        metrics: dict = {}
+        self.unet.train()
+        bar = tqdm(total=config.max_steps, initial=self.step, desc=self.name,
+                   disable=not self.accelerator.is_main_process)  # fmt: skip
+        while self.step < config.max_steps:
+            for _ in range(config.gradient_accumulation_steps):
+                with self.accelerator.accumulate(self.unet):
+                    loss, step_metrics = self.training_step(self._rng)
+                    self.accelerator.backward(loss)
+                    if self.accelerator.sync_gradients:
+                        self.accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+            self.step += 1
+            metrics = {"step": self.step, "loss": loss.item(), **step_metrics}
+            if self.accelerator.is_main_process:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            if config.report_to:
+                self.accelerator.log(metrics, step=self.step)
+            bar.update()
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if self.step % config.checkpointing_steps == 0 or self.step == config.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        self.unet.eval()
+        if config.report_to:
+            self.accelerator.end_training()
+        return metrics
