@@ -37,30 +37,36 @@ def _check(record, where: str) -> None:
         raise ValueError(f"{where}: label must be 0, 1 or 0.5, got {record['label']!r}.")
 
 
+def iter_jsonl(file: str):
+    """Yields `(where, record)` for each non-empty line of a JSONL file, `where` naming the file and line; a line that
+    is not JSON raises `ValueError` naming it."""
+    with open(file, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{file}, line {number}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg}).") from None
+
+
 def load_pairs(path: str, limit: int | None = None) -> list[PreferencePair]:
     """Reads a preference set (see the module docstring); a malformed record raises `ValueError` naming it."""
     jsonl = os.path.join(path, "pairs.jsonl")
     pairs = []
     if os.path.isfile(jsonl):
-        with open(jsonl, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{jsonl}, line {number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{where}: not valid JSON ({err.msg}).") from None
-                _check(record, where)
-                images = []
-                for key in ("image_0", "image_1"):
-                    file = os.path.join(path, record[key])
-                    if not os.path.isfile(file):
-                        raise ValueError(f"{where}: {key} file {record[key]!r} does not exist.")
-                    images.append(Image.open(file).convert("RGB"))
-                pairs.append(PreferencePair(record["prompt"], *images, float(record["label"])))
-                if limit and len(pairs) >= limit:
-                    break
+        for where, record in iter_jsonl(jsonl):
+            _check(record, where)
+            images = []
+            for key in ("image_0", "image_1"):
+                file = os.path.join(path, record[key])
+                if not os.path.isfile(file):
+                    raise ValueError(f"{where}: {key} file {record[key]!r} does not exist.")
+                images.append(Image.open(file).convert("RGB"))
+            pairs.append(PreferencePair(record["prompt"], *images, float(record["label"])))
+            if limit and len(pairs) >= limit:
+                break
         return pairs
     try:
         import datasets

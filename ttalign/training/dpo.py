@@ -7,7 +7,6 @@ by the VAE and prompts by the text encoder once, before the first step.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -60,27 +59,21 @@ def load_feedback(path: str) -> list[tuple[str, object, bool]]:
     `ValueError` naming the file and line."""
     from PIL import Image
 
+    from ttalign.rewards.evaluation import iter_jsonl
+
     file = os.path.join(path, "feedback.jsonl")
     if not os.path.isfile(file):
         raise ValueError(f"{path!r} has no feedback.jsonl.")
     records = []
-    with open(file, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{file}, line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg}).") from None
-            if not isinstance(record, dict) or not {"prompt", "image", "label"} <= set(record):
-                raise ValueError(f"{where}: a record needs prompt, image and label, got {record!r:.200}.")
-            if not isinstance(record["label"], bool):
-                raise ValueError(f"{where}: label must be true or false, got {record['label']!r}.")
-            image = os.path.join(path, record["image"])
-            if not os.path.isfile(image):
-                raise ValueError(f"{where}: image file {record['image']!r} does not exist.")
-            records.append((record["prompt"], Image.open(image).convert("RGB"), record["label"]))
+    for where, record in iter_jsonl(file):
+        if not isinstance(record, dict) or not {"prompt", "image", "label"} <= set(record):
+            raise ValueError(f"{where}: a record needs prompt, image and label, got {record!r:.200}.")
+        if not isinstance(record["label"], bool):
+            raise ValueError(f"{where}: label must be true or false, got {record['label']!r}.")
+        image = os.path.join(path, record["image"])
+        if not os.path.isfile(image):
+            raise ValueError(f"{where}: image file {record['image']!r} does not exist.")
+        records.append((record["prompt"], Image.open(image).convert("RGB"), record["label"]))
     return records
 
 
