@@ -212,3 +212,17 @@ def test_new_methods_from_command_line_specs():
     assert method_from_spec("reward_guidance:reward=shapes_soft,scale=2.5").scale == 2.5
     with pytest.raises(ValueError, match="not differentiable|is not"):
         method_from_spec("reward_guidance:reward=jpeg_incompressibility")
+
+
+def test_reno_defaults_on_a_one_step_schedule():
+    """ReNO's setting: a one-step model (Euler ancestral from sigma_max to 0), no guidance, SGD with its defaults."""
+    pipe = get_tiny_pipeline("euler_a")
+    reward = Redness()
+    method = NoiseOptimization(reward=reward, steps=4)
+    assert (method.optimizer, method.lr, method.grad_clip, method.regularizer) == ("sgd", 5.0, 0.1, 0.01)
+    out = pipe(PROMPTS, num_inference_steps=1, guidance_scale=0.0, output_type="pt", alignment=[method],
+               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    trace = out.traces["noise_optimization"]
+    assert (trace["best"] > trace["rewards"][0]).all()
+    assert torch.allclose(reward(out.images, PROMPTS), out.rewards, atol=1e-4)
+    assert out.traces["compute"]["nfe"] == (4 + 1) * 2

@@ -65,16 +65,20 @@ def test_unsupported_scheduler_is_named():
         scheduler_step(scheduler, 0, torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8))
 
 
-@pytest.mark.parametrize("name,eta", [("ddim", 0.0), ("ddim", 1.0), ("euler", 0.0), ("euler_a", 0.0), ("lcm", 0.0)])
-def test_sampler_reproduces_the_pipeline(name, eta):
+@pytest.mark.parametrize(
+    "name,eta,steps",
+    [("ddim", 0.0, 4), ("ddim", 1.0, 4), ("euler", 0.0, 4), ("euler_a", 0.0, 4), ("lcm", 0.0, 4), ("lcm", 0.0, 1),
+     ("euler_a", 0.0, 1)],
+)  # fmt: skip
+def test_sampler_reproduces_the_pipeline(name, eta, steps):
     pipe = get_tiny_pipeline(name)
     prompts = ["a red circle", "two blue squares"]
-    expected = pipe(prompts, num_inference_steps=4, guidance_scale=3.0, eta=eta, output_type="latent",
+    expected = pipe(prompts, num_inference_steps=steps, guidance_scale=3.0, eta=eta, output_type="latent",
                     generator=torch.Generator().manual_seed(0)).images  # fmt: skip
 
     # the same draws, in the pipeline's order: initial latents, then one noise per stochastic step
     g = torch.Generator().manual_seed(0)
-    pipe.scheduler.set_timesteps(4)
+    pipe.scheduler.set_timesteps(steps)
     latents = torch.randn(expected.shape, generator=g) * pipe.scheduler.init_noise_sigma
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True)
@@ -83,7 +87,9 @@ def test_sampler_reproduces_the_pipeline(name, eta):
     with torch.no_grad():
         out = sampler.sample(latents, noises)
     assert torch.allclose(out, expected, atol=1e-5), (out - expected).abs().max()
-    assert sampler.denoiser_calls == 4 and sampler.denoiser_evals == 8
+    assert sampler.denoiser_calls == steps and sampler.denoiser_evals == 2 * steps
+    if steps == 1:  # a one-step (turbo / LCM-style) schedule injects no noise
+        assert not sampler.stochastic
 
 
 def test_checkpointing_gives_the_same_gradients():
