@@ -86,7 +86,7 @@ def main() -> None:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    lines = ["| steps | checkpointing | peak memory added (MB) | backward time (s) |", "|---|---|---|---|"]
+    lines = ["| steps | checkpointing | peak memory added (MB) | forward + backward time (s) |", "|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['steps']} | {'yes' if row['checkpointing'] else 'no'} | {row['peak_added_mb']:.0f} | "
                      f"{row['seconds']:.1f} |")  # fmt: skip

@@ -108,3 +108,27 @@ def test_kto_trains_on_feedback_records(pairs, tmp_path):
         f.write('{"prompt": "x", "image": "nope.png", "label": true}\n')
     with pytest.raises(ValueError, match="feedback.jsonl, line 9: image file 'nope.png'"):
         DiffusionKTOTrainer(get_tiny_pipeline(), KTOConfig(output_dir=str(tmp_path / "o2")), train_dataset=str(folder))
+
+
+@pytest.mark.parametrize("mode", ["draft", "alignprop", "refl"])
+def test_reward_backprop_raises_the_reward_signal(mode, tmp_path):
+    from ttalign.rewards import JpegIncompressibility, Reward
+    from ttalign.testing import get_tiny_pipeline
+    from ttalign.training import RewardBackpropConfig, RewardBackpropTrainer
+
+    class Redness(Reward):
+        differentiable = True
+
+        def score(self, images, prompts):
+            return images[:, 0].mean((1, 2)) - images[:, 1].mean((1, 2))
+
+    torch.manual_seed(0)
+    config = RewardBackpropConfig(mode=mode, k=2, num_inference_steps=3, guidance_scale=3.0, max_steps=2,
+                                  train_batch_size=2, resolution=32, learning_rate=1e-2, refl_target=1.0,
+                                  output_dir=str(tmp_path / mode))  # fmt: skip
+    trainer = RewardBackpropTrainer(get_tiny_pipeline(), config, Redness(), ["a red circle", "a blue square"])
+    metrics = trainer.train()
+    assert metrics["step"] == 2 and np.isfinite(metrics["loss"]) and "reward" in metrics
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trainer.lora_state().items())
+    with pytest.raises(ValueError, match="JpegIncompressibility"):
+        RewardBackpropTrainer(get_tiny_pipeline(), config, JpegIncompressibility(), ["a"])

@@ -1,7 +1,7 @@
-"""Training: `DiffusionDPOTrainer` and `DiffusionKTOTrainer` (LoRA, accelerate, atomic checkpoints and resume), and
-the losses of Diffusion-DPO, Diffusion-KTO, DDPO / DPOK and reward backpropagation.
+"""Training: `DiffusionDPOTrainer`, `DiffusionKTOTrainer` and `RewardBackpropTrainer` (LoRA, accelerate, atomic
+checkpoints and resume), and the losses of Diffusion-DPO, Diffusion-KTO, DDPO / DPOK and reward backpropagation.
 
-`DDPOTrainer` and `RewardBackpropTrainer` are not implemented yet: accessing one raises `NotImplementedError`.
+`DDPOTrainer` is not implemented yet: accessing it raises `NotImplementedError`.
 """
 
 from .dpo import DiffusionDPOTrainer, DiffusionKTOTrainer, DPOConfig, KTOConfig, load_feedback
@@ -15,9 +15,10 @@ from .losses import (
     refl_loss,
     reinforce_loss,
 )
+from .reward_backprop import RewardBackpropConfig, RewardBackpropTrainer
 from .trainer import LoRATrainer, TrainingConfig
 
-_PLANNED = ("DDPOTrainer", "RewardBackpropTrainer")
+_PLANNED = ("DDPOTrainer",)
 
 
 def __getattr__(name: str):
@@ -32,6 +33,8 @@ __all__ = [
     "DiffusionKTOTrainer",
     "KTOConfig",
     "LoRATrainer",
+    "RewardBackpropConfig",
+    "RewardBackpropTrainer",
     "TrainingConfig",
     "load_feedback",
     "diffusion_dpo_loss",
