@@ -28,7 +28,7 @@ def test_generate_is_seeded(tmp_path):
 @pytest.mark.parametrize(
     "align, message",
     [
-        ("nope", "Unknown alignment method 'nope'; available: best_of_n, trace_latents"),
+        ("nope", "Unknown alignment method 'nope'; available: attend_and_excite, best_of_n,"),
         ("best_of_n:n=2,reward=nope", "Unknown reward 'nope'"),
         ("best_of_n:k=2", "Unknown option 'k' for method 'best_of_n'"),
         ("trace_latents:every", "must be written key=value"),
