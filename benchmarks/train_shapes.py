@@ -1,0 +1,141 @@
+"""Training on the shapes world: Diffusion-DPO on verifier-labelled pairs of the model's own samples, and DRaFT-1
+reward backpropagation on the soft verifier; each LoRA evaluated like the inference-time methods ("train vs guide").
+
+1. Draws `--prompts` training captions from the shapes grammar (their own seed, not the evaluation set's), samples
+   4 images per caption with the base model, and keeps one (passed, failed) pair per caption the exact verifier
+   splits.
+2. Trains a LoRA with `DiffusionDPOTrainer`, and another with `RewardBackpropTrainer` (mode "draft", k=1).
+3. Evaluates the base model and each LoRA on the method benchmark's prompts and seeds (`shapes_eval` harness).
+
+Writes `benchmarks/results/training.json` and `.md`.
+
+    python benchmarks/train_shapes.py --prompts 200 --dpo-steps 200 --draft-steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, write_results  # noqa: E402
+
+from ttalign.shapes import ShapesSoftVerifier, evaluation_prompts, load_pipeline, verify  # noqa: E402
+from ttalign.shapes.evaluate import evaluate  # noqa: E402
+from ttalign.shapes.world import sample_scene  # noqa: E402
+from ttalign.training import DiffusionDPOTrainer, DPOConfig, RewardBackpropConfig, RewardBackpropTrainer  # noqa: E402
+
+CATEGORIES = ("single_object", "colors", "counting", "two_objects", "position", "color_attribution")
+
+
+def make_model_pairs(pipe, out: str, n_prompts: int, seed: int = 7) -> tuple[str, int]:
+    """Samples 4 images per training caption and writes one verifier-labelled (passed, failed) pair per caption."""
+    rng = np.random.default_rng(seed)
+    captions = [sample_scene(rng)[1] for _ in range(n_prompts)]
+    lines = []
+    for start in range(0, len(captions), 32):
+        chunk = captions[start : start + 32]
+        images = pipe(chunk, num_images_per_prompt=4, num_inference_steps=25, guidance_scale=3.0, output_type="pt",
+                      generator=torch.Generator().manual_seed(seed + start)).images  # fmt: skip
+        passed = verify(images, [c for c in chunk for _ in range(4)]).passed
+        for k, caption in enumerate(chunk):
+            group = passed[4 * k : 4 * k + 4]
+            if True in group and False in group:
+                pair = [4 * k + group.index(True), 4 * k + group.index(False)]
+                names = []
+                for side, index in enumerate(pair):
+                    name = f"{len(lines):05d}_{side}.png"
+                    array = (images[index].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                    Image.fromarray(array).save(os.path.join(out, name))
+                    names.append(name)
+                lines.append(json.dumps({"prompt": caption, "image_0": names[0], "image_1": names[1], "label": 0}))
+    with open(os.path.join(out, "pairs.jsonl"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return out, len(lines)
+
+
+def run_eval(pipe, name: str) -> dict:
+    prompts = evaluation_prompts(20)  # the method benchmark's set: 20 prompts per category x 2 images
+    result = evaluate(pipe, prompts, [], name=name, seeds=2, num_inference_steps=25, guidance_scale=3.0)
+    return result.summary()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, default=200)
+    parser.add_argument("--dpo-steps", type=int, default=200)
+    parser.add_argument("--draft-steps", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rows = []
+    base = load_pipeline()
+    base.set_progress_bar_config(disable=True)
+    rows.append({"run": "base model", **run_eval(base, "base"), "train_s": 0.0})
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs, n_pairs = make_model_pairs(base, tmp, args.prompts)
+        train_prompts = [json.loads(line)["prompt"] for line in open(os.path.join(pairs, "pairs.jsonl"))]
+
+        for kind in ("dpo", "draft"):
+            pipe = load_pipeline()
+            pipe.set_progress_bar_config(disable=True)
+            out_dir = os.path.join(tmp, kind)
+            start = time.perf_counter()
+            if kind == "dpo":
+                config = DPOConfig(max_steps=args.dpo_steps, train_batch_size=8, learning_rate=args.lr,
+                                   checkpointing_steps=args.dpo_steps, output_dir=out_dir)  # fmt: skip
+                trainer = DiffusionDPOTrainer(pipe, config, train_dataset=pairs)
+            else:
+                config = RewardBackpropConfig(mode="draft", k=1, num_inference_steps=25, guidance_scale=3.0,
+                                              max_steps=args.draft_steps, train_batch_size=8, learning_rate=args.lr,
+                                              checkpointing_steps=args.draft_steps, output_dir=out_dir)  # fmt: skip
+                trainer = RewardBackpropTrainer(pipe, config, ShapesSoftVerifier(), train_prompts)
+            metrics = trainer.train()
+            seconds = time.perf_counter() - start
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            label = (
+                f"DPO LoRA ({args.dpo_steps} steps)" if kind == "dpo" else f"DRaFT-1 LoRA ({args.draft_steps} steps)"
+            )
+            rows.append({"run": label, **run_eval(pipe, kind), "train_s": seconds, "train_peak_rss_mb": peak,
+                         "last_metrics": metrics})  # fmt: skip
+            print(rows[-1]["run"], rows[-1]["overall"], flush=True)
+
+    guide = {}
+    for name in ("reward_guidance", "best_of_4", "particle_steering_4"):
+        path = os.path.join(os.path.dirname(__file__), "results", f"shapes_methods_{name}.json")
+        if os.path.isfile(path):
+            guide[name] = json.load(open(path))
+    lines = ["| run | NFE / image | " + " | ".join(CATEGORIES) + " | overall | training (s) |",
+             "|" + "---|" * (len(CATEGORIES) + 4)]  # fmt: skip
+    for r in rows:
+        cats = " | ".join(f"{100 * r['category_accuracy'][c]:.1f}" for c in CATEGORIES)
+        lines.append(f"| {r['run']} | 25 | {cats} | **{100 * r['overall']:.1f}** | {r['train_s']:.0f} |")
+    for name, r in guide.items():
+        cats = " | ".join(f"{100 * r['category_accuracy'][c]:.1f}" for c in CATEGORIES)
+        lines.append(f"| guide: {name} (from shapes_methods_{name}) | {r['nfe_per_image']:.0f} | {cats} | "
+                     f"**{100 * r['overall']:.1f}** | 0 |")  # fmt: skip
+    command = "python benchmarks/train_shapes.py " + " ".join(sys.argv[1:])
+    env = environment()
+    markdown = (
+        f"# Shapes world: train vs guide\n\n`{command}`\n\n"
+        f"DPO on {n_pairs} verifier-labelled pairs of the base model's own samples (captions drawn with their own "
+        f"seed), DRaFT-1 on the soft verifier over the same captions; LoRA rank 8, batch 8, lr {args.lr}, "
+        f"{env['device']}. Evaluated on the method benchmark's 120 prompts x 2 images (25 DDIM steps, guidance 3.0); "
+        "the guided rows are the inference-time methods on the same prompts and seeds.\n\n" + "\n".join(lines) + "\n"
+    )
+    data = {"benchmark": "training", "command": command, "pairs": n_pairs, "rows": rows, "environment": env}
+    write_results("training", json.loads(json.dumps(data, default=str)), markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
