@@ -132,3 +132,20 @@ def test_reward_backprop_raises_the_reward_signal(mode, tmp_path):
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trainer.lora_state().items())
     with pytest.raises(ValueError, match="JpegIncompressibility"):
         RewardBackpropTrainer(get_tiny_pipeline(), config, JpegIncompressibility(), ["a"])
+
+
+def test_two_processes_stay_in_sync(pairs, tmp_path):
+    """torchrun starts two gloo processes on the CPU; they draw different batches, and the LoRA weights stay equal
+    because accelerate averages the gradients once per optimizer step. Saving a checkpoint does not hang."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = str(tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = os.path.join(os.path.dirname(__file__), "dpo_ddp.py")
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29517", script, pairs, out]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300, env=env)
+    ranks = [torch.load(os.path.join(out, f"rank{k}.pt"), weights_only=True) for k in (0, 1)]
+    assert [r["num_processes"] for r in ranks] == [2, 2] and [r["step"] for r in ranks] == [3, 3]
+    for key, value in ranks[0]["lora"].items():
+        assert torch.equal(value, ranks[1]["lora"][key]), key
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in ranks[0]["lora"].items())
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-3"]
