@@ -149,3 +149,28 @@ def test_two_processes_stay_in_sync(pairs, tmp_path):
         assert torch.equal(value, ranks[1]["lora"][key]), key
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in ranks[0]["lora"].items())
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-3"]
+
+
+@pytest.mark.parametrize("algorithm,kl_weight", [("ppo", 0.0), ("reinforce", 0.01)])
+def test_ddpo_records_trajectories_and_updates_the_lora(algorithm, kl_weight, tmp_path):
+    from ttalign.rewards import JpegIncompressibility
+    from ttalign.testing import get_tiny_pipeline
+    from ttalign.training import DDPOConfig, DDPOTrainer
+
+    torch.manual_seed(0)
+    config = DDPOConfig(algorithm=algorithm, kl_weight=kl_weight, num_inference_steps=3, guidance_scale=3.0,
+                        max_steps=2, train_batch_size=2, resolution=32, learning_rate=1e-2, clip_range=0.2,
+                        output_dir=str(tmp_path / algorithm))  # fmt: skip
+    trainer = DDPOTrainer(get_tiny_pipeline(), config, JpegIncompressibility(), ["a red circle", "a blue square"])
+    traj = trainer.sample(torch.Generator().manual_seed(0))
+    assert traj.latents.shape[:2] == (3, 2) and traj.log_probs.shape == (3, 2)
+    # before any update, the recorded log-probabilities are the current policy's: ratio 1, nothing clipped
+    loss, metrics = trainer.policy_loss(traj, [0, 1, 2])
+    if algorithm == "ppo":
+        assert metrics["clip_fraction"] == 0.0
+        assert torch.isclose(loss, -traj.advantages.mean(), atol=1e-4)
+    metrics = trainer.train()
+    assert metrics["step"] == 2 and np.isfinite(metrics["loss"])
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trainer.lora_state().items())
+    with pytest.raises(ValueError, match="eta > 0"):
+        DDPOConfig(eta=0.0)

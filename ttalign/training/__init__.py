@@ -1,9 +1,7 @@
-"""Training: `DiffusionDPOTrainer`, `DiffusionKTOTrainer` and `RewardBackpropTrainer` (LoRA, accelerate, atomic
-checkpoints and resume), and the losses of Diffusion-DPO, Diffusion-KTO, DDPO / DPOK and reward backpropagation.
+"""Training: `DiffusionDPOTrainer`, `DiffusionKTOTrainer`, `DDPOTrainer` (with DPOK's KL term) and
+`RewardBackpropTrainer` (DRaFT-K, AlignProp, ReFL), on one LoRA / accelerate / checkpoint base, and their losses."""
 
-`DDPOTrainer` is not implemented yet: accessing it raises `NotImplementedError`.
-"""
-
+from .ddpo import DDPOConfig, DDPOTrainer, TrajectoryRecorder
 from .dpo import DiffusionDPOTrainer, DiffusionKTOTrainer, DPOConfig, KTOConfig, load_feedback
 from .losses import (
     diffusion_dpo_loss,
@@ -18,16 +16,9 @@ from .losses import (
 from .reward_backprop import RewardBackpropConfig, RewardBackpropTrainer
 from .trainer import LoRATrainer, TrainingConfig
 
-_PLANNED = ("DDPOTrainer",)
-
-
-def __getattr__(name: str):
-    if name in _PLANNED:
-        raise NotImplementedError(f"ttalign.training.{name} is not implemented yet; the losses are available.")
-    raise AttributeError(f"module 'ttalign.training' has no attribute {name!r}")
-
-
 __all__ = [
+    "DDPOConfig",
+    "DDPOTrainer",
     "DPOConfig",
     "DiffusionDPOTrainer",
     "DiffusionKTOTrainer",
@@ -36,6 +27,7 @@ __all__ = [
     "RewardBackpropConfig",
     "RewardBackpropTrainer",
     "TrainingConfig",
+    "TrajectoryRecorder",
     "load_feedback",
     "diffusion_dpo_loss",
     "diffusion_kto_loss",
