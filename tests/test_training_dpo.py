@@ -174,3 +174,17 @@ def test_ddpo_records_trajectories_and_updates_the_lora(algorithm, kl_weight, tm
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trainer.lora_state().items())
     with pytest.raises(ValueError, match="eta > 0"):
         DDPOConfig(eta=0.0)
+
+
+def test_dpo_with_gradient_checkpointing_and_bf16(pairs, tmp_path):
+    from ttalign.testing import get_tiny_pipeline
+    from ttalign.training import DiffusionDPOTrainer, DPOConfig
+
+    torch.manual_seed(0)
+    config = DPOConfig(max_steps=1, train_batch_size=2, gradient_checkpointing=True, mixed_precision="bf16",
+                       resolution=32, beta=500.0, learning_rate=1e-3, output_dir=str(tmp_path / "o"))  # fmt: skip
+    trainer = DiffusionDPOTrainer(get_tiny_pipeline(), config, train_dataset=pairs)
+    assert trainer.accelerator.unwrap_model(trainer.unet).is_gradient_checkpointing
+    metrics = trainer.train()
+    assert np.isfinite(metrics["loss"])
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trainer.lora_state().items())
