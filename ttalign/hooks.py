@@ -133,9 +133,12 @@ class GenerationState:
         if torch.device(self.device).type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20
         else:
-            import resource
+            try:
+                import resource
 
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            except ImportError:  # not on Windows
+                peak = float("nan")
         return {
             "denoiser_calls": self.denoiser_calls,
             "nfe": self.denoiser_evals,
