@@ -177,14 +177,18 @@ def test_ddpo_records_trajectories_and_updates_the_lora(algorithm, kl_weight, tm
 
 
 def test_dpo_with_gradient_checkpointing_and_bf16(pairs, tmp_path):
+    from accelerate.state import AcceleratorState
+
     from ttalign.testing import get_tiny_pipeline
     from ttalign.training import DiffusionDPOTrainer, DPOConfig
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one precision per process
     torch.manual_seed(0)
     config = DPOConfig(max_steps=1, train_batch_size=2, gradient_checkpointing=True, mixed_precision="bf16",
                        resolution=32, beta=500.0, learning_rate=1e-3, output_dir=str(tmp_path / "o"))  # fmt: skip
     trainer = DiffusionDPOTrainer(get_tiny_pipeline(), config, train_dataset=pairs)
     assert trainer.accelerator.unwrap_model(trainer.unet).is_gradient_checkpointing
     metrics = trainer.train()
+    AcceleratorState._reset_state(reset_partial_state=True)
     assert np.isfinite(metrics["loss"])
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trainer.lora_state().items())
