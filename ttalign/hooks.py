@@ -112,6 +112,29 @@ class GenerationState:
             raise RuntimeError("Images exist only at the `output` stage.")
         return (self.decoded / 2 + 0.5).clamp(0, 1)
 
+    def keep_best(self, scores: torch.Tensor, reward: str) -> torch.Tensor:
+        """Keeps, of each image's `k` consecutive candidates (`scores` `[N, k]`), the one with the highest finite
+        score: shrinks `latents` and `decoded` to `N`, divides `num_images_per_prompt` by `k`, and sets `rewards` and
+        `selected`. Non-finite scores are ignored with a warning; an image with none finite raises `ValueError`
+        naming the `reward`. Returns the winners' indices among their candidates, `[N]`."""
+        import warnings
+
+        k = scores.shape[1]
+        finite = torch.isfinite(scores)
+        if not finite.all():
+            if not finite.any(dim=1).all():
+                raise ValueError(f"Reward {reward} returned no finite score for some image.")
+            warnings.warn(f"Reward {reward} returned {int((~finite).sum())} non-finite scores; ignoring them.",
+                          stacklevel=3)  # fmt: skip
+        best = torch.where(finite, scores, torch.full_like(scores, float("-inf"))).argmax(dim=1)  # [N]
+        selected = torch.arange(scores.shape[0], device=best.device) * k + best  # [N]
+        self.latents = self.latents[selected.to(self.latents.device)]
+        self.decoded = self.decoded[selected.to(self.decoded.device)]
+        self.num_images_per_prompt //= k
+        self.rewards = scores.gather(1, best[:, None]).squeeze(1)  # [N]
+        self.selected = selected
+        return best
+
     def derived_generator(self, salt: int) -> torch.Generator:
         """A CPU generator for a method's own draws, derived from the call's generator (fresh entropy without one),
         so that a seeded call is reproducible; `salt` tells methods apart."""

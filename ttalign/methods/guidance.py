@@ -271,14 +271,5 @@ class ParticleSteering(AlignmentMethod):
         scores = check_scores(self.reward(images, prompts), len(prompts), reward_name(self.reward)).float()
         state.reward_calls += 1
         scores = scores.view(-1, self.particles)  # [N, P]
-        finite = torch.isfinite(scores)
-        if not finite.any(dim=1).all():
-            raise ValueError(f"Reward {reward_name(self.reward)} returned no finite score for some image.")
-        best = torch.where(finite, scores, torch.full_like(scores, float("-inf"))).argmax(dim=1)  # [N]
-        selected = torch.arange(scores.shape[0], device=best.device) * self.particles + best
-        state.latents = state.latents[selected.to(state.latents.device)]
-        state.decoded = state.decoded[selected.to(state.decoded.device)]
-        state.num_images_per_prompt //= self.particles
-        state.rewards = scores.gather(1, best[:, None]).squeeze(1)
-        state.selected = selected
+        state.keep_best(scores, reward_name(self.reward))
         state.traces["particle_steering"]["final_rewards"] = scores.cpu()

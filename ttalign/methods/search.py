@@ -7,7 +7,6 @@ image the verifier scores highest. Its compute is N times a plain call, reported
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -80,20 +79,6 @@ class BestOfN(AlignmentMethod):
             state.reward_calls += 1
         scores = torch.cat(scores).float().view(-1, self.n)  # [N, n]
 
-        finite = torch.isfinite(scores)
-        if not finite.all():
-            bad = int((~finite).sum())
-            if not finite.any(dim=1).all():
-                raise ValueError(f"Reward {reward_name(self.reward)} returned no finite score for some image.")
-            warnings.warn(
-                f"Reward {reward_name(self.reward)} returned {bad} non-finite scores; ignoring them.", stacklevel=2
-            )
-        best = torch.where(finite, scores, torch.full_like(scores, float("-inf"))).argmax(dim=1)  # [N]
-        selected = torch.arange(scores.shape[0], device=best.device) * self.n + best  # [N]
-
-        state.latents = state.latents[selected.to(state.latents.device)]
-        state.decoded = state.decoded[selected.to(state.decoded.device)]
-        state.num_images_per_prompt //= self.n
-        state.rewards = scores.gather(1, best[:, None]).squeeze(1)  # [N]
-        state.selected = selected
+        best = state.keep_best(scores, reward_name(self.reward))
+        selected = state.selected
         state.traces["best_of_n"] = {"scores": scores.cpu(), "chosen": best.cpu(), "selected": selected.cpu()}
