@@ -155,8 +155,8 @@ class PromptRewrite(AlignmentMethod):
         pipe = state.pipe
         pipe.scheduler.set_timesteps(state.num_inference_steps, device=state.device)
         do_cfg = state.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
-        cond, uncond = pipe.encode_prompt(prompts, state.device, 1, do_cfg, state.negative_prompt if isinstance(
-            state.negative_prompt, str) else None)  # fmt: skip
+        negative = state.negative_prompt if isinstance(state.negative_prompt, str) else None  # one for all candidates
+        cond, uncond = pipe.encode_prompt(prompts, state.device, 1, do_cfg, negative)
         sampler = DifferentiableSampler(pipe, cond, uncond, state.guidance_scale, state.eta)
         shape = (1, pipe.unet.config.in_channels, state.height // pipe.vae_scale_factor,
                  state.width // pipe.vae_scale_factor)  # fmt: skip
