@@ -445,8 +445,8 @@ class RegionReweight(AlignmentMethod):
 
             def __call__(self, ctx, scores):
                 n = len(per_image)
-                cond = scores[-n * (scores.shape[0] // (2 * n if ctx.cfg else n)) :] if ctx.cfg else scores
-                heads = cond.shape[0] // n
+                heads = scores.shape[0] // (2 * n if ctx.cfg else n)
+                cond = scores[-n * heads :]  # the conditional branch, [N * heads, q, k]
                 treg = (float(ctx.timestep) / 1000) ** method.time_power
                 hi, lo = cond.max(-1, keepdim=True).values, cond.min(-1, keepdim=True).values
                 cross, size, touched, same, differ, self_size = masks(ctx.height, ctx.width, cond.shape[-1])
@@ -459,9 +459,7 @@ class RegionReweight(AlignmentMethod):
                     s = self_size.repeat_interleave(heads, 0) * method.self_weight * treg
                     cond = (cond + same.repeat_interleave(heads, 0) * s * (hi - cond)
                             - differ.repeat_interleave(heads, 0) * s * (cond - lo))  # fmt: skip
-                if ctx.cfg:
-                    return torch.cat([scores[: scores.shape[0] - cond.shape[0]], cond])
-                return cond
+                return torch.cat([scores[: scores.shape[0] - cond.shape[0]], cond])
 
         control.logit_hooks.append(Modulate())
 
