@@ -32,7 +32,14 @@ from common import environment, write_results  # noqa: E402
 from ttalign.shapes import ShapesSoftVerifier, evaluation_prompts, load_pipeline, verify  # noqa: E402
 from ttalign.shapes.evaluate import evaluate  # noqa: E402
 from ttalign.shapes.world import sample_scene  # noqa: E402
-from ttalign.training import DiffusionDPOTrainer, DPOConfig, RewardBackpropConfig, RewardBackpropTrainer  # noqa: E402
+from ttalign.training import (  # noqa: E402
+    DDPOConfig,
+    DDPOTrainer,
+    DiffusionDPOTrainer,
+    DPOConfig,
+    RewardBackpropConfig,
+    RewardBackpropTrainer,
+)
 
 CATEGORIES = ("single_object", "colors", "counting", "two_objects", "position", "color_attribution")
 
@@ -74,7 +81,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--dpo-steps", type=int, default=200)
     parser.add_argument("--draft-steps", type=int, default=100)
+    parser.add_argument("--ddpo-steps", type=int, default=50)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--trainers", default="dpo,draft", help="comma-separated: dpo, draft, ddpo")
+    parser.add_argument("--name", default="training", help="results file name")
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = []
@@ -85,7 +95,7 @@ def main() -> None:
         pairs, n_pairs = make_model_pairs(base, tmp, args.prompts)
         train_prompts = [json.loads(line)["prompt"] for line in open(os.path.join(pairs, "pairs.jsonl"))]
 
-        for kind in ("dpo", "draft"):
+        for kind in args.trainers.split(","):
             pipe = load_pipeline()
             pipe.set_progress_bar_config(disable=True)
             out_dir = os.path.join(tmp, kind)
@@ -94,6 +104,11 @@ def main() -> None:
                 config = DPOConfig(max_steps=args.dpo_steps, train_batch_size=8, learning_rate=args.lr,
                                    checkpointing_steps=args.dpo_steps, output_dir=out_dir)  # fmt: skip
                 trainer = DiffusionDPOTrainer(pipe, config, train_dataset=pairs)
+            elif kind == "ddpo":
+                config = DDPOConfig(num_inference_steps=25, guidance_scale=3.0, max_steps=args.ddpo_steps,
+                                    train_batch_size=8, learning_rate=args.lr, clip_range=1e-4,
+                                    checkpointing_steps=args.ddpo_steps, output_dir=out_dir)  # fmt: skip
+                trainer = DDPOTrainer(pipe, config, ShapesSoftVerifier(), train_prompts)
             else:
                 config = RewardBackpropConfig(mode="draft", k=1, num_inference_steps=25, guidance_scale=3.0,
                                               max_steps=args.draft_steps, train_batch_size=8, learning_rate=args.lr,
@@ -127,13 +142,14 @@ def main() -> None:
     env = environment()
     markdown = (
         f"# Shapes world: train vs guide\n\n`{command}`\n\n"
-        f"DPO on {n_pairs} verifier-labelled pairs of the base model's own samples (captions drawn with their own "
-        f"seed), DRaFT-1 on the soft verifier over the same captions; LoRA rank 8, batch 8, lr {args.lr}, "
+        f"Trainers {args.trainers}: DPO on {n_pairs} verifier-labelled pairs of the base model's own samples (captions "
+        f"drawn with their own seed), DRaFT-1 and DDPO (PPO, DDIM eta 1) on the soft verifier over the same captions; "
+        f"LoRA rank 8, batch 8, lr {args.lr}, "
         f"{env['device']}. Evaluated on the method benchmark's 120 prompts x 2 images (25 DDIM steps, guidance 3.0); "
         "the guided rows are the inference-time methods on the same prompts and seeds.\n\n" + "\n".join(lines) + "\n"
     )
     data = {"benchmark": "training", "command": command, "pairs": n_pairs, "rows": rows, "environment": env}
-    write_results("training", json.loads(json.dumps(data, default=str)), markdown)
+    write_results(args.name, json.loads(json.dumps(data, default=str)), markdown)
     print(markdown)
 
 
