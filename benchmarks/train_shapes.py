@@ -142,8 +142,9 @@ def main() -> None:
     env = environment()
     markdown = (
         f"# Shapes world: train vs guide\n\n`{command}`\n\n"
-        f"Trainers {args.trainers}: DPO on {n_pairs} verifier-labelled pairs of the base model's own samples (captions "
-        f"drawn with their own seed), DRaFT-1 and DDPO (PPO, DDIM eta 1) on the soft verifier over the same captions; "
+        f"Trainers {args.trainers}: DPO on {n_pairs} verifier-labelled pairs of the base model's own samples "
+        "(captions drawn with their own seed), DRaFT-1 and DDPO (PPO, DDIM eta 1) on the soft verifier over the same "
+        "captions; "
         f"LoRA rank 8, batch 8, lr {args.lr}, "
         f"{env['device']}. Evaluated on the method benchmark's 120 prompts x 2 images (25 DDIM steps, guidance 3.0); "
         "the guided rows are the inference-time methods on the same prompts and seeds.\n\n" + "\n".join(lines) + "\n"
