@@ -117,9 +117,8 @@ def main() -> None:
             metrics = trainer.train()
             seconds = time.perf_counter() - start
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            label = (
-                f"DPO LoRA ({args.dpo_steps} steps)" if kind == "dpo" else f"DRaFT-1 LoRA ({args.draft_steps} steps)"
-            )
+            steps = {"dpo": args.dpo_steps, "draft": args.draft_steps, "ddpo": args.ddpo_steps}[kind]
+            label = f"{ {'dpo': 'DPO', 'draft': 'DRaFT-1', 'ddpo': 'DDPO'}[kind] } LoRA ({steps} steps)"
             rows.append({"run": label, **run_eval(pipe, kind), "train_s": seconds, "train_peak_rss_mb": peak,
                          "last_metrics": metrics})  # fmt: skip
             print(rows[-1]["run"], rows[-1]["overall"], flush=True)
