@@ -41,6 +41,7 @@ from ttalign.training import (  # noqa: E402
     RewardBackpropTrainer,
 )
 
+TRAINER_NAMES = {"dpo": "DPO", "draft": "DRaFT-1", "ddpo": "DDPO"}
 CATEGORIES = ("single_object", "colors", "counting", "two_objects", "position", "color_attribution")
 
 
