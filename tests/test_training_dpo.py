@@ -192,3 +192,21 @@ def test_dpo_with_gradient_checkpointing_and_bf16(pairs, tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     assert np.isfinite(metrics["loss"])
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trainer.lora_state().items())
+
+
+def test_tensorboard_logging(pairs, tmp_path):
+    from ttalign.testing import get_tiny_pipeline
+    from ttalign.training import DiffusionDPOTrainer, DPOConfig
+
+    torch.manual_seed(0)
+    config = DPOConfig(max_steps=2, train_batch_size=2, resolution=32, beta=500.0, report_to="tensorboard",
+                       output_dir=str(tmp_path / "tb"))  # fmt: skip
+    DiffusionDPOTrainer(get_tiny_pipeline(), config, train_dataset=pairs).train()
+    events = [f for _, _, files in os.walk(tmp_path / "tb") for f in files if f.startswith("events.out.tfevents")]
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = next(root for root, _, files in os.walk(tmp_path / "tb") if any(f in events for f in files))
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    assert "loss" in acc.Tags()["scalars"] and len(acc.Scalars("loss")) == 2
