@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=SAMPLING_DEFAULTS["num_inference_steps"])
     parser.add_argument("--guidance-scale", type=float, default=SAMPLING_DEFAULTS["guidance_scale"])
     parser.add_argument("--model", default=None, help="model folder (default: the embedded shapes model)")
+    parser.add_argument("--categories", default=None, help="comma-separated categories (default: all six)")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -40,6 +41,12 @@ def main() -> None:
     pipe = load_pipeline(path=args.model)
     pipe.set_progress_bar_config(disable=True)
     prompts = evaluation_prompts(args.per_category)
+    if args.categories:
+        wanted = args.categories.split(",")
+        unknown = sorted(set(wanted) - {c for _, c in prompts})
+        if unknown:
+            parser.error(f"unknown categories {unknown}; expected some of {sorted({c for _, c in prompts})}")
+        prompts = [(p, c) for p, c in prompts if c in wanted]
     result = evaluate(pipe, prompts, methods, name=args.name, seeds=args.seeds,
                       num_inference_steps=args.steps, guidance_scale=args.guidance_scale)  # fmt: skip
     command = "python benchmarks/shapes_eval.py " + " ".join(sys.argv[1:])

@@ -40,9 +40,12 @@ class EvalResult:
     prompts: list[str] = dataclasses.field(repr=False)
 
     def summary(self) -> dict:
-        out = dataclasses.asdict(self)
+        """The measured figures, JSON-ready, with every image's category and verdict (in generation order, so runs
+        with the same prompts and seeds can be compared image by image)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for key in ("verification", "samples", "prompts"):
             out.pop(key)
+        out["verdicts"] = [[v.category, bool(v.passed)] for v in self.verification.verdicts]
         return out
 
 
@@ -117,11 +120,13 @@ def evaluate(
 
 
 def markdown_table(results: list[EvalResult]) -> str:
-    """One row per result: verified success per category (%), overall, soft reward, NFE, time and memory."""
-    head = ["run", *CATEGORIES, "overall", "soft reward", "NFE / image", "time (s)", "peak mem (MB)"]
+    """One row per result: verified success per category (%), overall, soft reward, NFE, time and memory. Only the
+    categories some result evaluated get a column."""
+    categories = [c for c in CATEGORIES if any(c in r.category_accuracy for r in results)]
+    head = ["run", *categories, "overall", "soft reward", "NFE / image", "time (s)", "peak mem (MB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        cells = [r.name] + [f"{100 * r.category_accuracy.get(c, float('nan')):.1f}" for c in CATEGORIES]
+        cells = [r.name] + [f"{100 * r.category_accuracy.get(c, float('nan')):.1f}" for c in categories]
         cells += [f"{100 * r.overall:.1f}", f"{r.soft_reward:.3f}", f"{r.nfe_per_image:.0f}"]
         cells += [f"{r.wall_time_s:.0f}", f"{r.peak_memory_mb:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -1,0 +1,85 @@
+"""The attention-control table: each run of `benchmarks/run_attention.sh` against the baseline, image by image.
+
+Reads `benchmarks/results/shapes_attention_*.json` (same prompts and seeds in every run) and writes
+`shapes_attention.md` and `.json`: verified success per category, the change over the baseline, the images each run
+turns from failed to passed and back, and the two-sided sign-test p-value on those discordant images.
+
+    python benchmarks/attention_table.py
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS, write_results  # noqa: E402
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: the probability of a split at least this uneven if both directions were equally
+    likely."""
+    n, k = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def compare(base: dict, run: dict, category: str | None = None) -> dict:
+    """Paired comparison of two runs over the images of `category` (all images when `None`)."""
+    if [c for c, _ in base["verdicts"]] != [c for c, _ in run["verdicts"]]:
+        raise ValueError(f"runs {base['name']!r} and {run['name']!r} were not made on the same prompts")
+    pairs = [(b, r) for (c, b), (_, r) in zip(base["verdicts"], run["verdicts"]) if category in (None, c)]
+    wins = sum(r and not b for b, r in pairs)
+    losses = sum(b and not r for b, r in pairs)
+    return {"images": len(pairs), "wins": wins, "losses": losses, "p_value": sign_test(wins, losses)}
+
+
+def main() -> None:
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(RESULTS, "shapes_attention_*.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        runs[data["name"]] = data
+    if "attention_baseline" not in runs:
+        raise SystemExit("no shapes_attention_baseline.json: run benchmarks/run_attention.sh first")
+    base = runs.pop("attention_baseline")
+    categories = list(base["category_accuracy"])
+    head = ["run", *categories, "mean", "fail -> pass", "pass -> fail", "sign test p", "NFE / image", "time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
+    for run in [base, *runs.values()]:
+        paired = compare(base, run)
+        per_category = {c: compare(base, run, c) for c in categories}
+        cells = [run["name"].removeprefix("attention_")]
+        for c in categories:
+            acc, delta = (
+                100 * run["category_accuracy"][c],
+                100 * (run["category_accuracy"][c] - base["category_accuracy"][c]),
+            )
+            cells.append(f"{acc:.1f}" if run is base else f"{acc:.1f} ({delta:+.1f})")
+        mean, base_mean = 100 * run["overall"], 100 * base["overall"]
+        cells.append(f"{mean:.1f}" if run is base else f"{mean:.1f} ({mean - base_mean:+.1f})")
+        cells += [str(paired["wins"]), str(paired["losses"]), f"{paired['p_value']:.3f}" if run is not base else "-"]
+        cells += [f"{run['nfe_per_image']:.0f}", f"{run['wall_time_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+        rows.append({"name": run["name"], "category_accuracy": run["category_accuracy"], "overall": run["overall"],
+                     "paired": paired, "paired_per_category": per_category, "command": run["command"],
+                     "nfe_per_image": run["nfe_per_image"], "wall_time_s": run["wall_time_s"]})  # fmt: skip
+    markdown = (
+        "# Shapes world: attention control\n\n`bash benchmarks/run_attention.sh`\n\n"
+        f"{base['images']} images per run ({len(categories)} categories x 40 prompts x 4 seeds, the same for every "
+        "run), 25 DDIM steps, guidance 3.0. Verified success (%), in brackets the change over the baseline; mean = "
+        "mean over the categories. Paired on the same prompt and seed: images a run turns from failed to passed "
+        "and back, and the two-sided exact sign test on them.\n\n" + "\n".join(lines) + "\n"
+    )
+    write_results("shapes_attention", {"benchmark": "attention_table", "runs": rows}, markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
