@@ -3,9 +3,8 @@
 # the categories they address (two objects, position, colour attribution), 40 prompts per category x 4 images, same
 # seeds for every run. Attend-and-Excite uses the 8x8 maps of the 16x16 latents and the official schedule scaled to
 # 25 steps (alter 12 steps, thresholds at 0, 5, 10). Region re-weighting gives each phrase of a position prompt the
-# half of the image its relation puts it in (`layout_regions`); it runs with DenseDiffusion's published defaults and
-# with a stronger setting (cross weight 10, half of the steps, time power 1) picked on 40 held-out position prompts
-# (`evaluation_prompts(40, seed=99)`) from six settings.
+# half of the image its relation puts it in (`layout_regions`), with DenseDiffusion's published defaults, with and
+# without encoding each phrase on its own.
 #   bash benchmarks/run_attention.sh            # about 15 minutes on 2 CPU cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +16,6 @@ run() { name=$1; shift; echo "== $name"; $PY benchmarks/shapes_eval.py --name "a
 run baseline
 run attend_and_excite --align "attend_and_excite:tokens=@ttalign.shapes.world:subject_words,attn_res=8x8,max_iter_to_alter=12,thresholds=0:0.05;5:0.5;10:0.8"
 run region_reweight --align "$REGIONS"
-run region_reweight_strong --align "$REGIONS,cross_weight=10,stop=0.5,time_power=1"
+run region_reweight_in_context --align "$REGIONS,encode_phrases=false"
 $PY benchmarks/attention_table.py
 echo done

@@ -186,7 +186,8 @@ def test_region_reweight_moves_attention_into_the_region(pipe):
     method = RegionReweight(regions=lambda p: regions if "cat" in p else {}, stop=1.0)
     batch = _call(pipe, prompts=["a cat", "a dog"], num_images_per_prompt=2, alignment=[method]).images
     assert np.isfinite(batch).all() and batch.shape[0] == 4
-    unchanged = _call(pipe, prompts=["a cat"], alignment=[RegionReweight(regions=regions, stop=0.0)]).images
+    unchanged = _call(pipe, prompts=["a cat"], alignment=[RegionReweight(regions=regions, stop=0.0,
+                                                                          encode_phrases=False)]).images  # fmt: skip
     assert np.abs(unchanged - _call(pipe, prompts=["a cat"]).images).max() < 1e-6
     with pytest.raises(ValueError, match="box must be"):
         _call(pipe, prompts=["a cat"], alignment=[RegionReweight(regions={"cat": (0.5, 0, 0.2, 1)}, stop=1.0)])
@@ -198,3 +199,39 @@ def test_attend_and_excite_with_different_subject_counts(pipe):
     out = _call(pipe, prompts=["a cat", "a cat and a dog", "a tree"], alignment=[method])
     losses = out.traces["attend_and_excite"]["losses"]
     assert len(losses) == 2 and losses[0].shape == (3,) and losses[0][2] == 0  # no subject, no loss
+
+
+def test_densediffusion_modulation_formula():
+    """Positive logits move towards the row maximum by the fraction `strength`, all others towards the row minimum."""
+    from ttalign.methods.attention import densediffusion_modulate
+
+    scores = torch.tensor([[[1.0, 2.0, 4.0, -2.0]]])  # [1, q=1, k=4]: max 4, min -2
+    positive = torch.tensor([[[1.0, 0.0, 0.0, 1.0]]])
+    out = densediffusion_modulate(scores, positive, torch.tensor(0.5))
+    assert torch.allclose(out, torch.tensor([[[2.5, 0.0, 1.0, 1.0]]]))
+    assert torch.equal(densediffusion_modulate(scores, positive, torch.tensor(0.0)), scores)
+
+
+def test_region_reweight_encodes_each_phrase_alone(pipe):
+    """With `encode_phrases`, a phrase's tokens carry the embeddings of the phrase encoded on its own (the rest of the
+    prompt's embeddings unchanged); prompts without regions keep their embeddings."""
+    from ttalign.hooks import AlignmentMethod, Stage
+
+    class Keep(AlignmentMethod):
+        stages = (Stage.ATTENTION,)
+
+        def on_attention(self, state):
+            self.embeds = state.prompt_embeds.clone()
+
+    prompts = ["a red cat and a blue dog", "a tree"]
+    regions = {"blue dog": (0.5, 0.0, 1.0, 1.0)}
+    keep = Keep()
+    method = RegionReweight(regions=lambda p: regions if "dog" in p else {}, stop=0.0)
+    _call(pipe, prompts=prompts, num_images_per_prompt=2, alignment=[method, keep])
+    full, _ = pipe.encode_prompt(prompts, "cpu", 2, False)
+    alone, _ = pipe.encode_prompt(["blue dog"], "cpu", 1, False)
+    (span,) = token_spans(pipe.tokenizer, prompts[0], ["blue dog"])
+    assert torch.allclose(keep.embeds[:2, span], alone[:, 1 : 1 + len(span)].expand(2, -1, -1))
+    others = [i for i in range(full.shape[1]) if i not in span]
+    assert torch.equal(keep.embeds[:2, others], full[:2, others]) and torch.equal(keep.embeds[2:], full[2:])
+    assert not torch.allclose(full[0, span], alone[0, 1 : 1 + len(span)])  # the prompt's context did colour them

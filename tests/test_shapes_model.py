@@ -62,7 +62,9 @@ def test_evaluation_harness(shapes_pipe, tmp_path):
     assert table.count("\n") == 4 and "| bo2 |" in table
     summary = base.summary()
     assert json.loads(json.dumps(summary))["verdicts"] == [[v.category, v.passed] for v in base.verification.verdicts]
-    assert sum(passed for _, passed in summary["verdicts"]) == sum(base.verification.passed) and "samples" not in summary
+    assert (
+        sum(passed for _, passed in summary["verdicts"]) == sum(base.verification.passed) and "samples" not in summary
+    )
     position = evaluate(shapes_pipe, [p for p in prompts if p[1] == "position"], name="pos", seeds=1,
                         num_inference_steps=2)  # fmt: skip
     assert markdown_table([position]).splitlines()[0] == (

@@ -357,22 +357,40 @@ def _region_mask(region, height: int, width: int, device) -> torch.Tensor:
     return (F.interpolate(mask[None, None], size=(height, width), mode="nearest")[0, 0] > 0.5).float()
 
 
+def densediffusion_modulate(scores: torch.Tensor, positive: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """DenseDiffusion's logit modulation: where `positive`, raise each logit towards its row's maximum, elsewhere lower
+    it towards the row's minimum, by the fraction `strength`.
+
+    `scores` `[B, q, k]` scaled attention logits; `positive` `[B, q, k]` (0 / 1); `strength` broadcastable to them
+    (weight x time weight x `1 - area` of the query pixel's region).
+    """
+    hi, lo = scores.max(-1, keepdim=True).values, scores.min(-1, keepdim=True).values  # [B, q, 1] each
+    return scores + positive * strength * (hi - scores) - (1 - positive) * strength * (scores - lo)
+
+
 @dataclass(eq=False)
 class RegionReweight(AlignmentMethod):
-    """DenseDiffusion-style region control: each phrase is attended inside its region.
+    """DenseDiffusion's region control ([arXiv 2308.12964](https://arxiv.org/abs/2308.12964)): each phrase is drawn
+    inside its region by modulating the attention logits of the conditional branch.
 
-    For the conditional branch, during the first `stop` fraction of the steps and with time weight `(t / 1000)^5`,
-    the cross-attention logits of each phrase's tokens are raised towards the row maximum inside its region and
-    lowered towards the row minimum outside it, scaled by `cross_weight` and by `1 - area` of the region; in
-    self-attention, logits between pixels of the same region are raised and between different regions lowered, with
-    `self_weight`. Tokens outside every phrase and pixels outside every region are left alone.
+    During the first `stop` fraction of the steps, with time weight `(t / 1000)^time_power`, and scaled for every pixel
+    by `1 - size_weight * area` of its region:
+    - cross-attention: a pixel's logits for the tokens of the phrases whose region holds it are raised towards the row
+      maximum, and its logits for every other token (start, end and padding tokens included) are lowered towards the
+      row minimum, with `cross_weight`;
+    - self-attention: logits between pixels that share a region are raised, all others lowered, with `self_weight`.
+    Pixels outside every region get the lowering only. With `encode_phrases` (the reference's choice for SD 1.x), each
+    phrase's tokens take the embeddings of the phrase encoded on its own, so that words of one phrase do not colour
+    the other's. Prompts of the batch without regions are left alone.
 
     Args:
         regions (`dict[str, box or mask]` or `Callable[[str], dict]`): phrase -> box `(x0, y0, x1, y1)` in `[0, 1]`
             fractions of the image, or a `[H, W]` mask; or a function giving that dict per prompt.
         cross_weight (`float`, defaults to 1.0), self_weight (`float`, defaults to 0.3).
+        size_weight (`float`, defaults to 1.0): the mask-area adaptive adjustment.
         stop (`float`, defaults to 0.3): the fraction of the steps modulated.
         time_power (`float`, defaults to 5).
+        encode_phrases (`bool`, defaults to `True`).
 
     Example:
 
@@ -386,10 +404,12 @@ class RegionReweight(AlignmentMethod):
     regions: dict | Callable[[str], dict]
     cross_weight: float = 1.0
     self_weight: float = 0.3
+    size_weight: float = 1.0
     stop: float = 0.3
     time_power: float = 5.0
+    encode_phrases: bool = True
 
-    stages = (Stage.ATTENTION, Stage.STEP_START)
+    stages = (Stage.CONDITIONING, Stage.ATTENTION, Stage.STEP_START)
 
     def __post_init__(self):
         if not (callable(self.regions) or isinstance(self.regions, dict)):
@@ -399,43 +419,64 @@ class RegionReweight(AlignmentMethod):
         if not 0 <= self.stop <= 1:
             raise ValueError(f"stop must be in [0, 1], got {self.stop!r}.")
 
+    def _layout(self, state: GenerationState) -> list[tuple[list[str], list[list[int]], list]]:
+        """Per prompt: its phrases, their token spans and their regions (cached for the call)."""
+        if self not in state.scratch:
+            if state.prompt is None:
+                raise ValueError("RegionReweight maps phrases to tokens: pass `prompt`.")
+            layout = []
+            for prompt in state.prompt:
+                regions = self.regions(prompt) if callable(self.regions) else self.regions
+                spans = token_spans(state.pipe.tokenizer, prompt, list(regions)) if regions else []
+                layout.append((list(regions), spans, list(regions.values())))
+            state.scratch[self] = layout
+        return state.scratch[self]
+
+    def on_conditioning(self, state: GenerationState) -> None:
+        layout = self._layout(state)
+        if not self.encode_phrases or not any(phrases for phrases, _, _ in layout):
+            return
+        pipe, n = state.pipe, state.num_images_per_prompt
+        embeds = state.prompt_embeds.clone()  # [P * n, L, D]
+        for p, (phrases, spans, _) in enumerate(layout):
+            if not phrases:
+                continue
+            alone, _ = pipe.encode_prompt(phrases, state.device, 1, False, clip_skip=pipe.clip_skip)  # [R, L, D]
+            for r, span in enumerate(spans):
+                keep = [k for k, i in enumerate(span) if i < embeds.shape[1]]
+                # the phrase's tokens follow the start token when it is encoded alone
+                embeds[p * n : (p + 1) * n, [span[k] for k in keep]] = alone[r, [1 + k for k in keep]].to(embeds)
+        state.prompt_embeds = embeds
+
     def on_attention(self, state: GenerationState) -> None:
-        if state.prompt is None:
-            raise ValueError("RegionReweight maps phrases to tokens: pass `prompt`.")
+        layout = self._layout(state)
+        if not any(phrases for phrases, _, _ in layout):
+            return  # no prompt of this call has regions: nothing to modulate, the fast path stays
         control = attention_control(state)
-        tokenizer, device = state.pipe.tokenizer, state.device
-        per_image = []  # (token spans, regions) per sampled image
-        for prompt in state.prompt:
-            regions = self.regions(prompt) if callable(self.regions) else self.regions
-            spans = token_spans(tokenizer, prompt, list(regions)) if regions else []
-            per_image += [(spans, list(regions.values()))] * state.num_images_per_prompt
+        device, n_images = state.device, state.num_images_per_prompt
+        per_image = [(spans, regions) for _, spans, regions in layout for _ in range(n_images)]
         n_steps, cache = len(state.timesteps), {}
         method = self
-        if not any(spans for spans, _ in per_image):
-            return  # no prompt of this call has regions: nothing to modulate, the fast path stays
 
         def masks(h, w, length):
-            """Cross `[N, hw, L]` region indicator and weight, self `[N, hw, hw]` same-region sign (cached)."""
+            """Cross `[N, hw, L]` and self `[N, hw, hw]` positives, `[N, hw, 1]` size factor and `[N, 1, 1]` images
+            with regions (cached per resolution)."""
             key = (h, w, length)
             if key not in cache:
-                cross = torch.zeros(len(per_image), h * w, length, device=device)
-                size = torch.zeros(len(per_image), 1, length, device=device)
-                touched = torch.zeros(len(per_image), 1, length, device=device)
-                label = torch.zeros(len(per_image), h * w, device=device)  # region id per pixel, 0 = none
+                n = len(per_image)
+                cross = torch.zeros(n, h * w, length, device=device)
+                same = torch.zeros(n, h * w, h * w, device=device)
+                active = torch.zeros(n, 1, 1, device=device)
                 for b, (spans, regions) in enumerate(per_image):
-                    for r, (span, region) in enumerate(zip(spans, regions), start=1):
-                        mask = _region_mask(region, h, w, device).flatten()
+                    for span, region in zip(spans, regions):
+                        mask = _region_mask(region, h, w, device).flatten()  # [hw]
                         cols = [i for i in span if i < length]
-                        cross[b][:, cols] = mask[:, None]
-                        size[b, 0, cols] = 1 - mask.mean()
-                        touched[b, 0, cols] = 1
-                        label[b] = torch.where(mask > 0, torch.full_like(label[b], r), label[b])
-                inside = label > 0
-                same = (label[:, :, None] == label[:, None, :]) & inside[:, :, None] & inside[:, None, :]
-                differ = (label[:, :, None] != label[:, None, :]) & inside[:, :, None] & inside[:, None, :]
-                # [N, hw]: the area fraction of each pixel's region
-                area = torch.stack([(lab[:, None] == lab[None, :]).float().mean(-1) for lab in label])
-                cache[key] = (cross, size * touched, touched, same.float(), differ.float(), (1 - area)[:, :, None])
+                        cross[b][:, cols] = torch.maximum(cross[b][:, cols], mask[:, None])
+                        same[b] += mask[:, None] * mask[None, :]
+                        active[b] = 1.0
+                area = same.sum(-1, keepdim=True) / (h * w)  # [N, hw, 1]: the area of each pixel's region(s)
+                size = (1 - method.size_weight * area) * active
+                cache[key] = (cross, (same > 0).float(), size)
             return cache[key]
 
         class Modulate:
@@ -448,17 +489,11 @@ class RegionReweight(AlignmentMethod):
                 heads = scores.shape[0] // (2 * n if ctx.cfg else n)
                 cond = scores[-n * heads :]  # the conditional branch, [N * heads, q, k]
                 treg = (float(ctx.timestep) / 1000) ** method.time_power
-                hi, lo = cond.max(-1, keepdim=True).values, cond.min(-1, keepdim=True).values
-                cross, size, touched, same, differ, self_size = masks(ctx.height, ctx.width, cond.shape[-1])
-                if ctx.is_cross:
-                    inside = cross.repeat_interleave(heads, 0)
-                    s = size.repeat_interleave(heads, 0) * method.cross_weight * treg
-                    t = touched.repeat_interleave(heads, 0)
-                    cond = cond + t * (inside * s * (hi - cond) - (1 - inside) * s * (cond - lo))
-                else:
-                    s = self_size.repeat_interleave(heads, 0) * method.self_weight * treg
-                    cond = (cond + same.repeat_interleave(heads, 0) * s * (hi - cond)
-                            - differ.repeat_interleave(heads, 0) * s * (cond - lo))  # fmt: skip
+                cross, same, size = masks(ctx.height, ctx.width, cond.shape[-1])
+                positive = cross if ctx.is_cross else same
+                weight = method.cross_weight if ctx.is_cross else method.self_weight
+                strength = size.repeat_interleave(heads, 0) * (weight * treg)  # [N * heads, hw, 1]
+                cond = densediffusion_modulate(cond, positive.repeat_interleave(heads, 0), strength)
                 return torch.cat([scores[: scores.shape[0] - cond.shape[0]], cond])
 
         control.logit_hooks.append(Modulate())
