@@ -92,11 +92,12 @@ def test_attend_and_excite_works_with_lora_and_other_methods(tiny_components):
             torch.nn.init.normal_(param, std=0.5)  # a non-trivial adapter
     before = dict(pipe.unet.attn_processors)
     method = AttendAndExcite(tokens=["cat", "dog"], max_iter_to_alter=2, thresholds={}, attn_res=(16, 16))
-    out = _call(pipe, prompts=["a cat and a dog"], alignment=[method, TokenReweight(mode="attention")])
+    region = RegionReweight(regions={"dog": (0.5, 0.0, 1.0, 1.0)}, stop=1.0)
+    out = _call(pipe, prompts=["a cat and a dog"], alignment=[method, TokenReweight(mode="attention"), region])
     assert np.isfinite(out.images).all()
     assert pipe.unet.attn_processors == before
     pipe.unet.disable_adapters()
-    without = _call(pipe, prompts=["a cat and a dog"], alignment=[method])
+    without = _call(pipe, prompts=["a cat and a dog"], alignment=[method, TokenReweight(mode="attention"), region])
     assert np.abs(without.images - out.images).max() > 1e-4  # the adapter took part in the controlled call
 
 
