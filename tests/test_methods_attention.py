@@ -79,6 +79,34 @@ def test_attend_and_excite_settings_and_errors(pipe):
     with pytest.raises(ValueError, match="resolution"):
         _call(pipe, alignment=[AttendAndExcite(tokens=["a"], attn_res=(5, 5), max_iter_to_alter=1, thresholds={})])
     assert all(type(p).__name__ != "ControlProcessor" for p in pipe.unet.attn_processors.values())
+    with pytest.raises(ValueError, match="from_where"):
+        AttendAndExcite(tokens=["cat"], from_where=("left",))
+
+
+def test_attend_and_excite_records_only_the_chosen_layers(pipe):
+    """`from_where` picks the UNet parts whose maps are recorded: fewer layers take the explicit path, and the maps
+    (so the losses) change; the default records every part, as the reference."""
+    from ttalign.attention import ControlProcessor
+
+    calls = []
+    explicit = ControlProcessor.explicit
+
+    def counting(attn, hidden_states, encoder_hidden_states, attention_mask, temb, ctx, *hooks):
+        calls.append(ctx.name.split(".")[0])
+        return explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, ctx, *hooks)
+
+    losses = {}
+    ControlProcessor.explicit = staticmethod(counting)
+    try:
+        for parts in (("up", "down", "mid"), ("up",)):
+            calls.clear()
+            method = AttendAndExcite(tokens=["cat"], max_iter_to_alter=1, thresholds={}, from_where=parts)
+            losses[parts] = _call(pipe, prompts=["a cat"], alignment=[method]).traces["attend_and_excite"]["losses"]
+            recorded = set(calls)
+            assert recorded == ({"up_blocks"} if parts == ("up",) else {"up_blocks", "down_blocks", "mid_block"})
+    finally:
+        ControlProcessor.explicit = staticmethod(explicit)
+    assert not torch.allclose(losses[("up",)][0], losses[("up", "down", "mid")][0])
 
 
 def test_attend_and_excite_works_with_lora_and_other_methods(tiny_components):

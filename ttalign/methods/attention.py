@@ -69,6 +69,8 @@ class AttendAndExcite(AlignmentMethod):
             every token's peak reaches the threshold (at most `max_refinement_steps` iterations).
         scale_factor (`float`, defaults to 20): step size `scale_factor * sqrt(linspace(1, 0.5, T)[i])`.
         attn_res (`tuple[int, int]`, defaults to `(16, 16)`): the resolution of the cross-attention maps used.
+        from_where (`tuple[str, ...]`, defaults to `("up", "down", "mid")`): the UNet parts whose layers at that
+            resolution are recorded (the reference averages all three); every other layer keeps its fast path.
         smooth_attentions (`bool`), sigma (`float`), kernel_size (`int`): Gaussian smoothing of the maps.
         normalize_eot (`bool`, defaults to `False`): softmax over the prompt's tokens only (drop EOT and padding),
             for SD 2.x text encoders; otherwise drop the first and last of the 77 positions, as the reference.
@@ -91,6 +93,7 @@ class AttendAndExcite(AlignmentMethod):
     thresholds: dict = field(default_factory=lambda: {0: 0.05, 10: 0.5, 20: 0.8})
     scale_factor: float = 20.0
     attn_res: tuple = (16, 16)
+    from_where: tuple = ("up", "down", "mid")
     smooth_attentions: bool = True
     sigma: float = 0.5
     kernel_size: int = 3
@@ -110,6 +113,9 @@ class AttendAndExcite(AlignmentMethod):
                 f"scale_factor={self.scale_factor}, max_refinement_steps={self.max_refinement_steps}."
             )
         self.attn_res = tuple(self.attn_res)
+        self.from_where = (self.from_where,) if isinstance(self.from_where, str) else tuple(self.from_where)
+        if not self.from_where or set(self.from_where) - {"up", "down", "mid"}:
+            raise ValueError(f"from_where must name some of 'up', 'down', 'mid', got {self.from_where!r}.")
 
     def _indices(self, state: GenerationState) -> list[list[list[int]]]:
         """Per sampled image: a list of token groups (each a list of indices)."""
@@ -140,11 +146,12 @@ class AttendAndExcite(AlignmentMethod):
                             range(state.num_images_per_prompt)]  # fmt: skip
         state.scratch[self] = store
         res = self.attn_res
+        parts = {"down_blocks" if p == "down" else "up_blocks" if p == "up" else "mid_block" for p in self.from_where}
 
         class Recorder:
             @staticmethod
             def wants(ctx):
-                return ctx.is_cross and (ctx.height, ctx.width) == res
+                return ctx.is_cross and (ctx.height, ctx.width) == res and ctx.name.split(".")[0] in parts
 
             def __call__(self, ctx, probs):
                 store["maps"].append(probs)
@@ -159,7 +166,10 @@ class AttendAndExcite(AlignmentMethod):
         maps = store.pop("maps")
         store["maps"] = []
         if not maps:
-            raise ValueError(f"No cross-attention layer has resolution {self.attn_res}; pick another `attn_res`.")
+            raise ValueError(
+                f"No cross-attention layer of {self.from_where} has resolution {self.attn_res}; pick another "
+                "`attn_res` or `from_where`."
+            )
         n = len(rows)
         per_layer = [m.reshape(n, -1, *self.attn_res, m.shape[-1]) for m in maps]  # [n, heads, h, w, L] each
         attention = torch.cat(per_layer, dim=1).mean(dim=1)  # [n, h, w, L], mean over heads and layers
