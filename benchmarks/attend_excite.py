@@ -2,9 +2,14 @@
 on the same components, seed and settings: time, peak memory, and the largest difference between their images.
 
 Each side runs in a fresh process (peak memory: `torch.cuda.max_memory_allocated` on CUDA, else the growth of the
-process's peak resident memory over the loaded pipeline). Writes `benchmarks/results/attend_excite.json` and `.md`.
+process's peak resident memory over the loaded pipeline). Writes `benchmarks/results/<name>.json` and `.md`.
 
-    python benchmarks/attend_excite.py --size 128 --steps 10 --prompts 4
+`--layout tiny` uses diffusers' test sizes (one attention resolution); `--layout sd` uses Stable Diffusion 1.x's UNet
+and VAE layout at a tiny width (attention at four resolutions, 512 px images, A&E on the 16x16 maps as in SD), where
+recording maps only at the needed resolution matters.
+
+    python benchmarks/attend_excite.py --size 128 --steps 8 --prompts 4
+    python benchmarks/attend_excite.py --layout sd --size 512 --steps 8 --prompts 2 --name attend_excite_sd
 """
 
 from __future__ import annotations
@@ -29,10 +34,23 @@ PROMPTS = ["a cat and a dog", "a red car and a tree", "a bird and a house", "a h
 INDICES = [[2, 5], [3, 6], [2, 5], [2, 5]]
 
 
+def _describe(args) -> str:
+    if args.layout == "tiny":
+        return "Tiny components (diffusers' test sizes, one attention resolution)"
+    latent = args.size // 8
+    sides = ", ".join(str(latent // 2**k) for k in range(3))
+    return f"Components in Stable Diffusion 1.x's layout at a tiny width (attention at {sides} and {latent // 8} px)"
+
+
 def _peak(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _attn_res(args) -> int:
+    """The side of the maps A&E uses: the tiny UNet's one attention level (latents / 2), SD's 16x16 (latents / 4)."""
+    return args.size // 4 if args.layout == "tiny" else args.size // 32
 
 
 def run_one(side: str, args, out_path: str) -> dict:
@@ -42,7 +60,7 @@ def run_one(side: str, args, out_path: str) -> dict:
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
-    components = {k: v for k, v in get_tiny_components().items() if k != "image_encoder"}
+    components = {k: v for k, v in get_tiny_components(layout=args.layout).items() if k != "image_encoder"}
     if side == "reference":
         from diffusers import StableDiffusionAttendAndExcitePipeline
 
@@ -53,7 +71,7 @@ def run_one(side: str, args, out_path: str) -> dict:
     pipe.set_progress_bar_config(disable=True)
     prompts, indices = PROMPTS[: args.prompts], INDICES[: args.prompts]
     settings = {"max_iter_to_alter": args.steps // 2, "thresholds": {0: 0.05, args.steps // 4: 0.5},
-                "scale_factor": 20, "attn_res": (args.size // 4, args.size // 4)}  # fmt: skip
+                "scale_factor": 20, "attn_res": (_attn_res(args), _attn_res(args))}  # fmt: skip
     call = {"num_inference_steps": args.steps, "guidance_scale": 7.5, "height": args.size, "width": args.size,
             "output_type": "np", "generator": torch.Generator(args.device).manual_seed(0)}  # fmt: skip
     if args.device == "cuda":
@@ -71,7 +89,9 @@ def run_one(side: str, args, out_path: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=128, help="image size (the tiny VAE downsamples by 2)")
+    parser.add_argument("--layout", choices=("tiny", "sd"), default="tiny", help="component layout (see above)")
+    parser.add_argument("--size", type=int, default=128, help="image size (VAE: 2x for tiny, 8x for sd)")
+    parser.add_argument("--name", default="attend_excite", help="results file name")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -84,8 +104,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for side in ("reference", "ttalign"):
             path = os.path.join(tmp, f"{side}.npy")
-            cmd = [sys.executable, __file__, "--one", side, path, "--size", str(args.size), "--steps",
-                   str(args.steps), "--prompts", str(args.prompts), "--device", args.device]  # fmt: skip
+            cmd = [sys.executable, __file__, "--one", side, path, "--layout", args.layout, "--size", str(args.size),
+                   "--steps", str(args.steps), "--prompts", str(args.prompts), "--device", args.device]  # fmt: skip
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             images[side] = np.load(path)
@@ -96,8 +116,8 @@ def main() -> None:
     env = environment()
     markdown = (
         f"# Attend-and-Excite against diffusers' deprecated pipeline\n\n`{command}`\n\n"
-        f"Tiny components (diffusers' test sizes), {args.prompts} prompts, {args.size}x{args.size} images, "
-        f"{args.steps} DDIM steps, guidance 7.5, A&E on the {args.size // 4}x{args.size // 4} cross-attention maps, "
+        f"{_describe(args)}, {args.prompts} prompts, {args.size}x{args.size} images, "
+        f"{args.steps} DDIM steps, guidance 7.5, A&E on the {_attn_res(args)}x{_attn_res(args)} cross-attention maps, "
         f"refinement at steps 0 and {args.steps // 4}, {env['device']}.\n\n"
         "| pipeline | time (s) | peak memory added (MB) |\n|---|---|---|\n"
         f"| diffusers `StableDiffusionAttendAndExcitePipeline` | {ref['seconds']:.1f} | {ref['peak_added_mb']:.0f} |\n"
@@ -106,8 +126,8 @@ def main() -> None:
         f"**{ref['peak_added_mb'] / max(ours['peak_added_mb'], 1e-6):.2f}x** less; largest image difference "
         f"{diff:.1e} (same images).\n"
     )
-    write_results("attend_excite", {"benchmark": "attend_excite", "command": command, "rows": rows,
-                                    "max_abs_diff": diff, "environment": env}, markdown)  # fmt: skip
+    write_results(args.name, {"benchmark": "attend_excite", "command": command, "layout": args.layout, "rows": rows,
+                              "max_abs_diff": diff, "environment": env}, markdown)  # fmt: skip
     print(markdown)
 
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from ttalign import AlignedStableDiffusionPipeline
+from ttalign.attention import ControlProcessor, LayerContext
 from ttalign.methods import AttendAndExcite, RegionReweight, TokenReweight
 from ttalign.methods.attention import gaussian_kernel, parse_weighted_prompt, token_spans
-from ttalign.testing import get_tiny_pipeline
+from ttalign.testing import get_tiny_components, get_tiny_pipeline
 
 PROMPTS = ["a cat and a dog", "a red car and a tree"]
 
@@ -26,17 +27,22 @@ def _call(pipe, prompts=PROMPTS, alignment=(), **kwargs):
                 **kwargs)  # fmt: skip
 
 
-def test_attend_and_excite_reproduces_diffusers_pipeline(tiny_components):
+def _reference_and_ours(components):
     from diffusers import StableDiffusionAttendAndExcitePipeline
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = StableDiffusionAttendAndExcitePipeline(
-            **{k: v for k, v in tiny_components.items() if k != "image_encoder"}
+            **{k: v for k, v in components.items() if k != "image_encoder"}
         )
     reference.set_progress_bar_config(disable=True)
     ours = AlignedStableDiffusionPipeline.from_pipe(reference)
     ours.set_progress_bar_config(disable=True)
+    return reference, ours
+
+
+def test_attend_and_excite_reproduces_diffusers_pipeline(tiny_components):
+    reference, ours = _reference_and_ours(tiny_components)
     settings = {"max_iter_to_alter": 3, "thresholds": {1: 0.5}, "scale_factor": 20, "attn_res": (16, 16)}
     indices = [[2, 5], [3, 6]]
     expected = reference(PROMPTS, token_indices=indices, num_inference_steps=4, guidance_scale=7.5, output_type="np",
@@ -52,6 +58,34 @@ def test_attend_and_excite_reproduces_diffusers_pipeline(tiny_components):
     assert np.abs(by_words.images - out.images).max() <= 1e-6
     # the UNet's processors are the original ones again
     assert all(type(p).__name__ != "ControlProcessor" for p in ours.unet.attn_processors.values())
+
+
+def test_attend_and_excite_reproduces_diffusers_pipeline_on_sd_layout(monkeypatch):
+    """Stable Diffusion 1.x's UNet layout: the maps at the chosen resolution come from two down and three up layers
+    (other resolutions, the mid block and every self-attention layer keep their fast path) and are averaged as the
+    reference averages them. At 128 px: with 8x8 latents the UNet's 1x1 mid block makes its own gradients differ
+    between a batch and single samples, so no batched method could match a per-sample loop there."""
+    reference, ours = _reference_and_ours(get_tiny_components(layout="sd"))
+    settings = {"max_iter_to_alter": 2, "thresholds": {}, "scale_factor": 1000, "attn_res": (8, 8)}
+    indices = [[2, 5], [3, 6]]
+    call = {"num_inference_steps": 3, "guidance_scale": 7.5, "height": 128, "width": 128}
+    expected = reference(PROMPTS, token_indices=indices, output_type="np", generator=torch.Generator().manual_seed(0),
+                         **call, **settings).images  # fmt: skip
+    explicit = []
+    control_explicit = ControlProcessor.explicit
+
+    def counting(attn, hidden_states, encoder_hidden_states, *args):
+        explicit.append(hidden_states.shape[1])
+        return control_explicit(attn, hidden_states, encoder_hidden_states, *args)
+
+    monkeypatch.setattr(ControlProcessor, "explicit", staticmethod(counting))
+    out = _call(ours, alignment=[AttendAndExcite(token_indices=indices, **settings)], **call)
+    monkeypatch.undo()
+    plain = _call(ours, **call).images
+    assert np.abs(out.images - expected).max() <= 1e-4
+    assert np.abs(plain - expected).max() > 3e-3  # the method's effect (parity is ~2e-6)
+    # only the 8x8 cross-attention layers (64 queries) took the explicit path: five per A&E forward, two forwards
+    assert explicit == [64] * 10
 
 
 def test_token_spans_include_sub_words(pipe):
@@ -83,11 +117,9 @@ def test_attend_and_excite_settings_and_errors(pipe):
         AttendAndExcite(tokens=["cat"], from_where=("left",))
 
 
-def test_attend_and_excite_records_only_the_chosen_layers(pipe):
+def test_attend_and_excite_records_only_the_chosen_layers(pipe, monkeypatch):
     """`from_where` picks the UNet parts whose maps are recorded: fewer layers take the explicit path, and the maps
     (so the losses) change; the default records every part, as the reference."""
-    from ttalign.attention import ControlProcessor
-
     calls = []
     explicit = ControlProcessor.explicit
 
@@ -95,17 +127,13 @@ def test_attend_and_excite_records_only_the_chosen_layers(pipe):
         calls.append(ctx.name.split(".")[0])
         return explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, ctx, *hooks)
 
+    monkeypatch.setattr(ControlProcessor, "explicit", staticmethod(counting))
     losses = {}
-    ControlProcessor.explicit = staticmethod(counting)
-    try:
-        for parts in (("up", "down", "mid"), ("up",)):
-            calls.clear()
-            method = AttendAndExcite(tokens=["cat"], max_iter_to_alter=1, thresholds={}, from_where=parts)
-            losses[parts] = _call(pipe, prompts=["a cat"], alignment=[method]).traces["attend_and_excite"]["losses"]
-            recorded = set(calls)
-            assert recorded == ({"up_blocks"} if parts == ("up",) else {"up_blocks", "down_blocks", "mid_block"})
-    finally:
-        ControlProcessor.explicit = staticmethod(explicit)
+    for parts in (("up", "down", "mid"), ("up",)):
+        calls.clear()
+        method = AttendAndExcite(tokens=["cat"], max_iter_to_alter=1, thresholds={}, from_where=parts)
+        losses[parts] = _call(pipe, prompts=["a cat"], alignment=[method]).traces["attend_and_excite"]["losses"]
+        assert set(calls) == ({"up_blocks"} if parts == ("up",) else {"up_blocks", "down_blocks", "mid_block"})
     assert not torch.allclose(losses[("up",)][0], losses[("up", "down", "mid")][0])
 
 
@@ -127,6 +155,43 @@ def test_attend_and_excite_works_with_lora_and_other_methods(tiny_components):
     pipe.unet.disable_adapters()
     without = _call(pipe, prompts=["a cat and a dog"], alignment=[method, TokenReweight(mode="attention"), region])
     assert np.abs(without.images - out.images).max() > 1e-4  # the adapter took part in the controlled call
+
+
+def test_attention_methods_compose_when_attend_and_excite_refines_some_images(pipe):
+    """A&E refines only the first image (the second has no subject tokens), in forwards of that image alone, while
+    region and token re-weighting act on the same layers: each hook applies the data of the images in the batch, so
+    the batched call equals each prompt alone from the same initial latents."""
+    prompts = ["a (cat:1.5) and a dog", "a red car and a [tree]"]
+
+    def regions(prompt):
+        if "cat" in prompt:
+            return {"cat": (0.0, 0.0, 0.5, 1.0), "dog": (0.5, 0.0, 1.0, 1.0)}
+        return {"car": (0.0, 0.0, 1.0, 0.5)}
+
+    def methods(indices):
+        return [AttendAndExcite(token_indices=indices, max_iter_to_alter=2, thresholds={0: 0.9}, attn_res=(16, 16)),
+                RegionReweight(regions=regions, stop=0.5, time_power=0.0, cross_weight=2.0),
+                TokenReweight(mode="attention")]  # fmt: skip
+
+    latents = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+    both = pipe(prompts, latents=latents, num_inference_steps=4, output_type="np", alignment=methods([[2, 5], []]))
+    refinements = both.traces["attend_and_excite"]["refinements"]
+    assert refinements[0][0] > 0 and refinements[0][1] == 0  # the refinement forwards held the first image only
+    for k, indices in enumerate(([[2, 5]], [[]])):
+        alone = pipe(prompts[k], latents=latents[k : k + 1], num_inference_steps=4, output_type="np",
+                     alignment=methods(indices)).images  # fmt: skip
+        assert np.abs(both.images[k] - alone[0]).max() <= 1e-4
+    plain = pipe(prompts, latents=latents, num_inference_steps=4, output_type="np").images
+    assert np.abs(both.images - plain).max() > 1e-3
+
+
+def test_layer_context_selects_the_images_of_the_batch():
+    ctx = LayerContext("down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor", True, 8, 8, True, 0, None,
+                       rows=[2])  # fmt: skip
+    assert ctx.per_image(torch.arange(4)).tolist() == [2]
+    assert ctx.heads(batch=16, images=1) == 8  # [uncond; cond] x 8 heads of one image
+    with pytest.raises(RuntimeError, match="does not hold 3 images with CFG"):
+        ctx.heads(batch=16, images=3)
 
 
 def test_parse_weighted_prompt():

@@ -28,6 +28,8 @@ class LayerContext:
         height, width (`int`): the spatial size of the layer's feature map.
         cfg (`bool`): whether the batch is `[unconditional; conditional]` (classifier-free guidance).
         step_index (`int`), timestep: the denoising step of the call.
+        rows (`list[int]`, *optional*): the images of the call that this UNet batch holds, in order (`None`: all of
+            them). A method's own forward may hold some of them only (Attend-and-Excite refining some images).
     """
 
     name: str
@@ -37,6 +39,22 @@ class LayerContext:
     cfg: bool
     step_index: int
     timestep: torch.Tensor | None
+    rows: list[int] | None = None
+
+    def per_image(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-image data of the call `[N, ...]` -> the rows of this UNet batch `[n, ...]`."""
+        return values if self.rows is None else values[self.rows]
+
+    def heads(self, batch: int, images: int) -> int:
+        """The attention heads in a `[batch, q, k]` score tensor of `images` images (twice as many rows with CFG).
+        Raises `RuntimeError` when the batch does not hold that many images, rather than mixing up their data."""
+        rows = 2 * images if self.cfg else images
+        if images == 0 or batch % rows:
+            raise RuntimeError(
+                f"Attention batch of {batch} rows at {self.name} does not hold {images} images"
+                f"{' with CFG' if self.cfg else ''}: a UNet call ran outside the control's `record(rows=...)`."
+            )
+        return batch // rows
 
 
 @dataclass
@@ -46,7 +64,8 @@ class AttentionControl:
     - `recorders`: `f(ctx, probs [B * heads, hw, L]) -> None`, called when `recording` is on.
     - `logit_hooks`: `f(ctx, scores [B * heads, q, k]) -> scores | None` (scaled logits, before the softmax).
     - `prob_hooks`: `f(ctx, probs) -> probs | None` (after the softmax).
-    Each hook also provides `wants(ctx) -> bool`; a layer takes the explicit path only when some hook wants it.
+    Each hook also provides `wants(ctx) -> bool`; a layer takes the explicit path only when some hook wants it. Hooks
+    with per-image data select the images of the current UNet batch with `ctx.per_image(...)` (see `record`).
     """
 
     latent_size: tuple[int, int] = (64, 64)
@@ -54,6 +73,7 @@ class AttentionControl:
     step_index: int = -1
     timestep: torch.Tensor | None = None
     recording: bool = False
+    rows: list[int] | None = None
     recorders: list = field(default_factory=list)
     logit_hooks: list = field(default_factory=list)
     prob_hooks: list = field(default_factory=list)
@@ -62,18 +82,18 @@ class AttentionControl:
         h, w = self.latent_size
         factor = math.sqrt(h * w / query_len)
         return LayerContext(name, is_cross, round(h / factor), round(w / factor), self.cfg, self.step_index,
-                            self.timestep)  # fmt: skip
+                            self.timestep, self.rows)  # fmt: skip
 
     @contextlib.contextmanager
-    def record(self, cfg: bool = False):
-        """Records maps (for `recorders`) during the UNet calls made inside the block; `cfg` tells the hooks the
-        layout of the batch."""
-        old = self.recording, self.cfg
-        self.recording, self.cfg = True, cfg
+    def record(self, cfg: bool = False, rows: list[int] | None = None):
+        """Records maps (for `recorders`) during the UNet calls made inside the block; `cfg` and `rows` (the images
+        of the call in the batch, `None` for all) tell the hooks the layout of the batch."""
+        old = self.recording, self.cfg, self.rows
+        self.recording, self.cfg, self.rows = True, cfg, rows
         try:
             yield
         finally:
-            self.recording, self.cfg = old
+            self.recording, self.cfg, self.rows = old
 
 
 class ControlProcessor:

@@ -169,6 +169,45 @@ def get_tiny_vae(seed: int = 0):
     ).eval()
 
 
+def get_sd_shaped_unet(cross_attention_dim: int = 32, seed: int = 0):
+    """A `UNet2DConditionModel` with Stable Diffusion 1.x's layout at a tiny width: four levels (channels 32, 32, 64,
+    64), cross-attention at the first three and in the mid block, two layers per block, 8 heads, `sample_size` 64
+    (512 px images). Its attention runs at 64x64, 32x32, 16x16 and 8x8, as in SD 1.x."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=2,
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=32,
+        attention_head_dim=8,
+    ).eval()
+
+
+def get_sd_shaped_vae(seed: int = 0):
+    """An `AutoencoderKL` with Stable Diffusion's 8x downsampling (four levels) at a tiny width."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[32, 32, 32, 32],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=512,
+    ).eval()
+
+
 def get_tiny_scheduler(name: str = "ddim"):
     """A scheduler with Stable Diffusion's noise schedule: `"ddim"`, `"euler"`, `"euler_a"`, `"pndm"` or `"lcm"`."""
     from diffusers import (
@@ -193,12 +232,18 @@ def get_tiny_scheduler(name: str = "ddim"):
     raise ValueError(f"Unknown scheduler name {name!r}; expected one of 'ddim', 'euler', 'euler_a', 'pndm', 'lcm'.")
 
 
-def get_tiny_components(scheduler: str = "ddim", seed: int = 0) -> dict:
-    """All components of a tiny Stable Diffusion pipeline, seeded: pass them to the pipeline constructor."""
+def get_tiny_components(scheduler: str = "ddim", seed: int = 0, layout: str = "tiny") -> dict:
+    """All components of a tiny Stable Diffusion pipeline, seeded: pass them to the pipeline constructor.
+
+    `layout="tiny"`: diffusers' test sizes (two UNet levels, 2x VAE); `layout="sd"`: Stable Diffusion 1.x's layout
+    at a tiny width (:func:`get_sd_shaped_unet`, :func:`get_sd_shaped_vae`; 512 px images, 64x64 latents)."""
+    if layout not in ("tiny", "sd"):
+        raise ValueError(f"Unknown layout {layout!r}; expected 'tiny' or 'sd'.")
+    sd = layout == "sd"
     return {
-        "unet": get_tiny_unet(seed=seed),
+        "unet": get_sd_shaped_unet(seed=seed) if sd else get_tiny_unet(seed=seed),
         "scheduler": get_tiny_scheduler(scheduler),
-        "vae": get_tiny_vae(seed=seed),
+        "vae": get_sd_shaped_vae(seed=seed) if sd else get_tiny_vae(seed=seed),
         "text_encoder": get_tiny_text_encoder(seed=seed),
         "tokenizer": get_tiny_tokenizer(),
         "safety_checker": None,

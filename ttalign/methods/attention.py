@@ -192,7 +192,7 @@ class AttendAndExcite(AlignmentMethod):
         """Forwards the conditional branch of `rows` with maps recorded; `[n]` losses `max_k (1 - peak_k)^+`."""
         control = state.scratch["attention_control"]
         pipe = state.pipe
-        with control.record(cfg=False):
+        with control.record(cfg=False, rows=rows):
             pipe.unet(scale_model_input(pipe.scheduler, latents, index), t,
                       encoder_hidden_states=state.prompt_embeds[rows],
                       cross_attention_kwargs=pipe.cross_attention_kwargs)  # fmt: skip
@@ -204,6 +204,9 @@ class AttendAndExcite(AlignmentMethod):
 
     @staticmethod
     def _update(latents, loss, step_size):
+        """`z <- z - step_size * grad` for the images whose loss is not 0 (as the reference, which skips them)."""
+        if not loss.requires_grad or not bool((loss != 0).any()):
+            return latents  # no image has a subject token left to excite (images without tokens have loss 0)
         (grad,) = torch.autograd.grad(loss.sum(), latents)
         moved = latents - step_size * grad
         return torch.where((loss != 0).view(-1, 1, 1, 1), moved, latents)
@@ -339,9 +342,9 @@ class TokenReweight(AlignmentMethod):
                 return ctx.is_cross
 
             def __call__(self, ctx, probs):
-                n = weights.shape[0]
-                heads = probs.shape[0] // (2 * n if ctx.cfg else n)
-                w = weights[:, : probs.shape[-1]].to(probs.dtype).repeat_interleave(heads, dim=0)[:, None, :]
+                w = ctx.per_image(weights)  # [n, L], the images of this UNet batch
+                heads = ctx.heads(probs.shape[0], w.shape[0])
+                w = w[:, : probs.shape[-1]].to(probs.dtype).repeat_interleave(heads, dim=0)[:, None, :]
                 if ctx.cfg:  # [uncond; cond]: only the conditional half is re-weighted
                     w = torch.cat([torch.ones_like(w), w])
                 return probs * w
@@ -469,8 +472,8 @@ class RegionReweight(AlignmentMethod):
         method = self
 
         def masks(h, w, length):
-            """Cross `[N, hw, L]` and self `[N, hw, hw]` positives, `[N, hw, 1]` size factor and `[N, 1, 1]` images
-            with regions (cached per resolution)."""
+            """Cross `[N, hw, L]` and self `[N, hw, hw]` positives and the `[N, hw, 1]` size factor (0 for images
+            without regions), cached per resolution."""
             key = (h, w, length)
             if key not in cache:
                 n = len(per_image)
@@ -495,14 +498,14 @@ class RegionReweight(AlignmentMethod):
                 return ctx.step_index < method.stop * n_steps and ctx.timestep is not None
 
             def __call__(self, ctx, scores):
-                n = len(per_image)
-                heads = scores.shape[0] // (2 * n if ctx.cfg else n)
-                cond = scores[-n * heads :]  # the conditional branch, [N * heads, q, k]
+                cross, same, size = (ctx.per_image(m) for m in masks(ctx.height, ctx.width, scores.shape[-1]))
+                n = size.shape[0]  # the images of this UNet batch
+                heads = ctx.heads(scores.shape[0], n)
+                cond = scores[-n * heads :]  # the conditional branch, [n * heads, q, k]
                 treg = (float(ctx.timestep) / 1000) ** method.time_power
-                cross, same, size = masks(ctx.height, ctx.width, cond.shape[-1])
                 positive = cross if ctx.is_cross else same
                 weight = method.cross_weight if ctx.is_cross else method.self_weight
-                strength = size.repeat_interleave(heads, 0) * (weight * treg)  # [N * heads, hw, 1]
+                strength = size.repeat_interleave(heads, 0) * (weight * treg)  # [n * heads, hw, 1]
                 cond = densediffusion_modulate(cond, positive.repeat_interleave(heads, 0), strength)
                 return torch.cat([scores[: scores.shape[0] - cond.shape[0]], cond])
 
