@@ -39,6 +39,19 @@ def compare(base: dict, run: dict, category: str | None = None) -> dict:
     return {"images": len(pairs), "wins": wins, "losses": losses, "p_value": sign_test(wins, losses)}
 
 
+def placement(base: dict, run: dict) -> dict:
+    """Where position captions' objects were drawn (each phrase against the half of the image its relation names):
+    the share of phrases whose object was drawn, the share of drawn objects inside their half, and, paired over the
+    objects both runs drew, those the run moved into their half and out of it, with the sign test."""
+    flat = {name: [p for image in data["placements"] for p in image] for name, data in (("base", base), ("run", run))}
+    drawn = [p for p in flat["run"] if p is not None]
+    both = [(b, r) for b, r in zip(flat["base"], flat["run"]) if b is not None and r is not None]
+    moved_in, moved_out = sum(r and not b for b, r in both), sum(b and not r for b, r in both)
+    return {"phrases": len(flat["run"]), "drawn": len(drawn) / max(len(flat["run"]), 1),
+            "in_region": sum(drawn) / max(len(drawn), 1), "moved_in": moved_in, "moved_out": moved_out,
+            "p_value": sign_test(moved_in, moved_out)}  # fmt: skip
+
+
 def main() -> None:
     runs = {}
     for path in sorted(glob.glob(os.path.join(RESULTS, "shapes_attention_*.json"))):
@@ -52,8 +65,26 @@ def main() -> None:
     head = ["run", *categories, "mean", "fail -> pass", "pass -> fail", "sign test p", "NFE / image", "time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = []
+    place_head = [
+        "run",
+        "objects drawn (%)",
+        "drawn objects in their half (%)",
+        "moved in",
+        "moved out",
+        "sign test p",
+    ]
+    place_lines = ["| " + " | ".join(place_head) + " |", "|" + "---|" * len(place_head)]
     for run in [base, *runs.values()]:
         paired = compare(base, run)
+        placed = placement(base, run)
+        cells = [
+            run["name"].removeprefix("attention_"),
+            f"{100 * placed['drawn']:.1f}",
+            f"{100 * placed['in_region']:.1f}",
+        ]
+        cells += ["", "", "-"] if run is base else [str(placed["moved_in"]), str(placed["moved_out"]),
+                                                     f"{placed['p_value']:.3f}"]  # fmt: skip
+        place_lines.append("| " + " | ".join(cells) + " |")
         per_category = {c: compare(base, run, c) for c in categories}
         cells = [run["name"].removeprefix("attention_")]
         for c in categories:
@@ -68,14 +99,19 @@ def main() -> None:
         cells += [f"{run['nfe_per_image']:.0f}", f"{run['wall_time_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
         rows.append({"name": run["name"], "category_accuracy": run["category_accuracy"], "overall": run["overall"],
-                     "paired": paired, "paired_per_category": per_category, "command": run["command"],
+                     "paired": paired, "paired_per_category": per_category, "placement": placed,
+                     "command": run["command"],
                      "nfe_per_image": run["nfe_per_image"], "wall_time_s": run["wall_time_s"]})  # fmt: skip
     markdown = (
         "# Shapes world: attention control\n\n`bash benchmarks/run_attention.sh`\n\n"
         f"{base['images']} images per run ({len(categories)} categories x 40 prompts x 4 seeds, the same for every "
         "run), 25 DDIM steps, guidance 3.0. Verified success (%), in brackets the change over the baseline; mean = "
         "mean over the categories. Paired on the same prompt and seed: images a run turns from failed to passed "
-        "and back, and the two-sided exact sign test on them.\n\n" + "\n".join(lines) + "\n"
+        "and back, and the two-sided exact sign test on them.\n\n" + "\n".join(lines) + "\n\n"
+        "Position captions, object by object (`ttalign.shapes.verifier.placement`): the share of phrases whose object "
+        "was drawn, the share of drawn objects whose centre lies in the half of the image the relation gives them "
+        "(the layout region re-weighting is given), and, over the objects drawn in both runs, those moved into "
+        "their half and out of it, with the sign test.\n\n" + "\n".join(place_lines) + "\n"
     )
     write_results("shapes_attention", {"benchmark": "attention_table", "runs": rows}, markdown)
     print(markdown)

@@ -4,8 +4,8 @@
 # seeds for every run. Attend-and-Excite uses the 8x8 maps of the 16x16 latents and the official schedule scaled to
 # 25 steps (alter 12 steps, thresholds at 0, 5, 10). Region re-weighting gives each phrase of a position prompt the
 # half of the image its relation puts it in (`layout_regions`), with DenseDiffusion's published defaults, with and
-# without encoding each phrase on its own.
-#   bash benchmarks/run_attention.sh            # about 15 minutes on 2 CPU cores
+# without encoding each phrase on its own, and with three times the cross-attention weight.
+#   bash benchmarks/run_attention.sh            # about 10 minutes on 2 CPU cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -17,5 +17,6 @@ run baseline
 run attend_and_excite --align "attend_and_excite:tokens=@ttalign.shapes.world:subject_words,attn_res=8x8,max_iter_to_alter=12,thresholds=0:0.05;5:0.5;10:0.8"
 run region_reweight --align "$REGIONS"
 run region_reweight_in_context --align "$REGIONS,encode_phrases=false"
+run region_reweight_cross3 --align "$REGIONS,cross_weight=3"
 $PY benchmarks/attention_table.py
 echo done

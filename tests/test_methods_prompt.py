@@ -82,6 +82,13 @@ def test_reward_in_the_loop_keeps_the_best_prompt(pipe, server):
     assert out.traces["compute"]["reward_calls"] >= 2 and out.traces["compute"]["nfe"] > 3
 
 
+def test_reward_loop_shows_progress(server, capsys):
+    pipe = get_tiny_pipeline("ddim", disable_progress_bar=False)
+    method = PromptRewrite(model="local", base_url=server, candidates=2, rounds=3, reward=Redness(), cache=False)
+    pipe(["a cat", "a dog"], num_inference_steps=2, output_type="np", alignment=[method])
+    assert "6/6" in capsys.readouterr().err  # two prompts x three rounds, then the denoising bar (2/2)
+
+
 @pytest.mark.parametrize("mode", ["fail", "slow"])
 def test_server_failure_falls_back_to_the_prompt(pipe, mode):
     proc, url = _start("--mode", mode)

@@ -13,6 +13,7 @@ from ttalign.shapes import (
     sample_scene,
     verify,
 )
+from ttalign.shapes.verifier import placement
 from ttalign.shapes.world import ShapeObject, sample_batch
 
 
@@ -86,6 +87,14 @@ def test_verifier_passes_the_matching_caption_and_reports_objects():
     verdict = verify(_images([[RED_CIRCLE, BLUE_SQUARE]]), ["a red circle left of a blue square"]).verdicts[0]
     assert verdict.passed and all(verdict.clauses.values())
     assert sorted((o.color, o.shape) for o in verdict.objects) == [("blue", "square"), ("red", "circle")]
+
+
+def test_placement_against_the_layout_of_a_position_caption():
+    images = _images([[RED_CIRCLE, BLUE_SQUARE], [RED_CIRCLE, BLUE_SQUARE], [BLUE_SQUARE], [RED_CIRCLE]])
+    captions = ["a red circle left of a blue square", "a red circle right of a blue square",
+                "a red circle left of a blue square", "a red circle"]  # fmt: skip
+    verdicts = verify(images, captions).verdicts
+    assert [placement(v) for v in verdicts] == [[True, True], [False, False], [None, True], []]
 
 
 def test_verifier_accepts_pil_and_larger_images():

@@ -65,6 +65,7 @@ def test_evaluation_harness(shapes_pipe, tmp_path):
     assert (
         sum(passed for _, passed in summary["verdicts"]) == sum(base.verification.passed) and "samples" not in summary
     )
+    assert [len(p) for p in summary["placements"]] == [2 if c == "position" else 0 for c, _ in summary["verdicts"]]
     position = evaluate(shapes_pipe, [p for p in prompts if p[1] == "position"], name="pos", seeds=1,
                         num_inference_steps=2)  # fmt: skip
     assert markdown_table([position]).splitlines()[0] == (

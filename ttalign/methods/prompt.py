@@ -175,27 +175,30 @@ class PromptRewrite(AlignmentMethod):
             raise ValueError("PromptRewrite rewrites `prompt`; it cannot act on `prompt_embeds` alone.")
         traces = []
         new_prompts = []
-        for prompt in state.prompt:
-            scored: list[tuple[str, float]] = []
-            if self.reward is not None:
-                scored.append((prompt, float(self._score(state, [prompt])[0])))
-            tried = {prompt}
-            for _ in range(self.rounds):
-                proposals = [p for p in dict.fromkeys(self._propose(prompt, scored)) if p not in tried]
-                if not proposals:
-                    break
-                tried.update(proposals)
+        rounds = self.rounds if self.reward is not None else 1
+        with state.pipe.progress_bar(total=len(state.prompt) * rounds) as bar:  # one tick per prompt and round
+            for prompt in state.prompt:
+                scored: list[tuple[str, float]] = []
+                if self.reward is not None:
+                    scored.append((prompt, float(self._score(state, [prompt])[0])))
+                tried = {prompt}
+                for done in range(rounds):
+                    proposals = [p for p in dict.fromkeys(self._propose(prompt, scored)) if p not in tried]
+                    if not proposals:
+                        bar.update(rounds - done)
+                        break
+                    tried.update(proposals)
+                    if self.reward is None:
+                        scored.append((proposals[0], float("nan")))
+                    else:
+                        scored += list(zip(proposals, self._score(state, proposals).tolist()))
+                    bar.update()
                 if self.reward is None:
-                    scored.append((proposals[0], float("nan")))
-                    break
-                scores = self._score(state, proposals)
-                scored += list(zip(proposals, scores.tolist()))
-            if self.reward is None:
-                chosen = scored[0][0] if scored else prompt
-            else:
-                chosen = max(scored, key=lambda x: x[1])[0]
-            new_prompts.append(chosen)
-            traces.append({"original": prompt, "chosen": chosen, "candidates": scored})
+                    chosen = scored[0][0] if scored else prompt
+                else:
+                    chosen = max(scored, key=lambda x: x[1])[0]
+                new_prompts.append(chosen)
+                traces.append({"original": prompt, "chosen": chosen, "candidates": scored})
         state.prompt = new_prompts
         state.traces["prompt_rewrite"] = traces
 

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ttalign.shapes.soft import ShapesSoftVerifier
-from ttalign.shapes.verifier import Verification, verify
+from ttalign.shapes.verifier import Verification, placement, verify
 from ttalign.shapes.world import CATEGORIES
 
 
@@ -41,11 +41,13 @@ class EvalResult:
 
     def summary(self) -> dict:
         """The measured figures, JSON-ready, with every image's category and verdict (in generation order, so runs
-        with the same prompts and seeds can be compared image by image)."""
+        with the same prompts and seeds can be compared image by image) and, for position captions, where each
+        phrase's object was drawn (:func:`~ttalign.shapes.verifier.placement`; `[]` for other captions)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for key in ("verification", "samples", "prompts"):
             out.pop(key)
         out["verdicts"] = [[v.category, bool(v.passed)] for v in self.verification.verdicts]
+        out["placements"] = [placement(v) for v in self.verification.verdicts]
         return out
 
 

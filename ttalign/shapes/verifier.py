@@ -18,9 +18,11 @@ from ttalign.shapes.world import (
     BACKGROUND,
     CATEGORIES,
     COLORS,
+    IMAGE_SIZE,
     ShapeObject,
     Spec,
     _shape_mask,
+    layout_regions,
     parse_caption,
     relation_holds,
 )
@@ -191,6 +193,24 @@ def judge(objects: list[Detected], spec: Spec) -> dict[str, bool]:
         )
         clauses[f"{_describe(spec.phrases[0])} {spec.relation} {_describe(spec.phrases[1])}"] = holds
     return clauses
+
+
+def placement(verdict: Verdict) -> list[bool | None]:
+    """Where a position caption's objects were drawn, against the layout :func:`~ttalign.shapes.world.layout_regions`
+    gives the caption (each phrase in the half of the image its relation names): per phrase, `None` when no detected
+    object matches it, else whether a match has its centre inside the phrase's half. `[]` without a relation.
+
+    Region control is judged by this: it moves drawn objects into their regions, which the relation clause only sees
+    when both objects are drawn."""
+    spec = parse_caption(verdict.prompt)
+    if spec.relation is None:
+        return []
+    out = []
+    for phrase, (x0, y0, x1, y1) in zip(spec.phrases, layout_regions(verdict.prompt).values()):
+        found = _matches(verdict.objects, phrase)
+        inside = [x0 <= o.x / IMAGE_SIZE < x1 and y0 <= o.y / IMAGE_SIZE < y1 for o in found]  # centres in 32 px
+        out.append(any(inside) if found else None)
+    return out
 
 
 def _as_object(d: Detected) -> ShapeObject:
