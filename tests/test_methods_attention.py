@@ -185,6 +185,37 @@ def test_attention_methods_compose_when_attend_and_excite_refines_some_images(pi
     assert np.abs(both.images - plain).max() > 1e-3
 
 
+def test_attention_methods_compose_with_best_of_n_and_guidance(pipe):
+    """Best-of-N enlarges the batch before the attention stage: A&E and region re-weighting act on every candidate, and
+    the chosen images are the best of exactly what the two methods draw with `num_images_per_prompt=n`. Reward
+    guidance on top changes the images again and leaves the processors restored."""
+    from ttalign.methods import BestOfN, RewardGuidance
+    from ttalign.rewards import Reward
+
+    class Redness(Reward):
+        differentiable = True
+
+        def score(self, images, prompts):
+            return images[:, 0].mean((1, 2)) - images[:, 1].mean((1, 2))
+
+    redness = Redness()
+
+    def attention():
+        return [AttendAndExcite(tokens=["cat", "dog"], max_iter_to_alter=2, thresholds={}, attn_res=(16, 16)),
+                RegionReweight(regions={"cat": (0.0, 0.0, 0.5, 1.0), "dog": (0.5, 0.0, 1.0, 1.0)})]  # fmt: skip
+
+    prompts = ["a cat and a dog", "a dog and a cat"]
+    best = _call(pipe, prompts, [*attention(), BestOfN(reward=redness, n=2)])
+    candidates = _call(pipe, prompts, attention(), num_images_per_prompt=2).images  # [4, H, W, 3]
+    scores = redness.score(torch.from_numpy(candidates).permute(0, 3, 1, 2), None).view(2, 2)
+    assert torch.allclose(best.traces["best_of_n"]["scores"], scores, atol=1e-5)
+    assert np.abs(best.images - candidates[best.traces["best_of_n"]["selected"].numpy()]).max() <= 1e-5
+    assert len(best.traces["attend_and_excite"]["losses"][0]) == 4  # A&E saw every candidate
+    guided = _call(pipe, prompts, [*attention(), RewardGuidance(reward=redness, scale=50.0)])
+    assert np.abs(guided.images - candidates[::2]).max() > 1e-3
+    assert all(type(p).__name__ != "ControlProcessor" for p in pipe.unet.attn_processors.values())
+
+
 def test_layer_context_selects_the_images_of_the_batch():
     ctx = LayerContext("down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor", True, 8, 8, True, 0, None,
                        rows=[2])  # fmt: skip
