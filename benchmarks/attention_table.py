@@ -29,6 +29,10 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def _p(value: float) -> str:
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
 def compare(base: dict, run: dict, category: str | None = None) -> dict:
     """Paired comparison of two runs over the images of `category` (all images when `None`)."""
     if [c for c, _ in base["verdicts"]] != [c for c, _ in run["verdicts"]]:
@@ -83,7 +87,7 @@ def main() -> None:
             f"{100 * placed['in_region']:.1f}",
         ]
         cells += ["", "", "-"] if run is base else [str(placed["moved_in"]), str(placed["moved_out"]),
-                                                     f"{placed['p_value']:.3f}"]  # fmt: skip
+                                                     _p(placed["p_value"])]  # fmt: skip
         place_lines.append("| " + " | ".join(cells) + " |")
         per_category = {c: compare(base, run, c) for c in categories}
         cells = [run["name"].removeprefix("attention_")]
@@ -95,7 +99,7 @@ def main() -> None:
             cells.append(f"{acc:.1f}" if run is base else f"{acc:.1f} ({delta:+.1f})")
         mean, base_mean = 100 * run["overall"], 100 * base["overall"]
         cells.append(f"{mean:.1f}" if run is base else f"{mean:.1f} ({mean - base_mean:+.1f})")
-        cells += [str(paired["wins"]), str(paired["losses"]), f"{paired['p_value']:.3f}" if run is not base else "-"]
+        cells += [str(paired["wins"]), str(paired["losses"]), _p(paired["p_value"]) if run is not base else "-"]
         cells += [f"{run['nfe_per_image']:.0f}", f"{run['wall_time_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
         rows.append({"name": run["name"], "category_accuracy": run["category_accuracy"], "overall": run["overall"],

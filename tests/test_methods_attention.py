@@ -216,6 +216,35 @@ def test_attention_methods_compose_with_best_of_n_and_guidance(pipe):
     assert all(type(p).__name__ != "ControlProcessor" for p in pipe.unet.attn_processors.values())
 
 
+def test_a_hook_that_returns_none_only_looks(pipe):
+    """A probability hook returning `None` sees the pipeline's own conditional maps and leaves the images as they are
+    (the explicit path computes what SDPA computes)."""
+    from ttalign.attention import attention_control, sync_step
+    from ttalign.hooks import AlignmentMethod, Stage
+
+    seen = []
+
+    class Look(AlignmentMethod):
+        stages = (Stage.ATTENTION, Stage.STEP_START)
+
+        def on_attention(self, state):
+            class Hook:
+                wants = staticmethod(lambda ctx: ctx.is_cross)
+
+                def __call__(self, ctx, probs):
+                    seen.append((ctx.step_index, ctx.cfg, probs.shape[0] // ctx.heads(probs.shape[0], 2)))
+                    return None
+
+            attention_control(state).prob_hooks.append(Hook())
+
+        def on_step_start(self, state):
+            sync_step(state)
+
+    out = _call(pipe, alignment=[Look()])
+    assert np.abs(out.images - _call(pipe).images).max() <= 1e-5
+    assert {step for step, _, _ in seen} == {0, 1, 2, 3} and all(cfg and rows == 4 for _, cfg, rows in seen)
+
+
 def test_layer_context_selects_the_images_of_the_batch():
     ctx = LayerContext("down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor", True, 8, 8, True, 0, None,
                        rows=[2])  # fmt: skip

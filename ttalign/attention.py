@@ -64,6 +64,7 @@ class AttentionControl:
     - `recorders`: `f(ctx, probs [B * heads, hw, L]) -> None`, called when `recording` is on.
     - `logit_hooks`: `f(ctx, scores [B * heads, q, k]) -> scores | None` (scaled logits, before the softmax).
     - `prob_hooks`: `f(ctx, probs) -> probs | None` (after the softmax).
+    A hook that returns `None` leaves the tensor as it is (it only looks, in the pipeline's own UNet calls too).
     Each hook also provides `wants(ctx) -> bool`; a layer takes the explicit path only when some hook wants it. Hooks
     with per-image data select the images of the current UNet batch with `ctx.per_image(...)` (see `record`).
     """
@@ -152,12 +153,14 @@ class ControlProcessor:
             if attn.upcast_softmax:
                 scores = scores.float()
             for hook in logit_hooks:
-                scores = hook(ctx, scores)
+                changed = hook(ctx, scores)
+                scores = scores if changed is None else changed
             probs = scores.softmax(dim=-1).to(query.dtype)
         else:
             probs = attn.get_attention_scores(query, key, attention_mask)
         for hook in prob_hooks:
-            probs = hook(ctx, probs)
+            changed = hook(ctx, probs)
+            probs = probs if changed is None else changed
         for recorder in recorders:
             recorder(ctx, probs)
 
