@@ -1,14 +1,17 @@
 """The attention-control table: each run of `benchmarks/run_attention.sh` against the baseline, image by image.
 
-Reads `benchmarks/results/shapes_attention_*.json` (same prompts and seeds in every run) and writes
-`shapes_attention.md` and `.json`: verified success per category, the change over the baseline, the images each run
-turns from failed to passed and back, and the two-sided sign-test p-value on those discordant images.
+Reads `benchmarks/results/shapes_<prefix>_*.json` (same prompts and seeds in every run) and writes
+`shapes_<prefix>.md` and `.json`: verified success per category, the change over the baseline, the images each run
+turns from failed to passed and back, and the two-sided sign-test p-value on those discordant images; for position
+captions, where each run drew the objects against their layout.
 
-    python benchmarks/attention_table.py
+    python benchmarks/attention_table.py                    # the runs of run_attention.sh
+    python benchmarks/attention_table.py --prefix confirm   # the runs of run_region_confirm.sh
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import math
@@ -56,16 +59,24 @@ def placement(base: dict, run: dict) -> dict:
             "p_value": sign_test(moved_in, moved_out)}  # fmt: skip
 
 
+SCRIPTS = {"attention": "run_attention.sh", "confirm": "run_region_confirm.sh"}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prefix", default="attention", choices=sorted(SCRIPTS), help="which set of runs")
+    prefix = parser.parse_args().prefix
     runs = {}
-    for path in sorted(glob.glob(os.path.join(RESULTS, "shapes_attention_*.json"))):
+    for path in sorted(glob.glob(os.path.join(RESULTS, f"shapes_{prefix}_*.json"))):
         with open(path) as f:
             data = json.load(f)
         runs[data["name"]] = data
-    if "attention_baseline" not in runs:
-        raise SystemExit("no shapes_attention_baseline.json: run benchmarks/run_attention.sh first")
-    base = runs.pop("attention_baseline")
+    if f"{prefix}_baseline" not in runs:
+        raise SystemExit(f"no shapes_{prefix}_baseline.json: run benchmarks/{SCRIPTS[prefix]} first")
+    base = runs.pop(f"{prefix}_baseline")
     categories = list(base["category_accuracy"])
+    seeds = base["settings"]["seeds"]
+    prompts_each = base["images"] // (len(categories) * seeds)
     head = ["run", *categories, "mean", "fail -> pass", "pass -> fail", "sign test p", "NFE / image", "time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = []
@@ -82,7 +93,7 @@ def main() -> None:
         paired = compare(base, run)
         placed = placement(base, run)
         cells = [
-            run["name"].removeprefix("attention_"),
+            run["name"].removeprefix(f"{prefix}_"),
             f"{100 * placed['drawn']:.1f}",
             f"{100 * placed['in_region']:.1f}",
         ]
@@ -90,7 +101,7 @@ def main() -> None:
                                                      _p(placed["p_value"])]  # fmt: skip
         place_lines.append("| " + " | ".join(cells) + " |")
         per_category = {c: compare(base, run, c) for c in categories}
-        cells = [run["name"].removeprefix("attention_")]
+        cells = [run["name"].removeprefix(f"{prefix}_")]
         for c in categories:
             acc, delta = (
                 100 * run["category_accuracy"][c],
@@ -107,17 +118,18 @@ def main() -> None:
                      "command": run["command"],
                      "nfe_per_image": run["nfe_per_image"], "wall_time_s": run["wall_time_s"]})  # fmt: skip
     markdown = (
-        "# Shapes world: attention control\n\n`bash benchmarks/run_attention.sh`\n\n"
-        f"{base['images']} images per run ({len(categories)} categories x 40 prompts x 4 seeds, the same for every "
-        "run), 25 DDIM steps, guidance 3.0. Verified success (%), in brackets the change over the baseline; mean = "
-        "mean over the categories. Paired on the same prompt and seed: images a run turns from failed to passed "
-        "and back, and the two-sided exact sign test on them.\n\n" + "\n".join(lines) + "\n\n"
+        f"# Shapes world: attention control\n\n`bash benchmarks/{SCRIPTS[prefix]}`\n\n"
+        f"{base['images']} images per run ({len(categories)} categor{'y' if len(categories) == 1 else 'ies'} x "
+        f"{prompts_each} prompts x {seeds} seeds, "
+        "the same for every run), 25 DDIM steps, guidance 3.0. Verified success (%), in brackets the change over the "
+        "baseline; mean = mean over the categories. Paired on the same prompt and seed: images a run turns from "
+        "failed to passed and back, and the two-sided exact sign test on them.\n\n" + "\n".join(lines) + "\n\n"
         "Position captions, object by object (`ttalign.shapes.verifier.placement`): the share of phrases whose object "
         "was drawn, the share of drawn objects whose centre lies in the half of the image the relation gives them "
         "(the layout region re-weighting is given), and, over the objects drawn in both runs, those moved into "
         "their half and out of it, with the sign test.\n\n" + "\n".join(place_lines) + "\n"
     )
-    write_results("shapes_attention", {"benchmark": "attention_table", "runs": rows}, markdown)
+    write_results(f"shapes_{prefix}", {"benchmark": "attention_table", "runs": rows}, markdown)
     print(markdown)
 
 

@@ -34,13 +34,14 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float, default=SAMPLING_DEFAULTS["guidance_scale"])
     parser.add_argument("--model", default=None, help="model folder (default: the embedded shapes model)")
     parser.add_argument("--categories", default=None, help="comma-separated categories (default: all six)")
+    parser.add_argument("--prompt-seed", type=int, default=1234, help="another seed draws another prompt set")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
     methods = [method_from_spec(spec) for spec in args.align]
     pipe = load_pipeline(path=args.model)
     pipe.set_progress_bar_config(disable=True)
-    prompts = evaluation_prompts(args.per_category)
+    prompts = evaluation_prompts(args.per_category, seed=args.prompt_seed)
     if args.categories:
         wanted = args.categories.split(",")
         unknown = sorted(set(wanted) - {c for _, c in prompts})
