@@ -374,10 +374,10 @@ def densediffusion_modulate(scores: torch.Tensor, positive: torch.Tensor, streng
     """DenseDiffusion's logit modulation: where `positive`, raise each logit towards its row's maximum, elsewhere lower
     it towards the row's minimum, by the fraction `strength`.
 
-    `scores` `[B, q, k]` scaled attention logits; `positive` `[B, q, k]` (0 / 1); `strength` broadcastable to them
-    (weight x time weight x `1 - area` of the query pixel's region).
+    `scores` `[..., q, k]` scaled attention logits; `positive` (0 / 1) and `strength` (weight x time weight x
+    `1 - area` of the query pixel's region) broadcastable to them.
     """
-    hi, lo = scores.max(-1, keepdim=True).values, scores.min(-1, keepdim=True).values  # [B, q, 1] each
+    hi, lo = scores.max(-1, keepdim=True).values, scores.min(-1, keepdim=True).values  # [..., q, 1] each
     return scores + positive * strength * (hi - scores) - (1 - positive) * strength * (scores - lo)
 
 
@@ -392,9 +392,10 @@ class RegionReweight(AlignmentMethod):
       maximum, and its logits for every other token (start, end and padding tokens included) are lowered towards the
       row minimum, with `cross_weight`;
     - self-attention: logits between pixels that share a region are raised, all others lowered, with `self_weight`.
-    Pixels outside every region get the lowering only. With `encode_phrases` (the reference's choice for SD 1.x), each
-    phrase's tokens take the embeddings of the phrase encoded on its own, so that words of one phrase do not colour
-    the other's. Prompts of the batch without regions are left alone.
+    Pixels outside every region get the lowering only. With `encode_phrases`, each phrase's tokens take the embeddings
+    of the phrase encoded on its own, so that words of one phrase do not colour the other's: the reference does this
+    for SD 1.5 and keeps the prompt's own embeddings (`encode_phrases=False`) for other models. Prompts of the batch
+    without regions are left alone.
 
     Args:
         regions (`dict[str, box or mask]` or `Callable[[str], dict]`): phrase -> box `(x0, y0, x1, y1)` in `[0, 1]`
@@ -403,7 +404,7 @@ class RegionReweight(AlignmentMethod):
         size_weight (`float`, defaults to 1.0): the mask-area adaptive adjustment.
         stop (`float`, defaults to 0.3): the fraction of the steps modulated.
         time_power (`float`, defaults to 5).
-        encode_phrases (`bool`, defaults to `True`).
+        encode_phrases (`bool`, defaults to `True`): the reference's setting for SD 1.5 (see above).
 
     Example:
 
@@ -501,12 +502,13 @@ class RegionReweight(AlignmentMethod):
                 cross, same, size = (ctx.per_image(m) for m in masks(ctx.height, ctx.width, scores.shape[-1]))
                 n = size.shape[0]  # the images of this UNet batch
                 heads = ctx.heads(scores.shape[0], n)
-                cond = scores[-n * heads :]  # the conditional branch, [n * heads, q, k]
+                cond = scores[-n * heads :].unflatten(0, (n, heads))  # the conditional branch, [n, heads, q, k]
                 treg = (float(ctx.timestep) / 1000) ** method.time_power
-                positive = cross if ctx.is_cross else same
+                # the masks broadcast over the heads, [n, 1, q, k] and [n, 1, q, 1]: no copy per head
+                positive = (cross if ctx.is_cross else same)[:, None]
                 weight = method.cross_weight if ctx.is_cross else method.self_weight
-                strength = size.repeat_interleave(heads, 0) * (weight * treg)  # [n * heads, hw, 1]
-                cond = densediffusion_modulate(cond, positive.repeat_interleave(heads, 0), strength)
+                strength = size[:, None] * (weight * treg)
+                cond = densediffusion_modulate(cond, positive, strength).flatten(0, 1)  # [n * heads, q, k]
                 return torch.cat([scores[: scores.shape[0] - cond.shape[0]], cond])
 
         control.logit_hooks.append(Modulate())
