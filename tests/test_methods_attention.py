@@ -10,7 +10,7 @@ from ttalign import AlignedStableDiffusionPipeline
 from ttalign.attention import ControlProcessor, LayerContext
 from ttalign.methods import AttendAndExcite, RegionReweight, TokenReweight
 from ttalign.methods.attention import gaussian_kernel, parse_weighted_prompt, token_spans
-from ttalign.testing import get_tiny_components, get_tiny_pipeline
+from ttalign.testing import Redness, get_tiny_components, get_tiny_pipeline
 
 PROMPTS = ["a cat and a dog", "a red car and a tree"]
 
@@ -190,13 +190,6 @@ def test_attention_methods_compose_with_best_of_n_and_guidance(pipe):
     the chosen images are the best of exactly what the two methods draw with `num_images_per_prompt=n`. Reward
     guidance on top changes the images again and leaves the processors restored."""
     from ttalign.methods import BestOfN, RewardGuidance
-    from ttalign.rewards import Reward
-
-    class Redness(Reward):
-        differentiable = True
-
-        def score(self, images, prompts):
-            return images[:, 0].mean((1, 2)) - images[:, 1].mean((1, 2))
 
     redness = Redness()
 

@@ -7,19 +7,10 @@ import torch
 from ttalign.methods import BestOfN, NoiseOptimization, ParticleSteering, RewardGuidance, SeedSearch
 from ttalign.methods.guidance import systematic_resample
 from ttalign.methods.noise import noise_norm_nll
-from ttalign.rewards import JpegIncompressibility, Reward
-from ttalign.testing import get_tiny_pipeline
+from ttalign.rewards import JpegIncompressibility
+from ttalign.testing import Redness, get_tiny_pipeline
 
 PROMPTS = ["a red circle", "two blue squares"]
-
-
-class Redness(Reward):
-    """A cheap differentiable reward: mean red minus mean green."""
-
-    differentiable = True
-
-    def score(self, images, prompts):
-        return images[:, 0].mean((1, 2)) - images[:, 1].mean((1, 2))
 
 
 def _call(pipe, alignment=(), seed=0, steps=3, **kwargs):

@@ -13,17 +13,9 @@ import pytest
 import torch
 
 from ttalign.methods import Promptist, PromptRewrite
-from ttalign.rewards import Reward
-from ttalign.testing import get_tiny_pipeline, save_tiny_gpt2
+from ttalign.testing import Redness, get_tiny_pipeline, save_tiny_gpt2
 
 SERVER = os.path.join(os.path.dirname(__file__), "llm_server.py")
-
-
-class Redness(Reward):
-    differentiable = True
-
-    def score(self, images, prompts):
-        return images[:, 0].mean((1, 2)) - images[:, 1].mean((1, 2))
 
 
 def _start(*args):

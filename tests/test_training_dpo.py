@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from ttalign.rewards.evaluation import make_shapes_preference_set
-from ttalign.testing import get_tiny_components
+from ttalign.testing import Redness, get_tiny_components
 
 sys.path.insert(0, os.path.dirname(__file__))
 from dpo_run import run  # noqa: E402
@@ -112,15 +112,9 @@ def test_kto_trains_on_feedback_records(pairs, tmp_path):
 
 @pytest.mark.parametrize("mode", ["draft", "alignprop", "refl"])
 def test_reward_backprop_raises_the_reward_signal(mode, tmp_path):
-    from ttalign.rewards import JpegIncompressibility, Reward
+    from ttalign.rewards import JpegIncompressibility
     from ttalign.testing import get_tiny_pipeline
     from ttalign.training import RewardBackpropConfig, RewardBackpropTrainer
-
-    class Redness(Reward):
-        differentiable = True
-
-        def score(self, images, prompts):
-            return images[:, 0].mean((1, 2)) - images[:, 1].mean((1, 2))
 
     torch.manual_seed(0)
     config = RewardBackpropConfig(mode=mode, k=2, num_inference_steps=3, guidance_scale=3.0, max_steps=2,

@@ -26,6 +26,8 @@ import tempfile
 
 import torch
 
+from ttalign.rewards.base import Reward
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 
@@ -111,6 +113,15 @@ def get_tiny_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS, model
         return CLIPTokenizer(
             os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"), model_max_length=model_max_length
         )
+
+
+class Redness(Reward):
+    """A cheap differentiable reward for tests: the mean of the red channel minus the mean of the green one."""
+
+    differentiable = True
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return images[:, 0].mean((1, 2)) - images[:, 1].mean((1, 2))  # [B]
 
 
 def get_tiny_text_encoder(vocab_size: int = 1000, hidden_size: int = 32, seed: int = 0):
