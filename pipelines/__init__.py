@@ -1,5 +1,25 @@
-"""Drop-in aligned pipelines, one file per model family (packaged as `ttalign.pipelines`)."""
+"""Drop-in aligned pipelines and their model families, one file per family (packaged as `ttalign.pipelines`)."""
 
-from .stable_diffusion import AlignedPipelineOutput, AlignedStableDiffusionPipeline
+from .family import Conditioning, ModelFamily, TextStream, family_for, supported_pipelines
+from .stable_diffusion import AlignedPipelineOutput, AlignedStableDiffusionPipeline, StableDiffusionFamily
+from .stable_diffusion_xl import AlignedStableDiffusionXLPipeline, StableDiffusionXLFamily
 
-__all__ = ["AlignedPipelineOutput", "AlignedStableDiffusionPipeline"]
+#: diffusers pipeline class -> its aligned subclass (used by `ttalign.align` and the command line).
+ALIGNED_PIPELINES = {
+    StableDiffusionFamily.pipeline_class: AlignedStableDiffusionPipeline,
+    StableDiffusionXLFamily.pipeline_class: AlignedStableDiffusionXLPipeline,
+}
+
+__all__ = [
+    "ALIGNED_PIPELINES",
+    "AlignedPipelineOutput",
+    "AlignedStableDiffusionPipeline",
+    "AlignedStableDiffusionXLPipeline",
+    "Conditioning",
+    "ModelFamily",
+    "StableDiffusionFamily",
+    "StableDiffusionXLFamily",
+    "TextStream",
+    "family_for",
+    "supported_pipelines",
+]

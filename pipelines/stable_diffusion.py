@@ -20,6 +20,8 @@ from diffusers.utils import deprecate
 
 from ttalign.hooks import AlignmentRunner, GenerationState, Stage
 
+from .family import Conditioning, ModelFamily, TextStream, register_family
+
 
 @dataclass
 class AlignedPipelineOutput(StableDiffusionPipelineOutput):
@@ -72,6 +74,11 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
     """
 
     alignment: list = []
+
+    @property
+    def family(self) -> StableDiffusionFamily:
+        """This pipeline's [`~ttalign.pipelines.family.ModelFamily`]: what alignment methods know of the model."""
+        return StableDiffusionFamily(self)
 
     @torch.no_grad()
     def __call__(
@@ -159,6 +166,7 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
 
         state = GenerationState(
             pipe=self,
+            family=self.family,
             prompt=[prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None),
             negative_prompt=negative_prompt,
             num_images_per_prompt=num_images_per_prompt,
@@ -171,13 +179,15 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
             device=device,
             output_type=output_type,
             user_latents=latents,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            clip_skip=clip_skip,
         )
         with runner.session(state):
-            # 2. Prompt stage and call parameters
+            # 2. Prompt stage and call parameters (methods that enlarge the batch set them in `setup`)
             if runner.has(Stage.PROMPT):
                 runner.run(Stage.PROMPT, state)
                 prompt, negative_prompt = state.prompt, state.negative_prompt
-            num_images_per_prompt = state.num_images_per_prompt
+            num_images_per_prompt, generator = state.num_images_per_prompt, state.generator
             if prompt is not None and isinstance(prompt, str):
                 batch_size = 1
             elif prompt is not None and isinstance(prompt, list):
@@ -200,7 +210,8 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
                 lora_scale=lora_scale,
                 clip_skip=self.clip_skip,
             )
-            state.prompt_embeds, state.negative_prompt_embeds = prompt_embeds, negative_prompt_embeds
+            state.conditioning = Conditioning(prompt_embeds, negative_prompt_embeds,
+                                              cross_attention_kwargs=self.cross_attention_kwargs)  # fmt: skip
             if runner.has(Stage.CONDITIONING):
                 runner.run(Stage.CONDITIONING, state)
                 prompt_embeds, negative_prompt_embeds = state.prompt_embeds, state.negative_prompt_embeds
@@ -216,6 +227,8 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
                     batch_size * num_images_per_prompt,
                     self.do_classifier_free_guidance,
                 )
+                state.family.add_image_embeds(state.conditioning, image_embeds, self.do_classifier_free_guidance)
+            state.family.add_guidance_embedding(state.conditioning, guidance_scale)
 
             # 4. Prepare timesteps
             timesteps, num_inference_steps = retrieve_timesteps(
@@ -369,3 +382,199 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
         return AlignedPipelineOutput(
             images=image, nsfw_content_detected=has_nsfw_concept, rewards=state.rewards, traces=state.traces
         )
+
+
+class ControlProcessor:
+    """Attention processor for one attention layer of a UNet, installed by the call's attention control: the layer's
+    original processor (SDPA, LoRA, IP-Adapter...) unless a hook of the :class:`~ttalign.attention.AttentionControl`
+    wants this call, which then takes diffusers' classic explicit computation with the hooks on logits and
+    probabilities."""
+
+    def __init__(self, original, name: str, control):
+        self.original, self.name, self.control = original, name, control
+        first = name.split(".")[0]
+        self.part = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(first)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        control = self.control
+        is_cross = encoder_hidden_states is not None
+        if hidden_states.ndim == 4:
+            query_len = hidden_states.shape[-1] * hidden_states.shape[-2]
+        else:
+            query_len = hidden_states.shape[1]
+        ctx = control.context(self.name, is_cross, query_len, self.part)
+        recorders = [f for f in control.recorders if control.recording and f.wants(ctx)]
+        logit_hooks = [f for f in control.logit_hooks if f.wants(ctx)]
+        prob_hooks = [f for f in control.prob_hooks if f.wants(ctx)]
+        if not (recorders or logit_hooks or prob_hooks):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        return self.explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, ctx, recorders,
+                             logit_hooks, prob_hooks)  # fmt: skip
+
+    @staticmethod
+    def explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, ctx, recorders, logit_hooks,
+                 prob_hooks):  # fmt: skip
+        """diffusers' classic `AttnProcessor` computation, with the hooks on the logits and probabilities."""
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))  # [B * heads, n, d]
+
+        if logit_hooks:
+            scores = attn.scale * query @ key.transpose(-1, -2)  # [B * heads, q, k]
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            if attn.upcast_softmax:
+                scores = scores.float()
+            for hook in logit_hooks:
+                changed = hook(ctx, scores)
+                scores = scores if changed is None else changed
+            probs = scores.softmax(dim=-1).to(query.dtype)
+        else:
+            probs = attn.get_attention_scores(query, key, attention_mask)
+        for hook in prob_hooks:
+            changed = hook(ctx, probs)
+            probs = probs if changed is None else changed
+        for recorder in recorders:
+            recorder(ctx, probs)
+
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@register_family
+class StableDiffusionFamily(ModelFamily):
+    """Stable Diffusion 1.x / 2.x: a `UNet2DConditionModel` with cross-attention to one CLIP text encoder's tokens,
+    epsilon or v prediction, a `AutoencoderKL`, LoRA in diffusers' SD format."""
+
+    name = "Stable Diffusion"
+    pipeline_class = StableDiffusionPipeline
+    features = frozenset({"cross_attention"})
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.pipe.text_encoder]
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
+
+    @property
+    def text_streams(self) -> list[TextStream]:
+        return [TextStream(self.pipe.tokenizer, "prompt", slice(None))]
+
+    # --- conditioning -----------------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompts, device, negative_prompt=None, do_cfg=False, num_images_per_prompt=1,
+                      height=None, width=None, guidance_scale=None, clip_skip=None) -> Conditioning:  # fmt: skip
+        cond, uncond = self.pipe.encode_prompt(prompts, device, num_images_per_prompt, do_cfg, negative_prompt,
+                                               clip_skip=clip_skip)  # fmt: skip
+        conditioning = Conditioning(cond, uncond if do_cfg else None)
+        if guidance_scale is not None:
+            self.add_guidance_embedding(conditioning, guidance_scale)
+        return conditioning
+
+    @staticmethod
+    def add_image_embeds(cond: Conditioning, image_embeds: list[torch.Tensor], cfg: bool) -> None:
+        """Adds the IP-Adapter image embeddings of a call (`[2N, ...]` each, unconditional first, with `cfg`)."""
+        if cfg:
+            cond.negative_added["image_embeds"] = [e.chunk(2)[0] for e in image_embeds]
+            cond.added["image_embeds"] = [e.chunk(2)[1] for e in image_embeds]
+        else:
+            cond.added["image_embeds"] = list(image_embeds)
+
+    def add_guidance_embedding(self, cond: Conditioning, guidance_scale: float) -> None:
+        """Adds the guidance-scale embedding of a UNet distilled with one (`time_cond_proj_dim`, LCM)."""
+        dim = self.denoiser.config.time_cond_proj_dim
+        if dim is None:
+            return
+        w = torch.tensor(guidance_scale - 1).repeat(cond.batch_size)
+        embedding = self.pipe.get_guidance_scale_embedding(w, embedding_dim=dim)
+        embedding = embedding.to(device=cond.prompt_embeds.device, dtype=cond.prompt_embeds.dtype)
+        cond.added["timestep_cond"] = embedding
+        if cond.has_negative:
+            cond.negative_added["timestep_cond"] = embedding
+
+    # --- the denoiser -----------------------------------------------------------------------------------------------
+
+    def forward(self, latents, timestep, cond, cfg):
+        embeds, added = cond.batch(cfg)
+        timestep_cond = added.pop("timestep_cond", None)
+        return self.denoiser(latents, timestep, encoder_hidden_states=embeds, timestep_cond=timestep_cond,
+                             cross_attention_kwargs=cond.cross_attention_kwargs,
+                             added_cond_kwargs=added or None, return_dict=False)[0]  # fmt: skip
+
+    # --- latents ----------------------------------------------------------------------------------------------------
+
+    def latents_shape(self, batch, height, width):
+        factor = self.pipe.vae_scale_factor
+        return (batch, self.base_denoiser.config.in_channels, height // factor, width // factor)
+
+    @property
+    def default_image_size(self) -> int:
+        sample_size = self.base_denoiser.config.sample_size
+        return (sample_size if isinstance(sample_size, int) else sample_size[0]) * self.pipe.vae_scale_factor
+
+    def decode(self, latents):
+        vae = self.vae
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+
+    def encode_images(self, images):
+        vae = self.vae
+        return vae.encode(images.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+
+    # --- attention --------------------------------------------------------------------------------------------------
+
+    def install_attention_control(self, control) -> None:
+        denoiser = self.base_denoiser
+        originals = denoiser.attn_processors
+        denoiser.set_attn_processor({name: ControlProcessor(proc, name, control) for name, proc in originals.items()})
+
+    def cross_attention_resolutions(self, latent_height, latent_width):
+        config = self.base_denoiser.config
+        down = list(config.down_block_types)
+        levels = len(down)
+        sizes = set()
+        for i, kind in enumerate(down):
+            if "CrossAttn" in kind:
+                sizes.add(i)
+        for j, kind in enumerate(config.up_block_types):
+            if "CrossAttn" in kind:
+                sizes.add(levels - 1 - j)
+        if config.mid_block_type is not None and "CrossAttn" in config.mid_block_type:
+            sizes.add(levels - 1)
+        return sorted(((-(-latent_height // 2**i)), (-(-latent_width // 2**i))) for i in sizes)[::-1]
+
+    # --- LoRA -------------------------------------------------------------------------------------------------------
+
+    def aligned_pipeline(self):
+        return AlignedStableDiffusionPipeline.from_pipe(self.pipe)
+
+    def save_lora(self, directory, denoiser_layers) -> None:
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        layers = convert_state_dict_to_diffusers(denoiser_layers)
+        self.pipeline_class.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)

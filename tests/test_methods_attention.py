@@ -104,7 +104,11 @@ def test_token_spans_include_sub_words(pipe):
 def test_attend_and_excite_settings_and_errors(pipe):
     method = AttendAndExcite(tokens=["cat"])
     assert method.thresholds == {0: 0.05, 10: 0.5, 20: 0.8} and method.max_iter_to_alter == 25
-    assert method.scale_factor == 20 and method.attn_res == (16, 16)
+    assert method.scale_factor == 20 and method.attn_res is None  # chosen from the denoiser's layout:
+    assert AttendAndExcite.default_resolution(pipe.family, 32, 32) == (16, 16)  # the only one of the tiny UNet
+    sd_layout = AlignedStableDiffusionPipeline(**get_tiny_components(layout="sd")).family
+    assert sd_layout.cross_attention_resolutions(64, 64) == [(64, 64), (32, 32), (16, 16), (8, 8)]
+    assert AttendAndExcite.default_resolution(sd_layout, 64, 64) == (16, 16)  # SD 1.x at 512 px: the reference's
     kernel = gaussian_kernel(3, 0.5)
     assert kernel.shape == (3, 3) and torch.isclose(kernel.sum(), torch.tensor(1.0))
     assert kernel[1, 1] / kernel[0, 1] == pytest.approx(np.exp(1.0), rel=1e-5)  # exp(-((x - m) / (2 sigma))^2)

@@ -62,8 +62,8 @@ def test_best_of_n_bad_input(pipes):
         BestOfN(reward=brightness, n=0)
     with pytest.raises(ValueError, match="callable reward"):
         BestOfN(reward="pickscore")
-    with pytest.raises(ValueError, match="single torch.Generator"):
-        aligned("a cat", num_inference_steps=2, generator=[torch.Generator()], alignment=[BestOfN(brightness, 2)])
+    with pytest.raises(ValueError, match="list of 2 generators for 1 images"):  # diffusers' per-image lists: one each
+        aligned("a cat", num_inference_steps=2, generator=[torch.Generator()] * 2, alignment=[BestOfN(brightness, 2)])
     with pytest.raises(ValueError, match="do not pass `latents`"):
         aligned("a cat", num_inference_steps=2, latents=torch.randn(1, 4, 32, 32), alignment=[BestOfN(brightness, 2)])
     with pytest.raises(ValueError, match="pass `prompt`, not only `prompt_embeds`"):

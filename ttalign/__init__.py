@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage
-from ttalign.pipelines import AlignedPipelineOutput, AlignedStableDiffusionPipeline
+from ttalign.pipelines import (
+    ALIGNED_PIPELINES,
+    AlignedPipelineOutput,
+    AlignedStableDiffusionPipeline,
+    AlignedStableDiffusionXLPipeline,
+)
 
 __version__ = "0.1.0"
 
 
 def _aligned_classes() -> dict:
-    from diffusers import StableDiffusionPipeline
-
-    return {StableDiffusionPipeline: AlignedStableDiffusionPipeline}
+    return dict(ALIGNED_PIPELINES)
 
 
 def align(pipe, methods=None):
-    """Wraps a diffusers pipeline into its aligned subclass, sharing its modules, with default `methods`.
+    """Wraps a diffusers pipeline (Stable Diffusion 1.x/2.x or XL) into its aligned subclass, sharing its modules, with
+    default `methods`.
 
     The returned pipeline applies `methods` on every call that passes no `alignment` of its own. An aligned
     pipeline is returned as is (with its default methods replaced).
@@ -51,6 +55,7 @@ def align(pipe, methods=None):
 __all__ = [
     "AlignedPipelineOutput",
     "AlignedStableDiffusionPipeline",
+    "AlignedStableDiffusionXLPipeline",
     "AlignmentMethod",
     "GenerationState",
     "Stage",

@@ -18,9 +18,24 @@ TINY_MODEL = "tiny"
 SHAPES_MODEL = "shapes"
 
 
+def aligned_class_for(model: str):
+    """The aligned pipeline class of a diffusers folder or hub id, from the `_class_name` of its `model_index.json`."""
+    from diffusers import DiffusionPipeline
+
+    from ttalign.pipelines import ALIGNED_PIPELINES
+
+    config = DiffusionPipeline.load_config(model)
+    name = config.get("_class_name")
+    by_name = {base.__name__: aligned for base, aligned in ALIGNED_PIPELINES.items()}
+    by_name.update({aligned.__name__: aligned for aligned in ALIGNED_PIPELINES.values()})
+    if name not in by_name:
+        raise ValueError(f"{model!r} holds a {name} (model_index.json); supported: {', '.join(sorted(by_name))}.")
+    return by_name[name]
+
+
 def load_pipeline(model: str, dtype: str = "float32", device: str | None = None):
-    """Loads an :class:`~ttalign.AlignedStableDiffusionPipeline` from a folder or hub id, `"shapes"` (the
-    embedded shapes-world model) or `"tiny"` (tiny random components)."""
+    """Loads the aligned pipeline of a diffusers folder or hub id (the class named in its `model_index.json`: Stable
+    Diffusion 1.x/2.x or XL), `"shapes"` (the embedded shapes-world model) or `"tiny"` (tiny random components)."""
     import torch
 
     from ttalign import AlignedStableDiffusionPipeline
@@ -35,7 +50,7 @@ def load_pipeline(model: str, dtype: str = "float32", device: str | None = None)
         pipe = AlignedStableDiffusionPipeline(**get_tiny_components())
     else:
         try:
-            pipe = AlignedStableDiffusionPipeline.from_pretrained(model, dtype=getattr(torch, dtype))
+            pipe = aligned_class_for(model).from_pretrained(model, dtype=getattr(torch, dtype))
         except (OSError, ValueError) as err:
             raise SystemExit(f"ttalign: error: could not load model {model!r}: {str(err).splitlines()[0]}") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -164,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--model",
         default=SHAPES_MODEL,
-        help="folder or hub id of a Stable Diffusion pipeline, 'shapes' (the embedded model) or 'tiny'",
+        help="folder or hub id of a Stable Diffusion 1.x/2.x or XL pipeline (the class comes from its "
+        "model_index.json), 'shapes' (the embedded model) or 'tiny'",
     )
     gen.add_argument(
         "--align",

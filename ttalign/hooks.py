@@ -53,13 +53,17 @@ HANDLERS: dict[Stage, str] = {stage: f"on_{stage.value}" for stage in Stage}
 class GenerationState:
     """Everything one pipeline call knows, handed to every handler. Handlers read and replace its tensors.
 
-    Tensor fields follow diffusers' names. `latents` is `[N, C, h, w]` with `N = len(prompt) * num_images_per_prompt`;
-    `prompt_embeds` is the conditional batch `[N, L, D]` and `negative_prompt_embeds` the unconditional one (or
-    `None` without classifier-free guidance), both set from the `conditioning` stage on.
+    Tensor fields follow diffusers' names. `latents` is `[N, C, h, w]` with `N = len(prompt) * num_images_per_prompt`.
+    `family` is the model family (:class:`~ttalign.pipelines.family.ModelFamily`): all a method knows of the model.
+    `conditioning` (a :class:`~ttalign.pipelines.family.Conditioning`, from the `conditioning` stage on) holds what
+    the denoiser is conditioned on per image; `prompt_embeds` is its conditional batch `[N, L, D]` and
+    `negative_prompt_embeds` the unconditional one (or `None` without classifier-free guidance).
+    `extra_prompts` holds the family's further prompts as the call gave them (SDXL: `prompt_2`, `negative_prompt_2`).
     `decoded` is the VAE output in `[-1, 1]` at the `output` stage. `eta` is the call's DDIM noise scale.
     """
 
     pipe: Any
+    family: Any
     prompt: list[str] | None
     negative_prompt: str | list[str] | None
     num_images_per_prompt: int
@@ -72,8 +76,10 @@ class GenerationState:
     device: torch.device
     output_type: str
     user_latents: torch.Tensor | None = None
-    prompt_embeds: torch.Tensor | None = None
-    negative_prompt_embeds: torch.Tensor | None = None
+    do_classifier_free_guidance: bool = False
+    clip_skip: int | None = None
+    extra_prompts: dict[str, Any] = field(default_factory=dict)
+    conditioning: Any = None
     timesteps: torch.Tensor | None = None
     latents: torch.Tensor | None = None
     step_index: int = -1
@@ -92,6 +98,22 @@ class GenerationState:
     start_time: float = field(default_factory=time.perf_counter)
     #: Per-method scratch space, keyed by the method object.
     scratch: dict[Any, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_embeds(self) -> torch.Tensor | None:
+        return None if self.conditioning is None else self.conditioning.prompt_embeds
+
+    @prompt_embeds.setter
+    def prompt_embeds(self, value: torch.Tensor) -> None:
+        self.conditioning.prompt_embeds = value
+
+    @property
+    def negative_prompt_embeds(self) -> torch.Tensor | None:
+        return None if self.conditioning is None else self.conditioning.negative_prompt_embeds
+
+    @negative_prompt_embeds.setter
+    def negative_prompt_embeds(self, value: torch.Tensor | None) -> None:
+        self.conditioning.negative_prompt_embeds = value
 
     @property
     def batch_size(self) -> int:
@@ -135,14 +157,53 @@ class GenerationState:
         self.selected = selected
         return best
 
-    def derived_generator(self, salt: int) -> torch.Generator:
+    def derived_generator(self, salt: int, row: int | None = None) -> torch.Generator:
         """A CPU generator for a method's own draws, derived from the call's generator (fresh entropy without one),
-        so that a seeded call is reproducible; `salt` tells methods apart."""
+        so that a seeded call is reproducible; `salt` tells methods apart. With diffusers' per-image generator list,
+        `row` picks the image whose generator it derives from (without `row`, all of them)."""
         if isinstance(self.generator, torch.Generator):
             base = self.generator.initial_seed()
+        elif isinstance(self.generator, list):
+            chosen = self.generator if row is None else [self.generator[row]]
+            base = 0
+            for g in chosen:
+                base = (base * 1_000_033 + g.initial_seed()) % (2**63)
         else:
             base = secrets.randbits(62)
         return torch.Generator().manual_seed((base * 1_000_003 + salt) % (2**63))
+
+    def expand_generators(self, k: int) -> None:
+        """For a method that draws `k` consecutive samples per image: with diffusers' per-image generator list
+        (one per image), makes it one per sample, the first of each image its own generator and the others derived
+        from it, so each image's samples derive from its own generator alone. A single generator is left alone."""
+        if not isinstance(self.generator, list):
+            return
+        if len(self.generator) != self.batch_size:
+            raise ValueError(f"Got a list of {len(self.generator)} generators for {self.batch_size} images; pass one "
+                             "per image (len(prompt) * num_images_per_prompt).")  # fmt: skip
+        expanded = []
+        for g in self.generator:
+            expanded.append(g)
+            for c in range(1, k):
+                seed = (g.initial_seed() * 1_000_003 + 7919 * c) % (2**63)
+                expanded.append(torch.Generator(device=g.device).manual_seed(seed))
+        self.generator = expanded
+
+    def randn(self, shape, generator: torch.Generator | list[torch.Generator], dtype=torch.float32) -> torch.Tensor:
+        """Standard normal noise `shape` on the call's device: from one generator, or one per row from a list."""
+        if isinstance(generator, list):
+            if len(generator) != shape[0]:
+                raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}.")
+            rows = [torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in generator]
+            return torch.stack(rows).to(self.device)
+        return torch.randn(tuple(shape), generator=generator, dtype=dtype).to(self.device)
+
+    def method_generators(self, salt: int) -> torch.Generator | list[torch.Generator]:
+        """The generator(s) of a method's own per-image draws: one derived from the call's generator, or with a
+        per-image generator list, one per image derived from that image's generator (pass to :meth:`randn`)."""
+        if isinstance(self.generator, list):
+            return [self.derived_generator(salt, row=r) for r in range(len(self.generator))]
+        return self.derived_generator(salt)
 
     def __post_init__(self):
         if torch.device(self.device).type == "cuda":
@@ -187,6 +248,8 @@ class AlignmentMethod:
     allow_multiple: bool = False
     #: Whether the method enlarges the sampled batch (at most one such method per call).
     changes_batch: bool = False
+    #: What the method needs of the model family (see `ModelFamily.features`), checked before any compute.
+    required_features: frozenset[str] = frozenset()
 
     @property
     def name(self) -> str:
@@ -260,6 +323,12 @@ class AlignmentRunner:
         if not self.methods:
             yield
             return
+        features = getattr(state.family, "features", frozenset())
+        for method in self.methods:
+            missing = sorted(set(method.required_features) - set(features))
+            if missing:
+                raise ValueError(f"{method.name} cannot run on the {state.family.name} family: it needs "
+                                 f"{', '.join(missing)}, which this family does not provide.")  # fmt: skip
         snapshot = ComponentSnapshot(state.pipe)
         started: list[AlignmentMethod] = []
         try:

@@ -238,51 +238,57 @@ def ddim_step_with_logprob(scheduler, index: int, model_output: torch.Tensor, sa
 
 
 class DifferentiableSampler:
-    """The denoising loop over a pipeline's own UNet, VAE and scheduler, differentiable end to end.
+    """The denoising loop over a pipeline's own denoiser, VAE and scheduler, differentiable end to end.
 
     It runs the same update as the pipeline's loop (classifier-free guidance, `scale_model_input`, the scheduler's
     rule through :func:`scheduler_step`), so the same initial noise (and injected noises) give the same images; with
     gradients enabled, each step (and the VAE decode) is wrapped in `torch.utils.checkpoint`, so memory stays that of
     one step instead of growing with the number of steps. Noise optimization, seed search, particle steering and
-    the trainer's reward backpropagation all sample through it.
+    the trainer's reward backpropagation all sample through it. It knows the model only through its family
+    (:class:`~ttalign.pipelines.family.ModelFamily`).
 
     Args:
-        pipe: a Stable Diffusion pipeline whose scheduler has had `set_timesteps` called.
-        prompt_embeds (`Tensor [N, L, D]`): conditional embeddings; `negative_prompt_embeds` the unconditional
-            ones (classifier-free guidance runs when they are given and `guidance_scale > 1`).
+        model: a pipeline (or its model family) whose scheduler has had `set_timesteps` called.
+        conditioning (`Conditioning`, or `Tensor [N, L, D]`): what the denoiser is conditioned on; a tensor gives the
+            conditional token embeddings of a family that needs nothing else (Stable Diffusion), with
+            `negative_prompt_embeds` the unconditional ones (classifier-free guidance runs when they are given and
+            `guidance_scale > 1`).
         guidance_scale (`float`).
         eta (`float`): DDIM's noise scale.
         gradient_checkpointing (`bool`, defaults to `True`).
-        timestep_cond, cross_attention_kwargs: passed to the UNet as by the pipeline.
+        timestep_cond, cross_attention_kwargs: with tensor conditioning, the UNet's guidance embedding and the
+            attention processors' arguments.
 
     The counters `denoiser_calls`, `denoiser_evals` and `vae_decodes` count forward passes (replays under
-    checkpointing excluded); `backward_passes` counts the calls whose graph was differentiated.
+    checkpointing excluded).
     """
 
-    def __init__(self, pipe, prompt_embeds, negative_prompt_embeds=None, guidance_scale: float = 1.0,
+    def __init__(self, model, conditioning, negative_prompt_embeds=None, guidance_scale: float = 1.0,
                  eta: float = 0.0, gradient_checkpointing: bool = True, timestep_cond=None,
                  cross_attention_kwargs=None):  # fmt: skip
-        self.pipe, self.scheduler = pipe, pipe.scheduler
+        from ttalign.pipelines.family import Conditioning, family_for
+
+        self.family = family_for(model)
+        self.scheduler = self.family.scheduler
         self.kind = scheduler_kind(self.scheduler)
-        self.cfg = negative_prompt_embeds is not None and guidance_scale > 1
-        self.embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if self.cfg else prompt_embeds
+        if not isinstance(conditioning, Conditioning):
+            conditioning = Conditioning(conditioning, negative_prompt_embeds,
+                                        cross_attention_kwargs=cross_attention_kwargs)  # fmt: skip
+            if timestep_cond is not None:
+                conditioning.added["timestep_cond"] = timestep_cond
+                if negative_prompt_embeds is not None:
+                    conditioning.negative_added["timestep_cond"] = timestep_cond
+        self.conditioning = conditioning
+        self.cfg = conditioning.has_negative and guidance_scale > 1
         self.guidance_scale, self.eta = guidance_scale, eta
         self.gradient_checkpointing = gradient_checkpointing
-        self.timestep_cond, self.cross_attention_kwargs = timestep_cond, cross_attention_kwargs
         self.denoiser_calls = self.denoiser_evals = self.vae_decodes = 0
 
     @classmethod
     def from_state(cls, state, eta: float | None = None, gradient_checkpointing: bool = True):
         """The sampler of a pipeline call in progress (from the `init_latents` stage on)."""
-        pipe = state.pipe
-        timestep_cond = None
-        if pipe.unet.config.time_cond_proj_dim is not None:
-            w = torch.tensor(state.guidance_scale - 1).repeat(state.batch_size)
-            timestep_cond = pipe.get_guidance_scale_embedding(w, embedding_dim=pipe.unet.config.time_cond_proj_dim)
-            timestep_cond = timestep_cond.to(state.device, state.prompt_embeds.dtype)
-        return cls(pipe, state.prompt_embeds, state.negative_prompt_embeds, state.guidance_scale,
-                   state.eta if eta is None else eta, gradient_checkpointing, timestep_cond,
-                   pipe.cross_attention_kwargs)  # fmt: skip
+        return cls(state.family, state.conditioning, guidance_scale=state.guidance_scale,
+                   eta=state.eta if eta is None else eta, gradient_checkpointing=gradient_checkpointing)  # fmt: skip
 
     @property
     def num_steps(self) -> int:
@@ -297,37 +303,32 @@ class DifferentiableSampler:
         return any(s > 0 for s in self.noise_stds())
 
     def draw_noises(self, shape, generator=None, device=None, dtype=torch.float32) -> list[torch.Tensor | None]:
-        """Standard normal noise for every stochastic step (`None` for deterministic steps)."""
-        return [
-            torch.randn(shape, generator=generator, dtype=dtype).to(device) if std > 0 else None
-            for std in self.noise_stds()
-        ]
+        """Standard normal noise for every stochastic step (`None` for deterministic steps); with a list of
+        generators, one per row of `shape`, each row's noise comes from its own."""
 
-    def model_output(self, index: int, latents: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        def draw():
+            if isinstance(generator, list):
+                return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in generator])
+            return torch.randn(shape, generator=generator, dtype=dtype)
+
+        return [draw().to(device) if std > 0 else None for std in self.noise_stds()]
+
+    def model_output(self, index: int, latents: torch.Tensor) -> torch.Tensor:
         """The guided denoiser output at step `index`, `[N, C, h, w]`."""
-        embeds = self.embeds if embeds is None else embeds
         t = self.scheduler.timesteps[index]
-        x = torch.cat([latents] * 2) if self.cfg else latents
-        x = scale_model_input(self.scheduler, x, index)
-        out = self.pipe.unet(x, t, encoder_hidden_states=embeds, timestep_cond=self.timestep_cond,
-                             cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]  # fmt: skip
-        if self.cfg:
-            uncond, cond = out.chunk(2)
-            out = uncond + self.guidance_scale * (cond - uncond)
-        return out
+        x = scale_model_input(self.scheduler, latents, index)
+        return self.family.denoise(x, t, self.conditioning, self.guidance_scale, cfg=self.cfg)
 
-    def _step(self, index, latents, embeds, noise):
-        return scheduler_step(self.scheduler, index, self.model_output(index, latents, embeds), latents, self.eta,
-                              noise)  # fmt: skip
+    def _step(self, index, latents, noise):
+        return scheduler_step(self.scheduler, index, self.model_output(index, latents), latents, self.eta, noise)
 
     def step(self, index: int, latents: torch.Tensor, noise: torch.Tensor | None = None):
         """One guided step: `(prev_latents, x0)`; checkpointed when gradients are on."""
         self.denoiser_calls += 1
         self.denoiser_evals += latents.shape[0]
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._step, index, latents, self.embeds, noise,
-                                                     use_reentrant=False)  # fmt: skip
-        return self._step(index, latents, self.embeds, noise)
+            return torch.utils.checkpoint.checkpoint(self._step, index, latents, noise, use_reentrant=False)
+        return self._step(index, latents, noise)
 
     def sample(self, latents: torch.Tensor, noises=None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Runs steps `start..stop-1` from `latents` (`[N, C, h, w]`, as the pipeline holds them after
@@ -339,16 +340,11 @@ class DifferentiableSampler:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode to images `[N, 3, H, W]` in `[0, 1]`; checkpointed when gradients are on."""
-        vae = self.pipe.vae
         self.vae_decodes += latents.shape[0]
-
-        def run(z):
-            return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
-
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            image = torch.utils.checkpoint.checkpoint(run, latents.to(vae.dtype), use_reentrant=False)
+            image = torch.utils.checkpoint.checkpoint(self.family.decode, latents, use_reentrant=False)
         else:
-            image = run(latents.to(vae.dtype))
+            image = self.family.decode(latents)
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     def account(self, state) -> None:

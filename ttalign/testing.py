@@ -1,7 +1,8 @@
 """Tiny real components, built locally without any network access.
 
-These are the same model classes that a Stable Diffusion checkpoint loads (``UNet2DConditionModel``,
-``AutoencoderKL``, ``CLIPTextModel``, ``CLIPTokenizer``), at a size that runs in milliseconds on a CPU. Tests,
+These are the same model classes that a Stable Diffusion (1.x, 2.x, XL) checkpoint loads (``UNet2DConditionModel``,
+``AutoencoderKL``, ``CLIPTextModel``, ``CLIPTextModelWithProjection``, ``CLIPTokenizer``), at a size that runs in
+milliseconds on a CPU. Tests,
 docs and benchmarks use them wherever a real checkpoint is out of reach. The tokenizer is built from a generated
 vocabulary: whole-word tokens for :data:`DEFAULT_WORDS`, and single characters (with and without the ``</w>``
 end-of-word marker) so that any other word still tokenizes, as sub-word pieces.
@@ -96,14 +97,17 @@ def build_clip_vocab(words: tuple[str, ...] | list[str] = DEFAULT_WORDS) -> tupl
     return vocab, [f"{a} {b}" for a, b in merges]
 
 
-def get_tiny_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS, model_max_length: int = 77):
-    """A real `CLIPTokenizer` built from a generated vocabulary (see :func:`build_clip_vocab`)."""
+def get_tiny_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS, model_max_length: int = 77,
+                       pad_token: str | None = None):  # fmt: skip
+    """A real `CLIPTokenizer` built from a generated vocabulary (see :func:`build_clip_vocab`). `pad_token` defaults to
+    the end token, as SD's tokenizer; SDXL's second tokenizer pads with `"!"`."""
     from transformers import CLIPTokenizer
 
     vocab, merges = build_clip_vocab(words)
+    extra = {"pad_token": pad_token} if pad_token is not None else {}
     if "vocab" in inspect.signature(CLIPTokenizer.__init__).parameters:  # transformers >= 5
         return CLIPTokenizer(
-            vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=model_max_length
+            vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=model_max_length, **extra
         )
     with tempfile.TemporaryDirectory() as tmp:  # transformers 4.x reads files
         with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
@@ -111,7 +115,10 @@ def get_tiny_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS, model
         with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
         return CLIPTokenizer(
-            os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"), model_max_length=model_max_length
+            os.path.join(tmp, "vocab.json"),
+            os.path.join(tmp, "merges.txt"),
+            model_max_length=model_max_length,
+            **extra,
         )
 
 
@@ -124,9 +131,11 @@ class Redness(Reward):
         return images[:, 0].mean((1, 2)) - images[:, 1].mean((1, 2))  # [B]
 
 
-def get_tiny_text_encoder(vocab_size: int = 1000, hidden_size: int = 32, seed: int = 0):
-    """A 5-layer `CLIPTextModel` with hidden size 32 (the size of diffusers' own pipeline tests)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def get_tiny_text_encoder(vocab_size: int = 1000, hidden_size: int = 32, seed: int = 0, projection: bool = False,
+                          hidden_act: str = "quick_gelu"):  # fmt: skip
+    """A 5-layer `CLIPTextModel` with hidden size 32 (the size of diffusers' own pipeline tests); with `projection`, a
+    `CLIPTextModelWithProjection` (SDXL's second text encoder, whose projected output is the pooled embedding)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         bos_token_id=0,
@@ -140,9 +149,10 @@ def get_tiny_text_encoder(vocab_size: int = 1000, hidden_size: int = 32, seed: i
         vocab_size=vocab_size,
         max_position_embeddings=77,
         projection_dim=hidden_size,
+        hidden_act=hidden_act,
     )
     torch.manual_seed(seed)
-    return CLIPTextModel(config).eval()
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
 def get_tiny_unet(cross_attention_dim: int = 32, sample_size: int = 32, seed: int = 0):
@@ -262,6 +272,87 @@ def get_tiny_components(scheduler: str = "ddim", seed: int = 0, layout: str = "t
         "image_encoder": None,
         "requires_safety_checker": False,
     }
+
+
+def get_tiny_sdxl_unet(layout: str = "tiny", time_cond_proj_dim: int | None = None, seed: int = 0):
+    """An SDXL `UNet2DConditionModel` (`addition_embed_type="text_time"`: pooled text and size conditioning).
+
+    `layout="tiny"`: diffusers' own SDXL test sizes (channels 2, 4; cross-attention at the second level, 16x16 for
+    64 px images). `layout="sdxl"`: SDXL's layout at a tiny width: three levels (channels 32, 64, 64), cross-attention
+    at the second and third with 1, 2 and 10 transformer layers per block as in SDXL (10 layers at 64x64 and 60 at
+    32x32 for 1024 px images, `sample_size` 128)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    if layout == "tiny":
+        return UNet2DConditionModel(
+            block_out_channels=(2, 4),
+            layers_per_block=2,
+            time_cond_proj_dim=time_cond_proj_dim,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=80,  # 6 * 8 + 32
+            cross_attention_dim=64,  # 32 + 32: the two text encoders side by side
+            norm_num_groups=1,
+        ).eval()
+    if layout == "sdxl":
+        return UNet2DConditionModel(
+            block_out_channels=(32, 64, 64),
+            layers_per_block=2,
+            time_cond_proj_dim=time_cond_proj_dim,
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4, 8),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2, 10),
+            projection_class_embeddings_input_dim=80,
+            cross_attention_dim=64,
+            norm_num_groups=32,
+        ).eval()
+    raise ValueError(f"Unknown layout {layout!r}; expected 'tiny' or 'sdxl'.")
+
+
+def get_tiny_sdxl_components(scheduler: str = "ddim", seed: int = 0, layout: str = "tiny",
+                             time_cond_proj_dim: int | None = None) -> dict:  # fmt: skip
+    """All components of a tiny Stable Diffusion XL pipeline, seeded, as diffusers' own SDXL tests size them: two
+    5-layer CLIP text encoders of width 32 (the second with projection), both tokenizers built locally (the second
+    pads with `"!"`, as SDXL's), the UNet of :func:`get_tiny_sdxl_unet` and a 2x VAE (`layout="sdxl"`: 8x, 1024 px)."""
+    if layout not in ("tiny", "sdxl"):
+        raise ValueError(f"Unknown layout {layout!r}; expected 'tiny' or 'sdxl'.")
+    return {
+        "unet": get_tiny_sdxl_unet(layout, time_cond_proj_dim, seed),
+        "scheduler": get_tiny_scheduler(scheduler),
+        "vae": get_sd_shaped_vae(seed=seed) if layout == "sdxl" else get_tiny_vae(seed=seed),
+        "text_encoder": get_tiny_text_encoder(seed=seed, hidden_act="gelu"),
+        "tokenizer": get_tiny_tokenizer(),
+        "text_encoder_2": get_tiny_text_encoder(seed=seed + 1, projection=True, hidden_act="gelu"),
+        "tokenizer_2": get_tiny_tokenizer(pad_token="!"),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def get_tiny_sdxl_pipeline(scheduler: str = "ddim", seed: int = 0, disable_progress_bar: bool = True, **kwargs):
+    """An :class:`~ttalign.AlignedStableDiffusionXLPipeline` on the tiny SDXL components (no watermarker)."""
+    from ttalign.pipelines import AlignedStableDiffusionXLPipeline
+
+    components = get_tiny_sdxl_components(scheduler=scheduler, seed=seed, **kwargs)
+    pipe = AlignedStableDiffusionXLPipeline(**components, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=disable_progress_bar)
+    return pipe
 
 
 def get_tiny_pipeline(scheduler: str = "ddim", seed: int = 0, disable_progress_bar: bool = True):

@@ -2,7 +2,7 @@
 
 - `AttendAndExcite` (Chefer et al. 2023, https://arxiv.org/abs/2301.13826): at the early steps, moves the latents so
   that every subject token has a strong cross-attention peak somewhere. Same images as diffusers' deprecated
-  `StableDiffusionAttendAndExcitePipeline` with the same settings, batched across samples, with attention maps
+  Attend-and-Excite pipeline with the same settings, batched across samples, with attention maps
   materialized only in the layers at the chosen resolution.
 - `TokenReweight`: `(word:1.3)` weights as in A1111 / Compel, on the token embeddings (A1111's rule) or on the
   cross-attention probabilities.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ttalign.attention import attention_control, sync_step
+from ttalign.attention import attention_control, sync_step, token_spans
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage
 from ttalign.sampling import scale_model_input
 
@@ -36,22 +36,6 @@ def gaussian_kernel(size: int = 3, sigma: float = 0.5) -> torch.Tensor:
     one = 1 / (sigma * math.sqrt(2 * math.pi)) * torch.exp(-(((grid - mean) / (2 * sigma)) ** 2))
     kernel = one[:, None] * one[None, :]
     return kernel / kernel.sum()
-
-
-def token_spans(tokenizer, prompt: str, words: list[str]) -> list[list[int]]:
-    """The token indices (BOS at 0) of each word or phrase of `words` in `prompt`, sub-word pieces included:
-    `[[2], [5, 6]]`. Raises `ValueError` naming a word that is not in the prompt."""
-    tokens = tokenizer.tokenize(prompt)
-    spans = []
-    for word in words:
-        pieces = tokenizer.tokenize(word)
-        for start in range(len(tokens) - len(pieces) + 1):
-            if pieces and tokens[start : start + len(pieces)] == pieces:
-                spans.append(list(range(start + 1, start + 1 + len(pieces))))
-                break
-        else:
-            raise ValueError(f"Token {word!r} is not in the prompt {prompt!r} (its tokens: {tokens}).")
-    return spans
 
 
 @dataclass(eq=False)
@@ -68,12 +52,15 @@ class AttendAndExcite(AlignmentMethod):
         thresholds (`dict[int, float]`, defaults to `{0: 0.05, 10: 0.5, 20: 0.8}`): at these steps, refine until
             every token's peak reaches the threshold (at most `max_refinement_steps` iterations).
         scale_factor (`float`, defaults to 20): step size `scale_factor * sqrt(linspace(1, 0.5, T)[i])`.
-        attn_res (`tuple[int, int]`, defaults to `(16, 16)`): the resolution of the cross-attention maps used.
+        attn_res (`tuple[int, int]`, *optional*): the resolution of the cross-attention maps used. By default the
+            denoiser's cross-attention resolution nearest a quarter of the latents' size: 16x16 for SD 1.x at
+            512 px (the reference's), 32x32 for SDXL at 1024 px.
         from_where (`tuple[str, ...]`, defaults to `("up", "down", "mid")`): the UNet parts whose layers at that
             resolution are recorded (the reference averages all three); every other layer keeps its fast path.
         smooth_attentions (`bool`), sigma (`float`), kernel_size (`int`): Gaussian smoothing of the maps.
-        normalize_eot (`bool`, defaults to `False`): softmax over the prompt's tokens only (drop EOT and padding),
-            for SD 2.x text encoders; otherwise drop the first and last of the 77 positions, as the reference.
+        normalize_eot (`bool`, *optional*): softmax over the prompt's tokens only (drop EOT and padding), for SD 2.x
+            text encoders; otherwise drop the first and last of the 77 positions, as the reference. By default the
+            family's choice: off for SD 1.x/2.x (the reference), on for SDXL (padding excluded).
         max_refinement_steps (`int`, defaults to 20).
 
     `out.traces["attend_and_excite"]` holds the loss of every sample at every altered step (`[steps, N]`) and the
@@ -92,15 +79,16 @@ class AttendAndExcite(AlignmentMethod):
     max_iter_to_alter: int = 25
     thresholds: dict = field(default_factory=lambda: {0: 0.05, 10: 0.5, 20: 0.8})
     scale_factor: float = 20.0
-    attn_res: tuple = (16, 16)
+    attn_res: tuple | None = None
     from_where: tuple = ("up", "down", "mid")
     smooth_attentions: bool = True
     sigma: float = 0.5
     kernel_size: int = 3
-    normalize_eot: bool = False
+    normalize_eot: bool | None = None
     max_refinement_steps: int = 20
 
     stages = (Stage.ATTENTION, Stage.STEP_START)
+    required_features = frozenset({"cross_attention"})
 
     def __post_init__(self):
         if (self.tokens is None) == (self.token_indices is None):
@@ -112,7 +100,8 @@ class AttendAndExcite(AlignmentMethod):
                 f"Bad AttendAndExcite settings: max_iter_to_alter={self.max_iter_to_alter}, "
                 f"scale_factor={self.scale_factor}, max_refinement_steps={self.max_refinement_steps}."
             )
-        self.attn_res = tuple(self.attn_res)
+        if self.attn_res is not None:
+            self.attn_res = tuple(self.attn_res)
         self.from_where = (self.from_where,) if isinstance(self.from_where, str) else tuple(self.from_where)
         if not self.from_where or set(self.from_where) - {"up", "down", "mid"}:
             raise ValueError(f"from_where must name some of 'up', 'down', 'mid', got {self.from_where!r}.")
@@ -128,30 +117,34 @@ class AttendAndExcite(AlignmentMethod):
                 [[i] for i in (per_prompt[k] if per_prompt else self.token_indices)] for k in range(len(prompts))
             ]
         else:
-            tokenizer = state.pipe.tokenizer
             groups = []
             for prompt in prompts:
                 words = self.tokens(prompt) if callable(self.tokens) else self.tokens
-                groups.append(token_spans(tokenizer, prompt, list(words)))
+                groups.append(state.family.token_spans(prompt, list(words)))
         return [g for g in groups for _ in range(state.num_images_per_prompt)]
 
     def on_attention(self, state: GenerationState) -> None:
         if state.prompt is None and self.token_indices is None:
             raise ValueError("AttendAndExcite with `tokens` needs `prompt` (not only `prompt_embeds`).")
+        family = state.family
         control = attention_control(state)
-        store: dict = {"maps": [], "groups": self._indices(state), "losses": [], "refinements": []}
-        if self.normalize_eot:
-            tokenizer = state.pipe.tokenizer
-            store["eot"] = [len(tokenizer(p).input_ids) - 1 for p in state.prompt for _ in
+        res = self.attn_res or self.default_resolution(family, *state.latents.shape[-2:])
+        normalize_eot = self.normalize_eot
+        if normalize_eot is None:
+            normalize_eot = family.attention_defaults["normalize_eot"]
+        store: dict = {"maps": [], "groups": self._indices(state), "losses": [], "refinements": [], "res": res}
+        if normalize_eot:
+            if state.prompt is None:
+                raise ValueError("AttendAndExcite with `normalize_eot` needs `prompt` (not only `prompt_embeds`).")
+            store["eot"] = [family.prompt_length(p) - 1 for p in state.prompt for _ in
                             range(state.num_images_per_prompt)]  # fmt: skip
         state.scratch[self] = store
-        res = self.attn_res
-        parts = {"down_blocks" if p == "down" else "up_blocks" if p == "up" else "mid_block" for p in self.from_where}
+        parts = set(self.from_where)
 
         class Recorder:
             @staticmethod
             def wants(ctx):
-                return ctx.is_cross and (ctx.height, ctx.width) == res and ctx.name.split(".")[0] in parts
+                return ctx.is_cross and (ctx.height, ctx.width) == res and ctx.part in parts
 
             def __call__(self, ctx, probs):
                 store["maps"].append(probs)
@@ -161,22 +154,31 @@ class AttendAndExcite(AlignmentMethod):
         store["step_size"] = self.scale_factor * np.sqrt(np.linspace(1.0, 0.5, n_steps))
         state.traces["attend_and_excite"] = {"losses": store["losses"], "refinements": store["refinements"]}
 
+    @staticmethod
+    def default_resolution(family, latent_height: int, latent_width: int) -> tuple[int, int]:
+        """The denoiser's cross-attention resolution nearest a quarter of the latents' size (larger on a tie)."""
+        sizes = family.cross_attention_resolutions(latent_height, latent_width)
+        if not sizes:
+            raise ValueError(f"The {family.name} denoiser has no cross-attention layer: AttendAndExcite cannot run.")
+        target = latent_height * latent_width / 16
+        return min(sizes, key=lambda hw: (abs(math.log(hw[0] * hw[1] / target)), -hw[0] * hw[1]))
+
     def _max_attention(self, store: dict, rows: list[int]) -> list[torch.Tensor]:
         """The smoothed peak of every token group's map, one `[groups]` tensor per forwarded image (`rows`)."""
         maps = store.pop("maps")
         store["maps"] = []
         if not maps:
             raise ValueError(
-                f"No cross-attention layer of {self.from_where} has resolution {self.attn_res}; pick another "
+                f"No cross-attention layer of {self.from_where} has resolution {store['res']}; pick another "
                 "`attn_res` or `from_where`."
             )
         n = len(rows)
-        per_layer = [m.reshape(n, -1, *self.attn_res, m.shape[-1]) for m in maps]  # [n, heads, h, w, L] each
+        per_layer = [m.reshape(n, -1, *store["res"], m.shape[-1]) for m in maps]  # [n, heads, h, w, L] each
         attention = torch.cat(per_layer, dim=1).mean(dim=1)  # [n, h, w, L], mean over heads and layers
         kernel = gaussian_kernel(self.kernel_size, self.sigma).to(attention)[None, None]
         out = []
         for k, row in enumerate(rows):
-            last = store["eot"][row] if self.normalize_eot else attention.shape[-1] - 1
+            last = store["eot"][row] if "eot" in store else attention.shape[-1] - 1
             text = torch.softmax(attention[k, :, :, 1:last] * 100, dim=-1)  # [h, w, tokens]
             peaks = []
             for group in store["groups"][row]:
@@ -191,11 +193,10 @@ class AttendAndExcite(AlignmentMethod):
     def _loss(self, state, latents, rows, t, index) -> torch.Tensor:
         """Forwards the conditional branch of `rows` with maps recorded; `[n]` losses `max_k (1 - peak_k)^+`."""
         control = state.scratch["attention_control"]
-        pipe = state.pipe
+        family = state.family
         with control.record(cfg=False, rows=rows):
-            pipe.unet(scale_model_input(pipe.scheduler, latents, index), t,
-                      encoder_hidden_states=state.prompt_embeds[rows],
-                      cross_attention_kwargs=pipe.cross_attention_kwargs)  # fmt: skip
+            family.denoise(scale_model_input(family.scheduler, latents, index), t,
+                           state.conditioning.select(rows).positive())  # fmt: skip
         state.denoiser_calls += 1
         state.denoiser_evals += len(rows)
         losses = [(1.0 - p).clamp(min=0).max() if len(p) else p.new_zeros(()) for p in
@@ -275,10 +276,15 @@ class TokenReweight(AlignmentMethod):
     """Token weights written in the prompt, `"a (red:1.4) cat"`, as users know them from A1111 and Compel.
 
     The weights are stripped from the prompt before encoding. With `mode="embedding"` (A1111's rule), each weighted
-    token's embedding is multiplied by its weight and the whole sequence rescaled to keep its mean (skipped when that
-    mean is zero); with
-    `mode="attention"`, the conditional cross-attention probabilities of the weighted tokens are multiplied by the
-    weight in every layer (Prompt-to-Prompt re-weighting).
+    token's embedding is multiplied by its weight and the sequence rescaled to keep its mean (skipped when that mean is
+    zero); with `mode="attention"`, the conditional cross-attention probabilities of the weighted tokens are multiplied
+    by the weight in every layer (Prompt-to-Prompt re-weighting).
+
+    Models with several text encoders (SDXL): in embedding mode each encoder's part of the token embeddings is weighted
+    and its mean restored on its own, as A1111 does, with the weights of the prompt that encoder reads (`prompt_2`
+    carries its own weights when the call gives one). The pooled embedding (SDXL's `text_embeds`, the second encoder's
+    pooled output) is that of the prompt with the weight syntax removed and is not weighted, as in A1111; Compel
+    leaves it unweighted too. Attention mode weights the token positions of `prompt`.
 
     Example:
 
@@ -296,45 +302,70 @@ class TokenReweight(AlignmentMethod):
         if self.mode not in ("embedding", "attention"):
             raise ValueError(f"TokenReweight mode must be 'embedding' or 'attention', got {self.mode!r}.")
 
-    def on_prompt(self, state: GenerationState) -> None:
-        if state.prompt is None:
-            raise ValueError("TokenReweight reads weights from `prompt`; it cannot act on `prompt_embeds` alone.")
-        parsed = [parse_weighted_prompt(p) for p in state.prompt]
-        state.prompt = [text for text, _ in parsed]
-        tokenizer = state.pipe.tokenizer
-        weights = []  # per prompt: [L] weight per token position
+    @property
+    def required_features(self) -> frozenset[str]:
+        return frozenset({"cross_attention"}) if self.mode == "attention" else frozenset()
+
+    @staticmethod
+    def _weights(tokenizer, parsed: list[tuple[str, list]]) -> torch.Tensor:
+        """`[P, L]` weight of every token position of each parsed prompt."""
         length = tokenizer.model_max_length
+        weights = []
         for text, pairs in parsed:
             w = torch.ones(length)
             spans = token_spans(tokenizer, text, [phrase for phrase, _ in pairs]) if pairs else []
             for span, (_, weight) in zip(spans, pairs):
                 w[[i for i in span if i < length]] = weight
             weights.append(w)
-        state.scratch[self] = torch.stack(weights)  # [P, L]
-        state.traces["token_reweight"] = {"prompts": state.prompt, "weights": [pairs for _, pairs in parsed]}
+        return torch.stack(weights)
 
-    def _per_image(self, state: GenerationState) -> torch.Tensor:
-        return state.scratch[self].repeat_interleave(state.num_images_per_prompt, dim=0)  # [N, L]
+    def on_prompt(self, state: GenerationState) -> None:
+        if state.prompt is None:
+            raise ValueError("TokenReweight reads weights from `prompt`; it cannot act on `prompt_embeds` alone.")
+        parsed = {"prompt": [parse_weighted_prompt(p) for p in state.prompt]}
+        state.prompt = [text for text, _ in parsed["prompt"]]
+        streams = []  # per text encoder: its feature columns and the [P, L] weights of its prompt's tokens
+        for stream in state.family.text_streams:
+            key = stream.prompt_key
+            if key not in parsed:
+                own = state.extra_prompts.get(key)
+                if own is None:  # the encoder reads `prompt`
+                    parsed[key] = parsed["prompt"]
+                else:
+                    own = [own] * len(state.prompt) if isinstance(own, str) else list(own)
+                    parsed[key] = [parse_weighted_prompt(p) for p in own]
+                    state.extra_prompts[key] = [text for text, _ in parsed[key]]
+            streams.append((stream.features, self._weights(stream.tokenizer, parsed[key])))
+        state.scratch[self] = {"streams": streams, "keys": self._weights(state.family.tokenizer, parsed["prompt"])}
+        state.traces["token_reweight"] = {"prompts": state.prompt, "weights": [pairs for _, pairs in parsed["prompt"]]}
+
+    @staticmethod
+    def _per_image(state: GenerationState, weights: torch.Tensor) -> torch.Tensor:
+        return weights.repeat_interleave(state.num_images_per_prompt, dim=0)  # [N, L]
 
     def on_conditioning(self, state: GenerationState) -> None:
         if self.mode != "embedding":
             return
         embeds = state.prompt_embeds  # [N, L, D]
-        w = self._per_image(state).to(embeds)[:, : embeds.shape[1], None]  # [N, L, 1]
-        original_mean = embeds.float().mean(dim=(1, 2), keepdim=True)  # [N, 1, 1]
-        weighted = embeds.float() * w
-        new_mean = weighted.mean(dim=(1, 2), keepdim=True)
-        # A1111 restores the mean; a (near) zero-mean sequence has no mean to restore, and is left as weighted
-        scale = torch.where(
-            new_mean.abs() > 1e-6 * embeds.float().std(), original_mean / new_mean, torch.ones_like(new_mean)
-        )
-        state.prompt_embeds = (weighted * scale).to(embeds.dtype)
+        parts = []
+        for features, weights in state.scratch[self]["streams"]:
+            part = embeds[..., features]  # [N, L, d]: one text encoder's columns
+            w = self._per_image(state, weights).to(part)[:, : part.shape[1], None]  # [N, L, 1]
+            original_mean = part.float().mean(dim=(1, 2), keepdim=True)  # [N, 1, 1]
+            weighted = part.float() * w
+            new_mean = weighted.mean(dim=(1, 2), keepdim=True)
+            # A1111 restores the mean; a (near) zero-mean sequence has no mean to restore, and is left as weighted
+            scale = torch.where(
+                new_mean.abs() > 1e-6 * part.float().std(), original_mean / new_mean, torch.ones_like(new_mean)
+            )
+            parts.append((weighted * scale).to(embeds.dtype))
+        state.prompt_embeds = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def on_attention(self, state: GenerationState) -> None:
         if self.mode != "attention":
             return
         control = attention_control(state)
-        weights = self._per_image(state).to(state.device)  # [N, L]
+        weights = self._per_image(state, state.scratch[self]["keys"]).to(state.device)  # [N, L]
 
         class Scale:
             @staticmethod
@@ -424,6 +455,7 @@ class RegionReweight(AlignmentMethod):
     encode_phrases: bool = True
 
     stages = (Stage.CONDITIONING, Stage.ATTENTION, Stage.STEP_START)
+    required_features = frozenset({"cross_attention"})
 
     def __post_init__(self):
         if not (callable(self.regions) or isinstance(self.regions, dict)):
@@ -441,7 +473,7 @@ class RegionReweight(AlignmentMethod):
             layout = []
             for prompt in state.prompt:
                 regions = self.regions(prompt) if callable(self.regions) else self.regions
-                spans = token_spans(state.pipe.tokenizer, prompt, list(regions)) if regions else []
+                spans = state.family.token_spans(prompt, list(regions)) if regions else []
                 layout.append((list(regions), spans, list(regions.values())))
             state.scratch[self] = layout
         return state.scratch[self]
@@ -450,12 +482,12 @@ class RegionReweight(AlignmentMethod):
         layout = self._layout(state)
         if not self.encode_phrases or not any(phrases for phrases, _, _ in layout):
             return
-        pipe, n = state.pipe, state.num_images_per_prompt
+        family, n = state.family, state.num_images_per_prompt
         embeds = state.prompt_embeds.clone()  # [P * n, L, D]
         for p, (phrases, spans, _) in enumerate(layout):
             if not phrases:
                 continue
-            alone, _ = pipe.encode_prompt(phrases, state.device, 1, False, clip_skip=pipe.clip_skip)  # [R, L, D]
+            alone = family.encode_prompt(phrases, state.device, clip_skip=state.clip_skip).prompt_embeds  # [R, L, D]
             for r, span in enumerate(spans):
                 keep = [k for k, i in enumerate(span) if i < embeds.shape[1]]
                 # the phrase's tokens follow the start token when it is encoded alone

@@ -17,7 +17,7 @@ import torch
 
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage
 from ttalign.rewards.base import check_scores, is_differentiable, reward_name
-from ttalign.sampling import DifferentiableSampler, is_sigma_space, predict_x0, scheduler_kind, scheduler_step
+from ttalign.sampling import DifferentiableSampler, is_sigma_space, scheduler_kind, scheduler_step
 
 
 def _noise_level(scheduler, timestep, index: int) -> float:
@@ -84,10 +84,10 @@ class RewardGuidance(AlignmentMethod):
         n_steps, i = len(state.timesteps), state.step_index
         if not (self.start * n_steps <= i < self.stop * n_steps) or (i - int(self.start * n_steps)) % self.every:
             return
-        scheduler = state.pipe.scheduler
+        scheduler = state.family.scheduler
         sampler = DifferentiableSampler.from_state(state)
         with torch.enable_grad():
-            x0 = predict_x0(scheduler, state.noise_pred, state.timestep, state.latents).detach().requires_grad_()
+            x0 = state.family.predict_x0(state.noise_pred, state.timestep, state.latents).detach().requires_grad_()
             rewards = check_scores(self.reward(sampler.decode(x0), state.image_prompts), len(x0),
                                    reward_name(self.reward))  # fmt: skip
             (grad,) = torch.autograd.grad(rewards.sum(), x0)
@@ -190,16 +190,16 @@ class ParticleSteering(AlignmentMethod):
     def setup(self, state: GenerationState) -> None:
         if state.user_latents is not None:
             raise ValueError("ParticleSteering draws its own initial noise for each particle: do not pass `latents`.")
-        if isinstance(state.generator, list):
-            raise ValueError(f"ParticleSteering needs a single torch.Generator, got a list of {len(state.generator)}.")
         if state.prompt is None:
             raise ValueError("ParticleSteering scores images against their prompts: pass `prompt`.")
-        kind = scheduler_kind(state.pipe.scheduler)
+        scheduler = state.family.scheduler
+        kind = scheduler_kind(scheduler)
         if kind == "euler" or (kind == "ddim" and self.eta <= 0):
             raise ValueError(
                 f"ParticleSteering needs a stochastic sampler (resampled copies must diverge): DDIM with eta > 0, "
-                f"Euler ancestral or LCM; got {type(state.pipe.scheduler).__name__} with eta={self.eta}."
+                f"Euler ancestral or LCM; got {type(scheduler).__name__} with eta={self.eta}."
             )
+        state.expand_generators(self.particles)  # per-image generators: each image's particles derive from its own
         state.num_images_per_prompt *= self.particles
         state.scratch[self] = {"generators": None, "stats": None}
         state.traces["particle_steering"] = {"steps": [], "rewards": [], "ess": [], "resampled": [], "parents": []}
@@ -211,8 +211,23 @@ class ParticleSteering(AlignmentMethod):
 
     def _noise(self, state: GenerationState, store: dict, like: torch.Tensor) -> torch.Tensor:
         if store["generators"] is None:
-            store["generators"] = [state.derived_generator(salt=1000 + k) for k in range(like.shape[0])]
+            if isinstance(state.generator, list):  # one stream per particle, from the particle's own generator
+                store["generators"] = [state.derived_generator(salt=1000 + k % self.particles, row=k)
+                                       for k in range(like.shape[0])]  # fmt: skip
+            else:
+                store["generators"] = [state.derived_generator(salt=1000 + k) for k in range(like.shape[0])]
         return torch.stack([torch.randn(like.shape[1:], generator=g) for g in store["generators"]]).to(like)
+
+    def _uniforms(self, state: GenerationState, store: dict, n: int) -> torch.Tensor:
+        """One uniform per image `[n, 1]` for systematic resampling (per-image generators: each image its own)."""
+        if "resampler" not in store:
+            if isinstance(state.generator, list):
+                store["resampler"] = [state.derived_generator(salt=999, row=j * self.particles) for j in range(n)]
+            else:
+                store["resampler"] = state.derived_generator(salt=999)
+        if isinstance(store["resampler"], list):
+            return torch.cat([torch.rand(1, 1, generator=g) for g in store["resampler"]])
+        return torch.rand(n, 1, generator=store["resampler"])
 
     def on_noise_pred(self, state: GenerationState) -> None:
         state.scratch[self]["x_t"] = state.latents
@@ -220,7 +235,7 @@ class ParticleSteering(AlignmentMethod):
     @torch.no_grad()
     def on_step_end(self, state: GenerationState) -> None:
         store, i = state.scratch[self], state.step_index
-        scheduler, x_t = state.pipe.scheduler, store["x_t"]
+        scheduler, x_t = state.family.scheduler, store["x_t"]
         noise = self._noise(state, store, x_t)  # drawn every step, so each stream stays aligned with the steps
         prev, x0 = scheduler_step(scheduler, i, state.noise_pred, x_t, self.eta, noise)
         state.latents = prev
@@ -253,7 +268,7 @@ class ParticleSteering(AlignmentMethod):
         parents = torch.arange(p).expand(n, p).clone()
         if do.any():
             # systematic resampling: one uniform per image, P evenly spaced positions on the weights' CDF
-            u = torch.rand(n, 1, generator=store.setdefault("resampler", state.derived_generator(salt=999)))
+            u = self._uniforms(state, store, n)
             drawn = systematic_resample(log_w, u)
             parents = torch.where(do[:, None], drawn, parents)
         flat = (parents + torch.arange(n)[:, None] * p).flatten().to(state.latents.device)  # [N * P]

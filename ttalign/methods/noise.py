@@ -32,11 +32,12 @@ def _score(reward, images: torch.Tensor, prompts: list[str], state: GenerationSt
     return scores.float()
 
 
-def _refuse_generator_lists(state: GenerationState, method: str) -> None:
-    if isinstance(state.generator, list):
-        raise ValueError(f"{method} needs a single torch.Generator, got a list of {len(state.generator)}.")
+def _require_prompts(state: GenerationState, method: str) -> None:
     if state.prompt is None:
         raise ValueError(f"{method} scores images against their prompts: pass `prompt`, not only `prompt_embeds`.")
+    if isinstance(state.generator, list) and len(state.generator) != state.batch_size:
+        raise ValueError(f"Got a list of {len(state.generator)} generators for {state.batch_size} images; pass one "
+                         "per image (len(prompt) * num_images_per_prompt).")  # fmt: skip
 
 
 class _NoiseReplay:
@@ -50,7 +51,7 @@ class _NoiseReplay:
     def replay(state: GenerationState, store: dict, eta: float) -> None:
         noise = store.get("noises", [None] * (state.step_index + 1))[state.step_index]
         if noise is not None:
-            prev, _ = scheduler_step(state.pipe.scheduler, state.step_index, state.noise_pred, store["x_t"], eta,
+            prev, _ = scheduler_step(state.family.scheduler, state.step_index, state.noise_pred, store["x_t"], eta,
                                      noise.to(store["x_t"]))  # fmt: skip
             state.latents = prev
 
@@ -101,7 +102,7 @@ class SeedSearch(AlignmentMethod):
             raise ValueError(f"SeedSearch needs radius > 0, got radius={self.radius!r}.")
 
     def setup(self, state: GenerationState) -> None:
-        _refuse_generator_lists(state, "SeedSearch")
+        _require_prompts(state, "SeedSearch")
 
     @torch.no_grad()
     def _evaluate(self, sampler, z, noises, state) -> torch.Tensor:
@@ -111,15 +112,15 @@ class SeedSearch(AlignmentMethod):
     @torch.no_grad()
     def on_init_latents(self, state: GenerationState) -> None:
         sampler = DifferentiableSampler.from_state(state)
-        sigma = state.pipe.scheduler.init_noise_sigma
-        generator = state.derived_generator(salt=1)
+        sigma = state.family.scheduler.init_noise_sigma
+        generator = state.method_generators(salt=1)  # per-image generators: each image's candidates from its own
         shape = state.latents.shape
 
         def draw_noises():
             return sampler.draw_noises(shape, generator, state.device, state.latents.dtype)
 
         def draw():
-            return torch.randn(shape, generator=generator, dtype=torch.float32).to(state.latents)
+            return state.randn(shape, generator).to(state.latents)
 
         pivot, noises = state.latents / sigma, draw_noises()
         all_scores = []
@@ -258,13 +259,13 @@ class NoiseOptimization(AlignmentMethod):
                                      "injected noises; use one of them.")  # fmt: skip
 
     def setup(self, state: GenerationState) -> None:
-        _refuse_generator_lists(state, "NoiseOptimization")
+        _require_prompts(state, "NoiseOptimization")
 
     def on_init_latents(self, state: GenerationState) -> None:
         eta = state.eta if self.eta is None else self.eta
         sampler = DifferentiableSampler.from_state(state, eta=eta, gradient_checkpointing=self.gradient_checkpointing)
-        sigma = state.pipe.scheduler.init_noise_sigma
-        generator = state.derived_generator(salt=2)
+        sigma = state.family.scheduler.init_noise_sigma
+        generator = state.method_generators(salt=2)
         n = state.latents.shape[0]
         z = (state.latents / sigma).float().clone().requires_grad_()
         noises = sampler.draw_noises(state.latents.shape, generator, state.device, torch.float32)

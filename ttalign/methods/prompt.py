@@ -152,19 +152,20 @@ class PromptRewrite(AlignmentMethod):
     @torch.no_grad()
     def _score(self, state: GenerationState, prompts: list[str]) -> torch.Tensor:
         """Renders every candidate prompt from the same initial noise with the call's settings, and scores it."""
-        pipe = state.pipe
-        pipe.scheduler.set_timesteps(state.num_inference_steps, device=state.device)
-        do_cfg = state.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        family = state.family
+        family.scheduler.set_timesteps(state.num_inference_steps, device=state.device)
         negative = state.negative_prompt if isinstance(state.negative_prompt, str) else None  # one for all candidates
-        cond, uncond = pipe.encode_prompt(prompts, state.device, 1, do_cfg, negative)
-        sampler = DifferentiableSampler(pipe, cond, uncond, state.guidance_scale, state.eta)
-        shape = (1, pipe.unet.config.in_channels, state.height // pipe.vae_scale_factor,
-                 state.width // pipe.vae_scale_factor)  # fmt: skip
+        cond = family.encode_prompt(prompts, state.device, negative_prompt=negative,
+                                    do_cfg=state.do_classifier_free_guidance, height=state.height, width=state.width,
+                                    guidance_scale=state.guidance_scale, clip_skip=state.clip_skip)  # fmt: skip
+        sampler = DifferentiableSampler(family, cond, guidance_scale=state.guidance_scale, eta=state.eta)
+        shape = family.latents_shape(1, state.height, state.width)
         generator = state.derived_generator(salt=3)
-        noise = torch.randn(shape, generator=generator).to(state.device, cond.dtype) * pipe.scheduler.init_noise_sigma
+        dtype = cond.prompt_embeds.dtype
+        noise = torch.randn(shape, generator=generator).to(state.device, dtype) * family.scheduler.init_noise_sigma
         latents = noise.expand(len(prompts), -1, -1, -1)
         noises = [None if e is None else e.expand(len(prompts), -1, -1, -1) for e in
-                  sampler.draw_noises(shape, generator, state.device, cond.dtype)]  # fmt: skip
+                  sampler.draw_noises(shape, generator, state.device, dtype)]  # fmt: skip
         images = sampler.decode(sampler.sample(latents, noises))
         sampler.account(state)
         state.reward_calls += 1

@@ -29,6 +29,9 @@ class BestOfN(AlignmentMethod):
         reward_batch_size (`int`, *optional*):
             Score at most this many candidates per reward call (all at once by default).
 
+    With diffusers' per-image generators (`generator=[g1, g2, ...]`), image `i`'s first candidate is drawn from
+    `g_i` itself (so it is the image the plain call draws) and the others from generators derived from `g_i`.
+
     After the call, `out.rewards` holds the winners' rewards and `out.traces["best_of_n"]` the scores of all
     candidates (`scores`, `[N, n]`), the index of each winner among its candidates (`chosen`, `[N]`) and its index
     in the sampled batch (`selected`, `[N]`).
@@ -60,13 +63,9 @@ class BestOfN(AlignmentMethod):
     def setup(self, state: GenerationState) -> None:
         if state.user_latents is not None:
             raise ValueError("BestOfN draws its own initial noise for each candidate: do not pass `latents`.")
-        if isinstance(state.generator, list):
-            raise ValueError(
-                f"BestOfN needs a single torch.Generator (it draws {self.n} candidates per image), "
-                f"got a list of {len(state.generator)}."
-            )
         if state.prompt is None:
             raise ValueError("BestOfN scores images against their prompts: pass `prompt`, not only `prompt_embeds`.")
+        state.expand_generators(self.n)  # with per-image generators, each image's candidates derive from its own
         state.num_images_per_prompt *= self.n
 
     def on_output(self, state: GenerationState) -> None:

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage
-from ttalign.sampling import predict_x0
 
 
 @dataclass(eq=False)
@@ -46,7 +45,7 @@ class TraceLatents(AlignmentMethod):
 
     def on_noise_pred(self, state: GenerationState) -> None:
         if self.x0 and self._records(state):
-            x0 = predict_x0(state.pipe.scheduler, state.noise_pred, state.timestep, state.latents)
+            x0 = state.family.predict_x0(state.noise_pred, state.timestep, state.latents)
             state.scratch[self]["x0"].append(x0.detach().to(self.device))
 
     def on_step_end(self, state: GenerationState) -> None:

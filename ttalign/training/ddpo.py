@@ -4,7 +4,7 @@ https://arxiv.org/abs/2305.16381): online RL on the denoising chain.
 Each step samples trajectories with the aligned pipeline itself (DDIM with `eta > 0`), recorded by a `step_end`
 method with the log-probability of every transition (:func:`~ttalign.sampling.ddim_step_with_logprob`), scores the
 images with the reward, normalizes advantages per prompt, and takes a REINFORCE or PPO-clip step on the recorded
-transitions. The reference model of the KL term is the same UNet with LoRA disabled.
+transitions. The reference model of the KL term is the same denoiser with LoRA disabled.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class TrajectoryRecorder(AlignmentMethod):
 
     def on_step_end(self, state: GenerationState) -> None:
         x_t = state.scratch[self]
-        _, log_prob = ddim_step_with_logprob(state.pipe.scheduler, state.step_index, state.noise_pred, x_t, self.eta,
+        _, log_prob = ddim_step_with_logprob(state.family.scheduler, state.step_index, state.noise_pred, x_t, self.eta,
                                              prev_sample=state.latents)  # fmt: skip
         trace = state.traces["trajectory"]
         trace["latents"].append(x_t)
@@ -94,10 +94,10 @@ class Trajectories:
 
 
 class DDPOTrainer(LoRATrainer):
-    """Fine-tunes a pipeline's UNet with LoRA by DDPO (PPO-clip or REINFORCE), optionally with DPOK's KL term.
+    """Fine-tunes a pipeline's denoiser with LoRA by DDPO (PPO-clip or REINFORCE), optionally with DPOK's KL term.
 
     Args:
-        pipe: a Stable Diffusion pipeline with a `DDIMScheduler`.
+        pipe: a pipeline of a supported family (SD 1.x/2.x, SDXL) with a `DDIMScheduler`.
         config (:class:`DDPOConfig`).
         reward: any reward (differentiable or not), `reward(images [0, 1], prompts) -> [N]`.
         prompts (`list[str]`): training prompts, drawn uniformly.
@@ -117,15 +117,13 @@ class DDPOTrainer(LoRATrainer):
     name = "ddpo"
 
     def __init__(self, pipe, config: DDPOConfig, reward: Callable, prompts: list[str]):
-        from ttalign.pipelines import AlignedStableDiffusionPipeline
-
         if scheduler_kind(pipe.scheduler) != "ddim":
             raise ValueError(f"DDPO samples with DDIM; the pipeline has {type(pipe.scheduler).__name__}.")
         if not prompts:
             raise ValueError("DDPOTrainer needs at least one prompt.")
         super().__init__(pipe, config)
         self.reward, self.prompts = reward, list(prompts)
-        self.sampler_pipe = AlignedStableDiffusionPipeline.from_pipe(pipe)
+        self.sampler_pipe = self.model.aligned_pipeline()
         self.sampler_pipe.set_progress_bar_config(disable=True)
 
     @torch.no_grad()
@@ -135,12 +133,12 @@ class DDPOTrainer(LoRATrainer):
         picks = torch.randint(0, len(self.prompts), (c.train_batch_size,), generator=generator).tolist()
         prompts = [self.prompts[i] for i in picks]
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        self.unet.eval()
+        self.denoiser.eval()
         out = self.sampler_pipe(prompts, num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
                                 eta=c.eta, height=self.size, width=self.size, output_type="pt",
                                 generator=torch.Generator().manual_seed(seed),
                                 alignment=[TrajectoryRecorder(c.eta)])  # fmt: skip
-        self.unet.train()
+        self.denoiser.train()
         trace = out.traces["trajectory"]
         rewards = check_scores(self.reward(out.images.float(), prompts), len(prompts), reward_name(self.reward))
         rewards = rewards.float().cpu()
@@ -150,27 +148,22 @@ class DDPOTrainer(LoRATrainer):
 
     def policy_loss(self, traj: Trajectories, steps: list[int]) -> tuple[torch.Tensor, dict]:
         """The DDPO (+ DPOK KL) loss of the recorded transitions at `steps`, under the current weights."""
-        c, pipe, device = self.config, self.pipe, self.accelerator.device
+        c, device = self.config, self.accelerator.device
         scheduler = self.sampler_pipe.scheduler
-        cfg = c.guidance_scale > 1
-        with torch.no_grad():
-            cond, uncond = pipe.encode_prompt(traj.prompts, device, 1, cfg)
-        embeds = torch.cat([uncond, cond]) if cfg else cond
+        model = self.model.replace(scheduler=scheduler)
+        with torch.no_grad():  # the conditioning the sampling call used
+            cond = model.encode_prompt(traj.prompts, device, do_cfg=c.guidance_scale > 1, height=self.size,
+                                       width=self.size, guidance_scale=c.guidance_scale)  # fmt: skip
         advantages = traj.advantages.to(device)
         losses, clip_fracs, kls = [], [], []
         for j in steps:
             x_t, prev = traj.latents[j].to(device), traj.next_latents[j].to(device)
             t = scheduler.timesteps[j]
 
-            def guided(unet, x_t=x_t, t=t, j=j):
-                x = scale_model_input(scheduler, torch.cat([x_t] * 2) if cfg else x_t, j)
-                out = unet(x, t, encoder_hidden_states=embeds).sample
-                if cfg:
-                    uncond_out, cond_out = out.chunk(2)
-                    out = uncond_out + c.guidance_scale * (cond_out - uncond_out)
-                return out
+            def guided(x_t=x_t, t=t, j=j):
+                return model.denoise(scale_model_input(scheduler, x_t, j), t, cond, c.guidance_scale)
 
-            eps = guided(self.unet)
+            eps = guided()
             _, log_prob = ddim_step_with_logprob(scheduler, j, eps, x_t, c.eta, prev_sample=prev)
             old = traj.log_probs[j].to(device)
             if c.algorithm == "ppo":
@@ -179,13 +172,8 @@ class DDPOTrainer(LoRATrainer):
             else:
                 loss = reinforce_loss(log_prob, advantages)
             if c.kl_weight > 0:
-                unwrapped = self.accelerator.unwrap_model(self.unet)
-                with torch.no_grad():
-                    unwrapped.disable_adapters()
-                    try:
-                        eps_ref = guided(self.unet)
-                    finally:
-                        unwrapped.enable_adapters()
+                with torch.no_grad(), self.reference_mode():
+                    eps_ref = guided()
                 kl = per_sample_mse(eps, eps_ref).mean()
                 kls.append(kl.item())
                 loss = loss + c.kl_weight * kl

@@ -1,8 +1,9 @@
 """Offline preference training: Diffusion-DPO (Wallace et al. 2023, https://arxiv.org/abs/2311.12908) on preference
 pairs and Diffusion-KTO (Li et al. 2024, https://arxiv.org/abs/2404.04465) on binary feedback.
 
-The reference model is the same UNet with its LoRA adapters disabled (no second copy). Training images are encoded
-by the VAE and prompts by the text encoder once, before the first step.
+The reference model is the same denoiser with its LoRA adapters disabled (no second copy). Training images are
+encoded by the VAE and prompts by the text encoders once, before the first step. Families with size conditioning
+(SDXL) condition each image on its original size and crop, as diffusers' `train_diffusion_dpo_sdxl.py` does.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .losses import diffusion_dpo_loss, diffusion_kto_loss, per_sample_mse
-from .trainer import LoRATrainer, TrainingConfig, image_to_tensor
+from .trainer import LoRATrainer, TrainingConfig, crop_geometry, image_to_tensor
 
 
 @dataclass
@@ -81,16 +82,29 @@ class _OfflineTrainer(LoRATrainer):
     """Denoising-loss training on fixed images: shared noise and timesteps, LoRA model against adapters disabled."""
 
     @torch.no_grad()
-    def _encode(self, images, prompts) -> tuple[torch.Tensor, torch.Tensor]:
-        pipe, device = self.pipe, self.accelerator.device
-        latents, embeds = [], []
+    def _encode_images(self, images) -> torch.Tensor:
+        """Training images -> latents `[N, ...]`, 16 at a time."""
+        device = self.accelerator.device
+        latents = []
         for start in range(0, len(images), 16):
             batch = torch.stack([image_to_tensor(im, self.size) for im in images[start : start + 16]]).to(device)
-            latents.append(pipe.vae.encode(batch.to(pipe.vae.dtype)).latent_dist.mean * pipe.vae.config.scaling_factor)
-            embeds.append(pipe.encode_prompt(prompts[start : start + 16], device, 1, False)[0])
-        return torch.cat(latents), torch.cat(embeds)
+            latents.append(self.model.encode_images(batch))
+        return torch.cat(latents)
 
-    def _mse(self, latents, embeds, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def _conditioning(self, prompts, images):
+        """The conditional branch of each prompt, conditioned on its image's original size and crop."""
+        from ttalign.pipelines.family import Conditioning
+
+        device, parts = self.accelerator.device, []
+        for start in range(0, len(prompts), 16):
+            geometry = [crop_geometry(im, self.size) for im in images[start : start + 16]]
+            parts.append(self.model.training_conditioning(prompts[start : start + 16], device,
+                                                          image_sizes=[g[0] for g in geometry],
+                                                          crops=[g[1] for g in geometry], size=self.size))  # fmt: skip
+        return Conditioning.cat(parts)
+
+    def _mse(self, latents, cond, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample denoising MSE `[B]` of the LoRA model and of the reference (adapters disabled)."""
         scheduler = self.noise_scheduler
         noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -98,14 +112,9 @@ class _OfflineTrainer(LoRATrainer):
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        model_mse = per_sample_mse(self.unet(noisy, timesteps, encoder_hidden_states=embeds).sample, target)
-        unwrapped = self.accelerator.unwrap_model(self.unet)
-        with torch.no_grad():
-            unwrapped.disable_adapters()
-            try:
-                ref_mse = per_sample_mse(self.unet(noisy, timesteps, encoder_hidden_states=embeds).sample, target)
-            finally:
-                unwrapped.enable_adapters()
+        model_mse = per_sample_mse(self.model.forward(noisy, timesteps, cond, cfg=False), target)
+        with torch.no_grad(), self.reference_mode():
+            ref_mse = per_sample_mse(self.model.forward(noisy, timesteps, cond, cfg=False), target)
         return model_mse, ref_mse
 
     def _noise_and_timesteps(self, like: torch.Tensor, generator: torch.Generator):
@@ -116,10 +125,11 @@ class _OfflineTrainer(LoRATrainer):
 
 
 class DiffusionDPOTrainer(_OfflineTrainer):
-    """Fine-tunes a Stable Diffusion pipeline's UNet with LoRA on preference pairs by Diffusion-DPO.
+    """Fine-tunes a pipeline's denoiser with LoRA on preference pairs by Diffusion-DPO.
 
     Args:
-        pipe: a Stable Diffusion pipeline (diffusers' or an aligned one); its UNet gets the LoRA adapter.
+        pipe: a pipeline of a supported family (SD 1.x/2.x, SDXL; diffusers' or an aligned one); its denoiser gets the
+            LoRA adapter.
         config (:class:`DPOConfig`).
         train_dataset: a list of `ttalign.rewards.evaluation.PreferencePair` (`prompt`, `image_0`, `image_1`,
             `label`: 0 when image 0 is preferred), or a path read by `load_pairs` (a folder with `pairs.jsonl`, or a
@@ -150,23 +160,24 @@ class DiffusionDPOTrainer(_OfflineTrainer):
             raise ValueError("DiffusionDPOTrainer needs at least one preference pair that is not a tie.")
         super().__init__(pipe, config)
         self.noise_scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        prompts = [p.prompt for p in self.pairs]
-        self.winners, self.embeds = self._encode([p.image_1 if p.label else p.image_0 for p in self.pairs], prompts)
-        self.losers, _ = self._encode([p.image_0 if p.label else p.image_1 for p in self.pairs], prompts)
+        self.winners = self._encode_images([p.image_1 if p.label else p.image_0 for p in self.pairs])
+        self.losers = self._encode_images([p.image_0 if p.label else p.image_1 for p in self.pairs])
+        # one conditioning per pair, shared by winner and loser (size conditioning from image 0, as diffusers' script)
+        self.cond = self._conditioning([p.prompt for p in self.pairs], [p.image_0 for p in self.pairs])
 
     def training_step(self, generator):
         indices = torch.randint(0, len(self.pairs), (self.config.train_batch_size,), generator=generator)
-        winners, losers, embeds = self.winners[indices], self.losers[indices], self.embeds[indices]
+        winners, losers = self.winners[indices], self.losers[indices]
         noise, timesteps = self._noise_and_timesteps(winners, generator)  # shared by winner and loser
-        model_mse, ref_mse = self._mse(torch.cat([winners, losers]), embeds.repeat(2, 1, 1), noise.repeat(2, 1, 1, 1),
-                                       timesteps.repeat(2))  # fmt: skip
+        model_mse, ref_mse = self._mse(torch.cat([winners, losers]), self.cond.select(indices.repeat(2)),
+                                       noise.repeat(2, 1, 1, 1), timesteps.repeat(2))  # fmt: skip
         n = len(indices)
         loss, accuracy = diffusion_dpo_loss(model_mse[:n], model_mse[n:], ref_mse[:n], ref_mse[n:], self.config.beta)
         return loss, {"implicit_accuracy": accuracy.item()}
 
 
 class DiffusionKTOTrainer(_OfflineTrainer):
-    """Fine-tunes a pipeline's UNet with LoRA on binary feedback (desirable / undesirable images) by Diffusion-KTO.
+    """Fine-tunes a pipeline's denoiser with LoRA on binary feedback (desirable / undesirable images) by Diffusion-KTO.
 
     Args:
         pipe, config (:class:`KTOConfig`).
@@ -206,14 +217,15 @@ class DiffusionKTOTrainer(_OfflineTrainer):
         self.records = records
         super().__init__(pipe, config)
         self.noise_scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        self.latents, self.embeds = self._encode([r[1] for r in records], [r[0] for r in records])
+        self.latents = self._encode_images([r[1] for r in records])
+        self.cond = self._conditioning([r[0] for r in records], [r[1] for r in records])
         self.desirable = torch.tensor([bool(r[2]) for r in records])
 
     def training_step(self, generator):
         indices = torch.randint(0, len(self.records), (self.config.train_batch_size,), generator=generator)
-        latents, embeds = self.latents[indices], self.embeds[indices]
+        latents = self.latents[indices]
         noise, timesteps = self._noise_and_timesteps(latents, generator)
-        model_mse, ref_mse = self._mse(latents, embeds, noise, timesteps)
+        model_mse, ref_mse = self._mse(latents, self.cond.select(indices), noise, timesteps)
         c = self.config
         loss = diffusion_kto_loss(model_mse, ref_mse, self.desirable[indices].to(latents.device), c.beta,
                                   c.lambda_desirable, c.lambda_undesirable)  # fmt: skip

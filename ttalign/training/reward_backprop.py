@@ -1,4 +1,4 @@
-"""Reward backpropagation: fine-tune a pipeline's UNet (LoRA) by differentiating a reward through sampling.
+"""Reward backpropagation: fine-tune a pipeline's denoiser (LoRA) by differentiating a reward through sampling.
 
 Three modes, through the same :class:`~ttalign.sampling.DifferentiableSampler` as noise optimization:
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ttalign.rewards.base import check_scores, is_differentiable, reward_name
-from ttalign.sampling import DifferentiableSampler, predict_x0
+from ttalign.sampling import DifferentiableSampler
 
 from .losses import refl_loss
 from .trainer import LoRATrainer, TrainingConfig
@@ -60,10 +60,11 @@ class RewardBackpropConfig(TrainingConfig):
 
 
 class RewardBackpropTrainer(LoRATrainer):
-    """Fine-tunes a pipeline's UNet with LoRA by backpropagating a differentiable reward through sampling.
+    """Fine-tunes a pipeline's denoiser with LoRA by backpropagating a differentiable reward through sampling.
 
     Args:
-        pipe: a Stable Diffusion pipeline whose scheduler the sampler supports (DDIM, Euler, Euler ancestral, LCM).
+        pipe: a pipeline of a supported family (SD 1.x/2.x, SDXL) whose scheduler the sampler supports (DDIM, Euler,
+            Euler ancestral, LCM).
         config (:class:`RewardBackpropConfig`).
         reward: a differentiable reward (`reward.differentiable`).
         prompts (`list[str]`): the training prompts, drawn uniformly.
@@ -92,16 +93,18 @@ class RewardBackpropTrainer(LoRATrainer):
         self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
 
     def training_step(self, generator):
-        c, pipe, device = self.config, self.pipe, self.accelerator.device
+        c, device = self.config, self.accelerator.device
         picks = torch.randint(0, len(self.prompts), (c.train_batch_size,), generator=generator).tolist()
         prompts = [self.prompts[i] for i in picks]
+        # the trainer's own scheduler and the accelerate-prepared denoiser (gradients synchronized across processes)
+        model = self.model.replace(scheduler=self.scheduler)
         with torch.no_grad():
-            cond, uncond = pipe.encode_prompt(prompts, device, 1, c.guidance_scale > 1)
+            cond = model.encode_prompt(prompts, device, do_cfg=c.guidance_scale > 1, height=self.size,
+                                       width=self.size, guidance_scale=c.guidance_scale)  # fmt: skip
         self.scheduler.set_timesteps(c.num_inference_steps, device=device)
-        view = _SchedulerView(pipe, self.scheduler, self.unet)
-        sampler = DifferentiableSampler(view, cond, uncond, c.guidance_scale, c.eta, gradient_checkpointing=True)
-        shape = (len(prompts), pipe.unet.config.in_channels, self.size // pipe.vae_scale_factor,
-                 self.size // pipe.vae_scale_factor)  # fmt: skip
+        sampler = DifferentiableSampler(model, cond, guidance_scale=c.guidance_scale, eta=c.eta,
+                                        gradient_checkpointing=True)  # fmt: skip
+        shape = model.latents_shape(len(prompts), self.size, self.size)
         latents = torch.randn(shape, generator=generator).to(device) * self.scheduler.init_noise_sigma
         noises = sampler.draw_noises(shape, generator, device)
         steps = sampler.num_steps
@@ -110,7 +113,7 @@ class RewardBackpropTrainer(LoRATrainer):
             with torch.no_grad():
                 latents = sampler.sample(latents, noises, 0, stop)
             output = sampler.model_output(stop, latents)
-            x0 = predict_x0(self.scheduler, output, self.scheduler.timesteps[stop], latents)
+            x0 = model.predict_x0(output, self.scheduler.timesteps[stop], latents)
             rewards = self._reward(sampler.decode(x0), prompts)
             return refl_loss(rewards, c.refl_scale, c.refl_target), {"reward": rewards.mean().item(), "stop": stop}
         k = c.k if c.mode == "draft" else int(torch.randint(1, steps + 1, (1,), generator=generator))
@@ -122,14 +125,3 @@ class RewardBackpropTrainer(LoRATrainer):
 
     def _reward(self, images, prompts):
         return check_scores(self.reward(images, prompts), len(prompts), reward_name(self.reward)).float()
-
-
-class _SchedulerView:
-    """The pipeline seen by the sampler during training: its VAE and helpers, the trainer's scheduler, and the
-    accelerate-prepared UNet (so gradients are synchronized across processes)."""
-
-    def __init__(self, pipe, scheduler, unet):
-        self._pipe, self.scheduler, self.unet = pipe, scheduler, unet
-
-    def __getattr__(self, name):
-        return getattr(self._pipe, name)

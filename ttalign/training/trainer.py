@@ -1,7 +1,9 @@
-"""What every trainer shares: LoRA on the pipeline's UNet through peft, accelerate (devices, mixed precision,
+"""What every trainer shares: LoRA on the pipeline's denoiser through peft, accelerate (devices, mixed precision,
 gradient accumulation, processes), atomic checkpoints with resume, JSONL / tracker logging and a progress bar.
 
-A trainer subclasses :class:`LoRATrainer` and implements `training_step(generator) -> (loss, metrics)`.
+A trainer subclasses :class:`LoRATrainer` and implements `training_step(generator) -> (loss, metrics)`. It knows the
+model only through its family (`self.model`, a :class:`~ttalign.pipelines.family.ModelFamily` whose denoiser is the
+accelerate-prepared one).
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ class TrainingConfig:
 
     Args:
         learning_rate (`float`, defaults to 1e-4): AdamW learning rate of the LoRA weights.
-        lora_rank (`int`, defaults to 8), lora_alpha (`int`, *optional*, defaults to the rank): LoRA on the UNet's
-            attention projections (`to_q`, `to_k`, `to_v`, `to_out.0`).
+        lora_rank (`int`, defaults to 8), lora_alpha (`int`, *optional*, defaults to the rank): LoRA on the
+            denoiser's attention projections (the family's `lora_target_modules`: `to_q`, `to_k`, `to_v`, `to_out.0`
+            for the UNet families).
         train_batch_size (`int`, defaults to 4): samples (pairs, records or prompts) per step and process.
         gradient_accumulation_steps (`int`, defaults to 1).
         max_steps (`int`, defaults to 100): optimizer steps.
         max_grad_norm (`float`, defaults to 1.0).
         mixed_precision (`str`, defaults to `"no"`): `"no"`, `"fp16"` or `"bf16"` (accelerate's).
-        gradient_checkpointing (`bool`, defaults to `False`): UNet activation checkpointing.
+        gradient_checkpointing (`bool`, defaults to `False`): the denoiser's activation checkpointing.
         resolution (`int`, *optional*): training images are resized to this square size (default: the pipeline's).
         checkpointing_steps (`int`, defaults to 50): write a checkpoint every this many optimizer steps.
         checkpoints_total_limit (`int`, defaults to 2): keep at most this many checkpoints.
@@ -66,6 +69,15 @@ class TrainingConfig:
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}.")
 
 
+def crop_geometry(image, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where :func:`image_to_tensor` takes its square from: the image's original `(height, width)` and the top-left
+    corner `(top, left)` of the centre crop in the resized image (SDXL's size and crop conditioning)."""
+    w, h = image.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    return (h, w), ((new_h - size) // 2, (new_w - size) // 2)
+
+
 def image_to_tensor(image, size: int) -> torch.Tensor:
     """PIL image -> float `[3, size, size]` in `[-1, 1]` (bicubic resize of the shorter side, centre crop)."""
     from PIL import Image
@@ -80,7 +92,12 @@ def image_to_tensor(image, size: int) -> torch.Tensor:
 
 
 class LoRATrainer:
-    """Base of the trainers: sets up LoRA, the optimizer and accelerate; runs the loop with checkpoints."""
+    """Base of the trainers: sets up LoRA, the optimizer and accelerate; runs the loop with checkpoints.
+
+    Attributes:
+        model (`ModelFamily`): the pipeline's model family, with the accelerate-prepared `denoiser`.
+        denoiser: the accelerate-prepared denoiser (`unet` is its alias for the UNet families).
+    """
 
     name = "train"
 
@@ -88,6 +105,9 @@ class LoRATrainer:
         from accelerate import Accelerator
         from peft import LoraConfig
 
+        from ttalign.pipelines import family_for
+
+        family = family_for(pipe)  # TypeError naming the supported pipelines, before any set-up
         self.pipe, self.config = pipe, config
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -96,20 +116,30 @@ class LoRATrainer:
             project_dir=config.output_dir,
             cpu=not torch.cuda.is_available(),
         )
-        unet = pipe.unet
-        for module in (unet, pipe.vae, pipe.text_encoder):
+        denoiser = family.base_denoiser
+        for module in (denoiser, family.vae, *family.text_encoders):
             module.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
-                                    init_lora_weights="gaussian",
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))  # fmt: skip
+        denoiser.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
+                                        init_lora_weights="gaussian",
+                                        target_modules=list(family.lora_target_modules)))  # fmt: skip
         if config.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        self.params = [p for p in unet.parameters() if p.requires_grad]
+            denoiser.enable_gradient_checkpointing()
+        self.params = [p for p in denoiser.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate)
-        self.unet, self.optimizer = self.accelerator.prepare(unet, self.optimizer)
+        self.denoiser, self.optimizer = self.accelerator.prepare(denoiser, self.optimizer)
+        self.model = family.replace(denoiser=self.denoiser)
         self.step = 0
         self._rng = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
-        self.size = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.size = config.resolution or family.default_image_size
+
+    @property
+    def unet(self):
+        """The accelerate-prepared denoiser, under the name the UNet families' scripts use."""
+        return self.denoiser
+
+    def reference_mode(self):
+        """A context in which the denoiser runs without its LoRA adapters (the reference model)."""
+        return _AdaptersDisabled(self.accelerator.unwrap_model(self.denoiser))
 
     def training_step(self, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """One micro-batch: returns the loss to backpropagate and the metrics to log."""
@@ -128,7 +158,7 @@ class LoRATrainer:
     def lora_state(self) -> dict:
         from peft.utils import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.accelerator.unwrap_model(self.unet))
+        return get_peft_model_state_dict(self.accelerator.unwrap_model(self.denoiser))
 
     def save_checkpoint(self) -> str:
         """Writes `output_dir/checkpoint-<step>` atomically: a temporary folder renamed into place, so a run killed
@@ -159,7 +189,7 @@ class LoRATrainer:
         from safetensors.torch import load_file
 
         lora = load_file(os.path.join(path, "lora.safetensors"))
-        set_peft_model_state_dict(self.accelerator.unwrap_model(self.unet), lora)
+        set_peft_model_state_dict(self.accelerator.unwrap_model(self.denoiser), lora)
         state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
@@ -167,14 +197,10 @@ class LoRATrainer:
         random.setstate(state["python_rng"])
 
     def save_lora(self, directory: str) -> None:
-        """Saves the LoRA in diffusers' format (`pytorch_lora_weights.safetensors`), loadable with
-        `pipe.load_lora_weights(directory)` by diffusers' pipelines and the aligned ones."""
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-
+        """Saves the LoRA in the format of the family's diffusers pipeline (`pytorch_lora_weights.safetensors`),
+        loadable with `pipe.load_lora_weights(directory)` by diffusers' pipelines and the aligned ones."""
         if self.accelerator.is_main_process:
-            layers = convert_state_dict_to_diffusers(self.lora_state())
-            StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+            self.model.save_lora(directory, self.lora_state())
         self.accelerator.wait_for_everyone()
 
     # --- the loop -------------------------------------------------------------------------------------------------
@@ -201,12 +227,12 @@ class LoRATrainer:
         if self.accelerator.is_main_process:
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
         metrics: dict = {}
-        self.unet.train()
+        self.denoiser.train()
         bar = tqdm(total=config.max_steps, initial=self.step, desc=self.name,
                    disable=not self.accelerator.is_main_process)  # fmt: skip
         while self.step < config.max_steps:
             for _ in range(config.gradient_accumulation_steps):
-                with self.accelerator.accumulate(self.unet):
+                with self.accelerator.accumulate(self.denoiser):
                     loss, step_metrics = self.training_step(self._rng)
                     self.accelerator.backward(loss)
                     if self.accelerator.sync_gradients:
@@ -225,7 +251,22 @@ class LoRATrainer:
             if self.step % config.checkpointing_steps == 0 or self.step == config.max_steps:
                 self.save_checkpoint()
         bar.close()
-        self.unet.eval()
+        self.denoiser.eval()
         if config.report_to:
             self.accelerator.end_training()
         return metrics
+
+
+class _AdaptersDisabled:
+    """Disables a peft-adapted module's adapters inside the block (also when it raises)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.module.disable_adapters()
+        return self.module
+
+    def __exit__(self, *exc):
+        self.module.enable_adapters()
+        return False

@@ -1,0 +1,320 @@
+"""The model-family interface: all that alignment methods, samplers and trainers may know of a model.
+
+Each pipeline family (SD 1.x/2.x, SDXL, ...) implements :class:`ModelFamily` next to its aligned pipeline in this
+package. A method reaches its call's family as `state.family`; a trainer or a sampler outside a call asks
+:func:`family_for` for the family of a pipeline. None of them names the denoiser, its keyword arguments or a pipeline
+class: adding a family is one file here (the aligned pipeline and its family), its tiny components and its tests.
+
+What the interface gives:
+
+- modules: `denoiser` (the UNet or transformer), `scheduler`, `vae`, `text_encoders`, `tokenizer`;
+- conditioning: :class:`Conditioning` (the token embeddings plus the family's other inputs, per image and branch),
+  `encode_prompt`, `training_conditioning`;
+- the denoiser's call: `denoise(latents, timestep, cond, guidance_scale)`, one forward pass with the full
+  conditioning, classifier-free guidance included;
+- model output: `prediction_type`, `predict_x0`;
+- latents: `latents_shape`, `decode`, `encode_images`;
+- attention: `features`, `install_attention_control`, `cross_attention_resolutions`, `text_streams`, `token_spans`,
+  `prompt_length`, `attention_defaults`;
+- LoRA: `lora_target_modules`, `save_lora` (in the format the family's diffusers pipeline loads).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import torch
+
+
+def _select(value, rows):
+    if isinstance(value, (list, tuple)):
+        return [v[rows] for v in value]
+    return value[rows]
+
+
+def _concat(negative, positive):
+    if isinstance(positive, (list, tuple)):
+        return [torch.cat([n, p]) for n, p in zip(negative, positive)]
+    return torch.cat([negative, positive])
+
+
+@dataclass
+class Conditioning:
+    """What the denoiser is conditioned on, per image of the call, for the conditional and the unconditional branch.
+
+    Args:
+        prompt_embeds (`Tensor [N, L, D]`): the token embeddings the denoiser attends to (conditional branch).
+        negative_prompt_embeds (`Tensor [N, L, D]`, *optional*): the unconditional branch's (`None` without CFG).
+        added (`dict`): the family's other per-image inputs of the conditional branch, each `[N, ...]` or a list of
+            such tensors (SDXL: `text_embeds` `[N, 1280]`, `time_ids` `[N, 6]`; IP-Adapter `image_embeds`; an
+            LCM UNet's `timestep_cond`).
+        negative_added (`dict`): the same for the unconditional branch.
+        cross_attention_kwargs (`dict`, *optional*): call-wide keyword arguments of the attention processors.
+    """
+
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None = None
+    added: dict[str, Any] = field(default_factory=dict)
+    negative_added: dict[str, Any] = field(default_factory=dict)
+    cross_attention_kwargs: dict[str, Any] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    @property
+    def has_negative(self) -> bool:
+        return self.negative_prompt_embeds is not None
+
+    def select(self, rows) -> Conditioning:
+        """The conditioning of the images `rows` (a list or index tensor; repeats allowed), in that order."""
+        if not torch.is_tensor(rows):
+            rows = torch.as_tensor(list(rows), dtype=torch.long)
+        rows = rows.to(self.prompt_embeds.device)
+        return replace(
+            self,
+            prompt_embeds=self.prompt_embeds[rows],
+            negative_prompt_embeds=None if self.negative_prompt_embeds is None else self.negative_prompt_embeds[rows],
+            added={k: _select(v, rows) for k, v in self.added.items()},
+            negative_added={k: _select(v, rows) for k, v in self.negative_added.items()},
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[Conditioning]) -> Conditioning:
+        """The conditionings of several batches, one after the other."""
+        first = parts[0]
+
+        def join(values):
+            if isinstance(values[0], (list, tuple)):
+                return [torch.cat(column) for column in zip(*values)]
+            return torch.cat(values)
+
+        negatives = [p.negative_prompt_embeds for p in parts]
+        return replace(
+            first,
+            prompt_embeds=torch.cat([p.prompt_embeds for p in parts]),
+            negative_prompt_embeds=None if negatives[0] is None else torch.cat(negatives),
+            added={k: join([p.added[k] for p in parts]) for k in first.added},
+            negative_added={k: join([p.negative_added[k] for p in parts]) for k in first.negative_added},
+        )
+
+    def positive(self) -> Conditioning:
+        """The conditional branch alone (no classifier-free guidance)."""
+        return replace(self, negative_prompt_embeds=None, negative_added={})
+
+    def batch(self, cfg: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The denoiser's batch: `(embeds, added)`, the unconditional rows first when `cfg` (`[2N, ...]`)."""
+        if not cfg:
+            return self.prompt_embeds, dict(self.added)
+        if self.negative_prompt_embeds is None:
+            raise ValueError("Classifier-free guidance needs the unconditional branch's embeddings.")
+        added = {k: _concat(self.negative_added[k], v) for k, v in self.added.items()}
+        return torch.cat([self.negative_prompt_embeds, self.prompt_embeds]), added
+
+
+@dataclass(frozen=True)
+class TextStream:
+    """One text encoder's part of the token embeddings: its `tokenizer`, the call argument its prompt comes from
+    (`"prompt"`, or `"prompt_2"` when the call gives one), and the feature columns it fills (`features`)."""
+
+    tokenizer: Any
+    prompt_key: str
+    features: slice
+
+
+class ModelFamily:
+    """Base class of the model families (see the module docstring). Bound to one pipeline; `replace` gives a view with
+    another denoiser (a trainer's accelerate-wrapped one) or scheduler."""
+
+    #: Short name, used in error messages ("Stable Diffusion XL").
+    name: ClassVar[str] = "model"
+    #: The diffusers pipeline class whose pipelines (and subclasses) belong to this family.
+    pipeline_class: ClassVar[type | None] = None
+    #: The attribute of the pipeline holding the denoiser.
+    denoiser_attribute: ClassVar[str] = "unet"
+    #: Modules of the denoiser that get LoRA adapters.
+    lora_target_modules: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
+    #: What the family offers methods beyond the common interface: `"cross_attention"` (a UNet attending to text
+    #: tokens through cross-attention layers, whose maps and logits the attention control can reach).
+    features: ClassVar[frozenset[str]] = frozenset()
+    #: Family defaults of attention-method settings (`normalize_eot`: leave end and padding tokens out of maps).
+    attention_defaults: ClassVar[dict[str, Any]] = {"normalize_eot": False}
+
+    def __init__(self, pipe, denoiser=None, scheduler=None):
+        self.pipe = pipe
+        self._denoiser, self._scheduler = denoiser, scheduler
+
+    def replace(self, denoiser=None, scheduler=None) -> ModelFamily:
+        """The same family with another denoiser module (for example accelerate's wrapper) or scheduler."""
+        view = copy.copy(self)
+        view._denoiser = denoiser if denoiser is not None else self._denoiser
+        view._scheduler = scheduler if scheduler is not None else self._scheduler
+        return view
+
+    # --- modules ------------------------------------------------------------------------------------------------
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self._denoiser if self._denoiser is not None else getattr(self.pipe, self.denoiser_attribute)
+
+    @property
+    def base_denoiser(self) -> torch.nn.Module:
+        """The pipeline's registered denoiser (never a training wrapper)."""
+        return getattr(self.pipe, self.denoiser_attribute)
+
+    @property
+    def scheduler(self):
+        return self._scheduler if self._scheduler is not None else self.pipe.scheduler
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    @property
+    def tokenizer(self):
+        """The tokenizer whose token positions index the denoiser's text keys."""
+        raise NotImplementedError
+
+    @property
+    def text_streams(self) -> list[TextStream]:
+        raise NotImplementedError
+
+    def check_supported(self, method: str, feature: str | None = None) -> None:
+        """Raises `ValueError` naming the family when `method` cannot run on it (before any compute)."""
+
+    # --- conditioning ---------------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompts: list[str], device, negative_prompt=None, do_cfg: bool = False,
+                      num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
+                      guidance_scale: float | None = None) -> Conditioning:  # fmt: skip
+        """Encodes `prompts` as a call of the family's pipeline would; `N = len(prompts) * num_images_per_prompt`."""
+        raise NotImplementedError
+
+    def training_conditioning(self, prompts: list[str], device, image_sizes: Sequence[tuple[int, int]] | None = None,
+                              crops: Sequence[tuple[int, int]] | None = None, size: int | None = None,
+                              ) -> Conditioning:  # fmt: skip
+        """The conditional branch for training on one image per prompt: its original size `(h, w)`, the top-left
+        corner `(top, left)` of the square taken from it, and the square's `size` (families with size conditioning use
+        them; the others ignore them)."""
+        return self.encode_prompt(prompts, device)
+
+    # --- the denoiser -----------------------------------------------------------------------------------------------
+
+    def denoise(self, latents: torch.Tensor, timestep, cond: Conditioning, guidance_scale: float = 1.0,
+                cfg: bool | None = None) -> torch.Tensor:  # fmt: skip
+        """The denoiser's output for `latents` `[N, ...]` (already scaled by the scheduler's `scale_model_input`) at
+        `timestep` (the scheduler's) with `cond`. With classifier-free guidance (`cfg`, by default when `cond` has
+        negatives and `guidance_scale > 1`), both branches run in one batch and are combined:
+        `uncond + guidance_scale * (cond - uncond)`."""
+        if cfg is None:
+            cfg = cond.has_negative and guidance_scale > 1
+        out = self.forward(torch.cat([latents] * 2) if cfg else latents, timestep, cond, cfg)
+        if cfg:
+            uncond, text = out.chunk(2)
+            out = uncond + guidance_scale * (text - uncond)
+        return out
+
+    def forward(self, latents: torch.Tensor, timestep, cond: Conditioning, cfg: bool) -> torch.Tensor:
+        """One forward pass of the denoiser on the batch `latents` (`[2N, ...]` with `cfg`, unconditional first)."""
+        raise NotImplementedError
+
+    # --- model output and latents -----------------------------------------------------------------------------------
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
+    def predict_x0(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
+        """The denoiser's estimate of the clean latents from its (guided) output."""
+        from ttalign.sampling import predict_x0
+
+        return predict_x0(self.scheduler, model_output, timestep, sample)
+
+    def latents_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def default_image_size(self) -> int:
+        """The image size (px) the pipeline generates by default."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images `[N, 3, H, W]` in about `[-1, 1]` (not clamped)."""
+        raise NotImplementedError
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images `[N, 3, H, W]` in `[-1, 1]` -> latents as the denoiser sees them (the posterior mean)."""
+        raise NotImplementedError
+
+    # --- attention --------------------------------------------------------------------------------------------------
+
+    def install_attention_control(self, control) -> None:
+        """Puts the :class:`~ttalign.attention.AttentionControl`'s processors on every attention layer of the
+        denoiser (the pipeline's component snapshot restores the originals after the call)."""
+        raise NotImplementedError
+
+    def cross_attention_resolutions(self, latent_height: int, latent_width: int) -> list[tuple[int, int]]:
+        """The feature-map sizes at which the denoiser attends to text, for latents of this size."""
+        raise NotImplementedError
+
+    def token_spans(self, prompt: str, words: list[str], tokenizer=None) -> list[list[int]]:
+        """The key positions (start token at 0) of each word or phrase of `words` in `prompt`."""
+        from ttalign.attention import token_spans
+
+        return token_spans(tokenizer or self.tokenizer, prompt, words)
+
+    def prompt_length(self, prompt: str) -> int:
+        """The number of token positions `prompt` fills, start and end token included."""
+        return len(self.tokenizer(prompt).input_ids)
+
+    @property
+    def text_length(self) -> int:
+        """The number of text positions (keys) the denoiser attends to."""
+        return self.tokenizer.model_max_length
+
+    # --- LoRA --------------------------------------------------------------------------------------------------------
+
+    def aligned_pipeline(self):
+        """An aligned pipeline of this family on the same modules (`from_pipe`: nothing is copied)."""
+        raise NotImplementedError
+
+    def save_lora(self, directory: str, denoiser_layers: dict[str, torch.Tensor]) -> None:
+        """Saves the denoiser's LoRA layers (peft state dict) in the format the family's diffusers pipeline loads with
+        `load_lora_weights(directory)`."""
+        raise NotImplementedError
+
+
+_FAMILIES: list[type[ModelFamily]] = []
+
+
+def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
+    """Class decorator: makes `family_for` recognize pipelines of `cls.pipeline_class`."""
+    _FAMILIES.append(cls)
+    return cls
+
+
+def family_for(pipe, denoiser=None, scheduler=None) -> ModelFamily:
+    """The :class:`ModelFamily` of a diffusers pipeline (or of an aligned one); `TypeError` naming the supported
+    pipelines otherwise. An object that is already a family is returned as it is."""
+    if isinstance(pipe, ModelFamily):
+        return pipe.replace(denoiser, scheduler) if denoiser is not None or scheduler is not None else pipe
+    own = getattr(pipe, "family", None)
+    if isinstance(own, ModelFamily):
+        return own.replace(denoiser, scheduler) if denoiser is not None or scheduler is not None else own
+    for cls in _FAMILIES:
+        if cls.pipeline_class is not None and isinstance(pipe, cls.pipeline_class):
+            return cls(pipe, denoiser, scheduler)
+    supported = ", ".join(cls.pipeline_class.__name__ for cls in _FAMILIES if cls.pipeline_class is not None)
+    raise TypeError(f"ttalign has no model family for {type(pipe).__name__}; supported pipelines: {supported}.")
+
+
+def supported_pipelines() -> list[type]:
+    """The diffusers pipeline classes that have a family."""
+    return [cls.pipeline_class for cls in _FAMILIES if cls.pipeline_class is not None]
