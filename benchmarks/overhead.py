@@ -2,9 +2,10 @@
 
 Both pipelines share the same tiny components and run interleaved in one process (parent, aligned, parent, ...),
 so machine noise hits both alike. Reports the ratio of median wall times (target <= 1.02) and checks that the
-images are identical.
+images are identical. `--family sdxl` compares `AlignedStableDiffusionXLPipeline` with `StableDiffusionXLPipeline`
+on the tiny SDXL components (diffusers' own SDXL test sizes).
 
-    python benchmarks/overhead.py [--rounds 40] [--steps 10]
+    python benchmarks/overhead.py [--rounds 40] [--steps 10] [--family sd | sdxl]
 """
 
 from __future__ import annotations
@@ -15,24 +16,34 @@ import sys
 import time
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import environment, write_results  # noqa: E402
 
-from ttalign import AlignedStableDiffusionPipeline  # noqa: E402
-from ttalign.testing import get_tiny_components  # noqa: E402
+from ttalign import AlignedStableDiffusionPipeline, AlignedStableDiffusionXLPipeline  # noqa: E402
+from ttalign.testing import get_tiny_components, get_tiny_sdxl_components  # noqa: E402
+
+FAMILIES = {
+    "sd": (StableDiffusionPipeline, AlignedStableDiffusionPipeline, get_tiny_components, {}, "overhead",
+           "ttalign.testing.get_tiny_components() (64x64 images, 32x32 latents)"),
+    "sdxl": (StableDiffusionXLPipeline, AlignedStableDiffusionXLPipeline, get_tiny_sdxl_components,
+             {"add_watermarker": False}, "overhead_sdxl",
+             "ttalign.testing.get_tiny_sdxl_components() (diffusers' SDXL test sizes; 64x64 images, 32x32 latents)"),
+}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sd")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    parent = StableDiffusionPipeline(**get_tiny_components())
-    aligned = AlignedStableDiffusionPipeline.from_pipe(parent)
+    parent_cls, aligned_cls, components, extra, name, described = FAMILIES[args.family]
+    parent = parent_cls(**components(), **extra)
+    aligned = aligned_cls.from_pipe(parent)
     pipes = {"diffusers": parent, "ttalign": aligned}
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
@@ -58,10 +69,11 @@ def main() -> None:
 
     medians = {name: statistics.median(t) for name, t in times.items()}
     ratio = medians["ttalign"] / medians["diffusers"]
+    family = "" if args.family == "sd" else f" --family {args.family}"
     data = {
-        "benchmark": "overhead",
-        "command": f"python benchmarks/overhead.py --rounds {args.rounds} --steps {args.steps}",
-        "components": "ttalign.testing.get_tiny_components() (64x64 images, 32x32 latents)",
+        "benchmark": name,
+        "command": f"python benchmarks/overhead.py --rounds {args.rounds} --steps {args.steps}{family}",
+        "components": described,
         "rounds": args.rounds,
         "steps": args.steps,
         "median_s": medians,
@@ -72,14 +84,15 @@ def main() -> None:
     }
     markdown = (
         "# Overhead of the aligned pipeline without methods\n\n"
-        f"`{data['command']}`: tiny components, {args.steps} steps, {args.rounds} interleaved rounds, CPU.\n\n"
+        f"`{data['command']}`: {described}, {args.steps} steps, {args.rounds} interleaved rounds, "
+        f"{data['environment']['device']}.\n\n"
         "| pipeline | median time (s) |\n|---|---|\n"
-        f"| diffusers `StableDiffusionPipeline` | {medians['diffusers']:.4f} |\n"
-        f"| ttalign `AlignedStableDiffusionPipeline` | {medians['ttalign']:.4f} |\n\n"
+        f"| diffusers `{parent_cls.__name__}` | {medians['diffusers']:.4f} |\n"
+        f"| ttalign `{aligned_cls.__name__}` | {medians['ttalign']:.4f} |\n\n"
         f"Time ratio ttalign / diffusers: **{ratio:.3f}** (target <= 1.02). "
         f"Largest image difference: {max_diff:.1e}.\n"
     )
-    write_results("overhead", data, markdown)
+    write_results(name, data, markdown)
     print(markdown)
 
 

@@ -131,3 +131,21 @@ def test_promptist_uses_the_reference_generation_settings(pipe, tmp_path):
     out = _call(pipe, "a red cat", [method])
     assert out.traces["promptist"] == [("a red cat", expected or "a red cat")]
     assert np.abs(out.images - _call(pipe, expected or "a red cat").images).max() < 1e-6
+
+
+def test_prompt_methods_on_sdxl(server, tmp_path):
+    """The reward loop renders candidates through the SDXL family (two text encoders, pooled and size conditioning);
+    both methods hand the chosen prompt to SDXL's call."""
+    from ttalign.testing import get_tiny_sdxl_pipeline
+
+    pipe = get_tiny_sdxl_pipeline("ddim")
+    method = PromptRewrite(model="local", base_url=server, candidates=2, rounds=2, reward=Redness())
+    out = _call(pipe, "a cat", [method])
+    trace = out.traces["prompt_rewrite"][0]
+    best_prompt, best_score = max(trace["candidates"], key=lambda x: x[1])
+    assert trace["chosen"] == best_prompt and len({s for _, s in trace["candidates"]}) > 1
+    assert np.abs(out.images - _call(pipe, best_prompt).images).max() < 1e-6
+    folder = save_tiny_gpt2(str(tmp_path / "gpt2"))
+    rewritten = _call(pipe, "a red cat", [Promptist(model=folder, tokenizer=folder, max_new_tokens=6)])
+    ((_, new_prompt),) = rewritten.traces["promptist"]
+    assert np.abs(rewritten.images - _call(pipe, new_prompt).images).max() < 1e-6

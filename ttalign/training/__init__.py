@@ -14,7 +14,7 @@ from .losses import (
     reinforce_loss,
 )
 from .reward_backprop import RewardBackpropConfig, RewardBackpropTrainer
-from .trainer import LoRATrainer, TrainingConfig
+from .trainer import LoRATrainer, TrainingConfig, crop_geometry, image_to_tensor
 
 __all__ = [
     "DDPOConfig",
@@ -28,6 +28,8 @@ __all__ = [
     "RewardBackpropTrainer",
     "TrainingConfig",
     "TrajectoryRecorder",
+    "crop_geometry",
+    "image_to_tensor",
     "load_feedback",
     "diffusion_dpo_loss",
     "diffusion_kto_loss",

@@ -117,8 +117,11 @@ class DDPOTrainer(LoRATrainer):
     name = "ddpo"
 
     def __init__(self, pipe, config: DDPOConfig, reward: Callable, prompts: list[str]):
-        if scheduler_kind(pipe.scheduler) != "ddim":
-            raise ValueError(f"DDPO samples with DDIM; the pipeline has {type(pipe.scheduler).__name__}.")
+        from ttalign.pipelines import family_for
+
+        scheduler = family_for(pipe).scheduler
+        if scheduler_kind(scheduler) != "ddim":
+            raise ValueError(f"DDPO samples with DDIM; the pipeline has {type(scheduler).__name__}.")
         if not prompts:
             raise ValueError("DDPOTrainer needs at least one prompt.")
         super().__init__(pipe, config)

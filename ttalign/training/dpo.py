@@ -159,7 +159,7 @@ class DiffusionDPOTrainer(_OfflineTrainer):
         if not self.pairs:
             raise ValueError("DiffusionDPOTrainer needs at least one preference pair that is not a tie.")
         super().__init__(pipe, config)
-        self.noise_scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        self.noise_scheduler = type(self.model.scheduler).from_config(self.model.scheduler.config)
         self.winners = self._encode_images([p.image_1 if p.label else p.image_0 for p in self.pairs])
         self.losers = self._encode_images([p.image_0 if p.label else p.image_1 for p in self.pairs])
         # one conditioning per pair, shared by winner and loser (size conditioning from image 0, as diffusers' script)
@@ -216,7 +216,7 @@ class DiffusionKTOTrainer(_OfflineTrainer):
             raise ValueError("DiffusionKTOTrainer needs at least one feedback record.")
         self.records = records
         super().__init__(pipe, config)
-        self.noise_scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        self.noise_scheduler = type(self.model.scheduler).from_config(self.model.scheduler.config)
         self.latents = self._encode_images([r[1] for r in records])
         self.cond = self._conditioning([r[0] for r in records], [r[1] for r in records])
         self.desirable = torch.tensor([bool(r[2]) for r in records])

@@ -90,7 +90,7 @@ class RewardBackpropTrainer(LoRATrainer):
             raise ValueError("RewardBackpropTrainer needs at least one prompt.")
         super().__init__(pipe, config)
         self.reward, self.prompts = reward, list(prompts)
-        self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        self.scheduler = type(self.model.scheduler).from_config(self.model.scheduler.config)
 
     def training_step(self, generator):
         c, device = self.config, self.accelerator.device
