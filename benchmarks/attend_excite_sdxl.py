@@ -129,7 +129,7 @@ def main() -> None:
         f"**{ae['peak_added_mb'] / max(plain['peak_added_mb'], 1e-6):.2f}x** the peak memory of the plain call. "
         f"Layer calls on the explicit path (map side: calls): {layers}; no other layer left SDPA. "
         f"A&E loss per image at the first step {[round(v, 3) for v in ae['loss_first_step']]}, at the last altered "
-        f"step {[round(v, 3) for v in ae['loss_last_altered_step']]}; largest change of the images {change:.2f}.\n"
+        f"step {[round(v, 3) for v in ae['loss_last_altered_step']]}; largest change of the images {change:.1e}.\n"
     )
     write_results(args.name, {"benchmark": "attend_excite_sdxl", "command": command, "rows": rows,
                               "max_abs_image_change": change, "environment": env}, markdown)  # fmt: skip

@@ -1,6 +1,6 @@
 """Drop-in aligned pipelines and their model families, one file per family (packaged as `ttalign.pipelines`)."""
 
-from .family import Conditioning, ModelFamily, TextStream, family_for, supported_pipelines
+from .family import Conditioning, ModelFamily, TextStream, family_for
 from .stable_diffusion import AlignedPipelineOutput, AlignedStableDiffusionPipeline, StableDiffusionFamily
 from .stable_diffusion_xl import AlignedStableDiffusionXLPipeline, StableDiffusionXLFamily
 
@@ -21,5 +21,4 @@ __all__ = [
     "StableDiffusionXLFamily",
     "TextStream",
     "family_for",
-    "supported_pipelines",
 ]

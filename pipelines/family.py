@@ -186,9 +186,6 @@ class ModelFamily:
     def text_streams(self) -> list[TextStream]:
         raise NotImplementedError
 
-    def check_supported(self, method: str, feature: str | None = None) -> None:
-        """Raises `ValueError` naming the family when `method` cannot run on it (before any compute)."""
-
     # --- conditioning ---------------------------------------------------------------------------------------------
 
     def encode_prompt(self, prompts: list[str], device, negative_prompt=None, do_cfg: bool = False,
@@ -313,8 +310,3 @@ def family_for(pipe, denoiser=None, scheduler=None) -> ModelFamily:
             return cls(pipe, denoiser, scheduler)
     supported = ", ".join(cls.pipeline_class.__name__ for cls in _FAMILIES if cls.pipeline_class is not None)
     raise TypeError(f"ttalign has no model family for {type(pipe).__name__}; supported pipelines: {supported}.")
-
-
-def supported_pipelines() -> list[type]:
-    """The diffusers pipeline classes that have a family."""
-    return [cls.pipeline_class for cls in _FAMILIES if cls.pipeline_class is not None]

@@ -304,3 +304,22 @@ def test_methods_trainers_and_the_sampler_know_models_only_through_their_family(
     offending = [f"{f.name}:{i}: {line.strip()}" for f in files for i, line in
                  enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]  # fmt: skip
     assert len(files) > 10 and offending == []
+
+
+@pytest.mark.parametrize(
+    "scheduler,eta,steps", [("ddim", 0.0, 3), ("ddim", 1.0, 3), ("euler", 0.0, 3), ("euler_a", 0.0, 1), ("lcm", 0.0, 2)]
+)
+def test_sampler_reproduces_the_sdxl_pipeline(scheduler, eta, steps):
+    """`DifferentiableSampler` through the SDXL family (pooled embedding, time ids, CFG) gives the pipeline's latents."""
+    from ttalign.sampling import DifferentiableSampler
+
+    pipe = get_tiny_sdxl_pipeline(scheduler)
+    expected = _call(pipe, output_type="latent", eta=eta, num_inference_steps=steps).images
+    g = torch.Generator().manual_seed(0)  # the pipeline's draws in its order: initial latents, then one noise per step
+    pipe.scheduler.set_timesteps(steps)
+    latents = torch.randn(expected.shape, generator=g) * pipe.scheduler.init_noise_sigma
+    with torch.no_grad():
+        cond = pipe.family.encode_prompt(PROMPTS, "cpu", do_cfg=True, guidance_scale=5.0)
+        sampler = DifferentiableSampler(pipe, cond, guidance_scale=5.0, eta=eta)
+        out = sampler.sample(latents, sampler.draw_noises(latents.shape, generator=g))
+    assert torch.allclose(out, expected, atol=1e-5), (out - expected).abs().max()

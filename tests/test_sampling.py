@@ -135,3 +135,14 @@ def test_ddim_logprob_is_the_ddpo_formula():
     assert (far < log_prob).all()
     with pytest.raises(ValueError, match="eta > 0"):
         ddim_step_with_logprob(scheduler, i, output, sample, eta=0.0, noise=noise)
+
+
+def test_sigma_space_is_decided_by_the_scheduler_class():
+    """A one-step "leading" Euler ancestral schedule starts near the data (init_noise_sigma < 1) and is still sigma
+    space: its model input is scaled and x0 = x - sigma * eps."""
+    from ttalign.sampling import is_sigma_space
+
+    euler_a = get_tiny_scheduler("euler_a")
+    euler_a.set_timesteps(1)
+    assert float(euler_a.init_noise_sigma) < 1 and is_sigma_space(euler_a)
+    assert not is_sigma_space(get_tiny_scheduler("ddim")) and not is_sigma_space(get_tiny_scheduler("lcm"))

@@ -11,11 +11,24 @@ import math
 import torch
 
 
+#: Schedulers whose latents live in k-diffusion's sigma space (their `scale_model_input` divides by sqrt(sigma^2 + 1)).
+SIGMA_SPACE_SCHEDULERS = (
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "DPMSolverSDEScheduler",
+)
+
+
 def is_sigma_space(scheduler) -> bool:
     """Whether the scheduler's latents live in k-diffusion's sigma space (`x = x0 + sigma * eps`, as in the Euler
     family), rather than the variance-preserving space `x = sqrt(a) x0 + sqrt(1 - a) eps` (DDPM, DDIM, PNDM, LCM,
-    DPM-Solver)."""
-    return hasattr(scheduler, "sigmas") and float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0 + 1e-6
+    DPM-Solver). Decided by the scheduler's class (or a parent's), not by its `init_noise_sigma`, which is below 1 for
+    a one-step "leading" schedule that starts near the data."""
+    return any(cls.__name__ in SIGMA_SPACE_SCHEDULERS for cls in type(scheduler).__mro__)
 
 
 def current_sigma(scheduler, timestep: torch.Tensor) -> torch.Tensor:
