@@ -307,10 +307,11 @@ def test_methods_trainers_and_the_sampler_know_models_only_through_their_family(
 
 
 @pytest.mark.parametrize(
-    "scheduler,eta,steps", [("ddim", 0.0, 3), ("ddim", 1.0, 3), ("euler", 0.0, 3), ("euler_a", 0.0, 1), ("lcm", 0.0, 2)]
+    "scheduler,eta,steps",
+    [("ddim", 0.0, 3), ("ddim", 1.0, 3), ("euler", 0.0, 3), ("euler_a", 0.0, 1), ("lcm", 0.0, 2)],
 )
 def test_sampler_reproduces_the_sdxl_pipeline(scheduler, eta, steps):
-    """`DifferentiableSampler` through the SDXL family (pooled embedding, time ids, CFG) gives the pipeline's latents."""
+    """`DifferentiableSampler` through the SDXL family (pooled embedding, time ids, CFG): the pipeline's latents."""
     from ttalign.sampling import DifferentiableSampler
 
     pipe = get_tiny_sdxl_pipeline(scheduler)

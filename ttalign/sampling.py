@@ -10,8 +10,7 @@ import math
 
 import torch
 
-
-#: Schedulers whose latents live in k-diffusion's sigma space (their `scale_model_input` divides by sqrt(sigma^2 + 1)).
+#: Schedulers whose latents live in k-diffusion's sigma space (`scale_model_input` divides by sqrt(sigma^2 + 1)).
 SIGMA_SPACE_SCHEDULERS = (
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
