@@ -18,9 +18,7 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 
@@ -28,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, write_results  # noqa: E402
+from common import environment, run_sides, write_results  # noqa: E402
 
 PROMPTS = ["a cat and a dog", "a red car and a tree", "a bird and a house", "a horse and a boat"]
 INDICES = [[2, 5], [3, 6], [2, 5], [2, 5]]
@@ -100,16 +98,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one[0], args, args.one[1])))
         return
-    rows, images = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for side in ("reference", "ttalign"):
-            path = os.path.join(tmp, f"{side}.npy")
-            cmd = [sys.executable, __file__, "--one", side, path, "--layout", args.layout, "--size", str(args.size),
-                   "--steps", str(args.steps), "--prompts", str(args.prompts), "--device", args.device]  # fmt: skip
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            images[side] = np.load(path)
-            print(rows[-1], flush=True)
+    rows, images = run_sides(__file__, ("reference", "ttalign"), sys.argv[1:])
     diff = float(np.abs(images["reference"] - images["ttalign"]).max())
     ref, ours = rows
     command = "python benchmarks/attend_excite.py " + " ".join(sys.argv[1:])

@@ -20,9 +20,7 @@ import collections
 import json
 import os
 import resource
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 
@@ -30,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, write_results  # noqa: E402
+from common import environment, run_sides, write_results  # noqa: E402
 
 PROMPTS = ["a cat and a dog", "a red car and a tree", "a bird and a house", "a horse and a boat"]
 SUBJECTS = [["cat", "dog"], ["car", "tree"], ["bird", "house"], ["horse", "boat"]]
@@ -100,17 +98,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one[0], args, args.one[1])))
         return
-    rows, images = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for side in ("plain", "attend_and_excite"):
-            path = os.path.join(tmp, f"{side}.npy")
-            cmd = [sys.executable, __file__, "--one", side, path, "--layout", args.layout, "--size", str(args.size),
-                   "--steps", str(args.steps), "--prompts", str(args.prompts), "--device", args.device,
-                   "--threads", str(args.threads), "--dtype", args.dtype]  # fmt: skip
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            images[side] = np.load(path)
-            print(rows[-1], flush=True)
+    rows, images = run_sides(__file__, ("plain", "attend_and_excite"), sys.argv[1:])
     plain, ae = rows
     change = float(np.abs(images["plain"] - images["attend_and_excite"]).max())
     command = "python benchmarks/attend_excite_sdxl.py " + " ".join(sys.argv[1:])

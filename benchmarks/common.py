@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 
+import numpy as np
 import torch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -35,3 +39,18 @@ def write_results(name: str, data: dict, markdown: str) -> None:
             f.write(text)
         os.replace(path + ".tmp", path)
         print(f"wrote {path}")
+
+
+def run_sides(script: str, sides: tuple[str, ...], argv: list[str]) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Runs `script --one SIDE PATH *argv` for each side, each in a fresh process (so that each one's peak memory is
+    its own). Returns the JSON row each printed last, and the array each saved to PATH."""
+    rows, arrays = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for side in sides:
+            path = os.path.join(tmp, f"{side}.npy")
+            cmd = [sys.executable, script, "--one", side, path, *argv]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            arrays[side] = np.load(path)
+            print(rows[-1], flush=True)
+    return rows, arrays
