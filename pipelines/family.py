@@ -271,11 +271,6 @@ class ModelFamily:
         """The number of token positions `prompt` fills, start and end token included."""
         return len(self.tokenizer(prompt).input_ids)
 
-    @property
-    def text_length(self) -> int:
-        """The number of text positions (keys) the denoiser attends to."""
-        return self.tokenizer.model_max_length
-
     # --- LoRA --------------------------------------------------------------------------------------------------------
 
     def aligned_pipeline(self):

@@ -218,3 +218,8 @@ def test_cli_loads_an_sdxl_folder(sdxl_components, tmp_path):
     code = main(["generate", "a red circle", "--model", str(folder), "--steps", "2", "--seed", "0", "--out", str(out),
                  "--align", "best_of_n:n=2,reward=jpeg_incompressibility"])  # fmt: skip
     assert code == 0 and Image.open(out).size == (64, 64)
+    other = tmp_path / "flux"
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    with pytest.raises(SystemExit, match="holds a FluxPipeline .*supported: AlignedStableDiffusionPipeline"):
+        load_pipeline(str(other))
