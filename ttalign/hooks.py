@@ -172,15 +172,19 @@ class GenerationState:
             base = secrets.randbits(62)
         return torch.Generator().manual_seed((base * 1_000_003 + salt) % (2**63))
 
+    def check_generators(self) -> None:
+        """Raises `ValueError` when diffusers' per-image generator list does not hold one generator per image."""
+        if isinstance(self.generator, list) and len(self.generator) != self.batch_size:
+            raise ValueError(f"Got a list of {len(self.generator)} generators for {self.batch_size} images; pass one "
+                             "per image (len(prompt) * num_images_per_prompt).")  # fmt: skip
+
     def expand_generators(self, k: int) -> None:
         """For a method that draws `k` consecutive samples per image: with diffusers' per-image generator list
         (one per image), makes it one per sample, the first of each image its own generator and the others derived
         from it, so each image's samples derive from its own generator alone. A single generator is left alone."""
+        self.check_generators()
         if not isinstance(self.generator, list):
             return
-        if len(self.generator) != self.batch_size:
-            raise ValueError(f"Got a list of {len(self.generator)} generators for {self.batch_size} images; pass one "
-                             "per image (len(prompt) * num_images_per_prompt).")  # fmt: skip
         expanded = []
         for g in self.generator:
             expanded.append(g)

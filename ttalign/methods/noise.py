@@ -35,9 +35,7 @@ def _score(reward, images: torch.Tensor, prompts: list[str], state: GenerationSt
 def _require_prompts(state: GenerationState, method: str) -> None:
     if state.prompt is None:
         raise ValueError(f"{method} scores images against their prompts: pass `prompt`, not only `prompt_embeds`.")
-    if isinstance(state.generator, list) and len(state.generator) != state.batch_size:
-        raise ValueError(f"Got a list of {len(state.generator)} generators for {state.batch_size} images; pass one "
-                         "per image (len(prompt) * num_images_per_prompt).")  # fmt: skip
+    state.check_generators()
 
 
 class _NoiseReplay:
