@@ -1,9 +1,11 @@
-"""Command line: `ttalign generate | demo | eval-reward`.
+"""Command line: `ttalign generate | serve | demo | eval-reward`.
 
 Examples:
 
 ```
 ttalign generate "a red circle left of a blue square" --align best_of_n:n=4,reward=shapes_soft --seed 0 --out out.png
+ttalign generate --prompts prompts.txt --out images/          # under torchrun / accelerate launch: sharded
+ttalign serve --allow best_of_n --port 8000
 ttalign demo --out outputs/demo.png
 ```
 """
@@ -76,30 +78,84 @@ def _generator(seed: int | None):
     return None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
 
 
+def _call_settings(args) -> dict:
+    """Steps, guidance and size of a generate call, checked against the same limits the server applies."""
+    shapes = args.model == SHAPES_MODEL
+    steps = args.steps if args.steps is not None else (25 if shapes else 50)
+    guidance_scale = args.guidance_scale if args.guidance_scale is not None else (3.0 if shapes else 7.5)
+    if not 1 <= steps <= 1000:
+        raise ValueError(f"--steps must be between 1 and 1000, got {steps}.")
+    if not (guidance_scale >= 0 and guidance_scale == guidance_scale):
+        raise ValueError(f"--guidance-scale must be >= 0, got {guidance_scale}.")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value < 8 or value % 8):
+            raise ValueError(f"--{name} must be a positive multiple of 8, got {value}.")
+    settings = {"num_inference_steps": steps, "guidance_scale": guidance_scale, "height": args.height,
+                "width": args.width, "negative_prompt": args.negative_prompt}  # fmt: skip
+    return {k: v for k, v in settings.items() if v is not None}
+
+
 def cmd_generate(args) -> int:
     from ttalign.methods import method_from_spec
 
+    if (args.prompt is None) == (args.prompts is None):
+        raise ValueError("Give one prompt, or a prompt file with --prompts FILE (and --out DIR).")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("The prompt is empty.")
+    settings = _call_settings(args)
     methods = [method_from_spec(spec) for spec in args.align]  # fails before any model is loaded
+    if args.prompts is not None:
+        from ttalign.batch import generate_batch, read_prompts
+
+        prompts = read_prompts(args.prompts)
+        pipe = load_pipeline(args.model, args.dtype, args.device)
+        result = generate_batch(pipe, prompts, args.out, methods, seed=args.seed or 0, batch_size=args.batch_size,
+                                call_kwargs=settings)  # fmt: skip
+        print(f"wrote {result['written']} images to {args.out} ({result['skipped']} already there); "
+              f"manifest: {result['manifest']}")  # fmt: skip
+        return 0
     pipe = load_pipeline(args.model, args.dtype, args.device)
-    shapes = args.model == SHAPES_MODEL
-    steps = args.steps or (25 if shapes else 50)
-    guidance_scale = args.guidance_scale if args.guidance_scale is not None else (3.0 if shapes else 7.5)
-    out = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        height=args.height,
-        width=args.width,
-        generator=_generator(args.seed),
-        alignment=methods,
-    )
+    out = pipe(args.prompt, generator=_generator(args.seed), alignment=methods, **settings)
     _save(out.images[0], args.out)
     print(f"wrote {args.out}")
     if out.rewards is not None:
         print(f"reward: {out.rewards[0].item():.4f}")
     compute = out.traces["compute"]
     print(f"denoiser calls: {compute['denoiser_calls']}, nfe: {compute['nfe']}, time: {compute['wall_time_s']:.2f}s")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """The OpenAI-compatible image server (FastAPI + uvicorn), or its Ray Serve deployment with `--ray`."""
+    from ttalign.serve import Limits, ServeConfig, WorkerConfig, check_bind, read_api_key
+
+    api_key = read_api_key(args.api_key_env)
+    check_bind(args.host, api_key, args.api_key_env)
+    limits = Limits(max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_side=args.max_side,
+                    max_steps=args.max_steps, max_method_option=args.max_method_option)  # fmt: skip
+    worker = WorkerConfig(queue_size=args.queue_size, batch_window_s=args.batch_window,
+                          max_batch_images=args.max_batch_images)  # fmt: skip
+    defaults = {"num_inference_steps": 25, "guidance_scale": 3.0} if args.model == SHAPES_MODEL else {}
+    name = args.model_name or (args.model if args.model in (SHAPES_MODEL, TINY_MODEL) else
+                               os.path.basename(os.path.normpath(args.model)))  # fmt: skip
+    config = ServeConfig(model_name=name, alignment=list(args.align), allow=list(args.allow), api_key=api_key,
+                         limits=limits, worker=worker, request_timeout_s=args.request_timeout,
+                         call_defaults=defaults)  # fmt: skip
+    if args.ray:
+        from ttalign.serve.ray_serve import run_ray
+
+        return run_ray(args, config)
+    import uvicorn
+
+    from ttalign.serve import create_app
+
+    pipe = load_pipeline(args.model, args.dtype, args.device)
+    pipe.set_progress_bar_config(disable=True)
+    app = create_app(pipe, config)
+    print(f"serving {name} on http://{args.host}:{args.port} (API key {'required' if api_key else 'not required'}; "
+          f"methods allowed in requests: {', '.join(sorted(args.allow)) or 'none'})", flush=True)  # fmt: skip
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -170,35 +226,66 @@ def cmd_eval_reward(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ttalign", description="Inference-time alignment for diffusers pipelines.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    gen = sub.add_parser("generate", help="generate one image with alignment methods")
-    gen.add_argument("prompt")
-    gen.add_argument(
+def _model_arguments(parser) -> None:
+    parser.add_argument(
         "--model",
         default=SHAPES_MODEL,
         help="folder or hub id of a Stable Diffusion 1.x/2.x or XL pipeline (the class comes from its "
         "model_index.json), 'shapes' (the embedded model) or 'tiny'",
     )
-    gen.add_argument(
-        "--align",
-        action="append",
-        default=[],
-        metavar="NAME[:key=value,...]",
-        help="alignment method, repeatable, e.g. best_of_n:n=4,reward=jpeg_incompressibility",
-    )
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--out", default="out.png")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ttalign", description="Inference-time alignment for diffusers pipelines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate one image, or a prompt file's images, with alignment methods")
+    gen.add_argument("prompt", nargs="?", help="the prompt (or give --prompts FILE)")
+    gen.add_argument("--prompts", default=None, metavar="FILE",
+                     help="a prompt file (one per line, or JSONL with 'prompt'): writes images and "
+                     "manifest.jsonl to --out DIR; under `accelerate launch` or `torchrun`, sharded")  # fmt: skip
+    _model_arguments(gen)
+    gen.add_argument("--align", action="append", default=[], metavar="NAME[:key=value,...]",
+                     help="alignment method, repeatable, e.g. best_of_n:n=4,reward=shapes_soft")  # fmt: skip
+    gen.add_argument("--seed", type=int, default=None, help="seed (with --prompts: item i uses seed + i; default 0)")
+    gen.add_argument("--out", default="out.png", help="image file, or the folder with --prompts")
     gen.add_argument("--steps", type=int, default=None, help="default: 25 for 'shapes', else 50")
     gen.add_argument("--guidance-scale", type=float, default=None, help="default: 3.0 for 'shapes', else 7.5")
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    gen.add_argument("--device", default=None)
+    gen.add_argument("--batch-size", type=int, default=4, help="with --prompts: images per pipeline call")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve aligned generation behind the OpenAI Images API")
+    _model_arguments(srv)
+    srv.add_argument("--model-name", default=None, help="the model id the API reports (default: from --model)")
+    srv.add_argument("--align", action="append", default=[], metavar="SPEC",
+                     help="method applied to requests that name none, repeatable")  # fmt: skip
+    srv.add_argument("--allow", action="append", default=[], metavar="METHOD",
+                     help="a method name requests may ask for (extra_body ttalign.alignment), repeatable")  # fmt: skip
+    srv.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key-env", default="TTALIGN_API_KEY",
+                     help="environment variable holding the API key (required to bind beyond loopback)")  # fmt: skip
+    srv.add_argument("--queue-size", type=int, default=64)
+    srv.add_argument("--batch-window", type=float, default=0.02, help="seconds a call waits for requests to merge")
+    srv.add_argument("--max-batch-images", type=int, default=16, help="images per merged call (1: no merging)")
+    srv.add_argument("--request-timeout", type=float, default=600.0)
+    srv.add_argument("--max-n", type=int, default=10)
+    srv.add_argument("--max-side", type=int, default=1024)
+    srv.add_argument("--max-steps", type=int, default=100)
+    srv.add_argument("--max-prompt-chars", type=int, default=2000)
+    srv.add_argument("--max-method-option", type=int, default=100,
+                     help="largest n / particles / steps / rounds of a requested method")  # fmt: skip
+    srv.add_argument("--log-level", default="warning")
+    srv.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment")
+    srv.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (one per GPU)")
+    srv.add_argument("--gpus-per-replica", type=float, default=1.0, help="with --ray: 0 for CPU replicas")
+    srv.add_argument("--max-queued-requests", type=int, default=64, help="with --ray: Ray Serve's queue limit")
+    srv.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="the main job: baseline against an aligned generation, side by side")
     demo.add_argument("--out", default="outputs/demo.png")

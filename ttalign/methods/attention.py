@@ -93,6 +93,18 @@ class AttendAndExcite(AlignmentMethod):
     def __post_init__(self):
         if (self.tokens is None) == (self.token_indices is None):
             raise ValueError("AttendAndExcite needs exactly one of `tokens` or `token_indices`.")
+        if self.token_indices is not None:
+            indices = self.token_indices
+            per_prompt = isinstance(indices, (list, tuple)) and bool(indices) and isinstance(indices[0], (list, tuple))
+            groups = indices if per_prompt else [indices]
+            valid = isinstance(indices, (list, tuple)) and all(
+                isinstance(g, (list, tuple)) and all(isinstance(i, int) and i >= 1 for i in g) for g in groups
+            )
+            if not valid:
+                raise ValueError(
+                    f"token_indices must be token positions >= 1 (one list, or one list per prompt), got "
+                    f"{self.token_indices!r}."
+                )
         if isinstance(self.tokens, str):
             self.tokens = [w.strip() for w in self.tokens.split("+") if w.strip()]
         if self.max_iter_to_alter < 0 or self.scale_factor <= 0 or self.max_refinement_steps < 0:

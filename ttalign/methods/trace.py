@@ -62,3 +62,41 @@ class TraceLatents(AlignmentMethod):
         if record["x0"]:
             state.traces["x0"] = torch.stack(record["x0"])
         state.traces["timesteps"] = record["timesteps"]
+
+
+@dataclass(eq=False)
+class PreviewX0(AlignmentMethod):
+    """Hands previews of the images to `callback` during the call: at the steps `at`, the x0 (Tweedie) prediction of
+    the guided noise prediction is decoded (one VAE decode per preview, counted in the compute trace) and passed as
+    `callback(step_index, images)`, images float `[N, 3, H, W]` in `[0, 1]`. The call's images are unchanged.
+
+    Args:
+        at (`tuple[int, ...]`): the step indices to preview.
+        callback (`Callable[[int, Tensor], None]`): receives each preview (the server streams them).
+    """
+
+    at: tuple = ()
+    callback: object = None
+
+    stages = (Stage.NOISE_PRED,)
+
+    def __post_init__(self):
+        if not callable(self.callback):
+            raise ValueError(f"PreviewX0 needs a callable callback, got {self.callback!r}.")
+        self.at = tuple(int(i) for i in self.at)
+
+    @staticmethod
+    def evenly(count: int, num_steps: int) -> tuple[int, ...]:
+        """`count` preview steps spread over `num_steps` steps (never the last: the final image follows)."""
+        if count <= 0 or num_steps < 2:
+            return ()
+        return tuple(sorted({round((k + 1) * (num_steps - 1) / (count + 1)) for k in range(count)}))
+
+    def on_noise_pred(self, state: GenerationState) -> None:
+        if state.step_index not in self.at:
+            return
+        family = state.family
+        x0 = family.predict_x0(state.noise_pred, state.timestep, state.latents)
+        images = (family.decode(x0).float() / 2 + 0.5).clamp(0, 1)
+        state.vae_decodes += x0.shape[0]
+        self.callback(state.step_index, images)
