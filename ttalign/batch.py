@@ -56,7 +56,8 @@ def generate_batch(pipe, prompts: list[str], out_dir: str, alignment=(), seed: i
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
+    pipe.set_progress_bar_config(disable=True)  # one bar over the items instead of one per call
     os.makedirs(out_dir, exist_ok=True)
     width = max(5, len(str(len(prompts) - 1)))
     names = [f"{i:0{width}d}" for i in range(len(prompts))]
