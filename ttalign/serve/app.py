@@ -9,6 +9,7 @@ import io
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -154,6 +155,13 @@ def create_app(pipe, config: ServeConfig | None = None):
 
     app = FastAPI(title="ttalign", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker, app.state.metrics, app.state.config = worker, metrics, config
+    instance = uuid.uuid4().hex[:12]  # tells replicas apart (Ray Serve) in the `x-ttalign-replica` header
+
+    @app.middleware("http")
+    async def replica_header(request, call_next):
+        response = await call_next(request)
+        response.headers["x-ttalign-replica"] = instance
+        return response
 
     def error_response(err: APIError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)

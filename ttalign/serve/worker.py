@@ -92,21 +92,23 @@ class PipelineWorker:
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is None:
+        if self._thread is None and not self._stopping:
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="ttalign-pipeline-worker", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
         with self._cond:
+            if self._thread is None:
+                return
             self._stopping = True
             for job in self.jobs:
                 job.done.set_exception(APIError(503, "The server is shutting down.", code="shutting_down"))
             self.jobs.clear()
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        self._thread.join(timeout=30)
+        self._thread = None
+        self._stopping = False
 
     @property
     def queue_depth(self) -> int:
@@ -114,6 +116,7 @@ class PipelineWorker:
 
     def submit(self, job: Job) -> Job:
         """Queues a job; raises `APIError(429)` with `Retry-After` when the queue is full."""
+        self.start()  # the app's lifespan starts the worker; an ASGI host that skips lifespan events still works
         with self._cond:
             if len(self.jobs) >= self.config.queue_size:
                 if self.metrics is not None:
