@@ -61,9 +61,9 @@ async def _run_clients(base: str, args) -> dict:
         nonlocal rejected
         for r in range(args.requests):
             start = time.perf_counter()
+            request = {**body, "ttalign": {**body["ttalign"], "seed": k * 100 + r}}
             for _ in range(args.max_attempts):
-                response = await http.post(base + "/v1/images/generations",
-                                           json={**body, "ttalign": {**body["ttalign"], "seed": k * 100 + r}})  # fmt: skip
+                response = await http.post(base + "/v1/images/generations", json=request)
                 if response.status_code != 429:
                     break
                 rejected += 1
