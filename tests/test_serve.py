@@ -255,10 +255,15 @@ def test_a_client_that_leaves_while_queued_is_dropped():
             async with httpx.AsyncClient(timeout=120) as http:
                 body = {"prompt": "a cat", "n": 10, "ttalign": {"steps": 80}}
                 slow = asyncio.ensure_future(http.post(srv.url + "/images/generations", json=body))
-                await asyncio.sleep(0.5)
-                async with httpx.AsyncClient(timeout=0.5) as impatient:
-                    with pytest.raises(httpx.ReadTimeout):
-                        await impatient.post(srv.url + "/images/generations", json={"prompt": "a dog"})
+                await asyncio.sleep(1.0)  # the slow request (about 10 s) is running
+                impatient_client = httpx.AsyncClient(timeout=120)
+                impatient = asyncio.ensure_future(impatient_client.post(srv.url + "/images/generations",
+                                                                        json={"prompt": "a dog"}))  # fmt: skip
+                while (await http.get(srv.base + "/health")).json()["queue_depth"] < 1:
+                    assert not slow.done(), "the slow request ended before the second one was queued"
+                    await asyncio.sleep(0.05)
+                impatient.cancel()  # the client leaves while its request waits in the queue
+                await impatient_client.aclose()
                 return await slow
 
         assert asyncio.run(scenario()).status_code == 200
@@ -356,3 +361,35 @@ def test_request_bodies_never_crash_the_server(server):
     check()
     valid = server.client().images.generate(prompt="a cat", extra_body={"ttalign": {"steps": 2}})
     assert valid.data[0].b64_json
+
+
+def test_a_request_not_answered_in_time_gets_504_and_the_server_goes_on():
+    srv = Server("--request-timeout", "1", key=None)
+    try:
+        r = httpx.post(srv.url + "/images/generations", json={"prompt": "a cat", "n": 10, "ttalign": {"steps": 100}},
+                       timeout=60)  # fmt: skip
+        assert r.status_code == 504 and r.headers["x-should-retry"] == "false"
+        assert r.json()["error"]["type"] == "timeout" and "within 1 s" in r.json()["error"]["message"]
+        quick = httpx.post(srv.url + "/images/generations", json={"prompt": "a dog", "ttalign": {"steps": 2}},
+                           timeout=60)  # fmt: skip
+        assert quick.status_code in (200, 504)  # it may wait behind the abandoned call; it is answered either way
+    finally:
+        srv.close()
+
+
+def test_serves_an_sdxl_folder(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from ttalign.testing import get_tiny_sdxl_components
+
+    folder = tmp_path / "tiny-sdxl"
+    StableDiffusionXLPipeline(**get_tiny_sdxl_components(), add_watermarker=False).save_pretrained(folder)
+    srv = Server("--model", str(folder), "--allow", "best_of_n", key=None)
+    try:
+        client = srv.client(key="unused")
+        assert client.models.list().data[0].id == "tiny-sdxl"
+        out = client.images.generate(prompt="a red circle", size="64x64", extra_body={"ttalign": {
+            "seed": 1, "steps": 2, "alignment": ["best_of_n:n=2,reward=jpeg_incompressibility"]}})  # fmt: skip
+        assert _decode(out.data[0].b64_json).size == (64, 64) and out.data[0].model_extra["reward"] > 0
+    finally:
+        srv.close()

@@ -94,6 +94,24 @@ class MethodCache:
         return methods
 
 
+class _ReplicaHeader:
+    """ASGI middleware adding `x-ttalign-replica: <id of this app instance>` to every response."""
+
+    def __init__(self, app, value: str):
+        self.app, self.header = app, (b"x-ttalign-replica", value.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_header)
+
+
 class _Previews:
     """Carries a streaming job's previews from the worker thread to the event loop of its response."""
 
@@ -155,13 +173,8 @@ def create_app(pipe, config: ServeConfig | None = None):
 
     app = FastAPI(title="ttalign", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker, app.state.metrics, app.state.config = worker, metrics, config
-    instance = uuid.uuid4().hex[:12]  # tells replicas apart (Ray Serve) in the `x-ttalign-replica` header
-
-    @app.middleware("http")
-    async def replica_header(request, call_next):
-        response = await call_next(request)
-        response.headers["x-ttalign-replica"] = instance
-        return response
+    # tells replicas apart (Ray Serve); a plain ASGI middleware, which leaves disconnect detection alone
+    app.add_middleware(_ReplicaHeader, value=uuid.uuid4().hex[:12])
 
     def error_response(err: APIError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
