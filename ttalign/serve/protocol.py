@@ -10,8 +10,7 @@ HTTP status the client maps to its exception classes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 #: Top-level fields of the client's request body that the server accepts (and ignores where they do not apply).
 OPENAI_FIELDS = frozenset({"prompt", "model", "n", "size", "response_format", "stream", "partial_images", "quality",
@@ -51,8 +50,9 @@ class Limits:
         max_side (`int`, defaults to 1024): the largest image side in pixels.
         max_steps (`int`, defaults to 100): denoising steps.
         max_guidance (`float`, defaults to 30): classifier-free guidance scale.
-        max_method_option (`int`, defaults to 16): the largest value of an alignment method's compute-multiplying
-            integer option (`n`, `particles`, `steps`, `rounds`, `neighbors`, `max_refinement_steps`).
+        max_method_option (`int`, defaults to 100): the largest value of an alignment method's compute-multiplying
+            integer option (`n`, `particles`, `steps`, `rounds`, `neighbors`, `max_refinement_steps`; DNO's preset
+            takes 100 steps).
         max_methods (`int`, defaults to 4): alignment methods per request.
     """
 
@@ -61,7 +61,7 @@ class Limits:
     max_side: int = 1024
     max_steps: int = 100
     max_guidance: float = 30.0
-    max_method_option: int = 16
+    max_method_option: int = 100
     max_methods: int = 4
 
     def __post_init__(self):
@@ -90,7 +90,6 @@ class ImageRequest:
     negative_prompt: str | None = None
     eta: float | None = None
     alignment: tuple[str, ...] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def merge_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call (each image keeps its own generator)."""
@@ -158,7 +157,7 @@ def parse_request(body, limits: Limits, served_model: str, size_multiple: int = 
     if model is not None and model != served_model:
         raise APIError(404, f"The model {model!r:.80} is not served here; this server serves {served_model!r}.",
                        param="model", code="model_not_found")  # fmt: skip
-    n = _int(body.get("n", 1) if body.get("n") is not None else 1, "n", 1, limits.max_n)
+    n = 1 if body.get("n") is None else _int(body["n"], "n", 1, limits.max_n)
     response_format = body.get("response_format")
     if response_format not in (None, "b64_json"):
         if response_format == "url":
