@@ -52,7 +52,9 @@ class Conditioning:
             such tensors (SDXL: `text_embeds` `[N, 1280]`, `time_ids` `[N, 6]`; IP-Adapter `image_embeds`; an
             LCM UNet's `timestep_cond`).
         negative_added (`dict`): the same for the unconditional branch.
-        cross_attention_kwargs (`dict`, *optional*): call-wide keyword arguments of the attention processors.
+        cross_attention_kwargs (`dict`, *optional*): call-wide keyword arguments of the attention processors
+            (`joint_attention_kwargs` for the transformer families).
+        shared (`dict`): call-wide inputs that are not per image (FLUX's `txt_ids` and `img_ids`, the image size).
     """
 
     prompt_embeds: torch.Tensor
@@ -60,6 +62,7 @@ class Conditioning:
     added: dict[str, Any] = field(default_factory=dict)
     negative_added: dict[str, Any] = field(default_factory=dict)
     cross_attention_kwargs: dict[str, Any] | None = None
+    shared: dict[str, Any] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -118,11 +121,13 @@ class Conditioning:
 @dataclass(frozen=True)
 class TextStream:
     """One text encoder's part of the token embeddings: its `tokenizer`, the call argument its prompt comes from
-    (`"prompt"`, or `"prompt_2"` when the call gives one), and the feature columns it fills (`features`)."""
+    (`"prompt"`, or `"prompt_2"` / `"prompt_3"` when the call gives one), the feature columns it fills (`features`)
+    and the sequence positions it fills (`positions`: all of them, or SD3's T5 tokens after the 77 CLIP ones)."""
 
     tokenizer: Any
     prompt_key: str
     features: slice
+    positions: slice = field(default_factory=lambda: slice(None))
 
 
 class ModelFamily:
@@ -140,8 +145,10 @@ class ModelFamily:
     #: What the family offers methods beyond the common interface: `"cross_attention"` (a UNet attending to text
     #: tokens through cross-attention layers, whose maps and logits the attention control can reach).
     features: ClassVar[frozenset[str]] = frozenset()
-    #: Family defaults of attention-method settings (`normalize_eot`: leave end and padding tokens out of maps).
-    attention_defaults: ClassVar[dict[str, Any]] = {"normalize_eot": False}
+    #: Family defaults of attention-method settings: `normalize_eot` (leave end and padding tokens out of maps),
+    #: `from_where` (the parts of the denoiser whose maps are recorded) and `parts` (all of its parts).
+    attention_defaults: ClassVar[dict[str, Any]] = {"normalize_eot": False, "from_where": ("up", "down", "mid"),
+                                                    "parts": ("up", "down", "mid")}  # fmt: skip
 
     def __init__(self, pipe, denoiser=None, scheduler=None):
         self.pipe = pipe
@@ -190,8 +197,11 @@ class ModelFamily:
 
     def encode_prompt(self, prompts: list[str], device, negative_prompt=None, do_cfg: bool = False,
                       num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
-                      guidance_scale: float | None = None) -> Conditioning:  # fmt: skip
-        """Encodes `prompts` as a call of the family's pipeline would; `N = len(prompts) * num_images_per_prompt`."""
+                      guidance_scale: float | None = None, clip_skip: int | None = None,
+                      **options) -> Conditioning:  # fmt: skip
+        """Encodes `prompts` as a call of the family's pipeline would; `N = len(prompts) * num_images_per_prompt`.
+        `options` are the call's family-specific settings (`GenerationState.encode_options`: SD3's and FLUX's
+        `max_sequence_length`, FLUX's embedded `guidance`)."""
         raise NotImplementedError
 
     def training_conditioning(self, prompts: list[str], device, image_sizes: Sequence[tuple[int, int]] | None = None,
@@ -242,9 +252,18 @@ class ModelFamily:
         """The image size (px) the pipeline generates by default."""
         raise NotImplementedError
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images `[N, 3, H, W]` in about `[-1, 1]` (not clamped)."""
+    def decode(self, latents: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """Latents -> images `[N, 3, H, W]` in about `[-1, 1]` (not clamped); packed latents (FLUX) need the size."""
         raise NotImplementedError
+
+    def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The latents as an image-shaped `[N, C, h, w]` tensor (FLUX packs them into tokens; others are already)."""
+        return latents
+
+    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The `(h, w)` of the latent image of a `height x width` image (before any patching or packing)."""
+        factor = self.pipe.vae_scale_factor
+        return height // factor, width // factor
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images `[N, 3, H, W]` in `[-1, 1]` -> latents as the denoiser sees them (the posterior mean)."""
@@ -270,6 +289,14 @@ class ModelFamily:
     def prompt_length(self, prompt: str) -> int:
         """The number of token positions `prompt` fills, start and end token included."""
         return len(self.tokenizer(prompt).input_ids)
+
+    def attention_token_positions(self, prompt: str, exclude_padding: bool) -> list[int]:
+        """The text key positions among which Attend-and-Excite normalizes a pixel's attention: the prompt's tokens
+        without the start token; without `exclude_padding`, every position but the first and the last (the
+        reference's `[1:-1]` of CLIP's 77)."""
+        if exclude_padding:
+            return list(range(1, self.prompt_length(prompt) - 1))
+        return list(range(1, self.tokenizer.model_max_length - 1))
 
     # --- LoRA --------------------------------------------------------------------------------------------------------
 

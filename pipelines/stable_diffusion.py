@@ -489,7 +489,7 @@ class StableDiffusionFamily(ModelFamily):
     # --- conditioning -----------------------------------------------------------------------------------------------
 
     def encode_prompt(self, prompts, device, negative_prompt=None, do_cfg=False, num_images_per_prompt=1,
-                      height=None, width=None, guidance_scale=None, clip_skip=None) -> Conditioning:  # fmt: skip
+                      height=None, width=None, guidance_scale=None, clip_skip=None, **options):  # fmt: skip
         cond, uncond = self.pipe.encode_prompt(prompts, device, num_images_per_prompt, do_cfg, negative_prompt,
                                                clip_skip=clip_skip)  # fmt: skip
         conditioning = Conditioning(cond, uncond if do_cfg else None)
@@ -538,7 +538,7 @@ class StableDiffusionFamily(ModelFamily):
         sample_size = self.base_denoiser.config.sample_size
         return (sample_size if isinstance(sample_size, int) else sample_size[0]) * self.pipe.vae_scale_factor
 
-    def decode(self, latents):
+    def decode(self, latents, height=None, width=None):
         vae = self.vae
         return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
 

@@ -497,7 +497,8 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
     name = "Stable Diffusion XL"
     pipeline_class = StableDiffusionXLPipeline
-    attention_defaults = {"normalize_eot": True}  # end and padding tokens left out of A&E's maps, as for SD 2.x
+    # end and padding tokens left out of A&E's maps, as for SD 2.x
+    attention_defaults = {**StableDiffusionFamily.attention_defaults, "normalize_eot": True}
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
@@ -545,7 +546,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
                                       text_encoder_projection_dim=projection)  # fmt: skip
 
     def encode_prompt(self, prompts, device, negative_prompt=None, do_cfg=False, num_images_per_prompt=1,
-                      height=None, width=None, guidance_scale=None, clip_skip=None) -> Conditioning:  # fmt: skip
+                      height=None, width=None, guidance_scale=None, clip_skip=None, **options):  # fmt: skip
         height = height or self.default_image_size
         width = width or self.default_image_size
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
@@ -582,7 +583,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         return (torch.tensor(mean).view(view).to(latents.device, latents.dtype),
                 torch.tensor(std).view(view).to(latents.device, latents.dtype))  # fmt: skip
 
-    def decode(self, latents):
+    def decode(self, latents, height=None, width=None):
         vae = self.vae
         needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast
         if needs_upcasting:  # SDXL's VAE overflows in float16: decode in float32, as the pipeline does

@@ -105,7 +105,7 @@ def attention_control(state) -> AttentionControl:
     stage). The pipeline's component snapshot restores the original processors after the call."""
     control = state.scratch.get("attention_control")
     if control is None:
-        control = AttentionControl(latent_size=tuple(state.latents.shape[-2:]),
+        control = AttentionControl(latent_size=state.family.latent_grid(state.height, state.width),
                                    cfg=bool(state.do_classifier_free_guidance))  # fmt: skip
         state.family.install_attention_control(control)
         state.scratch["attention_control"] = control
@@ -124,18 +124,21 @@ Hook = Callable[[LayerContext, torch.Tensor], torch.Tensor]
 
 
 def token_spans(tokenizer, prompt: str, words: list[str]) -> list[list[int]]:
-    """The token indices (start token at 0) of each word or phrase of `words` in `prompt`, sub-word pieces included:
-    `[[2], [5, 6]]`. Raises `ValueError` naming a word that is not in the prompt."""
-    tokens = tokenizer.tokenize(prompt)
+    """The positions of each word or phrase of `words` in `prompt` as the text encoder sees it (CLIP's start token at
+    0, none for T5), sub-word pieces included: `[[2], [5, 6]]`. Raises `ValueError` naming a word that is not in the
+    prompt."""
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(prompt).input_ids)
     spans = []
     for word in words:
         pieces = tokenizer.tokenize(word)
         for start in range(len(tokens) - len(pieces) + 1):
             if pieces and tokens[start : start + len(pieces)] == pieces:
-                spans.append(list(range(start + 1, start + 1 + len(pieces))))
+                spans.append(list(range(start, start + len(pieces))))
                 break
         else:
-            raise ValueError(f"Token {word!r} is not in the prompt {prompt!r} (its tokens: {tokens}).")
+            raise ValueError(
+                f"Token {word!r} is not in the prompt {prompt!r} (its tokens: {tokenizer.tokenize(prompt)})."
+            )
     return spans
 
 

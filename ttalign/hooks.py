@@ -59,6 +59,8 @@ class GenerationState:
     the denoiser is conditioned on per image; `prompt_embeds` is its conditional batch `[N, L, D]` and
     `negative_prompt_embeds` the unconditional one (or `None` without classifier-free guidance).
     `extra_prompts` holds the family's further prompts as the call gave them (SDXL: `prompt_2`, `negative_prompt_2`).
+    `guidance_scale` is the classifier-free guidance scale the family's denoiser call combines branches with (FLUX:
+    `true_cfg_scale`; its embedded guidance is part of the conditioning).
     `decoded` is the VAE output in `[-1, 1]` at the `output` stage. `eta` is the call's DDIM noise scale.
     """
 
@@ -79,6 +81,9 @@ class GenerationState:
     do_classifier_free_guidance: bool = False
     clip_skip: int | None = None
     extra_prompts: dict[str, Any] = field(default_factory=dict)
+    #: The call's family-specific encoding settings, for methods that encode prompts like the call (SD3 / FLUX:
+    #: `max_sequence_length`; FLUX: the embedded `guidance`).
+    encode_options: dict[str, Any] = field(default_factory=dict)
     conditioning: Any = None
     timesteps: torch.Tensor | None = None
     latents: torch.Tensor | None = None

@@ -30,6 +30,11 @@ def is_sigma_space(scheduler) -> bool:
     return any(cls.__name__ in SIGMA_SPACE_SCHEDULERS for cls in type(scheduler).__mro__)
 
 
+def is_flow(scheduler) -> bool:
+    """Whether the scheduler is flow matching's Euler (`x_t = (1 - sigma) x0 + sigma eps`, velocity output)."""
+    return any(cls.__name__ == "FlowMatchEulerDiscreteScheduler" for cls in type(scheduler).__mro__)
+
+
 def current_sigma(scheduler, timestep: torch.Tensor) -> torch.Tensor:
     """The sigma of a sigma-space scheduler at `timestep` (its current step when the step index is known)."""
     index = getattr(scheduler, "step_index", None)
@@ -45,6 +50,9 @@ def predict_x0(scheduler, model_output: torch.Tensor, timestep: torch.Tensor, sa
     `v_prediction` or `sample`), and `sample` the current latents as the scheduler holds them (not scaled by
     `scale_model_input`).
     """
+    if is_flow(scheduler):  # flow matching: the model predicts the velocity v = eps - x0
+        sigma = current_sigma(scheduler, timestep).to(sample.device, torch.float32)
+        return (sample.float() - sigma * model_output.float()).to(model_output.dtype)
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
     if prediction_type == "sample":
         return model_output
@@ -70,23 +78,35 @@ def predict_x0(scheduler, model_output: torch.Tensor, timestep: torch.Tensor, sa
 # diffusers' update rules written out, tested step for step against `scheduler.step`.
 # ---------------------------------------------------------------------------------------------------------------------
 
-SUPPORTED_SCHEDULERS = ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler")
+SUPPORTED_SCHEDULERS = ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler",
+                        "FlowMatchEulerDiscreteScheduler")  # fmt: skip
 
 
 def scheduler_kind(scheduler) -> str:
-    """`"ddim"`, `"euler"`, `"euler_ancestral"` or `"lcm"`; `ValueError` naming the scheduler otherwise."""
-    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler
+    """`"ddim"`, `"euler"`, `"euler_ancestral"`, `"lcm"` or `"flow"`; `ValueError` naming the scheduler otherwise."""
+    from diffusers import (
+        DDIMScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        LCMScheduler,
+    )
 
     kinds = (
         (DDIMScheduler, "ddim"),
         (EulerAncestralDiscreteScheduler, "euler_ancestral"),
         (EulerDiscreteScheduler, "euler"),
         (LCMScheduler, "lcm"),
+        (FlowMatchEulerDiscreteScheduler, "flow"),
     )
     for cls, kind in kinds:
         if type(scheduler) is cls:
             if getattr(scheduler.config, "thresholding", False):
                 raise ValueError(f"{cls.__name__} with `thresholding=True` is not supported by the sampler.")
+            if kind == "flow":
+                for option in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas"):
+                    if getattr(scheduler.config, option, False):
+                        raise ValueError(f"{cls.__name__} with `{option}=True` is not supported by the sampler.")
             return kind
     raise ValueError(
         f"The differentiable sampler supports {', '.join(SUPPORTED_SCHEDULERS)}; the pipeline has "
@@ -150,6 +170,11 @@ def step_noise_std(scheduler, index: int, eta: float = 0.0) -> float:
             return 0.0
         prev_t = scheduler.timesteps[index + 1]
         return float((1 - scheduler.alphas_cumprod[int(prev_t)]) ** 0.5)
+    if kind == "flow":
+        sigma, sigma_next = float(scheduler.sigmas[index]), float(scheduler.sigmas[index + 1])
+        if eta > 0:
+            return flow_sde_std(scheduler, index, eta) * (sigma - sigma_next) ** 0.5 if sigma_next > 0 else 0.0
+        return sigma_next if scheduler.config.get("stochastic_sampling", False) else 0.0
     return 0.0
 
 
@@ -158,11 +183,13 @@ def scheduler_step(scheduler, index: int, model_output: torch.Tensor, sample: to
     """One denoising step `x_t -> x_{t-1}` of the scheduler at step `index`, as a pure function.
 
     Args:
-        scheduler: a DDIM, Euler, Euler ancestral or LCM scheduler after `set_timesteps` (only read).
+        scheduler: a DDIM, Euler, Euler ancestral, LCM or flow-matching Euler scheduler after `set_timesteps` (only
+            read).
         index (`int`): the step, `0 <= index < len(scheduler.timesteps)`.
         model_output (`Tensor [N, C, h, w]`): the (guided) denoiser output in the scheduler's prediction type.
         sample (`Tensor [N, C, h, w]`): the latents `x_t` as the scheduler holds them.
-        eta (`float`): DDIM's noise scale (0: deterministic DDIM, 1: DDPM-like ancestral); other kinds ignore it.
+        eta (`float`): DDIM's noise scale (0: deterministic DDIM, 1: DDPM-like ancestral); for flow matching the
+            noise level `a` of Flow-GRPO's SDE (0: the ODE); the other kinds ignore it.
         noise (`Tensor [N, C, h, w]`, *optional*): the standard normal noise a stochastic step injects; required
             when `step_noise_std(scheduler, index, eta) > 0`.
 
@@ -173,6 +200,8 @@ def scheduler_step(scheduler, index: int, model_output: torch.Tensor, sample: to
     std = step_noise_std(scheduler, index, eta)
     if std > 0 and noise is None:
         raise ValueError(f"Step {index} of {type(scheduler).__name__} injects noise (std {std:.3g}): pass `noise`.")
+    if kind == "flow":
+        return flow_step(scheduler, index, model_output, sample, eta, noise)
     if kind == "ddim":
         t = scheduler.timesteps[index]
         alpha_prod, alpha_prev = _ddim_alphas(scheduler, t, sample.device, sample.dtype)
@@ -199,6 +228,97 @@ def scheduler_step(scheduler, index: int, model_output: torch.Tensor, sample: to
         return denoised, denoised
     alpha_prev = scheduler.alphas_cumprod[int(scheduler.timesteps[index + 1])].to(sample.device, sample.dtype)
     return alpha_prev**0.5 * denoised + std * noise, denoised
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flow matching (SD3, FLUX): diffusers' convention x_t = (1 - sigma) x0 + sigma eps, the model predicts v = eps - x0,
+# so x0 = x_t - sigma v and eps = x_t + (1 - sigma) v. Sampling runs from sigma = 1 (noise) to 0.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def flow_shift(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's static timestep shift: `sigma <- shift sigma / (1 + (shift - 1) sigma)`."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def flow_dynamic_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
+    """FLUX's resolution-dependent shift: `sigma <- e^mu / (e^mu + (1 / sigma - 1))`."""
+    return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+
+
+def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+            max_shift: float = 1.15) -> float:  # fmt: skip
+    """FLUX.1's `mu`: linear in the packed image sequence length, `base_shift` at `base_seq_len` tokens and
+    `max_shift` at `max_seq_len`."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + (base_shift - slope * base_seq_len)
+
+
+def flow_sde_std(scheduler, index: int, a: float) -> float:
+    """Flow-GRPO's noise scale at step `index`: `a * sqrt(sigma / (1 - sigma))`, with the next sigma in the denominator
+    at sigma = 1 (where `1 - sigma` vanishes), as the reference does."""
+    sigma = float(scheduler.sigmas[index])
+    denominator = 1 - (sigma if sigma < 1 else float(scheduler.sigmas[1]))
+    return a * (sigma / denominator) ** 0.5
+
+
+def flow_step(scheduler, index: int, model_output: torch.Tensor, sample: torch.Tensor, a: float = 0.0,
+              noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One flow-matching step as a pure function, in fp32 like diffusers' `FlowMatchEulerDiscreteScheduler.step`:
+    the Euler ODE step `x' = x + (sigma' - sigma) v` (`a = 0`); Flow-GRPO's SDE with noise level `a > 0` (the last
+    step, to sigma 0, stays the ODE step, so the image carries no injected noise); with `a = 0` and the scheduler's
+    `stochastic_sampling`, its full re-noise `x' = (1 - sigma') x0 + sigma' eps`. Returns `(x', x0)`."""
+    sigma, sigma_next = scheduler.sigmas[index].float(), scheduler.sigmas[index + 1].float()
+    x, v = sample.float(), model_output.float()
+    x0 = x - sigma * v
+    if a > 0 and float(sigma_next) > 0:
+        prev, _ = flow_sde_step_with_logprob(scheduler, index, model_output, sample, a, noise=noise)
+        return prev.to(model_output.dtype), x0.to(model_output.dtype)
+    if a <= 0 and scheduler.config.get("stochastic_sampling", False) and float(sigma_next) > 0:
+        prev = (1 - sigma_next) * x0 + sigma_next * noise.float()
+    else:
+        prev = x + (sigma_next - sigma) * v
+    return prev.to(model_output.dtype), x0.to(model_output.dtype)
+
+
+def flow_sde_step_with_logprob(scheduler, index: int, model_output: torch.Tensor, sample: torch.Tensor,
+                               a: float = 0.7, prev_sample: torch.Tensor | None = None,
+                               noise: torch.Tensor | None = None, variant: str = "sde",
+                               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A stochastic flow-matching step and the Gaussian log-probability of its transition (Flow-GRPO, Liu et al. 2025,
+    https://arxiv.org/abs/2505.05470), in fp32.
+
+    `variant="sde"`: `std_t = a sqrt(sigma / (1 - sigma))`,
+    `mean = x + [v + std_t^2 / (2 sigma) (x + (1 - sigma) v)] dt` with `dt = sigma' - sigma < 0`,
+    `x' = mean + std_t sqrt(-dt) eps`. `variant="cps"` (coefficients-preserving):
+    `std = sigma' sin(a pi / 2)`, `mean = x0 (1 - sigma') + x1 sqrt(sigma'^2 - std^2)` with `x1 = x + (1 - sigma) v`,
+    `x' = mean + std eps`; at `a = 1` it is diffusers' `stochastic_sampling`. The log-probability is the density of
+    `prev_sample` (drawn as `mean + std * noise` when not given) under `N(mean, std^2)`, averaged over all dimensions
+    but the batch. Returns `(prev_sample, log_prob [N])`."""
+    if variant not in ("sde", "cps"):
+        raise ValueError(f"variant must be 'sde' or 'cps', got {variant!r}.")
+    if not a > 0:
+        raise ValueError(f"The log-probability needs a stochastic step (a > 0), got a={a!r}.")
+    sigma, sigma_next = scheduler.sigmas[index].float(), scheduler.sigmas[index + 1].float()
+    x, v = sample.float(), model_output.float()
+    dt = sigma_next - sigma
+    if variant == "sde":
+        std_t = flow_sde_std(scheduler, index, a)
+        mean = x + (v + std_t**2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt  # [N, ...]
+        std = std_t * (-dt) ** 0.5
+    else:
+        x0, x1 = x - sigma * v, x + (1 - sigma) * v
+        std = sigma_next * math.sin(a * math.pi / 2)
+        mean = x0 * (1 - sigma_next) + x1 * (sigma_next**2 - std**2).clamp_min(0) ** 0.5
+    std = torch.as_tensor(std, dtype=torch.float32)
+    if prev_sample is None:
+        if noise is None:
+            raise ValueError("Pass `prev_sample` (a recorded transition) or `noise` to draw one.")
+        prev_sample = mean + std * noise.float()
+    log_prob = (
+        -((prev_sample.detach().float() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    )
+    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
 def predict_x0_sigma(scheduler, model_output, sample, sigma):
@@ -353,10 +473,11 @@ class DifferentiableSampler:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode to images `[N, 3, H, W]` in `[0, 1]`; checkpointed when gradients are on."""
         self.vae_decodes += latents.shape[0]
+        size = self.conditioning.shared.get("image_size", (None, None))  # packed latents (FLUX) need it
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            image = torch.utils.checkpoint.checkpoint(self.family.decode, latents, use_reentrant=False)
+            image = torch.utils.checkpoint.checkpoint(self.family.decode, latents, *size, use_reentrant=False)
         else:
-            image = self.family.decode(latents)
+            image = self.family.decode(latents, *size)
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     def account(self, state) -> None:

@@ -55,8 +55,10 @@ class AttendAndExcite(AlignmentMethod):
         attn_res (`tuple[int, int]`, *optional*): the resolution of the cross-attention maps used. By default the
             denoiser's cross-attention resolution nearest a quarter of the latents' size: 16x16 for SD 1.x at
             512 px (the reference's), 32x32 for SDXL at 1024 px.
-        from_where (`tuple[str, ...]`, defaults to `("up", "down", "mid")`): the UNet parts whose layers at that
-            resolution are recorded (the reference averages all three); every other layer keeps its fast path.
+        from_where (`tuple[str, ...]`, *optional*): the parts of the denoiser whose layers at that resolution are
+            recorded; every other layer keeps its fast path. By default the family's: a UNet's `("up", "down", "mid")`
+            (the reference averages all three), SD3's joint blocks `("joint",)`, FLUX's double-stream blocks
+            `("double",)` (`"single"` adds the single-stream ones).
         smooth_attentions (`bool`), sigma (`float`), kernel_size (`int`): Gaussian smoothing of the maps.
         normalize_eot (`bool`, *optional*): softmax over the prompt's tokens only (drop EOT and padding), for SD 2.x
             text encoders; otherwise drop the first and last of the 77 positions, as the reference. By default the
@@ -80,7 +82,7 @@ class AttendAndExcite(AlignmentMethod):
     thresholds: dict = field(default_factory=lambda: {0: 0.05, 10: 0.5, 20: 0.8})
     scale_factor: float = 20.0
     attn_res: tuple | None = None
-    from_where: tuple = ("up", "down", "mid")
+    from_where: tuple | None = None
     smooth_attentions: bool = True
     sigma: float = 0.5
     kernel_size: int = 3
@@ -114,9 +116,13 @@ class AttendAndExcite(AlignmentMethod):
             )
         if self.attn_res is not None:
             self.attn_res = tuple(self.attn_res)
-        self.from_where = (self.from_where,) if isinstance(self.from_where, str) else tuple(self.from_where)
-        if not self.from_where or set(self.from_where) - {"up", "down", "mid"}:
-            raise ValueError(f"from_where must name some of 'up', 'down', 'mid', got {self.from_where!r}.")
+        if self.from_where is not None:
+            self.from_where = (self.from_where,) if isinstance(self.from_where, str) else tuple(self.from_where)
+            if not self.from_where or set(self.from_where) - {"up", "down", "mid", "joint", "double", "single"}:
+                raise ValueError(
+                    f"from_where must name parts of the denoiser ('up', 'down', 'mid' of a UNet; 'joint' of SD3; "
+                    f"'double', 'single' of FLUX), got {self.from_where!r}."
+                )
 
     def _indices(self, state: GenerationState) -> list[list[list[int]]]:
         """Per sampled image: a list of token groups (each a list of indices)."""
@@ -140,18 +146,26 @@ class AttendAndExcite(AlignmentMethod):
             raise ValueError("AttendAndExcite with `tokens` needs `prompt` (not only `prompt_embeds`).")
         family = state.family
         control = attention_control(state)
-        res = self.attn_res or self.default_resolution(family, *state.latents.shape[-2:])
+        res = self.attn_res or self.default_resolution(family, *family.latent_grid(state.height, state.width))
         normalize_eot = self.normalize_eot
         if normalize_eot is None:
             normalize_eot = family.attention_defaults["normalize_eot"]
-        store: dict = {"maps": [], "groups": self._indices(state), "losses": [], "refinements": [], "res": res}
-        if normalize_eot:
-            if state.prompt is None:
-                raise ValueError("AttendAndExcite with `normalize_eot` needs `prompt` (not only `prompt_embeds`).")
-            store["eot"] = [family.prompt_length(p) - 1 for p in state.prompt for _ in
-                            range(state.num_images_per_prompt)]  # fmt: skip
+        parts = set(self.from_where or family.attention_defaults["from_where"])
+        unknown = parts - set(family.attention_defaults["parts"])
+        if unknown:
+            raise ValueError(f"from_where names {sorted(unknown)}, which the {family.name} denoiser does not have; "
+                             f"its parts: {family.attention_defaults['parts']}.")  # fmt: skip
+        if normalize_eot and state.prompt is None:
+            raise ValueError("AttendAndExcite with `normalize_eot` needs `prompt` (not only `prompt_embeds`).")
+        # per image: the text key positions its maps are normalized over (padding left out with normalize_eot)
+        if state.prompt is None:  # explicit token indices on prompt_embeds: every position but the first and last
+            positions = [family.attention_token_positions("", False)] * state.latents.shape[0]
+        else:
+            positions = [family.attention_token_positions(p, normalize_eot) for p in state.prompt for _ in
+                         range(state.num_images_per_prompt)]  # fmt: skip
+        store: dict = {"maps": [], "groups": self._indices(state), "losses": [], "refinements": [], "res": res,
+                       "positions": positions}  # fmt: skip
         state.scratch[self] = store
-        parts = set(self.from_where)
 
         class Recorder:
             @staticmethod
@@ -190,11 +204,16 @@ class AttendAndExcite(AlignmentMethod):
         kernel = gaussian_kernel(self.kernel_size, self.sigma).to(attention)[None, None]
         out = []
         for k, row in enumerate(rows):
-            last = store["eot"][row] if "eot" in store else attention.shape[-1] - 1
-            text = torch.softmax(attention[k, :, :, 1:last] * 100, dim=-1)  # [h, w, tokens]
+            positions = store["positions"][row]
+            if positions == list(range(positions[0], positions[-1] + 1)):  # CLIP: a slice, as the reference
+                text = torch.softmax(attention[k, :, :, positions[0] : positions[-1] + 1] * 100, dim=-1)
+            else:  # several text encoders' tokens (SD3: CLIP's, then T5's)
+                index = torch.as_tensor(positions, device=attention.device)
+                text = torch.softmax(attention[k, :, :, index] * 100, dim=-1)  # [h, w, tokens]
+            column = {p: c for c, p in enumerate(positions)}
             peaks = []
             for group in store["groups"][row]:
-                image = sum(text[:, :, i - 1] for i in group)  # indices shift by -1 (BOS dropped)
+                image = sum(text[:, :, column[i]] for i in group if i in column)  # [h, w]
                 if self.smooth_attentions:
                     pad = self.kernel_size // 2
                     image = F.conv2d(F.pad(image[None, None], (pad,) * 4, mode="reflect"), kernel)[0, 0]
@@ -347,8 +366,8 @@ class TokenReweight(AlignmentMethod):
                     own = [own] * len(state.prompt) if isinstance(own, str) else list(own)
                     parsed[key] = [parse_weighted_prompt(p) for p in own]
                     state.extra_prompts[key] = [text for text, _ in parsed[key]]
-            streams.append((stream.features, self._weights(stream.tokenizer, parsed[key])))
-        state.scratch[self] = {"streams": streams, "keys": self._weights(state.family.tokenizer, parsed["prompt"])}
+            streams.append((stream.positions, stream.features, self._weights(stream.tokenizer, parsed[key])))
+        state.scratch[self] = {"streams": streams}
         state.traces["token_reweight"] = {"prompts": state.prompt, "weights": [pairs for _, pairs in parsed["prompt"]]}
 
     @staticmethod
@@ -359,9 +378,9 @@ class TokenReweight(AlignmentMethod):
         if self.mode != "embedding":
             return
         embeds = state.prompt_embeds  # [N, L, D]
-        parts = []
-        for features, weights in state.scratch[self]["streams"]:
-            part = embeds[..., features]  # [N, L, d]: one text encoder's columns
+        parts, blocks = [], []
+        for positions, features, weights in state.scratch[self]["streams"]:
+            part = embeds[:, positions, features]  # [N, l, d]: one text encoder's block
             w = self._per_image(state, weights).to(part)[:, : part.shape[1], None]  # [N, L, 1]
             original_mean = part.float().mean(dim=(1, 2), keepdim=True)  # [N, 1, 1]
             weighted = part.float() * w
@@ -371,13 +390,25 @@ class TokenReweight(AlignmentMethod):
                 new_mean.abs() > 1e-6 * part.float().std(), original_mean / new_mean, torch.ones_like(new_mean)
             )
             parts.append((weighted * scale).to(embeds.dtype))
-        state.prompt_embeds = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+            blocks.append((positions, features))
+        if len(parts) == 1 and blocks[0] == (slice(None), slice(None)):
+            state.prompt_embeds = parts[0]
+            return
+        out = embeds.clone()  # several encoders: each writes its block (SDXL's columns, SD3's CLIP and T5 rows)
+        for part, (positions, features) in zip(parts, blocks):
+            out[:, positions, features] = part
+        state.prompt_embeds = out
 
     def on_attention(self, state: GenerationState) -> None:
         if self.mode != "attention":
             return
         control = attention_control(state)
-        weights = self._per_image(state, state.scratch[self]["keys"]).to(state.device)  # [N, L]
+        length = state.prompt_embeds.shape[1]
+        keys = torch.ones(state.scratch[self]["streams"][0][2].shape[0], length)  # [P, L]: the weight of each key
+        for positions, _, weights in state.scratch[self]["streams"]:
+            block = keys[:, positions]
+            keys[:, positions] = weights[:, : block.shape[1]]
+        weights = self._per_image(state, keys).to(state.device)  # [N, L]
 
         class Scale:
             @staticmethod
@@ -499,11 +530,14 @@ class RegionReweight(AlignmentMethod):
         for p, (phrases, spans, _) in enumerate(layout):
             if not phrases:
                 continue
-            alone = family.encode_prompt(phrases, state.device, clip_skip=state.clip_skip).prompt_embeds  # [R, L, D]
+            alone = family.encode_prompt(
+                phrases, state.device, clip_skip=state.clip_skip, **state.encode_options
+            ).prompt_embeds  # fmt: skip  [R, L, D]
             for r, span in enumerate(spans):
-                keep = [k for k, i in enumerate(span) if i < embeds.shape[1]]
-                # the phrase's tokens follow the start token when it is encoded alone
-                embeds[p * n : (p + 1) * n, [span[k] for k in keep]] = alone[r, [1 + k for k in keep]].to(embeds)
+                # the phrase's own positions when it is encoded alone (after CLIP's start token; T5 has none)
+                own = family.token_spans(phrases[r], [phrases[r]])[0]
+                keep = [k for k, i in enumerate(span) if i < embeds.shape[1] and k < len(own)]
+                embeds[p * n : (p + 1) * n, [span[k] for k in keep]] = alone[r, [own[k] for k in keep]].to(embeds)
         state.prompt_embeds = embeds
 
     def on_attention(self, state: GenerationState) -> None:

@@ -157,7 +157,8 @@ class PromptRewrite(AlignmentMethod):
         negative = state.negative_prompt if isinstance(state.negative_prompt, str) else None  # one for all candidates
         cond = family.encode_prompt(prompts, state.device, negative_prompt=negative,
                                     do_cfg=state.do_classifier_free_guidance, height=state.height, width=state.width,
-                                    guidance_scale=state.guidance_scale, clip_skip=state.clip_skip)  # fmt: skip
+                                    guidance_scale=state.guidance_scale, clip_skip=state.clip_skip,
+                                    **state.encode_options)  # fmt: skip
         sampler = DifferentiableSampler(family, cond, guidance_scale=state.guidance_scale, eta=state.eta)
         shape = family.latents_shape(1, state.height, state.width)
         generator = state.derived_generator(salt=3)

@@ -21,7 +21,8 @@ class TraceLatents(AlignmentMethod):
         device (`str`, defaults to `"cpu"`):
             Where the recorded tensors are kept.
 
-    After the call, `out.traces["latents"]` is `[S, N, C, h, w]` (the latents after each recorded step),
+    After the call, `out.traces["latents"]` is `[S, N, C, h, w]` (the latents after each recorded step, unpacked
+    for families that pack them into tokens),
     `out.traces["x0"]` is `[S, N, C, h, w]` and `out.traces["timesteps"]` the `S` timesteps. They cover every
     sampled latent; when a selection method ran, `out.traces["best_of_n"]["selected"]` maps outputs to rows.
     """
@@ -46,12 +47,14 @@ class TraceLatents(AlignmentMethod):
     def on_noise_pred(self, state: GenerationState) -> None:
         if self.x0 and self._records(state):
             x0 = state.family.predict_x0(state.noise_pred, state.timestep, state.latents)
+            x0 = state.family.unpack_latents(x0, state.height, state.width)
             state.scratch[self]["x0"].append(x0.detach().to(self.device))
 
     def on_step_end(self, state: GenerationState) -> None:
         if self._records(state):
             record = state.scratch[self]
-            record["latents"].append(state.latents.detach().to(self.device))
+            latents = state.family.unpack_latents(state.latents, state.height, state.width)
+            record["latents"].append(latents.detach().to(self.device))
             record["timesteps"].append(int(state.timestep))
 
     def teardown(self, state: GenerationState) -> None:
@@ -97,6 +100,6 @@ class PreviewX0(AlignmentMethod):
             return
         family = state.family
         x0 = family.predict_x0(state.noise_pred, state.timestep, state.latents)
-        images = (family.decode(x0).float() / 2 + 0.5).clamp(0, 1)
+        images = (family.decode(x0, state.height, state.width).float() / 2 + 0.5).clamp(0, 1)
         state.vae_decodes += x0.shape[0]
         self.callback(state.step_index, images)
