@@ -5,7 +5,9 @@ from __future__ import annotations
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage
 from ttalign.pipelines import (
     ALIGNED_PIPELINES,
+    AlignedFluxPipeline,
     AlignedPipelineOutput,
+    AlignedStableDiffusion3Pipeline,
     AlignedStableDiffusionPipeline,
     AlignedStableDiffusionXLPipeline,
 )
@@ -18,8 +20,8 @@ def _aligned_classes() -> dict:
 
 
 def align(pipe, methods=None):
-    """Wraps a diffusers pipeline (Stable Diffusion 1.x/2.x or XL) into its aligned subclass, sharing its modules, with
-    default `methods`.
+    """Wraps a diffusers pipeline (Stable Diffusion 1.x/2.x, XL, 3; FLUX) into its aligned subclass, sharing its
+    modules, with default `methods`.
 
     The returned pipeline applies `methods` on every call that passes no `alignment` of its own. An aligned
     pipeline is returned as is (with its default methods replaced).
@@ -53,7 +55,9 @@ def align(pipe, methods=None):
 
 
 __all__ = [
+    "AlignedFluxPipeline",
     "AlignedPipelineOutput",
+    "AlignedStableDiffusion3Pipeline",
     "AlignedStableDiffusionPipeline",
     "AlignedStableDiffusionXLPipeline",
     "AlignmentMethod",

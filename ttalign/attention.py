@@ -73,6 +73,8 @@ class AttentionControl:
     """
 
     latent_size: tuple[int, int] = (64, 64)
+    #: The number of text tokens in the denoiser's sequence (joint attention: where the image tokens start or end).
+    text_length: int = 0
     cfg: bool = False
     step_index: int = -1
     timestep: torch.Tensor | None = None
@@ -87,6 +89,17 @@ class AttentionControl:
         factor = math.sqrt(h * w / query_len)
         return LayerContext(name, is_cross, round(h / factor), round(w / factor), self.cfg, self.step_index,
                             self.timestep, self.rows, part)  # fmt: skip
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No hook acts on the denoiser calls made inside the block (FLUX's separate unconditional pass: the attention
+        methods act on the conditional branch, as in the families that batch both branches)."""
+        saved = self.recorders, self.logit_hooks, self.prob_hooks
+        self.recorders, self.logit_hooks, self.prob_hooks = [], [], []
+        try:
+            yield
+        finally:
+            self.recorders, self.logit_hooks, self.prob_hooks = saved
 
     @contextlib.contextmanager
     def record(self, cfg: bool = False, rows: list[int] | None = None):
@@ -105,8 +118,9 @@ def attention_control(state) -> AttentionControl:
     stage). The pipeline's component snapshot restores the original processors after the call."""
     control = state.scratch.get("attention_control")
     if control is None:
+        text_length = 0 if state.prompt_embeds is None else state.prompt_embeds.shape[1]
         control = AttentionControl(latent_size=state.family.latent_grid(state.height, state.width),
-                                   cfg=bool(state.do_classifier_free_guidance))  # fmt: skip
+                                   text_length=text_length, cfg=bool(state.do_classifier_free_guidance))  # fmt: skip
         state.family.install_attention_control(control)
         state.scratch["attention_control"] = control
     return control

@@ -37,7 +37,8 @@ def aligned_class_for(model: str):
 
 def load_pipeline(model: str, dtype: str = "float32", device: str | None = None):
     """Loads the aligned pipeline of a diffusers folder or hub id (the class named in its `model_index.json`: Stable
-    Diffusion 1.x/2.x or XL), `"shapes"` (the embedded shapes-world model) or `"tiny"` (tiny random components)."""
+    Diffusion 1.x/2.x, XL or 3, FLUX), `"shapes"` (the embedded shapes-world model) or `"tiny"` (tiny random
+    components)."""
     import torch
 
     from ttalign import AlignedStableDiffusionPipeline

@@ -355,6 +355,147 @@ def get_tiny_sdxl_pipeline(scheduler: str = "ddim", seed: int = 0, disable_progr
     return pipe
 
 
+def get_tiny_t5_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS, model_max_length: int = 512):
+    """A real T5 tokenizer (sentencepiece-style unigram pieces `"▁word"`, `</s>` at the end, `<pad>` padding) built
+    locally with the `tokenizers` library: one piece per word of `words`, and single characters (with and without the
+    word-start marker) so that any other word still tokenizes, as sub-word pieces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    marker = "\u2581"
+    scores = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0}
+    for word in dict.fromkeys(w.lower() for w in words):
+        scores.setdefault(marker + word, -1.0)
+    scores.setdefault(marker, -3.0)
+    for ch in string.ascii_letters + string.digits + ".,:;!?()'-":
+        scores.setdefault(marker + ch, -5.0)
+        scores.setdefault(ch, -6.0)
+    tokenizer = Tokenizer(models.Unigram(list(scores.items()), unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=marker, prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement=marker, prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", 1)])  # fmt: skip
+    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=model_max_length)  # fmt: skip
+
+
+def get_tiny_t5_encoder(vocab_size: int = 1000, seed: int = 0):
+    """A 2-layer `T5EncoderModel` of width 32 (the size of diffusers' tiny test T5), in eval mode (no dropout)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, dropout_rate=0.1, decoder_start_token_id=0,
+                      pad_token_id=0, eos_token_id=1)  # fmt: skip
+    torch.manual_seed(seed)
+    return T5EncoderModel(config).eval()
+
+
+def get_tiny_flow_vae(latent_channels: int = 4, seed: int = 0, layout: str = "tiny"):
+    """An `AutoencoderKL` with SD3 / FLUX's latent shift and scale: diffusers' test size (one level, no downsampling)
+    or, with `layout` "sd3" / "flux", an 8x one at a tiny width with 16 latent channels."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    if layout == "tiny":
+        return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
+                             layers_per_block=1, latent_channels=latent_channels, norm_num_groups=1,
+                             use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                             scaling_factor=1.5035).eval()  # fmt: skip
+    return AutoencoderKL(sample_size=512, in_channels=3, out_channels=3, block_out_channels=(16, 16, 32, 32),
+                         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                         layers_per_block=1, latent_channels=16, norm_num_groups=16, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=0.0609 if layout == "sd3" else 0.1159,
+                         scaling_factor=1.5305 if layout == "sd3" else 0.3611).eval()  # fmt: skip
+
+
+def get_tiny_sd3_components(seed: int = 0, layout: str = "tiny", shift: float = 1.0) -> dict:
+    """All components of a tiny Stable Diffusion 3 pipeline, seeded, as diffusers' own SD3 tests size them: an
+    `SD3Transformer2DModel` (one joint block, or with `layout="sd3"` SD3-medium's 24 blocks and 2x2 patches at a tiny
+    width), two CLIP text encoders with projection, a tiny T5 encoder, all three tokenizers built locally, a VAE and
+    a `FlowMatchEulerDiscreteScheduler` (`shift`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    if layout not in ("tiny", "sd3"):
+        raise ValueError(f"Unknown layout {layout!r}; expected 'tiny' or 'sd3'.")
+    torch.manual_seed(seed)
+    if layout == "tiny":
+        transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
+                                            attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                            joint_attention_dim=32, pooled_projection_dim=64,
+                                            out_channels=4)  # fmt: skip
+    else:
+        transformer = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
+                                            attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                            joint_attention_dim=32, pooled_projection_dim=64, out_channels=16,
+                                            pos_embed_max_size=192)  # fmt: skip
+    return {
+        "transformer": transformer.eval(),
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=shift),
+        "vae": get_tiny_flow_vae(4, seed, layout=layout),
+        "text_encoder": get_tiny_text_encoder(seed=seed, projection=True, hidden_act="gelu"),
+        "tokenizer": get_tiny_tokenizer(),
+        "text_encoder_2": get_tiny_text_encoder(seed=seed + 1, projection=True, hidden_act="gelu"),
+        "tokenizer_2": get_tiny_tokenizer(pad_token="!"),
+        "text_encoder_3": get_tiny_t5_encoder(seed=seed + 2),
+        "tokenizer_3": get_tiny_t5_tokenizer(),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def get_tiny_flux_components(seed: int = 0, layout: str = "tiny", guidance_embeds: bool = False) -> dict:
+    """All components of a tiny FLUX.1 pipeline, seeded, as diffusers' own FLUX tests size them: a
+    `FluxTransformer2DModel` (one double- and one single-stream block; with `layout="flux"` FLUX.1's 19 + 38 blocks
+    and 16-channel latents at a tiny width), `guidance_embeds` as FLUX.1-dev (schnell has none), a CLIP text encoder,
+    a tiny T5 encoder, both tokenizers built locally, a VAE and a dynamically shifted flow-matching scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    if layout not in ("tiny", "flux"):
+        raise ValueError(f"Unknown layout {layout!r}; expected 'tiny' or 'flux'.")
+    torch.manual_seed(seed)
+    if layout == "tiny":
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+                                             guidance_embeds=guidance_embeds)  # fmt: skip
+    else:
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+                                             guidance_embeds=guidance_embeds)  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
+    return {
+        "transformer": transformer.eval(),
+        "scheduler": scheduler,
+        "vae": get_tiny_flow_vae(1, seed, layout=layout),
+        "text_encoder": get_tiny_text_encoder(seed=seed, hidden_act="gelu"),
+        "tokenizer": get_tiny_tokenizer(),
+        "text_encoder_2": get_tiny_t5_encoder(seed=seed + 2),
+        "tokenizer_2": get_tiny_t5_tokenizer(),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def get_tiny_sd3_pipeline(seed: int = 0, disable_progress_bar: bool = True, **kwargs):
+    """An :class:`~ttalign.AlignedStableDiffusion3Pipeline` on the tiny SD3 components."""
+    from ttalign.pipelines import AlignedStableDiffusion3Pipeline
+
+    pipe = AlignedStableDiffusion3Pipeline(**get_tiny_sd3_components(seed=seed, **kwargs))
+    pipe.set_progress_bar_config(disable=disable_progress_bar)
+    return pipe
+
+
+def get_tiny_flux_pipeline(seed: int = 0, disable_progress_bar: bool = True, **kwargs):
+    """An :class:`~ttalign.AlignedFluxPipeline` on the tiny FLUX components."""
+    from ttalign.pipelines import AlignedFluxPipeline
+
+    pipe = AlignedFluxPipeline(**get_tiny_flux_components(seed=seed, **kwargs))
+    pipe.set_progress_bar_config(disable=disable_progress_bar)
+    return pipe
+
+
 def get_tiny_pipeline(scheduler: str = "ddim", seed: int = 0, disable_progress_bar: bool = True):
     """An :class:`~ttalign.AlignedStableDiffusionPipeline` on the tiny components."""
     from ttalign.pipelines import AlignedStableDiffusionPipeline

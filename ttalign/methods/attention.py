@@ -204,7 +204,7 @@ class AttendAndExcite(AlignmentMethod):
         kernel = gaussian_kernel(self.kernel_size, self.sigma).to(attention)[None, None]
         out = []
         for k, row in enumerate(rows):
-            positions = store["positions"][row]
+            positions = [p for p in store["positions"][row] if p < attention.shape[-1]]
             if positions == list(range(positions[0], positions[-1] + 1)):  # CLIP: a slice, as the reference
                 text = torch.softmax(attention[k, :, :, positions[0] : positions[-1] + 1] * 100, dim=-1)
             else:  # several text encoders' tokens (SD3: CLIP's, then T5's)

@@ -1,0 +1,155 @@
+"""The attention control of the transformer families (SD3, FLUX): joint attention over image and text tokens.
+
+SD3's blocks attend over the sequence [image, text] and FLUX's over [text, image] (FLUX's single-stream blocks get the
+two already joined); neither stock processor materialises attention probabilities (SDPA / attention dispatch). A
+:class:`JointControlProcessor` on every attention module delegates to the module's own processor unless a hook of the
+call's :class:`~ttalign.attention.AttentionControl` wants the call. Then it recomputes the attention explicitly, the
+softmax running over all joint keys, and shows the hooks two views of the image queries, as the UNet's cross- and
+self-attention layers would: over the text keys (`ctx.is_cross`, `[B * heads, image tokens, text tokens]`) and over
+the image keys. Recorders and probability hooks see the text view of the probabilities; logit hooks may change the
+scores of either view before the softmax. Everything else (projections, norms, rotary embeddings, output
+projections) is the stock processor's computation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class JointControlProcessor:
+    """Attention processor for one joint-attention module of SD3 (`text_first=False`) or FLUX (`text_first=True`)."""
+
+    def __init__(self, original, name: str, control, text_first: bool, part: str):
+        self.original, self.name, self.control = original, name, control
+        self.text_first, self.part = text_first, part
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        control = self.control
+        if encoder_hidden_states is not None:
+            n_text = encoder_hidden_states.shape[1]
+            n_image = hidden_states.shape[1]
+        elif self.text_first and control.text_length:  # FLUX's single-stream blocks: [text, image] already joined
+            n_text = control.text_length
+            n_image = hidden_states.shape[1] - n_text
+        else:  # an image-only self-attention (SD3.5's second attention): no text keys
+            n_text, n_image = 0, hidden_states.shape[1]
+        cross = control.context(self.name, True, n_image, self.part) if n_text else None
+        self_ctx = control.context(self.name, False, n_image, self.part)
+        views = [(c, h) for c, h in ((cross, True), (self_ctx, False)) if c is not None]
+        recorders = [f for f in control.recorders if control.recording and cross is not None and f.wants(cross)]
+        prob_hooks = [f for f in control.prob_hooks if cross is not None and f.wants(cross)]
+        logit_hooks = [(f, c) for c, _ in views for f in control.logit_hooks if f.wants(c)]
+        if not (recorders or prob_hooks or logit_hooks):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        if self.text_first:
+            return self._flux(attn, hidden_states, encoder_hidden_states, attention_mask, n_text, n_image, cross,
+                              recorders, prob_hooks, logit_hooks, **kwargs)  # fmt: skip
+        return self._sd3(attn, hidden_states, encoder_hidden_states, n_image, cross, recorders, prob_hooks,
+                         logit_hooks)  # fmt: skip
+
+    # --- the explicit attention -------------------------------------------------------------------------------------
+
+    def _attend(self, query, key, value, mask, image, text, cross, recorders, prob_hooks, logit_hooks):
+        """Attention of `query`, `key`, `value` `[B, heads, S, d]` with the hooks; `image` and `text` are the
+        positions (slices) of the two kinds of tokens in the joint sequence. Returns `[B, heads, S, d]`."""
+        batch, heads = query.shape[:2]
+        scores = query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5  # [B, heads, S, S]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        for hook, ctx in logit_hooks:  # each view as the UNet hooks know it: [B * heads, image queries, keys]
+            keys = text if ctx.is_cross else image
+            view = scores[:, :, image, keys].flatten(0, 1)
+            changed = hook(ctx, view)
+            if changed is not None:
+                scores = scores.clone()
+                scores[:, :, image, keys] = changed.unflatten(0, (batch, heads))
+        probs = scores.float().softmax(dim=-1).to(query.dtype)  # over all joint keys
+        if cross is not None and (prob_hooks or recorders):
+            text_view = probs[:, :, image, text].flatten(0, 1)  # [B * heads, image tokens, text tokens]
+            for hook in prob_hooks:
+                changed = hook(cross, text_view)
+                if changed is not None:
+                    probs = probs.clone()
+                    probs[:, :, image, text] = changed.unflatten(0, (batch, heads))
+                    text_view = probs[:, :, image, text].flatten(0, 1)
+            for recorder in recorders:
+                recorder(cross, text_view)
+        return probs @ value
+
+    def _sd3(self, attn, hidden_states, encoder_hidden_states, n_image, cross, recorders, prob_hooks, logit_hooks):
+        """diffusers' `JointAttnProcessor2_0` with the explicit attention: sequence [image, text]."""
+        residual = hidden_states
+        batch = hidden_states.shape[0]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            context = [attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                       attn.add_v_proj(encoder_hidden_states)]  # fmt: skip
+            context = [x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in context]
+            if attn.norm_added_q is not None:
+                context[0] = attn.norm_added_q(context[0])
+            if attn.norm_added_k is not None:
+                context[1] = attn.norm_added_k(context[1])
+            query, key, value = (torch.cat([x, c], dim=2) for x, c in zip((query, key, value), context))
+        image, text = slice(0, n_image), slice(n_image, None)
+        out = self._attend(query, key, value, None, image, text, cross, recorders, prob_hooks, logit_hooks)
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        if encoder_hidden_states is not None:
+            n = residual.shape[1]
+            hidden_states, encoder_hidden_states = hidden_states[:, :n], hidden_states[:, n:]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+    def _flux(self, attn, hidden_states, encoder_hidden_states, attention_mask, n_text, n_image, cross, recorders,
+              prob_hooks, logit_hooks, image_rotary_emb=None, **kwargs):  # fmt: skip
+        """diffusers' `FluxAttnProcessor` with the explicit attention: sequence [text, image]."""
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))  # [B, S, heads, d]
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
+            encoder_query, encoder_key, encoder_value = (x.unflatten(-1, (-1, attn.head_dim)) for x in
+                                                         (encoder_query, encoder_key, encoder_value))  # fmt: skip
+            encoder_query, encoder_key = attn.norm_added_q(encoder_query), attn.norm_added_k(encoder_key)
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask if attention_mask.ndim == 4 else attention_mask[:, None]
+        text, image = slice(0, n_text), slice(n_text, n_text + n_image)
+        out = self._attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask, image, text,
+                           cross, recorders, prob_hooks, logit_hooks)  # fmt: skip
+        hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+            )
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+def install_joint_control(denoiser, control, text_first: bool, part_of) -> None:
+    """Puts a :class:`JointControlProcessor` on every attention module of a transformer; `part_of(name)` names the
+    block kind a processor belongs to."""
+    originals = denoiser.attn_processors
+    denoiser.set_attn_processor({name: JointControlProcessor(proc, name, control, text_first, part_of(name))
+                                 for name, proc in originals.items()})  # fmt: skip
