@@ -82,11 +82,11 @@ def _generator(seed: int | None):
 def _call_settings(args) -> dict:
     """Steps, guidance and size of a generate call, checked against the same limits the server applies."""
     shapes = args.model == SHAPES_MODEL
-    steps = args.steps if args.steps is not None else (25 if shapes else 50)
-    guidance_scale = args.guidance_scale if args.guidance_scale is not None else (3.0 if shapes else 7.5)
-    if not 1 <= steps <= 1000:
+    steps = args.steps if args.steps is not None or not shapes else 25
+    guidance_scale = args.guidance_scale if args.guidance_scale is not None or not shapes else 3.0
+    if steps is not None and not 1 <= steps <= 1000:
         raise ValueError(f"--steps must be between 1 and 1000, got {steps}.")
-    if not (guidance_scale >= 0 and guidance_scale == guidance_scale):
+    if guidance_scale is not None and not (guidance_scale >= 0 and guidance_scale == guidance_scale):
         raise ValueError(f"--guidance-scale must be >= 0, got {guidance_scale}.")
     for name in ("height", "width"):
         value = getattr(args, name)
@@ -252,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="alignment method, repeatable, e.g. best_of_n:n=4,reward=shapes_soft")  # fmt: skip
     gen.add_argument("--seed", type=int, default=None, help="seed (with --prompts: item i uses seed + i; default 0)")
     gen.add_argument("--out", default="out.png", help="image file, or the folder with --prompts")
-    gen.add_argument("--steps", type=int, default=None, help="default: 25 for 'shapes', else 50")
-    gen.add_argument("--guidance-scale", type=float, default=None, help="default: 3.0 for 'shapes', else 7.5")
+    gen.add_argument("--steps", type=int, default=None, help="default: 25 for 'shapes', else the pipeline's (SD, SDXL: 50; SD3, FLUX: 28)")
+    gen.add_argument("--guidance-scale", type=float, default=None, help="default: 3.0 for 'shapes', else the pipeline's")
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
