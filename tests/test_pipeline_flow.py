@@ -252,5 +252,6 @@ def test_cli_loads_a_flow_folder(family, tmp_path):
     assert isinstance(load_pipeline(str(folder)), FAMILIES[family][1])
     out = tmp_path / "x.png"
     code = main(["generate", "a red circle", "--model", str(folder), "--steps", "2", "--seed", "0", "--out", str(out),
-                 "--height", "32", "--width", "32", "--align", "best_of_n:n=2,reward=jpeg_incompressibility"])  # fmt: skip
+                 "--height", "32", "--width", "32",
+                 "--align", "best_of_n:n=2,reward=jpeg_incompressibility"])  # fmt: skip
     assert code == 0 and Image.open(out).size == (32, 32)
