@@ -244,6 +244,14 @@ class ModelFamily:
 
         return predict_x0(self.scheduler, model_output, timestep, sample)
 
+    def set_timesteps(self, num_inference_steps: int, device, height: int | None = None, width: int | None = None,
+                      timesteps=None, sigmas=None, mu: float | None = None) -> torch.Tensor:  # fmt: skip
+        """Sets the scheduler's schedule as the family's pipeline does for a call of this size and these schedule
+        arguments (custom `timesteps` / `sigmas`; flow matching: the shift `mu`), and returns the timesteps."""
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+        return retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)[0]
+
     def latents_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         raise NotImplementedError
 

@@ -162,6 +162,7 @@ class AlignedFluxPipeline(FluxPipeline):
             do_classifier_free_guidance=do_true_cfg,
             extra_prompts={"prompt_2": prompt_2, "negative_prompt_2": negative_prompt_2},
             encode_options={"max_sequence_length": max_sequence_length, "guidance": guidance_scale},
+            schedule_options={"sigmas": sigmas},
         )
         with runner.session(state):
             # 2. Define call parameters (the prompt stage first; methods that enlarge the batch set them in `setup`)
@@ -535,6 +536,21 @@ class FluxFamily(ModelFamily):
             yield
 
     # --- latents ---------------------------------------------------------------------------------------------------
+
+    def set_timesteps(self, num_inference_steps, device, height=None, width=None, timesteps=None, sigmas=None,
+                      mu=None):  # fmt: skip
+        config = self.scheduler.config
+        if sigmas is None and timesteps is None:
+            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        if config.get("use_flow_sigmas", False):
+            sigmas = None
+        if mu is None:
+            size = self.default_image_size
+            image_seq_len = self.latents_shape(1, height or size, width or size)[1]
+            mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
+                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                 config.get("max_shift", 1.15))  # fmt: skip
+        return retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas, mu=mu)[0]
 
     def latent_grid(self, height, width):
         factor = self.pipe.vae_scale_factor

@@ -181,6 +181,7 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
             user_latents=latents,
             do_classifier_free_guidance=self.do_classifier_free_guidance,
             clip_skip=clip_skip,
+            schedule_options={"timesteps": timesteps, "sigmas": sigmas},
         )
         with runner.session(state):
             # 2. Prompt stage and call parameters (methods that enlarge the batch set them in `setup`)

@@ -169,6 +169,7 @@ class AlignedStableDiffusion3Pipeline(StableDiffusion3Pipeline):
                 "negative_prompt_3": negative_prompt_3,
             },  # fmt: skip
             encode_options={"max_sequence_length": max_sequence_length},
+            schedule_options={"sigmas": sigmas, "mu": mu},
         )
         with runner.session(state):
             # 2. Define call parameters (the prompt stage first; methods that enlarge the batch set them in `setup`)
@@ -481,6 +482,19 @@ class StableDiffusion3Family(ModelFamily):
                              joint_attention_kwargs=cond.cross_attention_kwargs, return_dict=False)[0]  # fmt: skip
 
     # --- latents ---------------------------------------------------------------------------------------------------
+
+    def set_timesteps(self, num_inference_steps, device, height=None, width=None, timesteps=None, sigmas=None,
+                      mu=None):  # fmt: skip
+        config = self.scheduler.config
+        if config.get("use_dynamic_shifting", None) and mu is None:
+            size = self.default_image_size
+            latent_h, latent_w = self.latent_grid(height or size, width or size)
+            patch = self.base_denoiser.config.patch_size
+            mu = calculate_shift((latent_h // patch) * (latent_w // patch), config.get("base_image_seq_len", 256),
+                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                 config.get("max_shift", 1.16))  # fmt: skip
+        kwargs = {} if mu is None else {"mu": mu}
+        return retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas, **kwargs)[0]
 
     def latents_shape(self, batch, height, width):
         factor = self.pipe.vae_scale_factor

@@ -185,6 +185,7 @@ class AlignedStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             do_classifier_free_guidance=self.do_classifier_free_guidance,
             clip_skip=clip_skip,
             extra_prompts={"prompt_2": prompt_2, "negative_prompt_2": negative_prompt_2},
+            schedule_options={"timesteps": timesteps, "sigmas": sigmas},
         )
         with runner.session(state):
             # 2. Prompt stage and call parameters (methods that enlarge the batch set them in `setup`)

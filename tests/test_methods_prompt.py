@@ -149,3 +149,27 @@ def test_prompt_methods_on_sdxl(server, tmp_path):
     rewritten = _call(pipe, "a red cat", [Promptist(model=folder, tokenizer=folder, max_new_tokens=6)])
     ((_, new_prompt),) = rewritten.traces["promptist"]
     assert np.abs(rewritten.images - _call(pipe, new_prompt).images).max() < 1e-6
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_prompt_methods_on_flow_families(server, tmp_path, family):
+    """The reward loop renders candidates through the SD3 / FLUX families (flow matching, the call's schedule,
+    FLUX's packed latents); both methods hand the chosen prompt to the call."""
+    from ttalign.testing import get_tiny_flux_pipeline, get_tiny_sd3_pipeline
+
+    pipe = get_tiny_sd3_pipeline(shift=3.0) if family == "sd3" else get_tiny_flux_pipeline(guidance_embeds=True)
+
+    def call(prompt, alignment=()):
+        return pipe([prompt], num_inference_steps=3, height=32, width=32, output_type="np",
+                    generator=torch.Generator().manual_seed(0), alignment=list(alignment))  # fmt: skip
+
+    method = PromptRewrite(model="local", base_url=server, candidates=2, rounds=2, reward=Redness())
+    out = call("a cat", [method])
+    trace = out.traces["prompt_rewrite"][0]
+    best_prompt, best_score = max(trace["candidates"], key=lambda x: x[1])
+    assert trace["chosen"] == best_prompt and len({s for _, s in trace["candidates"]}) > 1
+    assert np.abs(out.images - call(best_prompt).images).max() < 1e-6
+    folder = save_tiny_gpt2(str(tmp_path / "gpt2"))
+    rewritten = call("a red cat", [Promptist(model=folder, tokenizer=folder, max_new_tokens=6)])
+    ((_, new_prompt),) = rewritten.traces["promptist"]
+    assert np.abs(rewritten.images - call(new_prompt).images).max() < 1e-6

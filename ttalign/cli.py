@@ -252,8 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="alignment method, repeatable, e.g. best_of_n:n=4,reward=shapes_soft")  # fmt: skip
     gen.add_argument("--seed", type=int, default=None, help="seed (with --prompts: item i uses seed + i; default 0)")
     gen.add_argument("--out", default="out.png", help="image file, or the folder with --prompts")
-    gen.add_argument("--steps", type=int, default=None, help="default: 25 for 'shapes', else the pipeline's (SD, SDXL: 50; SD3, FLUX: 28)")
-    gen.add_argument("--guidance-scale", type=float, default=None, help="default: 3.0 for 'shapes', else the pipeline's")
+    gen.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="default: 25 for 'shapes', else the pipeline's (SD, SDXL: 50; SD3, FLUX: 28)",
+    )
+    gen.add_argument(
+        "--guidance-scale", type=float, default=None, help="default: 3.0 for 'shapes', else the pipeline's"
+    )
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)

@@ -84,6 +84,9 @@ class GenerationState:
     #: The call's family-specific encoding settings, for methods that encode prompts like the call (SD3 / FLUX:
     #: `max_sequence_length`; FLUX: the embedded `guidance`).
     encode_options: dict[str, Any] = field(default_factory=dict)
+    #: The call's schedule arguments (custom `timesteps` / `sigmas`; SD3: `mu`), for methods that set the scheduler
+    #: as the call does (:meth:`~ttalign.pipelines.family.ModelFamily.set_timesteps`).
+    schedule_options: dict[str, Any] = field(default_factory=dict)
     conditioning: Any = None
     timesteps: torch.Tensor | None = None
     latents: torch.Tensor | None = None

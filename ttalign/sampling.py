@@ -35,6 +35,12 @@ def is_flow(scheduler) -> bool:
     return any(cls.__name__ == "FlowMatchEulerDiscreteScheduler" for cls in type(scheduler).__mro__)
 
 
+def init_noise_sigma(scheduler) -> float:
+    """The scale of the initial noise, `scheduler.init_noise_sigma` (flow matching has none: its latents start as
+    plain Gaussian noise, scale 1)."""
+    return float(getattr(scheduler, "init_noise_sigma", 1.0))
+
+
 def current_sigma(scheduler, timestep: torch.Tensor) -> torch.Tensor:
     """The sigma of a sigma-space scheduler at `timestep` (its current step when the step index is known)."""
     index = getattr(scheduler, "step_index", None)

@@ -379,11 +379,11 @@ def get_tiny_t5_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS, mo
                            extra_ids=0, model_max_length=model_max_length)  # fmt: skip
 
 
-def get_tiny_t5_encoder(vocab_size: int = 1000, seed: int = 0):
-    """A 2-layer `T5EncoderModel` of width 32 (the size of diffusers' tiny test T5), in eval mode (no dropout)."""
+def get_tiny_t5_encoder(vocab_size: int = 1000, seed: int = 0, d_model: int = 32):
+    """A 2-layer `T5EncoderModel` (width 32 as diffusers' tiny test T5 by default), in eval mode (no dropout)."""
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                       relative_attention_num_buckets=8, dropout_rate=0.1, decoder_start_token_id=0,
                       pad_token_id=0, eos_token_id=1)  # fmt: skip
     torch.manual_seed(seed)
@@ -412,7 +412,8 @@ def get_tiny_sd3_components(seed: int = 0, layout: str = "tiny", shift: float = 
     """All components of a tiny Stable Diffusion 3 pipeline, seeded, as diffusers' own SD3 tests size them: an
     `SD3Transformer2DModel` (one joint block, or with `layout="sd3"` SD3-medium's 24 blocks and 2x2 patches at a tiny
     width), two CLIP text encoders with projection, a tiny T5 encoder, all three tokenizers built locally, a VAE and
-    a `FlowMatchEulerDiscreteScheduler` (`shift`)."""
+    a `FlowMatchEulerDiscreteScheduler` (`shift`). As in SD3, the T5 is wider than the two CLIPs' features together
+    (96 > 32 + 32), so their token rows are zero-padded to its width."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
     if layout not in ("tiny", "sd3"):
@@ -421,12 +422,12 @@ def get_tiny_sd3_components(seed: int = 0, layout: str = "tiny", shift: float = 
     if layout == "tiny":
         transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
                                             attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
-                                            joint_attention_dim=32, pooled_projection_dim=64,
+                                            joint_attention_dim=96, pooled_projection_dim=64,
                                             out_channels=4)  # fmt: skip
     else:
         transformer = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
                                             attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
-                                            joint_attention_dim=32, pooled_projection_dim=64, out_channels=16,
+                                            joint_attention_dim=96, pooled_projection_dim=64, out_channels=16,
                                             pos_embed_max_size=192)  # fmt: skip
     return {
         "transformer": transformer.eval(),
@@ -436,7 +437,7 @@ def get_tiny_sd3_components(seed: int = 0, layout: str = "tiny", shift: float = 
         "tokenizer": get_tiny_tokenizer(),
         "text_encoder_2": get_tiny_text_encoder(seed=seed + 1, projection=True, hidden_act="gelu"),
         "tokenizer_2": get_tiny_tokenizer(pad_token="!"),
-        "text_encoder_3": get_tiny_t5_encoder(seed=seed + 2),
+        "text_encoder_3": get_tiny_t5_encoder(seed=seed + 2, d_model=96),
         "tokenizer_3": get_tiny_t5_tokenizer(),
         "image_encoder": None,
         "feature_extractor": None,

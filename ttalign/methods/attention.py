@@ -241,7 +241,7 @@ class AttendAndExcite(AlignmentMethod):
             return latents  # no image has a subject token left to excite (images without tokens have loss 0)
         (grad,) = torch.autograd.grad(loss.sum(), latents)
         moved = latents - step_size * grad
-        return torch.where((loss != 0).view(-1, 1, 1, 1), moved, latents)
+        return torch.where((loss != 0).view((-1,) + (1,) * (latents.ndim - 1)), moved, latents)
 
     def on_step_start(self, state: GenerationState) -> None:
         sync_step(state)
@@ -381,6 +381,8 @@ class TokenReweight(AlignmentMethod):
         parts, blocks = [], []
         for positions, features, weights in state.scratch[self]["streams"]:
             part = embeds[:, positions, features]  # [N, l, d]: one text encoder's block
+            if part.numel() == 0:  # an encoder whose features the family's layout drops
+                continue
             w = self._per_image(state, weights).to(part)[:, : part.shape[1], None]  # [N, L, 1]
             original_mean = part.float().mean(dim=(1, 2), keepdim=True)  # [N, 1, 1]
             weighted = part.float() * w

@@ -17,13 +17,13 @@ import torch
 
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage
 from ttalign.rewards.base import check_scores, is_differentiable, reward_name
-from ttalign.sampling import DifferentiableSampler, is_sigma_space, scheduler_kind, scheduler_step
+from ttalign.sampling import DifferentiableSampler, is_flow, is_sigma_space, scheduler_kind, scheduler_step
 
 
 def _noise_level(scheduler, timestep, index: int) -> float:
-    """`sigma_t` such that `x_t = x0 + sigma_t * eps` up to scale: `sqrt((1 - a_t) / a_t)` for variance-preserving
-    schedules, the scheduler's sigma in sigma space."""
-    if is_sigma_space(scheduler):
+    """The step's noise level `sigma_t`: `sqrt((1 - a_t) / a_t)` for variance-preserving schedules (`x_t = x0 +
+    sigma_t eps` up to scale), the scheduler's sigma in sigma space and in flow matching (`x0 = x_t - sigma v`)."""
+    if is_sigma_space(scheduler) or is_flow(scheduler):
         return float(scheduler.sigmas[index])
     alpha_prod = float(scheduler.alphas_cumprod[int(timestep)])
     return ((1 - alpha_prod) / alpha_prod) ** 0.5
@@ -36,7 +36,8 @@ class RewardGuidance(AlignmentMethod):
     At each guided step, with `x0 = x0(x_t, eps)` the denoiser's estimate and `g = d reward(decode(x0)) / d x0`
     (the noise prediction held fixed, so no backward pass through the UNet), the noise prediction becomes
     `eps - scale * sigma_t * g`, which moves the x0 estimate by `scale * sigma_t^2 * g` (variance-preserving
-    schedules: `sigma_t = sqrt((1 - a_t) / a_t)`; sigma space: the scheduler's sigma).
+    schedules: `sigma_t = sqrt((1 - a_t) / a_t)`; sigma space: the scheduler's sigma). On flow-matching models
+    (SD3, FLUX) the velocity becomes `v - scale * sigma * g` with the same effect, `x0 = x_t - sigma v`.
 
     Args:
         reward: a differentiable reward.
@@ -93,12 +94,13 @@ class RewardGuidance(AlignmentMethod):
             (grad,) = torch.autograd.grad(rewards.sum(), x0)
         state.reward_calls += 1
         sampler.account(state)
-        step = _noise_level(scheduler, state.timestep, i) * grad  # [N, C, h, w]
+        step = _noise_level(scheduler, state.timestep, i) * grad  # [N, C, h, w] (FLUX: packed, [N, L, C])
+        rows = (-1,) + (1,) * (step.ndim - 1)
         finite = torch.isfinite(step).flatten(1).all(1)  # [N]
-        step = torch.where(finite.view(-1, 1, 1, 1), step, torch.zeros_like(step))
+        step = torch.where(finite.view(rows), step, torch.zeros_like(step))
         if self.grad_clip is not None:
             norm = step.flatten(1).norm(dim=1).clamp_min(1e-12)
-            step = step * (self.grad_clip / norm).clamp(max=1.0).view(-1, 1, 1, 1)
+            step = step * (self.grad_clip / norm).clamp(max=1.0).view(rows)
         state.noise_pred = state.noise_pred - self.scale * step.to(state.noise_pred.dtype)
         trace = state.traces["reward_guidance"]
         trace["rewards"].append(rewards.detach().float().cpu())
@@ -131,8 +133,9 @@ class ParticleSteering(AlignmentMethod):
     The image returned is the particle with the highest final reward.
 
     The method owns the injected noise: every step is recomputed with DDIM noise scale `eta` (Euler ancestral and
-    LCM inject their own) from one random stream per particle slot, derived from the call's generator, so a seeded
-    call is reproducible and copies of a resampled particle diverge.
+    LCM inject their own; on flow-matching models, SD3 and FLUX, `eta` is the noise level `a` of Flow-GRPO's SDE,
+    which keeps the deterministic sampler's marginals) from one random stream per particle slot, derived from the
+    call's generator, so a seeded call is reproducible and copies of a resampled particle diverge.
 
     Args:
         reward: any reward, differentiable or not.
@@ -143,7 +146,8 @@ class ParticleSteering(AlignmentMethod):
             every 20 of 100 steps).
         resample_start, resample_stop (`float`): the window of resampling, as fractions of the steps (0.2, 0.8).
         ess_threshold (`float`, *optional*, defaults to 0.5): resample when ESS < threshold x particles.
-        eta (`float`, defaults to 1.0): DDIM noise scale (FK steering samples with DDIM eta 1).
+        eta (`float`, defaults to 1.0): DDIM noise scale (FK steering samples with DDIM eta 1); flow matching: the
+            SDE's noise level `a` (Flow-GRPO samples with 0.7, 0.9 on FLUX).
         reward_min (`float`, defaults to 0.0): the starting statistic of every particle.
 
     `out.traces["particle_steering"]` holds, per resampling step, its index, the particles' rewards `[N, P]`, the
@@ -194,10 +198,12 @@ class ParticleSteering(AlignmentMethod):
             raise ValueError("ParticleSteering scores images against their prompts: pass `prompt`.")
         scheduler = state.family.scheduler
         kind = scheduler_kind(scheduler)
-        if kind == "euler" or (kind == "ddim" and self.eta <= 0):
+        flow_ode = kind == "flow" and self.eta <= 0 and not scheduler.config.get("stochastic_sampling", False)
+        if kind == "euler" or (kind == "ddim" and self.eta <= 0) or flow_ode:
             raise ValueError(
                 f"ParticleSteering needs a stochastic sampler (resampled copies must diverge): DDIM with eta > 0, "
-                f"Euler ancestral or LCM; got {type(scheduler).__name__} with eta={self.eta}."
+                f"Euler ancestral, LCM or flow matching with eta > 0 (an SDE); got {type(scheduler).__name__} with "
+                f"eta={self.eta}."
             )
         state.expand_generators(self.particles)  # per-image generators: each image's particles derive from its own
         state.num_images_per_prompt *= self.particles

@@ -23,7 +23,7 @@ import torch
 
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage
 from ttalign.rewards.base import check_scores, is_differentiable, reward_name
-from ttalign.sampling import DifferentiableSampler, scheduler_step
+from ttalign.sampling import DifferentiableSampler, init_noise_sigma, scheduler_step
 
 
 def _score(reward, images: torch.Tensor, prompts: list[str], state: GenerationState) -> torch.Tensor:
@@ -104,13 +104,13 @@ class SeedSearch(AlignmentMethod):
 
     @torch.no_grad()
     def _evaluate(self, sampler, z, noises, state) -> torch.Tensor:
-        images = sampler.decode(sampler.sample(z * sampler.scheduler.init_noise_sigma, noises))
+        images = sampler.decode(sampler.sample(z * init_noise_sigma(sampler.scheduler), noises))
         return _score(self.reward, images, state.image_prompts, state)
 
     @torch.no_grad()
     def on_init_latents(self, state: GenerationState) -> None:
         sampler = DifferentiableSampler.from_state(state)
-        sigma = state.family.scheduler.init_noise_sigma
+        sigma = init_noise_sigma(state.family.scheduler)
         generator = state.method_generators(salt=1)  # per-image generators: each image's candidates from its own
         shape = state.latents.shape
 
@@ -191,7 +191,8 @@ class NoiseOptimization(AlignmentMethod):
         grad_clip (`float`, *optional*): maximum gradient norm per image (over all optimized noises).
         regularizer (`float`): weight of :func:`noise_norm_nll` (keeps the noise on the Gaussian shell).
         optimize (`"initial"` or `"all-noises"`).
-        eta (`float`, *optional*): DDIM noise scale of the sampler (the call's `eta` when `None` in "initial" mode).
+        eta (`float`, *optional*): DDIM noise scale of the sampler (the call's `eta` when `None` in "initial" mode);
+            on flow-matching models (SD3, FLUX) the noise level of Flow-GRPO's SDE.
         patience (`int`, *optional*): stop an image after this many iterations without improvement.
         target (`float`, *optional*): stop an image once its reward reaches this value.
         gradient_checkpointing (`bool`, defaults to `True`).
@@ -262,15 +263,15 @@ class NoiseOptimization(AlignmentMethod):
     def on_init_latents(self, state: GenerationState) -> None:
         eta = state.eta if self.eta is None else self.eta
         sampler = DifferentiableSampler.from_state(state, eta=eta, gradient_checkpointing=self.gradient_checkpointing)
-        sigma = state.family.scheduler.init_noise_sigma
+        sigma = init_noise_sigma(state.family.scheduler)
         generator = state.method_generators(salt=2)
         n = state.latents.shape[0]
         z = (state.latents / sigma).float().clone().requires_grad_()
         noises = sampler.draw_noises(state.latents.shape, generator, state.device, torch.float32)
         if self.optimize == "all-noises":
             if not sampler.stochastic:
-                raise ValueError("optimize='all-noises' needs a stochastic schedule (DDIM with eta > 0, Euler "
-                                 "ancestral or LCM); this one injects no noise.")  # fmt: skip
+                raise ValueError("optimize='all-noises' needs a stochastic schedule (DDIM or flow matching with "
+                                 "eta > 0, Euler ancestral or LCM); this one injects no noise.")  # fmt: skip
             noises = [None if e is None else e.clone().requires_grad_() for e in noises]
         params = [z] + [e for e in noises if e is not None and e.requires_grad]
         if self.optimizer == "sgd":

@@ -21,7 +21,7 @@ import torch
 
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage
 from ttalign.rewards.base import check_scores, reward_name
-from ttalign.sampling import DifferentiableSampler
+from ttalign.sampling import DifferentiableSampler, init_noise_sigma
 
 DEFAULT_SYSTEM_PROMPT = (
     "You rewrite prompts for a text-to-image model. Keep every object, count, colour and spatial relation of the "
@@ -153,7 +153,8 @@ class PromptRewrite(AlignmentMethod):
     def _score(self, state: GenerationState, prompts: list[str]) -> torch.Tensor:
         """Renders every candidate prompt from the same initial noise with the call's settings, and scores it."""
         family = state.family
-        family.scheduler.set_timesteps(state.num_inference_steps, device=state.device)
+        family.set_timesteps(state.num_inference_steps, state.device, state.height, state.width,
+                             **state.schedule_options)  # fmt: skip
         negative = state.negative_prompt if isinstance(state.negative_prompt, str) else None  # one for all candidates
         cond = family.encode_prompt(prompts, state.device, negative_prompt=negative,
                                     do_cfg=state.do_classifier_free_guidance, height=state.height, width=state.width,
@@ -163,10 +164,11 @@ class PromptRewrite(AlignmentMethod):
         shape = family.latents_shape(1, state.height, state.width)
         generator = state.derived_generator(salt=3)
         dtype = cond.prompt_embeds.dtype
-        noise = torch.randn(shape, generator=generator).to(state.device, dtype) * family.scheduler.init_noise_sigma
-        latents = noise.expand(len(prompts), -1, -1, -1)
-        noises = [None if e is None else e.expand(len(prompts), -1, -1, -1) for e in
-                  sampler.draw_noises(shape, generator, state.device, dtype)]  # fmt: skip
+        noise = torch.randn(shape, generator=generator).to(state.device, dtype) * init_noise_sigma(family.scheduler)
+        rows = (len(prompts),) + shape[1:]
+        latents = noise.expand(rows)
+        noises = [None if e is None else e.expand(rows) for e in sampler.draw_noises(shape, generator, state.device,
+                                                                                    dtype)]  # fmt: skip
         images = sampler.decode(sampler.sample(latents, noises))
         sampler.account(state)
         state.reward_calls += 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ttalign.rewards.base import check_scores, is_differentiable, reward_name
-from ttalign.sampling import DifferentiableSampler
+from ttalign.sampling import DifferentiableSampler, init_noise_sigma
 
 from .losses import refl_loss
 from .trainer import LoRATrainer, TrainingConfig
@@ -101,11 +101,11 @@ class RewardBackpropTrainer(LoRATrainer):
         with torch.no_grad():
             cond = model.encode_prompt(prompts, device, do_cfg=c.guidance_scale > 1, height=self.size,
                                        width=self.size, guidance_scale=c.guidance_scale)  # fmt: skip
-        self.scheduler.set_timesteps(c.num_inference_steps, device=device)
+        model.set_timesteps(c.num_inference_steps, device, self.size, self.size)
         sampler = DifferentiableSampler(model, cond, guidance_scale=c.guidance_scale, eta=c.eta,
                                         gradient_checkpointing=True)  # fmt: skip
         shape = model.latents_shape(len(prompts), self.size, self.size)
-        latents = torch.randn(shape, generator=generator).to(device) * self.scheduler.init_noise_sigma
+        latents = torch.randn(shape, generator=generator).to(device) * init_noise_sigma(self.scheduler)
         noises = sampler.draw_noises(shape, generator, device)
         steps = sampler.num_steps
         if c.mode == "refl":

@@ -1,0 +1,350 @@
+"""Every test-time method on tiny Stable Diffusion 3 and FLUX components (flow matching, transformer denoisers,
+joint attention, FLUX's packed latents), each checked as its Stable Diffusion test checks it; per-image generator
+lists; refusals; attention processors restored."""
+
+import numpy as np
+import pytest
+import torch
+
+from ttalign.hooks import AlignmentMethod, Stage
+from ttalign.methods import (
+    AttendAndExcite,
+    BestOfN,
+    NoiseOptimization,
+    ParticleSteering,
+    RegionReweight,
+    RewardGuidance,
+    SeedSearch,
+    TokenReweight,
+    TraceLatents,
+)
+from ttalign.pipelines.joint_attention import JointControlProcessor
+from ttalign.testing import Redness, get_tiny_flux_pipeline, get_tiny_sd3_pipeline
+
+PROMPTS = ["a cat and a dog", "a red car and a tree"]
+FAMILIES = ["sd3", "flux"]
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {"sd3": get_tiny_sd3_pipeline(shift=3.0), "flux": get_tiny_flux_pipeline(guidance_embeds=True)}
+
+
+def _call(pipe, alignment=(), prompts=PROMPTS, seed=0, **kwargs):
+    kwargs.setdefault("num_inference_steps", 3)
+    kwargs.setdefault("output_type", "pt")
+    kwargs.setdefault("height", 32)
+    kwargs.setdefault("width", 32)
+    generator = kwargs.pop("generator", torch.Generator().manual_seed(seed))
+    return pipe(prompts, generator=generator, alignment=list(alignment), **kwargs)
+
+
+def _generators(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_best_of_n_returns_the_best_candidate(pipes, family):
+    pipe, n, reward = pipes[family], 3, Redness()
+    out = _call(pipe, [BestOfN(reward=reward, n=n)], num_images_per_prompt=2)
+    plain = _call(pipe, num_images_per_prompt=2 * n).images  # exactly the candidates
+    scores = reward(plain, None).view(4, n)
+    trace = out.traces["best_of_n"]
+    assert torch.allclose(trace["scores"], scores, atol=1e-5) and torch.equal(trace["chosen"], scores.argmax(1))
+    assert torch.allclose(out.images, plain[trace["selected"]], atol=1e-6)
+    assert out.traces["compute"]["nfe"] == 3 * 4 * n
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        BestOfN(reward=Redness(), n=3),
+        SeedSearch(reward=Redness(), n=2, rounds=1, neighbors=2),
+        NoiseOptimization(reward=Redness(), steps=2, lr=2.0),
+        ParticleSteering(reward=Redness(), particles=3, resample_every=1, resample_start=0.0),
+    ],
+    ids=["best_of_n", "seed_search", "noise_optimization", "particle_steering"],
+)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_image_generator_lists(pipes, method, family):
+    """Each image's candidates, noises or particles derive from its own generator: an image comes out the same
+    whether drawn in a batch or alone with its generator (FLUX: packed latents)."""
+    pipe = pipes[family]
+    batch = _call(pipe, [method], generator=_generators(11, 12))
+    for k in range(2):
+        alone = _call(pipe, [method], prompts=PROMPTS[k : k + 1], generator=_generators(11 + k))
+        assert torch.allclose(batch.images[k], alone.images[0], atol=1e-4)
+        assert torch.allclose(batch.rewards[k], alone.rewards[0], atol=1e-5)
+    seeded = _call(pipe, [method], generator=_generators(11, 13))
+    assert torch.allclose(seeded.images[0], batch.images[0], atol=1e-4)
+    assert not torch.allclose(seeded.images[1], batch.images[1], atol=1e-3)
+    with pytest.raises(ValueError, match="list of 3 generators for 2 images"):
+        _call(pipe, [method], generator=_generators(1, 2, 3))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_seed_search_returns_the_scored_image(pipes, family):
+    pipe, reward = pipes[family], Redness()
+    plain = _call(pipe).images
+    out = _call(pipe, [SeedSearch(reward=reward, n=3, rounds=1, neighbors=2)])
+    scores = out.traces["seed_search"]["scores"]
+    assert scores.shape == (2, 5) and torch.allclose(out.rewards, scores.max(dim=1).values)
+    assert torch.allclose(reward(out.images, PROMPTS), out.rewards, atol=1e-4)
+    assert torch.allclose(_call(pipe, [SeedSearch(reward=reward, n=1)]).images, plain, atol=1e-5)
+    assert (out.rewards >= reward(plain, PROMPTS) - 1e-5).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_noise_optimization_raises_the_reward(pipes, family):
+    pipe, reward = pipes[family], Redness()
+    out = _call(pipe, [NoiseOptimization(reward=reward, steps=4, lr=1.0, optimizer="adamw", grad_clip=None)])
+    trace = out.traces["noise_optimization"]
+    assert (trace["best"] > trace["rewards"][0]).all()
+    assert torch.allclose(reward(out.images, PROMPTS), out.rewards, atol=1e-4)
+    # DNO over every noise of Flow-GRPO's SDE (eta is its noise level a), replayed in the pipeline's loop
+    all_noises = _call(pipe, [NoiseOptimization(reward=reward, optimize="all-noises", steps=3, lr=0.5, eta=0.7)])
+    trace = all_noises.traces["noise_optimization"]
+    assert (trace["best"] >= trace["rewards"][0]).all() and (trace["best"] > trace["rewards"][0]).any()
+    assert torch.allclose(reward(all_noises.images, PROMPTS), all_noises.rewards, atol=1e-4)
+    with pytest.raises(ValueError, match="stochastic schedule"):
+        _call(pipe, [NoiseOptimization(reward=reward, optimize="all-noises", steps=1, eta=0.0)])
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_noise_optimization_on_schnell_style_flux(steps):
+    """ReNO's FLUX-schnell setting: no guidance embedding, one to four steps, its defaults (SGD lr 5, clip 0.1)."""
+    pipe, reward = get_tiny_flux_pipeline(guidance_embeds=False), Redness()
+    out = _call(pipe, [NoiseOptimization(reward=reward, steps=4)], num_inference_steps=steps, guidance_scale=0.0)
+    trace = out.traces["noise_optimization"]
+    assert (trace["best"] > trace["rewards"][0]).all()
+    assert torch.allclose(reward(out.images, PROMPTS), out.rewards, atol=1e-4)
+    assert out.traces["compute"]["nfe"] == (4 + 1) * steps * 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reward_guidance_on_the_velocity(pipes, family):
+    pipe, reward = pipes[family], Redness()
+    plain = _call(pipe).images
+    assert torch.allclose(_call(pipe, [RewardGuidance(reward=reward, scale=0.0)]).images, plain, atol=1e-6)
+    guided = _call(pipe, [RewardGuidance(reward=reward, scale=50.0)])
+    assert (reward(guided.images, PROMPTS) > reward(plain, PROMPTS)).all()
+    assert guided.traces["reward_guidance"]["steps"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reward_guidance_moves_x0_by_scale_sigma_squared_g(pipes, family):
+    """On the velocity: `v <- v - scale * sigma * g`, with `g` the reward's gradient at `x0 = x_t - sigma v`."""
+    pipe, reward, scale = pipes[family], Redness(), 3.0
+    seen = []
+
+    class Probe(AlignmentMethod):
+        stages = (Stage.NOISE_PRED,)
+
+        def on_noise_pred(self, state):
+            seen.append((state.step_index, state.latents.clone(), state.noise_pred.clone()))
+
+    class After(Probe):
+        pass
+
+    _call(pipe, [Probe(), RewardGuidance(reward=reward, scale=scale), After()], num_inference_steps=2)
+    (i, x_t, v), (_, _, guided) = seen[2], seen[3]  # step 1: before and after the guidance
+    sigma = float(pipe.scheduler.sigmas[i])
+    x0 = (x_t - sigma * v).requires_grad_()
+    images = (pipe.family.decode(x0, 32, 32) / 2 + 0.5).clamp(0, 1)
+    (g,) = torch.autograd.grad(reward(images, PROMPTS).sum(), x0)
+    assert g.abs().max() > 0
+    assert torch.allclose(guided, v - scale * sigma * g, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_particle_steering_on_the_flow_sde(pipes, family):
+    pipe, reward = pipes[family], Redness()
+    method = ParticleSteering(reward=reward, particles=3, resample_every=1, resample_start=0.0, ess_threshold=None,
+                              eta=0.7)  # fmt: skip
+    out = _call(pipe, [method], num_inference_steps=4)
+    trace = out.traces["particle_steering"]
+    assert trace["steps"] == [0, 1, 2] and all(p.shape == (2, 3) for p in trace["parents"])
+    assert torch.allclose(out.rewards, trace["final_rewards"].max(dim=1).values)
+    assert torch.allclose(reward(out.images, PROMPTS), out.rewards, atol=1e-4)
+    assert torch.allclose(_call(pipe, [method], num_inference_steps=4).images, out.images)
+    with pytest.raises(ValueError, match="flow matching with eta > 0"):
+        _call(pipe, [ParticleSteering(reward=reward, eta=0.0)])
+
+
+def test_particle_steering_on_diffusers_stochastic_sampling():
+    """diffusers' `stochastic_sampling` re-noise is a stochastic sampler of its own: no SDE needed."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = get_tiny_sd3_pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True)
+    out = _call(pipe, [ParticleSteering(reward=Redness(), particles=2, eta=0.0, resample_start=0.0)])
+    assert out.images.shape == (2, 3, 32, 32) and len(out.traces["particle_steering"]["steps"]) > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trace_latents(pipes, family):
+    pipe, seen = pipes[family], []
+    out = _call(pipe, [TraceLatents()], output_type="latent",
+                callback_on_step_end=lambda p, i, t, kw: seen.append(kw["latents"].clone()) or {})  # fmt: skip
+    assert out.traces["latents"].shape == (3, 2, 4, 32, 32) if family == "sd3" else (3, 2, 1, 32, 32)
+    assert out.traces["x0"].shape == out.traces["latents"].shape
+    unpacked = [pipe.family.unpack_latents(latents, 32, 32) for latents in seen]  # FLUX: [2, 256, 4] -> image shape
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(out.traces["latents"], unpacked))
+    # the last x0 prediction is the final latents (the last step lands on sigma 0)
+    final = pipe.family.unpack_latents(out.images, 32, 32)
+    assert torch.allclose(out.traces["x0"][-1], final, atol=1e-5)
+
+
+def _captured_embeds(pipe, prompts, alignment=(), **kwargs):
+    captured = {}
+
+    def grab(p, i, t, kw):
+        captured.update(kw)
+        return {}
+
+    inputs = ["prompt_embeds", "pooled_prompt_embeds"] if hasattr(pipe, "text_encoder_3") else ["prompt_embeds"]
+    out = _call(pipe, alignment, prompts=prompts, callback_on_step_end=grab, callback_on_step_end_tensor_inputs=inputs,
+                guidance_scale=1.0, **kwargs)  # fmt: skip
+    return out, captured
+
+
+def _mean_restored(part, weights):
+    scaled = part * weights
+    return scaled * (part.mean() / scaled.mean())
+
+
+def test_token_reweight_weights_clip_and_t5_rows_on_sd3(pipes):
+    pipe = pipes["sd3"]
+    plain, _ = _captured_embeds(pipe, ["a red cat"])
+    same, _ = _captured_embeds(pipe, ["a (red:1.0) cat"], [TokenReweight()])
+    assert torch.allclose(same.images, plain.images, atol=1e-6)
+    weighted, captured = _captured_embeds(pipe, ["a (red:1.5) cat"], [TokenReweight()])
+    embeds, _, pooled, _ = pipe.encode_prompt("a red cat", None, None, device="cpu", do_classifier_free_guidance=False)
+    clip_w, t5_w = torch.ones(77, 1), torch.ones(embeds.shape[1] - 77, 1)
+    clip_w[2], t5_w[1] = 1.5, 1.5  # CLIP: <start> a red; T5: ▁a ▁red
+    expected = embeds.clone()
+    expected[:, :77, :32] = _mean_restored(embeds[:, :77, :32], clip_w)  # CLIP-L's columns
+    expected[:, :77, 32:64] = _mean_restored(embeds[:, :77, 32:64], clip_w)  # CLIP-G's columns
+    expected[:, 77:] = _mean_restored(embeds[:, 77:], t5_w)  # T5's rows
+    assert torch.allclose(captured["prompt_embeds"], expected, atol=1e-5)
+    assert torch.equal(captured["pooled_prompt_embeds"], pooled)  # the pooled embedding is not weighted
+    assert (weighted.images - plain.images).abs().max() > 1e-5
+
+
+def test_token_reweight_weights_the_t5_sequence_on_flux(pipes):
+    pipe = pipes["flux"]
+    plain, _ = _captured_embeds(pipe, ["a red cat"])
+    weighted, captured = _captured_embeds(pipe, ["a (red:1.5) cat"], [TokenReweight()])
+    embeds, _, _ = pipe.encode_prompt("a red cat", None, device="cpu")
+    w = torch.ones(embeds.shape[1], 1)
+    w[1] = 1.5
+    assert torch.allclose(captured["prompt_embeds"], _mean_restored(embeds, w), atol=1e-5)
+    assert (weighted.images - plain.images).abs().max() > 1e-5
+    # `prompt_2` (FLUX's T5 prompt) carries its own weights; `prompt` then feeds CLIP's pooled vector only
+    _, both = _captured_embeds(pipe, ["a (red:1.5) cat"], [TokenReweight()], prompt_2=["a red (cat:2)"])
+    w2 = torch.ones(embeds.shape[1], 1)
+    w2[2] = 2.0
+    assert torch.allclose(both["prompt_embeds"], _mean_restored(embeds, w2), atol=1e-5)
+    attention = _call(pipe, [TokenReweight(mode="attention")], prompts=["a (red:3) cat"]).images
+    assert (attention - _call(pipe, prompts=["a red cat"]).images).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attend_and_excite_on_joint_attention(pipes, family):
+    pipe = pipes[family]
+    processors = dict(pipe.transformer.attn_processors)
+
+    def run(refinements):
+        method = AttendAndExcite(tokens=lambda p: p.split()[-4::3], max_iter_to_alter=2, thresholds={0: 0.99},
+                                 scale_factor=200, max_refinement_steps=refinements)  # fmt: skip
+        return _call(pipe, [method])
+
+    before, after = run(0), run(5)
+    assert (after.traces["attend_and_excite"]["losses"][0] < before.traces["attend_and_excite"]["losses"][0]).all()
+    assert max(after.traces["attend_and_excite"]["refinements"][0]) > 0
+    assert (after.images - _call(pipe).images).abs().max() > 1e-3
+    assert all(pipe.transformer.attn_processors[k] is v for k, v in processors.items())
+    assert not any(isinstance(p, JointControlProcessor) for p in pipe.transformer.attn_processors.values())
+
+
+class _Probe(AlignmentMethod):
+    """Records the first step's text view of the joint attention: one token's map over the image queries."""
+
+    stages = (Stage.ATTENTION, Stage.STEP_START)
+
+    def __init__(self, positions, grid, conditional_half):
+        self.positions, self.grid, self.half, self.maps = positions, grid, conditional_half, []
+
+    def on_step_start(self, state):
+        from ttalign.attention import sync_step
+
+        sync_step(state)
+
+    def on_attention(self, state):
+        from ttalign.attention import attention_control
+
+        control, probe = attention_control(state), self
+
+        class Keep:
+            @staticmethod
+            def wants(ctx):
+                return ctx.is_cross and ctx.step_index == 0
+
+            def __call__(self, ctx, probs):  # [B * heads, image tokens, text tokens]
+                rows = probs[probs.shape[0] // 2 :] if probe.half else probs
+                probe.maps.append(rows[:, :, probe.positions].sum(-1).mean(0).view(probe.grid))
+
+        control.recording = True
+        control.recorders.append(Keep())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_region_reweight_moves_attention_into_the_region(pipes, family):
+    pipe = pipes[family]
+    (positions,) = pipe.family.token_spans("a cat", ["cat"])
+    grid = (32, 32) if family == "sd3" else (16, 16)
+    shares = {}
+    for weight in (0.0, 1.0, 4.0):
+        probe = _Probe(positions, grid, conditional_half=family == "sd3")
+        method = RegionReweight(regions={"cat": (0.0, 0.0, 0.5, 1.0)}, stop=1.0, cross_weight=weight, self_weight=0.0)
+        _call(pipe, [method, probe], prompts=["a cat"])
+        attention = torch.stack(probe.maps).mean(0)  # the cat token's map at step 0
+        shares[weight] = float(attention[:, : grid[1] // 2].sum() / attention.sum())  # its share in the left half
+    assert shares[4.0] > shares[1.0] > shares[0.0] and shares[4.0] > shares[0.0] + 0.02
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_processors_restored_when_a_method_raises(pipes, family):
+    pipe = pipes[family]
+
+    class Breaker(AlignmentMethod):
+        stages = (Stage.STEP_START,)
+
+        def on_step_start(self, state):
+            raise RuntimeError("boom")
+
+    processors = dict(pipe.transformer.attn_processors)
+    with pytest.raises(RuntimeError, match="boom"):
+        _call(pipe, [AttendAndExcite(tokens=["a"], max_iter_to_alter=1, thresholds={}), Breaker()])
+    assert all(pipe.transformer.attn_processors[k] is v for k, v in processors.items())
+    assert not pipe.transformer.training
+    assert np.isfinite(_call(pipe).images.numpy()).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_sets_the_pipelines_schedule(pipes, family):
+    """Methods and trainers that sample outside the call set the scheduler as the pipeline does (SD3's shift,
+    FLUX's default sigmas and resolution-dependent `mu`)."""
+    pipe = pipes[family]
+    seen = {}
+
+    class Grab(AlignmentMethod):
+        stages = (Stage.INIT_LATENTS,)
+
+        def on_init_latents(self, state):
+            seen["timesteps"] = state.timesteps.clone()
+
+    for size, kwargs in [(32, {}), (48, {}), (32, {"sigmas": [1.0, 0.7, 0.2]})]:
+        _call(pipe, [Grab()], prompts=PROMPTS[:1], height=size, width=size, **kwargs)
+        timesteps = pipe.family.set_timesteps(3, "cpu", size, size, **kwargs)
+        assert torch.allclose(timesteps, seen["timesteps"]), (size, kwargs)
