@@ -2,10 +2,10 @@
 
 Both pipelines share the same tiny components and run interleaved in one process (parent, aligned, parent, ...),
 so machine noise hits both alike. Reports the ratio of median wall times (target <= 1.02) and checks that the
-images are identical. `--family sdxl` compares `AlignedStableDiffusionXLPipeline` with `StableDiffusionXLPipeline`
-on the tiny SDXL components (diffusers' own SDXL test sizes).
+images are identical. `--family sdxl | sd3 | flux` compares the aligned SDXL, SD3 or FLUX pipeline with its parent on
+the tiny components of that family (diffusers' own test sizes; FLUX with the guidance embedding of FLUX.1-dev).
 
-    python benchmarks/overhead.py [--rounds 40] [--steps 10] [--family sd | sdxl]
+    python benchmarks/overhead.py [--rounds 40] [--steps 10] [--family sd | sdxl | sd3 | flux]
 """
 
 from __future__ import annotations
@@ -16,13 +16,23 @@ import sys
 import time
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import environment, write_results  # noqa: E402
 
-from ttalign import AlignedStableDiffusionPipeline, AlignedStableDiffusionXLPipeline  # noqa: E402
-from ttalign.testing import get_tiny_components, get_tiny_sdxl_components  # noqa: E402
+from ttalign import (  # noqa: E402
+    AlignedFluxPipeline,
+    AlignedStableDiffusion3Pipeline,
+    AlignedStableDiffusionPipeline,
+    AlignedStableDiffusionXLPipeline,
+)
+from ttalign.testing import (  # noqa: E402
+    get_tiny_components,
+    get_tiny_flux_components,
+    get_tiny_sd3_components,
+    get_tiny_sdxl_components,
+)
 
 FAMILIES = {
     "sd": (StableDiffusionPipeline, AlignedStableDiffusionPipeline, get_tiny_components, {}, "overhead",
@@ -30,6 +40,12 @@ FAMILIES = {
     "sdxl": (StableDiffusionXLPipeline, AlignedStableDiffusionXLPipeline, get_tiny_sdxl_components,
              {"add_watermarker": False}, "overhead_sdxl",
              "ttalign.testing.get_tiny_sdxl_components() (diffusers' SDXL test sizes; 64x64 images, 32x32 latents)"),
+    "sd3": (StableDiffusion3Pipeline, AlignedStableDiffusion3Pipeline, lambda: get_tiny_sd3_components(shift=3.0), {},
+            "overhead_sd3", "ttalign.testing.get_tiny_sd3_components(shift=3.0) (diffusers' SD3 test sizes; 64x64 "
+            "images, 64x64 latents, 4096 image + 333 text tokens)"),
+    "flux": (FluxPipeline, AlignedFluxPipeline, lambda: get_tiny_flux_components(guidance_embeds=True), {},
+             "overhead_flux", "ttalign.testing.get_tiny_flux_components(guidance_embeds=True) (diffusers' FLUX test "
+             "sizes; 64x64 images, 1024 packed image + 512 text tokens)"),
 }  # fmt: skip
 
 
@@ -52,7 +68,7 @@ def main() -> None:
         generator = torch.Generator().manual_seed(0)
         start = time.perf_counter()
         images = pipe("a red circle left of a blue square", num_inference_steps=args.steps, output_type="pt",
-                      generator=generator).images  # fmt: skip
+                      height=64, width=64, generator=generator).images  # fmt: skip
         return time.perf_counter() - start, images
 
     for pipe in pipes.values():  # warm-up

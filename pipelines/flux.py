@@ -11,6 +11,7 @@ negative prompt). Run it in bf16: fp16 does not give valid FLUX images.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -133,6 +134,9 @@ class AlignedFluxPipeline(FluxPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
         )
+        if self.transformer.dtype == torch.float16:
+            warnings.warn("FLUX does not give valid images in float16 (its activations overflow); load it with "
+                          "`dtype=torch.bfloat16`.", stacklevel=2)  # fmt: skip
 
         self._guidance_scale = guidance_scale
         self._joint_attention_kwargs = joint_attention_kwargs

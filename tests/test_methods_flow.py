@@ -348,3 +348,40 @@ def test_family_sets_the_pipelines_schedule(pipes, family):
         _call(pipe, [Grab()], prompts=PROMPTS[:1], height=size, width=size, **kwargs)
         timesteps = pipe.family.set_timesteps(3, "cpu", size, size, **kwargs)
         assert torch.allclose(timesteps, seen["timesteps"]), (size, kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_methods_in_bfloat16_score_and_step_in_float32(family):
+    """FLUX runs in bf16: the methods run there, with rewards, the SDE step and noise norms in fp32."""
+    pipe = get_tiny_sd3_pipeline() if family == "sd3" else get_tiny_flux_pipeline(guidance_embeds=True)
+    pipe.transformer.to(torch.bfloat16)
+    pipe.vae.to(torch.bfloat16)
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        encoder.to(torch.bfloat16)
+    methods = [BestOfN(reward=Redness(), n=2), NoiseOptimization(reward=Redness(), steps=2),
+               ParticleSteering(reward=Redness(), particles=2, resample_start=0.0, eta=0.7),
+               NoiseOptimization(reward=Redness(), optimize="all-noises", steps=2, eta=0.7)]  # fmt: skip
+    for method in methods:
+        out = _call(pipe, [method], prompts=PROMPTS[:1])
+        assert out.images.dtype == torch.bfloat16 and torch.isfinite(out.images.float()).all()
+        assert out.rewards.dtype == torch.float32
+    trace = _call(pipe, [NoiseOptimization(reward=Redness(), steps=2)], prompts=PROMPTS[:1]).traces
+    assert trace["noise_optimization"]["rewards"].dtype == torch.float32
+
+
+def test_flux_in_float16_warns():
+    pipe = get_tiny_flux_pipeline()
+    pipe.transformer.to(torch.float16)
+    with pytest.warns(UserWarning, match="bfloat16"):
+        _call(pipe, prompts=PROMPTS[:1], num_inference_steps=1)
+
+
+def test_words_map_to_grouped_t5_pieces_and_clip_tokens(pipes):
+    """A word outside the vocabulary is several sentencepiece pieces, grouped; SD3 maps a word to its CLIP tokens and
+    its T5 pieces (after CLIP's 77 positions)."""
+    flux, sd3 = pipes["flux"].family, pipes["sd3"].family
+    assert flux.tokenizer.tokenize("a zebroid") == ["▁a", "▁z", "e", "b", "r", "o", "i", "d"]
+    spans = flux.token_spans("a zebroid and a cat", ["zebroid", "cat", "a cat"])
+    assert spans == [[1, 2, 3, 4, 5, 6, 7], [10], [9, 10]]
+    clip_cat = sd3.token_spans("a zebroid and a cat", ["cat"], sd3.tokenizer)[0]
+    assert sd3.token_spans("a zebroid and a cat", ["cat"]) == [clip_cat + [77 + 10]]
