@@ -354,10 +354,7 @@ def test_family_sets_the_pipelines_schedule(pipes, family):
 def test_methods_in_bfloat16_score_and_step_in_float32(family):
     """FLUX runs in bf16: the methods run there, with rewards, the SDE step and noise norms in fp32."""
     pipe = get_tiny_sd3_pipeline() if family == "sd3" else get_tiny_flux_pipeline(guidance_embeds=True)
-    pipe.transformer.to(torch.bfloat16)
-    pipe.vae.to(torch.bfloat16)
-    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
-        encoder.to(torch.bfloat16)
+    pipe.to(dtype=torch.bfloat16)
     methods = [BestOfN(reward=Redness(), n=2), NoiseOptimization(reward=Redness(), steps=2),
                ParticleSteering(reward=Redness(), particles=2, resample_start=0.0, eta=0.7),
                NoiseOptimization(reward=Redness(), optimize="all-noises", steps=2, eta=0.7)]  # fmt: skip
@@ -370,8 +367,7 @@ def test_methods_in_bfloat16_score_and_step_in_float32(family):
 
 
 def test_flux_in_float16_warns():
-    pipe = get_tiny_flux_pipeline()
-    pipe.transformer.to(torch.float16)
+    pipe = get_tiny_flux_pipeline().to(dtype=torch.float16)
     with pytest.warns(UserWarning, match="bfloat16"):
         _call(pipe, prompts=PROMPTS[:1], num_inference_steps=1)
 
