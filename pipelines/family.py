@@ -260,6 +260,11 @@ class ModelFamily:
         """The image size (px) the pipeline generates by default."""
         raise NotImplementedError
 
+    @property
+    def size_multiple(self) -> int:
+        """What an image's height and width must be a multiple of (the VAE's factor, times the patch size)."""
+        return self.pipe.vae_scale_factor
+
     def decode(self, latents: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """Latents -> images `[N, 3, H, W]` in about `[-1, 1]` (not clamped); packed latents (FLUX) need the size."""
         raise NotImplementedError

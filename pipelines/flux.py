@@ -568,6 +568,10 @@ class FluxFamily(ModelFamily):
     def default_image_size(self) -> int:
         return self.pipe.default_sample_size * self.pipe.vae_scale_factor
 
+    @property
+    def size_multiple(self) -> int:
+        return self.pipe.vae_scale_factor * 2  # 2x2 latent patches are the tokens
+
     def unpack_latents(self, latents, height, width):
         return self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
 

@@ -504,6 +504,10 @@ class StableDiffusion3Family(ModelFamily):
     def default_image_size(self) -> int:
         return self.pipe.default_sample_size * self.pipe.vae_scale_factor
 
+    @property
+    def size_multiple(self) -> int:
+        return self.pipe.vae_scale_factor * self.base_denoiser.config.patch_size
+
     def decode(self, latents, height=None, width=None):
         vae = self.vae
         scaled = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor

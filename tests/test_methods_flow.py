@@ -381,3 +381,25 @@ def test_words_map_to_grouped_t5_pieces_and_clip_tokens(pipes):
     assert spans == [[1, 2, 3, 4, 5, 6, 7], [10], [9, 10]]
     clip_cat = sd3.token_spans("a zebroid and a cat", ["cat"], sd3.tokenizer)[0]
     assert sd3.token_spans("a zebroid and a cat", ["cat"]) == [clip_cat + [77 + 10]]
+
+
+def test_explicit_attention_only_in_the_blocks_asked_for(pipes, monkeypatch):
+    """FLUX's A&E reads the double-stream blocks by default; `from_where` picks others; the unconditional pass of
+    true CFG and every call no hook wants keep the stock processor."""
+    pipe, parts = pipes["flux"], []
+    original = JointControlProcessor._attend
+
+    def counting(self, *args):
+        parts.append(self.part)
+        return original(self, *args)
+
+    monkeypatch.setattr(JointControlProcessor, "_attend", counting)
+    method = AttendAndExcite(tokens=["cat"], max_iter_to_alter=1, thresholds={}, max_refinement_steps=0)
+    _call(pipe, [method], prompts=["a cat"], true_cfg_scale=2.0, negative_prompt="a dog")
+    assert parts == ["double"]  # one recorded conditional forward of step 0, in the one double-stream block
+    parts.clear()
+    single = AttendAndExcite(tokens=["cat"], max_iter_to_alter=1, thresholds={}, from_where=("single",))
+    _call(pipe, [single], prompts=["a cat"])
+    assert set(parts) == {"single"}
+    with pytest.raises(ValueError, match="from_where"):
+        _call(pipe, [AttendAndExcite(tokens=["cat"], from_where=("up",))], prompts=["a cat"])

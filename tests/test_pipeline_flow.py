@@ -255,3 +255,15 @@ def test_cli_loads_a_flow_folder(family, tmp_path):
                  "--height", "32", "--width", "32",
                  "--align", "best_of_n:n=2,reward=jpeg_incompressibility"])  # fmt: skip
     assert code == 0 and Image.open(out).size == (32, 32)
+
+
+def test_size_multiples_of_the_real_layouts():
+    """SD3 and FLUX need multiples of 16 (an 8x VAE, then 2x2 patches); the command line says so before any compute."""
+    from ttalign.cli import _check_size
+
+    sd3 = AlignedStableDiffusion3Pipeline(**get_tiny_sd3_components(layout="sd3"))
+    flux = AlignedFluxPipeline(**get_tiny_flux_components(layout="flux"))
+    assert sd3.family.size_multiple == 16 and flux.family.size_multiple == 16
+    assert _check_size(flux, {"height": 512, "width": 768}) is flux
+    with pytest.raises(ValueError, match="--width must be a multiple of 16 for AlignedStableDiffusion3P.*, got 520"):
+        _check_size(sd3, {"height": 512, "width": 520})

@@ -393,3 +393,30 @@ def test_serves_an_sdxl_folder(tmp_path):
         assert _decode(out.data[0].b64_json).size == (64, 64) and out.data[0].model_extra["reward"] > 0
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_serves_a_flow_folder_and_refuses_eta(tmp_path, family):
+    """SD3 and FLUX folders serve like SD's; `eta` (a DDIM setting) is refused with a 400 naming it, as their
+    pipelines take none."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    from ttalign.testing import get_tiny_flux_components, get_tiny_sd3_components
+
+    folder = tmp_path / f"tiny-{family}"
+    if family == "sd3":
+        StableDiffusion3Pipeline(**get_tiny_sd3_components()).save_pretrained(folder)
+    else:
+        FluxPipeline(**get_tiny_flux_components(guidance_embeds=True)).save_pretrained(folder)
+    srv = Server("--model", str(folder), "--allow", "best_of_n", key=None)
+    try:
+        client = srv.client(key="unused")
+        out = client.images.generate(prompt="a red circle", size="32x32", n=2, extra_body={"ttalign": {
+            "seed": 1, "steps": 2, "alignment": ["best_of_n:n=2,reward=jpeg_incompressibility"]}})  # fmt: skip
+        assert [_decode(d.b64_json).size for d in out.data] == [(32, 32)] * 2
+        assert out.data[0].model_extra["reward"] > 0
+        with pytest.raises(openai.BadRequestError, match="takes no eta") as error:
+            client.images.generate(prompt="a red circle", size="32x32", extra_body={"ttalign": {"eta": 0.5}})
+        assert error.value.body["param"] == "ttalign.eta"
+    finally:
+        srv.close()

@@ -97,6 +97,16 @@ def _call_settings(args) -> dict:
     return {k: v for k, v in settings.items() if v is not None}
 
 
+def _check_size(pipe, settings: dict):
+    """The model's own constraint on the size (SD3, FLUX: multiples of 16)."""
+    multiple = pipe.family.size_multiple
+    for name in ("height", "width"):
+        if name in settings and settings[name] % multiple:
+            raise ValueError(f"--{name} must be a multiple of {multiple} for {type(pipe).__name__}, got "
+                             f"{settings[name]}.")  # fmt: skip
+    return pipe
+
+
 def cmd_generate(args) -> int:
     from ttalign.methods import method_from_spec
 
@@ -110,13 +120,13 @@ def cmd_generate(args) -> int:
         from ttalign.batch import generate_batch, read_prompts
 
         prompts = read_prompts(args.prompts)
-        pipe = load_pipeline(args.model, args.dtype, args.device)
+        pipe = _check_size(load_pipeline(args.model, args.dtype, args.device), settings)
         result = generate_batch(pipe, prompts, args.out, methods, seed=args.seed or 0, batch_size=args.batch_size,
                                 call_kwargs=settings)  # fmt: skip
         print(f"wrote {result['written']} images to {args.out} ({result['skipped']} already there); "
               f"manifest: {result['manifest']}")  # fmt: skip
         return 0
-    pipe = load_pipeline(args.model, args.dtype, args.device)
+    pipe = _check_size(load_pipeline(args.model, args.dtype, args.device), settings)
     out = pipe(args.prompt, generator=_generator(args.seed), alignment=methods, **settings)
     _save(out.images[0], args.out)
     print(f"wrote {args.out}")

@@ -53,7 +53,8 @@ HANDLERS: dict[Stage, str] = {stage: f"on_{stage.value}" for stage in Stage}
 class GenerationState:
     """Everything one pipeline call knows, handed to every handler. Handlers read and replace its tensors.
 
-    Tensor fields follow diffusers' names. `latents` is `[N, C, h, w]` with `N = len(prompt) * num_images_per_prompt`.
+    Tensor fields follow diffusers' names. `latents` is `[N, C, h, w]` with `N = len(prompt) * num_images_per_prompt`
+    (FLUX: packed into tokens, `[N, L, 4C]`; `family.unpack_latents` gives the image-shaped view).
     `family` is the model family (:class:`~ttalign.pipelines.family.ModelFamily`): all a method knows of the model.
     `conditioning` (a :class:`~ttalign.pipelines.family.Conditioning`, from the `conditioning` stage on) holds what
     the denoiser is conditioned on per image; `prompt_embeds` is its conditional batch `[N, L, D]` and

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import inspect
 import io
 import json
 import os
@@ -161,7 +162,8 @@ def create_app(pipe, config: ServeConfig | None = None):
     metrics = ServerMetrics()
     worker = PipelineWorker(pipe, config.worker, metrics, config.call_defaults)
     methods = MethodCache(config)
-    size_multiple = 8
+    size_multiple = max(8, pipe.family.size_multiple)  # SD3, FLUX: 16 (the VAE's 8 times 2x2 patches)
+    call_parameters = inspect.signature(pipe.__call__).parameters
 
     @asynccontextmanager
     async def lifespan(app):
@@ -247,6 +249,9 @@ def create_app(pipe, config: ServeConfig | None = None):
             except (ValueError, UnicodeDecodeError):
                 raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
             req = parse_request(body, config.limits, config.model_name, size_multiple)
+            if req.eta is not None and "eta" not in call_parameters:
+                raise APIError(400, f"ttalign.eta: {type(pipe).__name__} takes no eta (a flow-matching sampler); "
+                               "leave it out.", param="ttalign.eta", code="invalid_value")  # fmt: skip
             job = Job(req, methods.methods(req.alignment), new_seeds(req))
         except APIError as err:
             if err.status in (400, 404):

@@ -10,6 +10,7 @@ so a failing method fails only its own request.
 
 from __future__ import annotations
 
+import inspect
 import secrets
 import threading
 import time
@@ -84,6 +85,8 @@ class PipelineWorker:
     def __init__(self, pipe, config: WorkerConfig | None = None, metrics=None, call_defaults: dict | None = None):
         self.pipe, self.config, self.metrics = pipe, config or WorkerConfig(), metrics
         self.call_defaults = dict(call_defaults or {})
+        steps = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
+        self.default_steps = steps.default if steps is not None and isinstance(steps.default, int) else 50
         self.jobs: list[Job] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -217,7 +220,7 @@ class PipelineWorker:
         methods = list(batch[0].methods)
         job = batch[0]
         if job.preview is not None:
-            steps = kwargs.get("num_inference_steps", 50)
+            steps = kwargs.get("num_inference_steps", self.default_steps)
 
             def preview(step, images, job=job):
                 job.preview(step, _to_pil(images)[0])
