@@ -403,3 +403,24 @@ def test_explicit_attention_only_in_the_blocks_asked_for(pipes, monkeypatch):
     assert set(parts) == {"single"}
     with pytest.raises(ValueError, match="from_where"):
         _call(pipe, [AttendAndExcite(tokens=["cat"], from_where=("up",))], prompts=["a cat"])
+
+
+def test_sd3_family_sets_the_dynamic_shift_as_the_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = get_tiny_sd3_pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=64,
+                                                     max_image_seq_len=4096)  # fmt: skip
+    seen = {}
+
+    class Grab(AlignmentMethod):
+        stages = (Stage.INIT_LATENTS,)
+
+        def on_init_latents(self, state):
+            seen["timesteps"] = state.timesteps.clone()
+
+    for size, mu in [(32, None), (64, None), (32, 0.3)]:
+        _call(pipe, [Grab()], prompts=PROMPTS[:1], height=size, width=size, mu=mu)
+        timesteps = pipe.family.set_timesteps(3, "cpu", size, size, mu=mu)
+        assert torch.allclose(timesteps, seen["timesteps"]), (size, mu)
+    assert not torch.allclose(pipe.family.set_timesteps(3, "cpu", 32, 32), pipe.family.set_timesteps(3, "cpu", 64, 64))

@@ -120,6 +120,9 @@ class DDPOTrainer(LoRATrainer):
         from ttalign.pipelines import family_for
 
         scheduler = family_for(pipe).scheduler
+        if scheduler_kind(scheduler) == "flow":
+            raise NotImplementedError("DDPO samples with DDIM; on flow-matching models (SD3, FLUX) its counterpart is "
+                                      "Flow-GRPO, which is not implemented yet.")  # fmt: skip
         if scheduler_kind(scheduler) != "ddim":
             raise ValueError(f"DDPO samples with DDIM; the pipeline has {type(scheduler).__name__}.")
         if not prompts:

@@ -17,6 +17,15 @@ from .losses import diffusion_dpo_loss, diffusion_kto_loss, per_sample_mse
 from .trainer import LoRATrainer, TrainingConfig, crop_geometry, image_to_tensor
 
 
+def _refuse_flow_matching(pipe, trainer: str) -> None:
+    from ttalign.pipelines import family_for
+    from ttalign.sampling import is_flow
+
+    if is_flow(family_for(pipe).scheduler):
+        raise NotImplementedError(f"{trainer} trains on noise (epsilon / v) targets; flow-matching models (SD3, FLUX) "
+                                  "need its velocity form (Flow-DPO), which is not implemented yet.")  # fmt: skip
+
+
 @dataclass
 class DPOConfig(TrainingConfig):
     """Settings of :class:`DiffusionDPOTrainer`: those of :class:`TrainingConfig`, and
@@ -154,6 +163,7 @@ class DiffusionDPOTrainer(_OfflineTrainer):
     def __init__(self, pipe, config: DPOConfig, train_dataset):
         from ttalign.rewards.evaluation import load_pairs
 
+        _refuse_flow_matching(pipe, "DiffusionDPOTrainer")
         pairs = load_pairs(train_dataset) if isinstance(train_dataset, str) else list(train_dataset)
         self.pairs = [p for p in pairs if p.label in (0.0, 1.0)]
         if not self.pairs:
@@ -199,6 +209,7 @@ class DiffusionKTOTrainer(_OfflineTrainer):
     def __init__(self, pipe, config: KTOConfig, train_dataset):
         from ttalign.rewards.evaluation import PreferencePair, load_pairs
 
+        _refuse_flow_matching(pipe, "DiffusionKTOTrainer")
         if isinstance(train_dataset, str):
             if os.path.isfile(os.path.join(train_dataset, "feedback.jsonl")):
                 train_dataset = load_feedback(train_dataset)
