@@ -1,13 +1,23 @@
-"""Trains the shapes-world text-to-image model from scratch, on the CPU, and saves it in diffusers' layout.
+"""Trains the shapes-world text-to-image models from scratch, on the CPU, and saves them in diffusers' layout.
 
 ```
 python -m ttalign.shapes.train --out ttalign/shapes/model --vae-steps 400 --steps 5000 --seed 0
+python -m ttalign.shapes.train --family flow --out ttalign/shapes/flow_model --seed 0
 ```
 
-Stages: (1) a small `AutoencoderKL` (32 px -> 16x16x4 latents) trained on renders with an L1 + MSE loss and a
-tiny KL term; its latent scale goes into `scaling_factor`; (2) a `CLIPTextModel` and a `UNet2DConditionModel`
-trained jointly with the epsilon-prediction loss (min-SNR-5 weighting), 10% caption dropout for classifier-free
-guidance, and EMA weights. Captions are drawn uniformly over the six categories of :mod:`ttalign.shapes.world`.
+`--family sd` (the default) trains the Stable Diffusion 1.x-style model. Stages: (1) a small `AutoencoderKL`
+(32 px -> 16x16x4 latents) trained on renders with an L1 + MSE loss and a tiny KL term; its latent scale goes into
+`scaling_factor`; (2) a `CLIPTextModel` and a `UNet2DConditionModel` trained jointly with the epsilon-prediction
+loss (min-SNR-5 weighting), 10% caption dropout for classifier-free guidance, and EMA weights. Captions are drawn
+uniformly over the six categories of :mod:`ttalign.shapes.world`.
+
+`--family flow` trains the flow-matching model on SD3's layout (:func:`train_flow`): an `SD3Transformer2DModel`
+with 2x2 patches (an 8x8 grid of image tokens) and RMS-normalised queries and keys, two small CLIP text encoders
+with projection and a small T5 encoder, each with a tokenizer built locally from the grammar's words, the first
+model's autoencoder (with the latent shift and scale SD3's pipeline applies), and a `FlowMatchEulerDiscreteScheduler`.
+Loss: the rectified-flow velocity `eps - x0` at `x_t = (1 - sigma) x0 + sigma eps`, sigma drawn logit-normal (SD3's
+training distribution), 10% caption dropout, EMA weights.
+
 Everything is seeded; on the same machine and thread count the run is reproducible. The settings and the log are
 written next to the weights (`training_args.json`, `training_log.txt`).
 """
@@ -235,6 +245,208 @@ def train(args) -> None:
         image_encoder=None,
         requires_safety_checker=False,
     )
+    _save(pipe, args, workdir, log)
+
+
+# --- the flow-matching model (SD3's layout) --------------------------------------------------------------------
+
+#: Text length of the flow model's tokenizers: the start token, the longest caption of the grammar (8 words) and the
+#: end token. Pass it as `max_sequence_length` (the T5 length) when sampling: :data:`FLOW_SAMPLING_DEFAULTS` does.
+FLOW_TEXT_LENGTH = 10
+
+FLOW_DEFAULTS = dict(
+    seed=0,
+    vae_from=os.path.join(os.path.dirname(os.path.abspath(__file__)), "model", "vae"),
+    steps=4000,
+    batch_size=64,
+    lr=5e-4,
+    warmup=200,
+    ema_decay=0.999,
+    caption_dropout=0.1,
+    logit_mean=0.0,
+    logit_std=1.0,
+    layers=6,
+    dataset_size=50000,
+    threads=2,
+)
+
+
+def build_flow_tokenizers() -> dict:
+    from ttalign.testing import get_tiny_t5_tokenizer, get_tiny_tokenizer
+
+    return {
+        "tokenizer": get_tiny_tokenizer(VOCABULARY, model_max_length=FLOW_TEXT_LENGTH),
+        "tokenizer_2": get_tiny_tokenizer(VOCABULARY, model_max_length=FLOW_TEXT_LENGTH, pad_token="!"),
+        "tokenizer_3": get_tiny_t5_tokenizer(VOCABULARY, model_max_length=FLOW_TEXT_LENGTH),
+    }
+
+
+def build_flow_models(tokenizers: dict, layers: int) -> dict:
+    """The flow model's text encoders and transformer, randomly initialised (the seed is set by the caller)."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    def clip(tokenizer):
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=2,
+                max_position_embeddings=FLOW_TEXT_LENGTH,
+                projection_dim=32,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=tokenizer.pad_token_id,
+                hidden_act="gelu",
+            )  # fmt: skip
+        )
+
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizers["tokenizer_3"]),
+            d_model=128,
+            d_kv=32,
+            d_ff=256,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )  # fmt: skip
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=layers, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128, pooled_projection_dim=64,
+        pos_embed_max_size=16, qk_norm="rms_norm",
+    )  # fmt: skip
+    return {
+        "text_encoder": clip(tokenizers["tokenizer"]),
+        "text_encoder_2": clip(tokenizers["tokenizer_2"]),
+        "text_encoder_3": t5,
+        "transformer": transformer,
+    }
+
+
+def build_flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
+def encode_flow_text(models: dict, ids: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3's prompt encoding on token ids (as `StableDiffusion3Pipeline.encode_prompt` computes it): both CLIPs'
+    penultimate states side by side, zero-padded to the T5 width, followed along the sequence by the T5 states; the
+    pooled embedding is both CLIPs' projections side by side. Returns `([B, 2 L, 128], [B, 64])`."""
+    out_1 = models["text_encoder"](ids["tokenizer"], output_hidden_states=True)
+    out_2 = models["text_encoder_2"](ids["tokenizer_2"], output_hidden_states=True)
+    clip_states = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)  # [B, L, 64]
+    t5_states = models["text_encoder_3"](ids["tokenizer_3"])[0]  # [B, L, 128]
+    clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))  # [B, L, 128]
+    pooled = torch.cat([out_1[0], out_2[0]], dim=-1)  # [B, 64]
+    return torch.cat([clip_states, t5_states], dim=-2), pooled
+
+
+def _tokenize_all(tokenizers: dict, captions: list[str]) -> dict:
+    return {
+        name: tok(captions, padding="max_length", max_length=FLOW_TEXT_LENGTH, truncation=True,
+                  return_tensors="pt").input_ids
+        for name, tok in tokenizers.items()
+    }  # fmt: skip
+
+
+def train_flow(args) -> None:
+    """Trains the flow-matching shapes model (see the module docstring) and saves it to `args.out`."""
+    from diffusers import AutoencoderKL
+
+    from ttalign.pipelines import AlignedStableDiffusion3Pipeline
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    workdir = tempfile.mkdtemp(prefix="shapes-flow-train-")
+    log = Logger(os.path.join(workdir, "training_log.txt"))
+    log(f"settings {json.dumps(vars(args))}")
+
+    rng = np.random.default_rng(args.seed)
+    images_np, captions = sample_batch(rng, args.dataset_size)
+    images = torch.from_numpy(images_np)
+    log(f"rendered {len(captions)} scenes")
+
+    vae = AutoencoderKL.from_pretrained(args.vae_from).eval()
+    lat_mean, lat_std = encode_dataset(vae, images)  # [N, 4, 16, 16] each
+    shift = float(lat_mean.mean())
+    scaling = float(1.0 / (lat_mean - shift).std())
+    vae.register_to_config(shift_factor=shift, scaling_factor=scaling)
+    log(f"vae from {args.vae_from}: shift_factor {shift:.4f} scaling_factor {scaling:.4f}")
+
+    tokenizers = build_flow_tokenizers()
+    models = build_flow_models(tokenizers, args.layers)
+    for name, module in models.items():
+        log(f"{name}: {sum(p.numel() for p in module.parameters()) / 1e6:.2f}M parameters")
+    ids = _tokenize_all(tokenizers, captions)
+    empty = _tokenize_all(tokenizers, [""])
+
+    params = [p for module in models.values() for p in module.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0)))
+    )
+    ema = {name: copy.deepcopy(module).eval().requires_grad_(False) for name, module in models.items()}
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    for module in models.values():
+        module.train()
+    running = None
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(0, len(captions), (args.batch_size,), generator=gen)
+        x0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen) - shift) * scaling
+        drop = torch.rand(args.batch_size, generator=gen) < args.caption_dropout
+        batch_ids = {}
+        for name, all_ids in ids.items():
+            batch_ids[name] = all_ids[idx].clone()
+            batch_ids[name][drop] = empty[name][0]
+        sigma = torch.sigmoid(args.logit_mean + args.logit_std * torch.randn(args.batch_size, generator=gen))  # [B]
+        noise = torch.randn(x0.shape, generator=gen)
+        s = sigma.view(-1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise  # [B, 4, 16, 16]
+        prompt_embeds, pooled = encode_flow_text(models, batch_ids)
+        pred = models["transformer"](
+            hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=prompt_embeds,
+            pooled_projections=pooled, return_dict=False,
+        )[0]  # fmt: skip
+        loss = F.mse_loss(pred, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for name, module in models.items():
+                for pe, pl in zip(ema[name].parameters(), module.parameters()):
+                    pe.lerp_(pl, 1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0 or step == 1:
+            log(f"step {step}/{args.steps} loss {loss.item():.4f} avg {running:.4f} lr {sched.get_last_lr()[0]:.2e}")
+
+    pipe = AlignedStableDiffusion3Pipeline(
+        vae=vae, scheduler=build_flow_scheduler(), image_encoder=None, feature_extractor=None, **tokenizers, **ema
+    )
+    # the training encoder must be the pipeline's own: one batch through both
+    with torch.no_grad():
+        check = ["a red circle left of a blue square", ""]
+        ours = encode_flow_text(ema, _tokenize_all(tokenizers, check))
+        theirs = pipe.encode_prompt(check, None, None, do_classifier_free_guidance=False,
+                                    max_sequence_length=FLOW_TEXT_LENGTH)  # fmt: skip
+        if not (torch.allclose(ours[0], theirs[0], atol=1e-5) and torch.allclose(ours[1], theirs[2], atol=1e-5)):
+            raise RuntimeError("The training text encoding differs from StableDiffusion3Pipeline.encode_prompt.")
+    _save(pipe, args, workdir, log)
+
+
+def _save(pipe, args, workdir: str, log: Logger) -> None:
     staging = os.path.join(workdir, "model")
     pipe.save_pretrained(staging, safe_serialization=True)
     with open(os.path.join(staging, "training_args.json"), "w", encoding="utf-8") as f:
@@ -250,11 +462,15 @@ def train(args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    family = argparse.ArgumentParser(add_help=False)
+    family.add_argument("--family", choices=("sd", "flow"), default="sd", help="which model to train")
+    known, _ = family.parse_known_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[family])
     parser.add_argument("--out", required=True, help="output folder (diffusers layout)")
-    for key, value in DEFAULTS.items():
+    for key, value in (FLOW_DEFAULTS if known.family == "flow" else DEFAULTS).items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
-    train(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    (train_flow if args.family == "flow" else train)(args)
 
 
 if __name__ == "__main__":
