@@ -14,6 +14,21 @@ ALIGNED_PIPELINES = {
     FluxFamily.pipeline_class: AlignedFluxPipeline,
 }
 
+
+def aligned_class_for(model: str):
+    """The aligned pipeline class of a diffusers folder or hub id, from the `_class_name` of its `model_index.json`
+    (diffusers' class or an aligned one); an unsupported class raises `ValueError` naming it."""
+    from diffusers import DiffusionPipeline
+
+    config = DiffusionPipeline.load_config(model)
+    name = config.get("_class_name")
+    by_name = {base.__name__: aligned for base, aligned in ALIGNED_PIPELINES.items()}
+    by_name.update({aligned.__name__: aligned for aligned in ALIGNED_PIPELINES.values()})
+    if name not in by_name:
+        raise ValueError(f"{model!r} holds a {name} (model_index.json); supported: {', '.join(sorted(by_name))}.")
+    return by_name[name]
+
+
 __all__ = [
     "ALIGNED_PIPELINES",
     "AlignedFluxPipeline",
@@ -28,5 +43,6 @@ __all__ = [
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
     "TextStream",
+    "aligned_class_for",
     "family_for",
 ]

@@ -206,11 +206,11 @@ class ModelFamily:
 
     def training_conditioning(self, prompts: list[str], device, image_sizes: Sequence[tuple[int, int]] | None = None,
                               crops: Sequence[tuple[int, int]] | None = None, size: int | None = None,
-                              ) -> Conditioning:  # fmt: skip
+                              **options) -> Conditioning:  # fmt: skip
         """The conditional branch for training on one image per prompt: its original size `(h, w)`, the top-left
         corner `(top, left)` of the square taken from it, and the square's `size` (families with size conditioning use
-        them; the others ignore them)."""
-        return self.encode_prompt(prompts, device)
+        them; the others ignore them). `options` go to :meth:`encode_prompt`."""
+        return self.encode_prompt(prompts, device, **options)
 
     # --- the denoiser -----------------------------------------------------------------------------------------------
 

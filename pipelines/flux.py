@@ -582,6 +582,11 @@ class FluxFamily(ModelFamily):
         unpacked = self.unpack_latents(latents, height, width).to(vae.dtype)
         return vae.decode(unpacked / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
 
+    def training_conditioning(self, prompts, device, image_sizes=None, crops=None, size=None,
+                              **options) -> Conditioning:  # fmt: skip
+        size = size or self.default_image_size  # the packed latents' positions (img_ids) follow the image size
+        return self.encode_prompt(prompts, device, height=size, width=size, **options)
+
     def encode_images(self, images):
         vae = self.vae
         latents = (

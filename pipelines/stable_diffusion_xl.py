@@ -560,10 +560,11 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
             self.add_guidance_embedding(conditioning, guidance_scale)
         return conditioning
 
-    def training_conditioning(self, prompts, device, image_sizes=None, crops=None, size=None) -> Conditioning:
+    def training_conditioning(self, prompts, device, image_sizes=None, crops=None, size=None,
+                              **options) -> Conditioning:  # fmt: skip
         size = size or self.default_image_size
         embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
-                                                       do_classifier_free_guidance=False)  # fmt: skip
+                                                       do_classifier_free_guidance=False, **options)  # fmt: skip
         image_sizes = image_sizes or [(size, size)] * len(prompts)
         crops = crops or [(0, 0)] * len(prompts)
         ids = torch.cat([self._time_ids(s, c, (size, size), embeds.dtype) for s, c in zip(image_sizes, crops)])

@@ -20,21 +20,6 @@ TINY_MODEL = "tiny"
 SHAPES_MODEL = "shapes"
 
 
-def aligned_class_for(model: str):
-    """The aligned pipeline class of a diffusers folder or hub id, from the `_class_name` of its `model_index.json`."""
-    from diffusers import DiffusionPipeline
-
-    from ttalign.pipelines import ALIGNED_PIPELINES
-
-    config = DiffusionPipeline.load_config(model)
-    name = config.get("_class_name")
-    by_name = {base.__name__: aligned for base, aligned in ALIGNED_PIPELINES.items()}
-    by_name.update({aligned.__name__: aligned for aligned in ALIGNED_PIPELINES.values()})
-    if name not in by_name:
-        raise ValueError(f"{model!r} holds a {name} (model_index.json); supported: {', '.join(sorted(by_name))}.")
-    return by_name[name]
-
-
 def load_pipeline(model: str, dtype: str = "float32", device: str | None = None):
     """Loads the aligned pipeline of a diffusers folder or hub id (the class named in its `model_index.json`: Stable
     Diffusion 1.x/2.x, XL or 3, FLUX), `"shapes"` (the embedded shapes-world model) or `"tiny"` (tiny random
@@ -42,6 +27,7 @@ def load_pipeline(model: str, dtype: str = "float32", device: str | None = None)
     import torch
 
     from ttalign import AlignedStableDiffusionPipeline
+    from ttalign.pipelines import aligned_class_for
 
     if model == SHAPES_MODEL:
         from ttalign.shapes import MODEL_DIR

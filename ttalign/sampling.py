@@ -301,11 +301,26 @@ def flow_sde_step_with_logprob(scheduler, index: int, model_output: torch.Tensor
     `x' = mean + std eps`; at `a = 1` it is diffusers' `stochastic_sampling`. The log-probability is the density of
     `prev_sample` (drawn as `mean + std * noise` when not given) under `N(mean, std^2)`, averaged over all dimensions
     but the batch. Returns `(prev_sample, log_prob [N])`."""
+    mean, std = flow_sde_transition(scheduler, index, model_output, sample, a, variant)
+    if prev_sample is None:
+        if noise is None:
+            raise ValueError("Pass `prev_sample` (a recorded transition) or `noise` to draw one.")
+        prev_sample = mean + std * noise.float()
+    return prev_sample, gaussian_log_prob(prev_sample.detach().float(), mean, std)
+
+
+def flow_sde_transition(scheduler, index: int, model_output: torch.Tensor, sample: torch.Tensor, a: float = 0.7,
+                        variant: str = "sde") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The Gaussian `N(mean, std^2)` of a stochastic flow-matching step (see :func:`flow_sde_step_with_logprob` for
+    the formulas), in fp32: `(mean [N, ...], std)` with `std` a 0-d tensor, the whole step's standard deviation
+    (for the SDE variant `std_t sqrt(-dt)`: the step size is kept)."""
     if variant not in ("sde", "cps"):
         raise ValueError(f"variant must be 'sde' or 'cps', got {variant!r}.")
     if not a > 0:
         raise ValueError(f"The log-probability needs a stochastic step (a > 0), got a={a!r}.")
     sigma, sigma_next = scheduler.sigmas[index].float(), scheduler.sigmas[index + 1].float()
+    if not float(sigma_next) > 0:
+        raise ValueError(f"Step {index} ends at sigma 0: it is deterministic and has no transition density.")
     x, v = sample.float(), model_output.float()
     dt = sigma_next - sigma
     if variant == "sde":
@@ -316,15 +331,14 @@ def flow_sde_step_with_logprob(scheduler, index: int, model_output: torch.Tensor
         x0, x1 = x - sigma * v, x + (1 - sigma) * v
         std = sigma_next * math.sin(a * math.pi / 2)
         mean = x0 * (1 - sigma_next) + x1 * (sigma_next**2 - std**2).clamp_min(0) ** 0.5
-    std = torch.as_tensor(std, dtype=torch.float32)
-    if prev_sample is None:
-        if noise is None:
-            raise ValueError("Pass `prev_sample` (a recorded transition) or `noise` to draw one.")
-        prev_sample = mean + std * noise.float()
-    log_prob = (
-        -((prev_sample.detach().float() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    )
-    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    return mean, torch.as_tensor(std, dtype=torch.float32)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
+    """`log N(x; mean, std^2)` averaged over all dimensions but the batch: `[N, ...] -> [N]`."""
+    std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
+    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
 def predict_x0_sigma(scheduler, model_output, sample, sigma):
@@ -356,15 +370,7 @@ def ddim_step_with_logprob(scheduler, index: int, model_output: torch.Tensor, sa
     Returns:
         `(prev_sample [N, C, h, w], log_prob [N])`.
     """
-    if scheduler_kind(scheduler) != "ddim":
-        raise ValueError(f"ddim_step_with_logprob needs a DDIMScheduler, got {type(scheduler).__name__}.")
-    std = step_noise_std(scheduler, index, eta)
-    if std <= 0:
-        raise ValueError(f"The log-probability needs a stochastic step (eta > 0), got eta={eta!r}.")
-    t = scheduler.timesteps[index]
-    alpha_prod, alpha_prev = _ddim_alphas(scheduler, t, sample.device, sample.dtype)
-    x0, eps = _x0_and_eps_vp(scheduler, model_output, sample, alpha_prod)
-    mean = alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2) ** 0.5 * eps  # [N, C, h, w]
+    mean, std = ddim_transition(scheduler, index, model_output, sample, eta)
     if prev_sample is None:
         if noise is None:
             raise ValueError("Pass `prev_sample` (a recorded transition) or `noise` to draw one.")
@@ -373,6 +379,31 @@ def ddim_step_with_logprob(scheduler, index: int, model_output: torch.Tensor, sa
         -((prev_sample.detach() - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
     )  # [N, C, h, w]
     return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def ddim_transition(scheduler, index: int, model_output: torch.Tensor, sample: torch.Tensor, eta: float = 1.0,
+                    ) -> tuple[torch.Tensor, float]:  # fmt: skip
+    """The Gaussian `N(mean, std^2)` of a DDIM step with `eta > 0` (formulas in :func:`ddim_step_with_logprob`), in
+    the sample's dtype: `(mean [N, C, h, w], std)`."""
+    if scheduler_kind(scheduler) != "ddim":
+        raise ValueError(f"A DDIM transition needs a DDIMScheduler, got {type(scheduler).__name__}.")
+    std = step_noise_std(scheduler, index, eta)
+    if std <= 0:
+        raise ValueError(f"The log-probability needs a stochastic step (eta > 0), got eta={eta!r}.")
+    t = scheduler.timesteps[index]
+    alpha_prod, alpha_prev = _ddim_alphas(scheduler, t, sample.device, sample.dtype)
+    x0, eps = _x0_and_eps_vp(scheduler, model_output, sample, alpha_prod)
+    return alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2) ** 0.5 * eps, std  # [N, C, h, w]
+
+
+def stochastic_transition(scheduler, index: int, model_output: torch.Tensor, sample: torch.Tensor, eta: float,
+                          variant: str = "sde") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The Gaussian of one stochastic step of a DDIM (`eta > 0`) or flow-matching (noise level `eta`, Flow-GRPO's
+    `variant`) scheduler, in fp32: `(mean [N, ...], std)`, the policy of the RL trainers."""
+    if scheduler_kind(scheduler) == "flow":
+        return flow_sde_transition(scheduler, index, model_output, sample, eta, variant)
+    mean, std = ddim_transition(scheduler, index, model_output.float(), sample.float(), eta)
+    return mean, torch.tensor(std, dtype=torch.float32)
 
 
 class DifferentiableSampler:

@@ -5,6 +5,8 @@
 >>> pipe = load_pipeline()
 >>> images = pipe("a red circle left of a blue square", **SAMPLING_DEFAULTS, output_type="pt").images
 >>> verify(images, ["a red circle left of a blue square"]).passed
+>>> flow = load_pipeline("flow")  # the flow-matching model on SD3's layout
+>>> images = flow("a red circle left of a blue square", **FLOW_SAMPLING_DEFAULTS, output_type="pt").images
 ```
 """
 
@@ -17,33 +19,54 @@ from .soft import ShapesSoftVerifier
 from .verifier import Verdict, Verification, detect, verify
 from .world import CATEGORIES, COLORS, RELATIONS, SHAPES, evaluation_prompts, parse_caption, render, sample_scene
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
 #: Folder of the embedded model (diffusers layout), shipped inside the package.
-MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
+MODEL_DIR = os.path.join(_HERE, "model")
+#: Folder of the embedded flow-matching model (SD3's layout).
+FLOW_MODEL_DIR = os.path.join(_HERE, "flow_model")
 #: Sampling settings the embedded model is evaluated with.
 SAMPLING_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 3.0}
+#: Sampling settings of the flow model; `max_sequence_length` is the length its T5 was trained on.
+FLOW_SAMPLING_DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 3.0, "max_sequence_length": 10}
+
+_MODELS = {"sd": (MODEL_DIR, ""), "flow": (FLOW_MODEL_DIR, " --family flow")}
 
 
-def load_pipeline(device: str | None = None, path: str | None = None):
-    """Loads the embedded shapes-world model as an :class:`~ttalign.AlignedStableDiffusionPipeline`.
+def sampling_defaults(pipe) -> dict:
+    """The sampling settings of a shapes-world pipeline: :data:`FLOW_SAMPLING_DEFAULTS` for the flow model,
+    :data:`SAMPLING_DEFAULTS` otherwise."""
+    from ttalign.pipelines import family_for
+    from ttalign.sampling import is_flow
 
-    It goes through the ordinary `from_pretrained` path, from `path` or the folder shipped with the package.
-    """
+    return dict(FLOW_SAMPLING_DEFAULTS if is_flow(family_for(pipe).scheduler) else SAMPLING_DEFAULTS)
+
+
+def load_pipeline(model: str = "sd", device: str | None = None, path: str | None = None):
+    """Loads an embedded shapes-world model through the ordinary `from_pretrained` path, from `path` or the folder
+    shipped with the package: `model="sd"`, the Stable Diffusion 1.x-style model, as an
+    :class:`~ttalign.AlignedStableDiffusionPipeline`; `model="flow"`, the flow-matching model on SD3's layout, as an
+    :class:`~ttalign.AlignedStableDiffusion3Pipeline` (sample it with :data:`FLOW_SAMPLING_DEFAULTS`). With `path`,
+    the class is read from the folder's `model_index.json`."""
     import torch
 
-    from ttalign.pipelines import AlignedStableDiffusionPipeline
+    from ttalign.pipelines import aligned_class_for
 
-    path = path or MODEL_DIR
+    if model not in _MODELS:
+        raise ValueError(f"Unknown shapes-world model {model!r}; expected 'sd' or 'flow'.")
+    default, family = _MODELS[model]
+    path = path or default
     if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise FileNotFoundError(
-            f"No shapes-world model at {path!r}; train one with `python -m ttalign.shapes.train --out {path}`."
-        )
-    pipe = AlignedStableDiffusionPipeline.from_pretrained(path)
+        raise FileNotFoundError(f"No shapes-world model at {path!r}; train one with "
+                                f"`python -m ttalign.shapes.train{family} --out {path}`.")  # fmt: skip
+    pipe = aligned_class_for(path).from_pretrained(path)
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 __all__ = [
     "CATEGORIES",
     "CLIP_DIR",
+    "FLOW_MODEL_DIR",
+    "FLOW_SAMPLING_DEFAULTS",
     "ShapesCLIPScore",
     "COLORS",
     "MODEL_DIR",
@@ -59,5 +82,6 @@ __all__ = [
     "parse_caption",
     "render",
     "sample_scene",
+    "sampling_defaults",
     "verify",
 ]

@@ -1,12 +1,24 @@
-"""Training: `DiffusionDPOTrainer`, `DiffusionKTOTrainer`, `DDPOTrainer` (with DPOK's KL term) and
-`RewardBackpropTrainer` (DRaFT-K, AlignProp, ReFL), on one LoRA / accelerate / checkpoint base, and their losses."""
+"""Training: `DiffusionDPOTrainer`, `DiffusionKTOTrainer`, `DDPOTrainer` (with DPOK's KL term), `RewardBackpropTrainer`
+(DRaFT-K, AlignProp, ReFL), and for flow-matching pipelines `FlowGRPOTrainer` (`GRPOTrainer`, also on DDIM pipelines)
+and `FlowDPOTrainer`, on one LoRA / accelerate / checkpoint base, and their losses."""
 
 from .ddpo import DDPOConfig, DDPOTrainer, TrajectoryRecorder
-from .dpo import DiffusionDPOTrainer, DiffusionKTOTrainer, DPOConfig, KTOConfig, load_feedback
+from .dpo import (
+    DiffusionDPOTrainer,
+    DiffusionKTOTrainer,
+    DPOConfig,
+    FlowDPOConfig,
+    FlowDPOTrainer,
+    KTOConfig,
+    load_feedback,
+)
+from .grpo import FlowGRPOConfig, FlowGRPOTrainer, GRPOConfig, GRPOTrainer, StochasticTrajectory
 from .losses import (
     diffusion_dpo_loss,
     diffusion_kto_loss,
     dpok_loss,
+    gaussian_kl,
+    group_advantages,
     normalize_advantages,
     per_sample_mse,
     ppo_clip_loss,
@@ -22,10 +34,17 @@ __all__ = [
     "DPOConfig",
     "DiffusionDPOTrainer",
     "DiffusionKTOTrainer",
+    "FlowDPOConfig",
+    "FlowDPOTrainer",
+    "FlowGRPOConfig",
+    "FlowGRPOTrainer",
+    "GRPOConfig",
+    "GRPOTrainer",
     "KTOConfig",
     "LoRATrainer",
     "RewardBackpropConfig",
     "RewardBackpropTrainer",
+    "StochasticTrajectory",
     "TrainingConfig",
     "TrajectoryRecorder",
     "crop_geometry",
@@ -34,6 +53,8 @@ __all__ = [
     "diffusion_dpo_loss",
     "diffusion_kto_loss",
     "dpok_loss",
+    "gaussian_kl",
+    "group_advantages",
     "normalize_advantages",
     "per_sample_mse",
     "ppo_clip_loss",

@@ -121,8 +121,8 @@ class DDPOTrainer(LoRATrainer):
 
         scheduler = family_for(pipe).scheduler
         if scheduler_kind(scheduler) == "flow":
-            raise NotImplementedError("DDPO samples with DDIM; on flow-matching models (SD3, FLUX) its counterpart is "
-                                      "Flow-GRPO, which is not implemented yet.")  # fmt: skip
+            raise ValueError("DDPO samples with DDIM; for flow-matching pipelines (SD3, FLUX) use FlowGRPOTrainer, "
+                             "its counterpart.")  # fmt: skip
         if scheduler_kind(scheduler) != "ddim":
             raise ValueError(f"DDPO samples with DDIM; the pipeline has {type(scheduler).__name__}.")
         if not prompts:
@@ -143,7 +143,7 @@ class DDPOTrainer(LoRATrainer):
         out = self.sampler_pipe(prompts, num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
                                 eta=c.eta, height=self.size, width=self.size, output_type="pt",
                                 generator=torch.Generator().manual_seed(seed),
-                                alignment=[TrajectoryRecorder(c.eta)])  # fmt: skip
+                                alignment=[TrajectoryRecorder(c.eta)], **c.encode_options)  # fmt: skip
         self.denoiser.train()
         trace = out.traces["trajectory"]
         rewards = check_scores(self.reward(out.images.float(), prompts), len(prompts), reward_name(self.reward))
@@ -159,7 +159,8 @@ class DDPOTrainer(LoRATrainer):
         model = self.model.replace(scheduler=scheduler)
         with torch.no_grad():  # the conditioning the sampling call used
             cond = model.encode_prompt(traj.prompts, device, do_cfg=c.guidance_scale > 1, height=self.size,
-                                       width=self.size, guidance_scale=c.guidance_scale)  # fmt: skip
+                                       width=self.size, guidance_scale=c.guidance_scale,
+                                       **c.encode_options)  # fmt: skip
         advantages = traj.advantages.to(device)
         losses, clip_fracs, kls = [], [], []
         for j in steps:

@@ -17,13 +17,11 @@ from .losses import diffusion_dpo_loss, diffusion_kto_loss, per_sample_mse
 from .trainer import LoRATrainer, TrainingConfig, crop_geometry, image_to_tensor
 
 
-def _refuse_flow_matching(pipe, trainer: str) -> None:
+def _is_flow(pipe) -> bool:
     from ttalign.pipelines import family_for
     from ttalign.sampling import is_flow
 
-    if is_flow(family_for(pipe).scheduler):
-        raise NotImplementedError(f"{trainer} trains on noise (epsilon / v) targets; flow-matching models (SD3, FLUX) "
-                                  "need its velocity form (Flow-DPO), which is not implemented yet.")  # fmt: skip
+    return is_flow(family_for(pipe).scheduler)
 
 
 @dataclass
@@ -110,7 +108,8 @@ class _OfflineTrainer(LoRATrainer):
             geometry = [crop_geometry(im, self.size) for im in images[start : start + 16]]
             parts.append(self.model.training_conditioning(prompts[start : start + 16], device,
                                                           image_sizes=[g[0] for g in geometry],
-                                                          crops=[g[1] for g in geometry], size=self.size))  # fmt: skip
+                                                          crops=[g[1] for g in geometry], size=self.size,
+                                                          **self.config.encode_options))  # fmt: skip
         return Conditioning.cat(parts)
 
     def _mse(self, latents, cond, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +130,29 @@ class _OfflineTrainer(LoRATrainer):
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(like),),
                                   generator=generator).to(like.device)  # fmt: skip
         return noise, timesteps
+
+
+@dataclass
+class FlowDPOConfig(DPOConfig):
+    """Settings of :class:`FlowDPOTrainer`: those of :class:`DPOConfig`, and
+
+    Args:
+        beta (`float`, defaults to 100): the same convention as Diffusion-DPO's
+            `-logsigmoid(-0.5 * beta * (model_diff - ref_diff))`, on velocity errors. flow_grpo's SD3.5-M recipe uses
+            100 in this form; about 2000 is suggested for FLUX. Diffusion-DPO's 5000 (epsilon targets) does not
+            transfer: velocity errors are larger and differ more between the models.
+        logit_mean (`float`, defaults to 0.0), logit_std (`float`, defaults to 1.0): sigma is drawn logit-normal
+            (`sigmoid(N(logit_mean, logit_std^2))`), SD3's training distribution.
+    """
+
+    beta: float = 100.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.logit_std <= 0:
+            raise ValueError(f"logit_std must be > 0, got {self.logit_std!r}.")
 
 
 class DiffusionDPOTrainer(_OfflineTrainer):
@@ -163,7 +185,7 @@ class DiffusionDPOTrainer(_OfflineTrainer):
     def __init__(self, pipe, config: DPOConfig, train_dataset):
         from ttalign.rewards.evaluation import load_pairs
 
-        _refuse_flow_matching(pipe, "DiffusionDPOTrainer")
+        self._check_pipeline(pipe)
         pairs = load_pairs(train_dataset) if isinstance(train_dataset, str) else list(train_dataset)
         self.pairs = [p for p in pairs if p.label in (0.0, 1.0)]
         if not self.pairs:
@@ -175,12 +197,17 @@ class DiffusionDPOTrainer(_OfflineTrainer):
         # one conditioning per pair, shared by winner and loser (size conditioning from image 0, as diffusers' script)
         self.cond = self._conditioning([p.prompt for p in self.pairs], [p.image_0 for p in self.pairs])
 
+    def _check_pipeline(self, pipe) -> None:
+        if _is_flow(pipe):
+            raise ValueError("DiffusionDPOTrainer trains on noise targets; for a flow-matching pipeline (SD3, FLUX) "
+                             "use FlowDPOTrainer, its velocity form.")  # fmt: skip
+
     def training_step(self, generator):
         indices = torch.randint(0, len(self.pairs), (self.config.train_batch_size,), generator=generator)
         winners, losers = self.winners[indices], self.losers[indices]
         noise, timesteps = self._noise_and_timesteps(winners, generator)  # shared by winner and loser
         model_mse, ref_mse = self._mse(torch.cat([winners, losers]), self.cond.select(indices.repeat(2)),
-                                       noise.repeat(2, 1, 1, 1), timesteps.repeat(2))  # fmt: skip
+                                       torch.cat([noise, noise]), timesteps.repeat(2))  # fmt: skip
         n = len(indices)
         loss, accuracy = diffusion_dpo_loss(model_mse[:n], model_mse[n:], ref_mse[:n], ref_mse[n:], self.config.beta)
         return loss, {"implicit_accuracy": accuracy.item()}
@@ -209,7 +236,9 @@ class DiffusionKTOTrainer(_OfflineTrainer):
     def __init__(self, pipe, config: KTOConfig, train_dataset):
         from ttalign.rewards.evaluation import PreferencePair, load_pairs
 
-        _refuse_flow_matching(pipe, "DiffusionKTOTrainer")
+        if _is_flow(pipe):
+            raise NotImplementedError("DiffusionKTOTrainer trains on noise targets; its velocity form for "
+                                      "flow-matching pipelines (SD3, FLUX) is not implemented.")  # fmt: skip
         if isinstance(train_dataset, str):
             if os.path.isfile(os.path.join(train_dataset, "feedback.jsonl")):
                 train_dataset = load_feedback(train_dataset)
@@ -241,3 +270,55 @@ class DiffusionKTOTrainer(_OfflineTrainer):
         loss = diffusion_kto_loss(model_mse, ref_mse, self.desirable[indices].to(latents.device), c.beta,
                                   c.lambda_desirable, c.lambda_undesirable)  # fmt: skip
         return loss, {"desirable_share": self.desirable[indices].float().mean().item()}
+
+
+class FlowDPOTrainer(DiffusionDPOTrainer):
+    """Flow-DPO: Diffusion-DPO's objective on a flow-matching pipeline (SD3, FLUX) with velocity errors
+    (Liu et al. 2025, https://arxiv.org/abs/2505.05470, whose official code is unreleased; flow_grpo's SD3 DPO script).
+
+    For a pair, the winner and the loser are noised with the same noise and sigma, `x_t = (1 - sigma) x0 + sigma eps`
+    with sigma logit-normal, and each model's error is `||v - u||^2` with `u = eps - x0`, averaged over the latent
+    dimensions: `loss = -logsigmoid(-0.5 * beta * ((err_w - err_l) - (ref_err_w - ref_err_l)))`. The reference is the
+    transformer with its LoRA disabled. `beta` defaults to 100 (see :class:`FlowDPOConfig`).
+
+    Args:
+        pipe: an SD3 or FLUX pipeline (diffusers' or an aligned one).
+        config (:class:`FlowDPOConfig`).
+        train_dataset: as :class:`DiffusionDPOTrainer`'s.
+
+    Example:
+
+    ```py
+    >>> from ttalign.training import FlowDPOConfig, FlowDPOTrainer
+    >>> trainer = FlowDPOTrainer(load_pipeline("flow"), FlowDPOConfig(max_steps=10, output_dir="flow-dpo"), "pairs")
+    >>> trainer.train()
+    ```
+    """
+
+    name = "flow-dpo"
+
+    def __init__(self, pipe, config: FlowDPOConfig, train_dataset):
+        if not isinstance(config, FlowDPOConfig):
+            raise TypeError(f"FlowDPOTrainer takes a FlowDPOConfig (beta 100), got {type(config).__name__}.")
+        super().__init__(pipe, config, train_dataset)
+
+    def _check_pipeline(self, pipe) -> None:
+        if not _is_flow(pipe):
+            raise ValueError("FlowDPOTrainer trains flow-matching pipelines (SD3, FLUX); use DiffusionDPOTrainer for "
+                             f"{type(pipe).__name__}.")  # fmt: skip
+
+    def _noise_and_timesteps(self, like: torch.Tensor, generator: torch.Generator):
+        """Standard normal noise and sigma `[B]` drawn logit-normal, as the scheduler's timesteps (`1000 sigma`)."""
+        c = self.config
+        noise = torch.randn(like.shape, generator=generator).to(like)
+        sigma = torch.sigmoid(c.logit_mean + c.logit_std * torch.randn(len(like), generator=generator))  # [B]
+        return noise, (sigma * self.noise_scheduler.config.num_train_timesteps).to(like.device)
+
+    def _mse(self, latents, cond, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma = (timesteps / self.noise_scheduler.config.num_train_timesteps).view(-1, *[1] * (latents.ndim - 1))
+        noisy = ((1 - sigma) * latents.float() + sigma * noise.float()).to(latents.dtype)  # [B, ...]
+        target = noise - latents  # the velocity u = eps - x0
+        model_mse = per_sample_mse(self.model.forward(noisy, timesteps, cond, cfg=False), target)
+        with torch.no_grad(), self.reference_mode():
+            ref_mse = per_sample_mse(self.model.forward(noisy, timesteps, cond, cfg=False), target)
+        return model_mse, ref_mse

@@ -85,3 +85,28 @@ def normalize_advantages(rewards: torch.Tensor, prompts: list[str], clip: float 
 def refl_loss(rewards: torch.Tensor, scale: float = 1e-3, target: float = 2.0) -> torch.Tensor:
     """ReFL (Xu et al. 2023, https://arxiv.org/abs/2304.05977): `mean(relu(target - reward)) * scale`."""
     return F.relu(target - rewards).mean() * scale
+
+
+def group_advantages(rewards: torch.Tensor, prompts: list[str], clip: float = 5.0, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-relative advantage as Flow-GRPO computes it (https://arxiv.org/abs/2505.05470): each reward minus
+    the mean of its prompt's group, over the standard deviation of all the rewards of the batch (population std, as its
+    numpy code) plus `eps`, clamped to `+-clip`. Unlike :func:`normalize_advantages` (DDPO's per-prompt statistics),
+    the scale is shared, so a group whose images all score alike gets advantages near 0 rather than blown up."""
+    r = rewards.float()
+    advantages = torch.empty_like(r)
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(i)
+    std = r.std(unbiased=False)
+    for indices in groups.values():
+        advantages[indices] = (r[indices] - r[indices].mean()) / (std + eps)
+    return advantages.clamp(-clip, clip)
+
+
+def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std) -> torch.Tensor:
+    """`KL(N(mean, std^2) || N(mean_ref, std^2))` per sample, averaged over the other dimensions:
+    `mean((mean - mean_ref)^2) / (2 std^2)` `[N, ...] -> [N]` (Flow-GRPO's KL term, with `std` the whole step's
+    standard deviation)."""
+    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    diff = (mean.float() - mean_ref.float()) ** 2
+    return diff.mean(dim=tuple(range(1, diff.ndim))) / (2 * std**2)

@@ -100,7 +100,8 @@ class RewardBackpropTrainer(LoRATrainer):
         model = self.model.replace(scheduler=self.scheduler)
         with torch.no_grad():
             cond = model.encode_prompt(prompts, device, do_cfg=c.guidance_scale > 1, height=self.size,
-                                       width=self.size, guidance_scale=c.guidance_scale)  # fmt: skip
+                                       width=self.size, guidance_scale=c.guidance_scale,
+                                       **c.encode_options)  # fmt: skip
         model.set_timesteps(c.num_inference_steps, device, self.size, self.size)
         sampler = DifferentiableSampler(model, cond, guidance_scale=c.guidance_scale, eta=c.eta,
                                         gradient_checkpointing=True)  # fmt: skip

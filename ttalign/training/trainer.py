@@ -13,7 +13,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -40,6 +40,8 @@ class TrainingConfig:
         output_dir (`str`, defaults to `"ttalign-output"`): checkpoints, logs (`logs/metrics.jsonl`).
         report_to (`str`, *optional*): an accelerate tracker (`"tensorboard"`), in addition to the JSONL log.
         seed (`int`, defaults to 0).
+        encode_options (`dict`): extra prompt-encoding arguments of the pipeline, given to every prompt encoding and
+            every sampling call of the trainer (e.g. `{"max_sequence_length": 10}` for a T5 trained on short text).
     """
 
     learning_rate: float = 1e-4
@@ -57,6 +59,7 @@ class TrainingConfig:
     output_dir: str = "ttalign-output"
     report_to: str | None = None
     seed: int = 0
+    encode_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for key in ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "max_steps", "checkpointing_steps",

@@ -1,0 +1,268 @@
+"""GRPO on the denoising chain: Flow-GRPO (Liu et al. 2025, https://arxiv.org/abs/2505.05470) on flow-matching
+pipelines (SD3, FLUX), and the same group-relative objective on DDIM pipelines (SD 1.x/2.x, SDXL).
+
+Each step draws `train_batch_size / group_size` prompts, samples `group_size` images of each with the aligned
+pipeline itself, on the stochastic step of :func:`~ttalign.sampling.stochastic_transition` (Flow-GRPO's SDE with noise
+level `a`, or its coefficients-preserving variant; DDIM with `eta = a` on the UNet families), recorded by a
+:class:`StochasticTrajectory` method with every transition's log-probability, and scores the images. Advantages are
+relative to the group, `(r - mean_group) / (std_all + 1e-4)` (Flow-GRPO's per-prompt mean and global std, population
+std as its numpy code), clamped to `+-adv_clip_max`. The loss is PPO-clip on the recorded transitions plus
+`kl_weight` times the KL divergence between the step's Gaussian under the LoRA model and under the LoRA-free
+reference, `||mu_theta - mu_ref||^2 / (2 std^2)` averaged over the latent dimensions, where `std` is the whole step's
+standard deviation (the step size kept: flow_grpo's code divides by `std_t^2` without `dt`, its issue #78).
+
+`sde_window` gives Flow-GRPO-Fast: the trajectory is the ODE except in a window of `sde_window` consecutive steps
+starting at a random step of the first `sde_window_range` of the schedule (the high-noise steps), and only the
+window's steps are trained on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ttalign.hooks import AlignmentMethod, GenerationState, Stage
+from ttalign.rewards.base import check_scores, reward_name
+from ttalign.sampling import gaussian_log_prob, scheduler_kind, stochastic_transition
+
+from .losses import gaussian_kl, group_advantages, ppo_clip_loss
+from .trainer import LoRATrainer, TrainingConfig
+
+
+@dataclass
+class GRPOConfig(TrainingConfig):
+    """Settings of :class:`GRPOTrainer`: those of :class:`TrainingConfig` (`train_batch_size` counts images: a
+    multiple of `group_size`), and
+
+    Args:
+        group_size (`int`, defaults to 4): images per prompt in a step (Flow-GRPO: 24).
+        num_inference_steps (`int`, defaults to 10), guidance_scale (`float`, defaults to 4.5): the sampling
+            (Flow-GRPO trains with 10 steps, evaluates with 40).
+        noise_level (`float`, defaults to 0.7): Flow-GRPO's `a` (0.7 for SD3, 0.9 for FLUX); DDIM's `eta` on the
+            UNet families.
+        sde_variant (`str`, defaults to `"sde"`): `"sde"` (Flow-GRPO's SDE) or `"cps"` (coefficients-preserving).
+        clip_range (`float`, defaults to 1e-4): PPO's ratio clip (Flow-GRPO-Fast uses 1e-5).
+        adv_clip_max (`float`, defaults to 5.0): advantages are clamped to `+-adv_clip_max`.
+        kl_weight (`float`, defaults to 0.04): `beta` of the KL term (0.04 for GenEval, 0.01 for PickScore, 0 in
+            newer recipes).
+        sde_window (`int`, *optional*): Flow-GRPO-Fast's window of stochastic (and trained) steps; `None`: every
+            stochastic step.
+        sde_window_range (`tuple[float, float]`, defaults to `(0.0, 0.5)`): the share of the schedule the window may
+            start in.
+        timestep_fraction (`float`, defaults to 1.0): the share of the stochastic steps trained on, the highest-noise
+            ones first.
+    """
+
+    group_size: int = 4
+    num_inference_steps: int = 10
+    guidance_scale: float = 4.5
+    noise_level: float = 0.7
+    sde_variant: str = "sde"
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    kl_weight: float = 0.04
+    sde_window: int | None = None
+    sde_window_range: tuple[float, float] = (0.0, 0.5)
+    timestep_fraction: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"group_size must be an integer >= 2 (advantages are relative to the group), "
+                             f"got {self.group_size!r}.")  # fmt: skip
+        if self.train_batch_size % self.group_size:
+            raise ValueError(f"train_batch_size ({self.train_batch_size}) must be a multiple of group_size "
+                             f"({self.group_size}).")  # fmt: skip
+        if not self.noise_level > 0:
+            raise ValueError(f"noise_level must be > 0 (a stochastic step), got {self.noise_level!r}.")
+        if self.sde_variant not in ("sde", "cps"):
+            raise ValueError(f"sde_variant must be 'sde' or 'cps', got {self.sde_variant!r}.")
+        if self.clip_range <= 0 or self.adv_clip_max <= 0 or self.kl_weight < 0:
+            raise ValueError(f"Bad GRPO weights: clip_range={self.clip_range}, adv_clip_max={self.adv_clip_max}, "
+                             f"kl_weight={self.kl_weight}.")  # fmt: skip
+        if self.sde_window is not None and (not isinstance(self.sde_window, int) or self.sde_window < 1):
+            raise ValueError(f"sde_window must be an integer >= 1 or None, got {self.sde_window!r}.")
+        lo, hi = self.sde_window_range
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"sde_window_range must satisfy 0 <= start <= stop <= 1, got {self.sde_window_range}.")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction!r}.")
+
+
+class StochasticTrajectory(AlignmentMethod):
+    """Samples the call on the RL trainers' stochastic step and records it: at each step of `steps` (all by default)
+    the pipeline's output is replaced by a draw from :func:`~ttalign.sampling.stochastic_transition` (noise from
+    `generator`), and `(x_t, x_{t-1}, log p(x_{t-1} | x_t))` go to `out.traces["trajectory"]`; other steps keep the
+    pipeline's own (deterministic) step. Steps into sigma 0 of a flow schedule are deterministic and never recorded."""
+
+    stages = (Stage.NOISE_PRED, Stage.STEP_END)
+
+    def __init__(self, noise_level: float, variant: str = "sde", steps=None, generator: torch.Generator | None = None):
+        self.noise_level, self.variant = noise_level, variant
+        self.steps = None if steps is None else set(steps)
+        self.generator = generator
+
+    def setup(self, state: GenerationState) -> None:
+        state.traces["trajectory"] = {"steps": [], "latents": [], "next_latents": [], "log_probs": [],
+                                      "conditioning": None}  # fmt: skip
+
+    def stochastic(self, scheduler, index: int) -> bool:
+        if self.steps is not None and index not in self.steps:
+            return False
+        return scheduler_kind(scheduler) != "flow" or float(scheduler.sigmas[index + 1]) > 0
+
+    def on_noise_pred(self, state: GenerationState) -> None:
+        state.scratch[self] = state.latents
+        state.traces["trajectory"]["conditioning"] = state.conditioning
+
+    @torch.no_grad()
+    def on_step_end(self, state: GenerationState) -> None:
+        i, scheduler, x_t = state.step_index, state.family.scheduler, state.scratch[self]
+        if not self.stochastic(scheduler, i):
+            return
+        mean, std = stochastic_transition(scheduler, i, state.noise_pred, x_t, self.noise_level, self.variant)
+        noise = torch.randn(mean.shape, generator=self.generator).to(mean.device)
+        state.latents = (mean + std * noise).to(x_t.dtype)  # [N, ...]
+        trace = state.traces["trajectory"]
+        trace["steps"].append(i)
+        trace["latents"].append(x_t)
+        trace["next_latents"].append(state.latents)
+        trace["log_probs"].append(gaussian_log_prob(state.latents.float(), mean, std))
+
+
+@dataclass
+class GroupTrajectories:
+    """Sampled trajectories: the stochastic `steps` (`T` indices), latents and next latents `[T, N, ...]`, old
+    log-probs `[T, N]`, rewards and advantages `[N]`, prompts (each repeated `group_size` times), and the
+    conditioning of the sampling call."""
+
+    steps: list[int]
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    log_probs: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    prompts: list[str]
+    conditioning: object
+
+
+class GRPOTrainer(LoRATrainer):
+    """Fine-tunes a pipeline's denoiser with LoRA by GRPO: Flow-GRPO on SD3 / FLUX, the same objective with DDIM
+    log-probabilities on SD 1.x/2.x and SDXL. See the module docstring for the objective.
+
+    Args:
+        pipe: a flow-matching pipeline (`FlowMatchEulerDiscreteScheduler`) or one with a `DDIMScheduler`.
+        config (:class:`GRPOConfig`).
+        reward: any reward (differentiable or not), `reward(images [0, 1], prompts) -> [N]`.
+        prompts (`list[str]`): training prompts, drawn uniformly.
+
+    Example:
+
+    ```py
+    >>> from ttalign.shapes import FLOW_SAMPLING_DEFAULTS, ShapesSoftVerifier, evaluation_prompts, load_pipeline
+    >>> from ttalign.training import FlowGRPOConfig, FlowGRPOTrainer
+    >>> pipe = load_pipeline("flow")
+    >>> config = FlowGRPOConfig(max_steps=20, train_batch_size=8, group_size=4, output_dir="grpo",
+    ...                         encode_options={"max_sequence_length": FLOW_SAMPLING_DEFAULTS["max_sequence_length"]})
+    >>> FlowGRPOTrainer(pipe, config, ShapesSoftVerifier(), [p for p, _ in evaluation_prompts(10)]).train()
+    ```
+    """
+
+    name = "grpo"
+
+    def __init__(self, pipe, config: GRPOConfig, reward: Callable, prompts: list[str]):
+        from ttalign.pipelines import family_for
+
+        scheduler = family_for(pipe).scheduler
+        if scheduler_kind(scheduler) not in ("flow", "ddim"):
+            raise ValueError(f"GRPO samples with a flow-matching or DDIM scheduler; the pipeline has "
+                             f"{type(scheduler).__name__}.")  # fmt: skip
+        if not prompts:
+            raise ValueError("GRPOTrainer needs at least one prompt.")
+        super().__init__(pipe, config)
+        self.reward, self.prompts = reward, list(prompts)
+        self.sampler_pipe = self.model.aligned_pipeline()
+        self.sampler_pipe.set_progress_bar_config(disable=True)
+
+    def stochastic_steps(self, generator: torch.Generator) -> list[int] | None:
+        """The steps sampled stochastically this time: all (`None`), or Flow-GRPO-Fast's random window."""
+        c = self.config
+        if c.sde_window is None:
+            return None
+        n = c.num_inference_steps
+        lo = math.floor(c.sde_window_range[0] * n)
+        hi = max(lo, min(math.floor(c.sde_window_range[1] * n), n - 1 - c.sde_window))
+        start = lo + int(torch.randint(0, hi - lo + 1, (1,), generator=generator))
+        return list(range(start, min(start + c.sde_window, n)))
+
+    @torch.no_grad()
+    def sample(self, generator: torch.Generator) -> GroupTrajectories:
+        """Samples `train_batch_size` trajectories, `group_size` per prompt, with the current policy; scores them."""
+        c = self.config
+        groups = c.train_batch_size // c.group_size
+        picks = torch.randint(0, len(self.prompts), (groups,), generator=generator).tolist()
+        prompts = [self.prompts[i] for i in picks for _ in range(c.group_size)]
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        recorder = StochasticTrajectory(c.noise_level, c.sde_variant, self.stochastic_steps(generator),
+                                        torch.Generator().manual_seed(seed + 1))  # fmt: skip
+        self.denoiser.eval()
+        out = self.sampler_pipe(prompts, num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
+                                height=self.size, width=self.size, output_type="pt",
+                                generator=torch.Generator().manual_seed(seed), alignment=[recorder],
+                                **c.encode_options)  # fmt: skip
+        self.denoiser.train()
+        trace = out.traces["trajectory"]
+        rewards = check_scores(self.reward(out.images.float(), prompts), len(prompts), reward_name(self.reward))
+        rewards = rewards.float().cpu()
+        return GroupTrajectories(trace["steps"], torch.stack(trace["latents"]), torch.stack(trace["next_latents"]),
+                                 torch.stack(trace["log_probs"]), rewards,
+                                 group_advantages(rewards, prompts, c.adv_clip_max), prompts,
+                                 trace["conditioning"])  # fmt: skip
+
+    def policy_loss(self, traj: GroupTrajectories, rows: list[int]) -> tuple[torch.Tensor, dict]:
+        """PPO-clip (+ KL) on the recorded transitions `rows` (positions in `traj.steps`), under the current
+        weights."""
+        c, device = self.config, self.accelerator.device
+        scheduler = self.sampler_pipe.scheduler
+        model = self.model.replace(scheduler=scheduler)
+        advantages = traj.advantages.to(device)
+        losses, clip_fracs, kls, ratios = [], [], [], []
+        for row in rows:
+            j = traj.steps[row]
+            x_t, prev = traj.latents[row].to(device), traj.next_latents[row].to(device)
+            t = scheduler.timesteps[j]
+
+            def guided(x_t=x_t, t=t):
+                return model.denoise(x_t, t, traj.conditioning, c.guidance_scale)
+
+            mean, std = stochastic_transition(scheduler, j, guided(), x_t, c.noise_level, c.sde_variant)
+            log_prob = gaussian_log_prob(prev.float(), mean, std)  # [N]
+            old = traj.log_probs[row].to(device)
+            loss, clip_frac = ppo_clip_loss(log_prob, old, advantages, c.clip_range)
+            clip_fracs.append(clip_frac.item())
+            ratios.append(torch.exp(log_prob - old).mean().item())
+            if c.kl_weight > 0:
+                with torch.no_grad(), self.reference_mode():
+                    mean_ref, _ = stochastic_transition(scheduler, j, guided(), x_t, c.noise_level, c.sde_variant)
+                kl = gaussian_kl(mean, mean_ref, std).mean()
+                kls.append(kl.item())
+                loss = loss + c.kl_weight * kl
+            losses.append(loss)
+        metrics = {"reward": traj.rewards.mean().item(), "clip_fraction": sum(clip_fracs) / len(clip_fracs),
+                   "ratio": sum(ratios) / len(ratios)}  # fmt: skip
+        if kls:
+            metrics["kl"] = sum(kls) / len(kls)
+        return torch.stack(losses).mean(), metrics
+
+    def training_step(self, generator):
+        traj = self.sample(generator)
+        count = max(1, math.ceil(self.config.timestep_fraction * len(traj.steps)))
+        return self.policy_loss(traj, list(range(count)))  # the highest-noise steps first
+
+
+#: Flow-GRPO is :class:`GRPOTrainer` on a flow-matching pipeline.
+FlowGRPOTrainer = GRPOTrainer
+FlowGRPOConfig = GRPOConfig
