@@ -10,9 +10,15 @@ where the layout forms) during ordinary sampling of two-object and position capt
 - the share of the attention that goes to the start token, to the words, and to the end and padding tokens (which,
   in a causal text encoder, carry the whole caption).
 
-Writes `benchmarks/results/attention_maps.json` and `.md`.
+With `--model flow` it measures the flow model (SD3's layout): joint attention of the image queries over the text
+keys (its two CLIPs' tokens, then its T5's) at the 8x8 grid of image tokens, in every block; the shares are of the
+attention on the text keys (the softmax also runs over the image keys: the share of the whole attention that goes to
+text is reported beside them). A subject word's map sums its CLIP token and its T5 piece.
+
+Writes `benchmarks/results/attention_maps.json` and `.md` (`attention_maps_flow` for the flow model).
 
     python benchmarks/attention_maps.py --per-category 40 --seeds 2
+    python benchmarks/attention_maps.py --model flow --per-category 40 --seeds 2
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from common import environment, write_results  # noqa: E402
 from ttalign.attention import attention_control, sync_step  # noqa: E402
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage  # noqa: E402
 from ttalign.methods.attention import token_spans  # noqa: E402
-from ttalign.shapes import SAMPLING_DEFAULTS, evaluation_prompts, load_pipeline  # noqa: E402
+from ttalign.shapes import evaluation_prompts, load_pipeline, sampling_defaults  # noqa: E402
 from ttalign.shapes.world import subject_words  # noqa: E402
 
 
@@ -76,27 +82,39 @@ def main() -> None:
     parser.add_argument("--per-category", type=int, default=40)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--fraction", type=float, default=0.3, help="the first fraction of the steps observed")
+    parser.add_argument("--model", choices=("sd", "flow"), default="sd")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    pipe = load_pipeline()
+    pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    tokenizer = pipe.tokenizer
+    settings = sampling_defaults(pipe)
+    flow = args.model == "flow"
+    family, tokenizer = pipe.family, pipe.tokenizer
     prompts = [p for p, c in evaluation_prompts(args.per_category) if c in ("two_objects", "position")]
     ratios, shares = [], {"start": [], "words": [], "end_and_padding": []}
+    text_share = []
     for first in range(0, len(prompts), 16):
         chunk = prompts[first : first + 16]
         out = pipe(chunk, num_images_per_prompt=args.seeds, generator=torch.Generator().manual_seed(first),
                    output_type="pt", alignment=[CrossAttentionMaps(fraction=args.fraction)],
-                   **SAMPLING_DEFAULTS)  # fmt: skip
+                   **settings)  # fmt: skip
         store = out.traces["cross_attention_maps"]
         maps = store["sum"] / store["count"]  # [N, hw, L]
+        if flow:  # joint attention: the text keys hold part of each query's attention; shares are of that part
+            text_share += maps.sum(-1).mean(-1).tolist()
+            maps = maps / maps.sum(-1, keepdim=True)
         for k, prompt in enumerate(p for p in chunk for _ in range(args.seeds)):
             end = len(tokenizer(prompt).input_ids) - 1  # the end token's position
             mass = maps[k].mean(0)  # [L], the attention share of each token
+            words = list(range(1, end))
+            if flow:  # the T5 tokens follow the CLIP ones: its words, then its end token and padding
+                words += [family.clip_length + i for i in range(len(pipe.tokenizer_3(prompt).input_ids) - 1)]
             shares["start"].append(float(mass[0]))
-            shares["words"].append(float(mass[1:end].sum()))
-            shares["end_and_padding"].append(float(mass[end:].sum()))
-            for span in token_spans(tokenizer, prompt, subject_words(prompt)):
+            shares["words"].append(float(mass[words].sum()))
+            shares["end_and_padding"].append(float(1 - mass[0] - mass[words].sum()))
+            spans = family.token_spans(prompt, subject_words(prompt)) if flow else token_spans(
+                tokenizer, prompt, subject_words(prompt))  # fmt: skip
+            for span in spans:
                 word = maps[k][:, span].sum(-1)  # [hw]
                 ratios.append(float(word.max() / word.mean()))
     ratios = np.array(ratios)
@@ -122,14 +140,21 @@ def main() -> None:
         label = name.replace("_", " ")
         lines.append(f"| attention share: {label} | {value['mean']:.3f} (mean) | {value['p10']:.3f} | "
                      f"{value['p90']:.3f} |")  # fmt: skip
+    steps, guidance = settings["num_inference_steps"], settings["guidance_scale"]
+    if flow:
+        where = (f"{steps} flow-matching Euler steps, guidance {guidance}; conditional joint attention of the 8x8 "
+                 "image tokens over the text keys (shares of the text part: "
+                 f"{summary['text_share_of_attention']:.3f} of the whole attention on average)")  # fmt: skip
+    else:
+        where = f"{steps} DDIM steps, guidance {guidance}; conditional cross-attention at the 8x8 layers"
     markdown = (
-        f"# Shapes model: cross-attention maps\n\n`{command}`\n\n{summary['images']} images of two-object and "
-        f"position captions ({summary['subject_words']} subject words), 25 DDIM steps, guidance 3.0; conditional "
-        f"cross-attention at the 8x8 layers, averaged over heads, layers and the first {args.fraction:.0%} of the "
-        "steps. A word that lays out its object has a map that peaks far above its mean.\n\n" + "\n".join(lines) + "\n"
+        f"# Shapes {'flow ' if flow else ''}model: attention maps of the text tokens\n\n`{command}`\n\n"
+        f"{summary['images']} images of two-object and position captions ({summary['subject_words']} subject words), "
+        f"{where}, averaged over heads, layers and the first {args.fraction:.0%} of the steps. A word that lays out "
+        "its object has a map that peaks far above its mean.\n\n" + "\n".join(lines) + "\n"
     )
-    write_results("attention_maps", {"benchmark": "attention_maps", "command": command, **summary,
-                                     "environment": environment()}, markdown)  # fmt: skip
+    write_results("attention_maps_flow" if flow else "attention_maps", {"benchmark": "attention_maps",
+                  "command": command, **summary, "environment": environment()}, markdown)  # fmt: skip
     print(markdown)
 
 

@@ -7,6 +7,7 @@ captions, where each run drew the objects against their layout.
 
     python benchmarks/attention_table.py                    # the runs of run_attention.sh
     python benchmarks/attention_table.py --prefix confirm   # the runs of run_region_confirm.sh
+    python benchmarks/attention_table.py --prefix flow_attention   # the flow model's, run_attention_flow.sh
 """
 
 from __future__ import annotations
@@ -59,7 +60,11 @@ def placement(base: dict, run: dict) -> dict:
             "p_value": sign_test(moved_in, moved_out)}  # fmt: skip
 
 
-SCRIPTS = {"attention": "run_attention.sh", "confirm": "run_region_confirm.sh"}
+SCRIPTS = {
+    "attention": "run_attention.sh",
+    "confirm": "run_region_confirm.sh",
+    "flow_attention": "run_attention_flow.sh",
+}
 
 
 def main() -> None:
@@ -70,6 +75,7 @@ def main() -> None:
     for path in sorted(glob.glob(os.path.join(RESULTS, f"shapes_{prefix}_*.json"))):
         with open(path) as f:
             data = json.load(f)
+        data["name"] = os.path.basename(path)[len("shapes_") : -len(".json")]  # the flow model's carry "flow_"
         runs[data["name"]] = data
     if f"{prefix}_baseline" not in runs:
         raise SystemExit(f"no shapes_{prefix}_baseline.json: run benchmarks/{SCRIPTS[prefix]} first")
@@ -117,11 +123,16 @@ def main() -> None:
                      "paired": paired, "paired_per_category": per_category, "placement": placed,
                      "command": run["command"],
                      "nfe_per_image": run["nfe_per_image"], "wall_time_s": run["wall_time_s"]})  # fmt: skip
+    flow = prefix.startswith("flow_")
+    settings = base["settings"]
+    sampling = f"{settings.get('num_inference_steps', 25)} {'flow-matching Euler' if flow else 'DDIM'} steps"
+    title = "Shapes world (flow model)" if flow else "Shapes world"
     markdown = (
-        f"# Shapes world: attention control\n\n`bash benchmarks/{SCRIPTS[prefix]}`\n\n"
+        f"# {title}: attention control\n\n`bash benchmarks/{SCRIPTS[prefix]}`\n\n"
         f"{base['images']} images per run ({len(categories)} categor{'y' if len(categories) == 1 else 'ies'} x "
         f"{prompts_each} prompts x {seeds} seeds, "
-        "the same for every run), 25 DDIM steps, guidance 3.0. Verified success (%), in brackets the change over the "
+        f"the same for every run), {sampling}, guidance {settings.get('guidance_scale', 3.0)}. "
+        "Verified success (%), in brackets the change over the "
         "baseline; mean = mean over the categories. Paired on the same prompt and seed: images a run turns from "
         "failed to passed and back, and the two-sided exact sign test on them.\n\n" + "\n".join(lines) + "\n\n"
         "Position captions, object by object (`ttalign.shapes.verifier.placement`): the share of phrases whose object "

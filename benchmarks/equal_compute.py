@@ -2,13 +2,16 @@
 
 Reads `benchmarks/results/shapes_methods_*.json` (written by `shapes_eval.py`), groups them into series by method,
 and writes `shapes_equal_compute.md` (a table per category), `.json` and `.png` (overall verified success against
-NFE per image, one line per method).
+NFE per image, one line per method). With `--model flow`, the runs of `run_methods_flow.sh`
+(`shapes_flow_methods_*` -> `shapes_flow_equal_compute`).
 
     python benchmarks/equal_compute.py
+    python benchmarks/equal_compute.py --model flow
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -31,12 +34,12 @@ COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 10
 CATEGORIES = ("single_object", "colors", "counting", "two_objects", "position", "color_attribution")
 
 
-def load_runs() -> list[dict]:
+def load_runs(prefix: str = "shapes_methods_") -> list[dict]:
     runs = []
-    for path in sorted(glob.glob(os.path.join(RESULTS, "shapes_methods_*.json"))):
+    for path in sorted(glob.glob(os.path.join(RESULTS, f"{prefix}*.json"))):
         with open(path) as f:
             data = json.load(f)
-        key = os.path.basename(path)[len("shapes_methods_") : -len(".json")]
+        key = os.path.basename(path)[len(prefix) : -len(".json")]
         series = next((label for prefix, label in SERIES.items() if key.startswith(prefix)), key)
         runs.append({"run": key, "series": series, **data})
     return runs
@@ -85,29 +88,35 @@ def plot(runs: list[dict], path: str, width: int = 720, height: int = 440) -> No
 
 
 def main() -> None:
-    runs = load_runs()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=("sd", "flow"), default="sd")
+    flow = parser.parse_args().model == "flow"
+    stem, script = ("shapes_flow_", "run_methods_flow.sh") if flow else ("shapes_", "run_methods.sh")
+    runs = load_runs(f"{stem}methods_")
     if not runs:
-        raise SystemExit("No shapes_methods_*.json results: run benchmarks/run_methods.sh first.")
+        raise SystemExit(f"No {stem}methods_*.json results: run benchmarks/{script} first.")
     header = "| run | NFE / image | " + " | ".join(CATEGORIES) + " | overall | soft reward | wall (s) |"
     lines = [header, "|" + "---|" * (len(CATEGORIES) + 5)]
     for r in sorted(runs, key=lambda r: (list(SERIES.values()).index(r["series"]), r["nfe_per_image"])):
         cats = " | ".join(f"{100 * r['category_accuracy'][c]:.1f}" for c in CATEGORIES)
         lines.append(f"| {r['run']} | {r['nfe_per_image']:.0f} | {cats} | **{100 * r['overall']:.1f}** | "
                      f"{r['soft_reward']:.3f} | {r['wall_time_s']:.0f} |")  # fmt: skip
-    plot(runs, os.path.join(RESULTS, "shapes_equal_compute.png"))
+    name = f"{stem}equal_compute"
+    plot(runs, os.path.join(RESULTS, f"{name}.png"))
     first = runs[0]
+    sampling = "20 flow-matching Euler steps" if flow else "25 DDIM steps"
     markdown = (
-        "# Shapes world: methods at equal compute\n\n`bash benchmarks/run_methods.sh` then "
-        "`python benchmarks/equal_compute.py`\n\n"
+        f"# Shapes world{' (flow model)' if flow else ''}: methods at equal compute\n\n`bash benchmarks/{script}` "
+        f"then `python benchmarks/equal_compute.py{' --model flow' if flow else ''}`\n\n"
         f"{first['images']} images per run ({first['command'].split('--per-category ')[-1].split()[0]} prompts per "
-        "category, see each run's command in its JSON), 25 DDIM steps, guidance 3.0, soft verifier as the reward. "
+        f"category, see each run's command in its JSON), {sampling}, guidance 3.0, soft verifier as the reward. "
         "NFE counts denoiser forward passes per returned image (a CFG pair counts once; backward passes of the "
         "gradient methods are not counted, their cost shows in the wall time).\n\n" + "\n".join(lines) + "\n\n"
-        "![verified success against NFE](shapes_equal_compute.png)\n"
+        f"![verified success against NFE]({name}.png)\n"
     )
     data = {"benchmark": "equal_compute", "runs": [{k: r[k] for k in ("run", "series", "nfe_per_image", "overall",
             "category_accuracy", "soft_reward", "wall_time_s", "command")} for r in runs]}  # fmt: skip
-    write_results("shapes_equal_compute", data, markdown)
+    write_results(name, data, markdown)
     print(markdown)
 
 

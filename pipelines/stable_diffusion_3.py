@@ -433,7 +433,12 @@ class StableDiffusion3Family(ModelFamily):
     denoiser_attribute = "transformer"
     features = frozenset({"cross_attention"})  # the text view of joint attention
     attention_defaults = {"normalize_eot": True, "from_where": ("joint",), "parts": ("joint",)}
-    clip_length = 77
+
+    @property
+    def clip_length(self) -> int:
+        """The CLIP tokens at the start of the text sequence (77 for SD3's tokenizers): the pipeline's
+        `tokenizer_max_length`, the length its CLIP prompts are padded to."""
+        return self.pipe.tokenizer_max_length
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:

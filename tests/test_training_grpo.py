@@ -2,6 +2,8 @@
 formula in REFERENCES.md on fixed tensors, the recorded log-probabilities recomputed exactly before any update, the
 Fast window, training steps, LoRAs that load in diffusers, and the errors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -166,6 +168,20 @@ def test_after_an_update_the_ratio_moves_and_the_kl_is_positive(tmp_path):
     trainer.train()
     _, metrics = trainer.policy_loss(traj, [0, 1, 2])
     assert metrics["ratio"] != 1.0 and metrics["kl"] > 0
+
+
+def test_flow_grpo_resumes_from_its_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    first = _grpo(get_tiny_sd3_pipeline(), tmp_path, max_steps=1, checkpointing_steps=1)
+    first.train()
+    saved = {k: v.clone() for k, v in first.lora_state().items()}
+    torch.manual_seed(0)
+    second = _grpo(get_tiny_sd3_pipeline(), tmp_path, max_steps=2, checkpointing_steps=1)
+    second.load_checkpoint(second.checkpoints()[-1])
+    assert second.step == 1 and all(torch.equal(v, second.lora_state()[k]) for k, v in saved.items())
+    assert second.train()["step"] == 2
+    with open(tmp_path / "o" / "logs" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]
 
 
 def test_fast_window_samples_the_ode_outside_the_window(tmp_path):

@@ -18,21 +18,31 @@ import sys
 
 TINY_MODEL = "tiny"
 SHAPES_MODEL = "shapes"
+SHAPES_FLOW_MODEL = "shapes-flow"
+
+
+def _shapes_defaults(model: str) -> dict:
+    """The sampling settings of an embedded shapes-world model (`{}` for any other model)."""
+    if model not in (SHAPES_MODEL, SHAPES_FLOW_MODEL):
+        return {}
+    from ttalign.shapes import FLOW_SAMPLING_DEFAULTS, SAMPLING_DEFAULTS
+
+    return dict(FLOW_SAMPLING_DEFAULTS if model == SHAPES_FLOW_MODEL else SAMPLING_DEFAULTS)
 
 
 def load_pipeline(model: str, dtype: str = "float32", device: str | None = None):
     """Loads the aligned pipeline of a diffusers folder or hub id (the class named in its `model_index.json`: Stable
-    Diffusion 1.x/2.x, XL or 3, FLUX), `"shapes"` (the embedded shapes-world model) or `"tiny"` (tiny random
-    components)."""
+    Diffusion 1.x/2.x, XL or 3, FLUX), `"shapes"` / `"shapes-flow"` (the embedded shapes-world models) or `"tiny"`
+    (tiny random components)."""
     import torch
 
     from ttalign import AlignedStableDiffusionPipeline
     from ttalign.pipelines import aligned_class_for
 
-    if model == SHAPES_MODEL:
-        from ttalign.shapes import MODEL_DIR
+    if model in (SHAPES_MODEL, SHAPES_FLOW_MODEL):
+        from ttalign.shapes import FLOW_MODEL_DIR, MODEL_DIR
 
-        model = MODEL_DIR
+        model = FLOW_MODEL_DIR if model == SHAPES_FLOW_MODEL else MODEL_DIR
     if model == TINY_MODEL:
         from ttalign.testing import get_tiny_components
 
@@ -67,9 +77,10 @@ def _generator(seed: int | None):
 
 def _call_settings(args) -> dict:
     """Steps, guidance and size of a generate call, checked against the same limits the server applies."""
-    shapes = args.model == SHAPES_MODEL
-    steps = args.steps if args.steps is not None or not shapes else 25
-    guidance_scale = args.guidance_scale if args.guidance_scale is not None or not shapes else 3.0
+    defaults = _shapes_defaults(args.model)  # the rest (the flow model's T5 length) goes into the call as is
+    default_steps, default_guidance = defaults.pop("num_inference_steps", None), defaults.pop("guidance_scale", None)
+    steps = args.steps if args.steps is not None else default_steps
+    guidance_scale = args.guidance_scale if args.guidance_scale is not None else default_guidance
     if steps is not None and not 1 <= steps <= 1000:
         raise ValueError(f"--steps must be between 1 and 1000, got {steps}.")
     if guidance_scale is not None and not (guidance_scale >= 0 and guidance_scale == guidance_scale):
@@ -79,7 +90,7 @@ def _call_settings(args) -> dict:
         if value is not None and (value < 8 or value % 8):
             raise ValueError(f"--{name} must be a positive multiple of 8, got {value}.")
     settings = {"num_inference_steps": steps, "guidance_scale": guidance_scale, "height": args.height,
-                "width": args.width, "negative_prompt": args.negative_prompt}  # fmt: skip
+                "width": args.width, "negative_prompt": args.negative_prompt, **defaults}  # fmt: skip
     return {k: v for k, v in settings.items() if v is not None}
 
 
@@ -133,8 +144,8 @@ def cmd_serve(args) -> int:
                     max_steps=args.max_steps, max_method_option=args.max_method_option)  # fmt: skip
     worker = WorkerConfig(queue_size=args.queue_size, batch_window_s=args.batch_window,
                           max_batch_images=args.max_batch_images)  # fmt: skip
-    defaults = {"num_inference_steps": 25, "guidance_scale": 3.0} if args.model == SHAPES_MODEL else {}
-    name = args.model_name or (args.model if args.model in (SHAPES_MODEL, TINY_MODEL) else
+    defaults = _shapes_defaults(args.model)
+    name = args.model_name or (args.model if args.model in (SHAPES_MODEL, SHAPES_FLOW_MODEL, TINY_MODEL) else
                                os.path.basename(os.path.normpath(args.model)))  # fmt: skip
     config = ServeConfig(model_name=name, alignment=list(args.align), allow=list(args.allow), api_key=api_key,
                          limits=limits, worker=worker, request_timeout_s=args.request_timeout,
@@ -227,8 +238,8 @@ def _model_arguments(parser) -> None:
     parser.add_argument(
         "--model",
         default=SHAPES_MODEL,
-        help="folder or hub id of a Stable Diffusion 1.x/2.x or XL pipeline (the class comes from its "
-        "model_index.json), 'shapes' (the embedded model) or 'tiny'",
+        help="folder or hub id of a Stable Diffusion 1.x/2.x, XL or 3 or a FLUX pipeline (the class comes from its "
+        "model_index.json), 'shapes' or 'shapes-flow' (the embedded models) or 'tiny'",
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--device", default=None)
@@ -252,10 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=None,
-        help="default: 25 for 'shapes', else the pipeline's (SD, SDXL: 50; SD3, FLUX: 28)",
+        help="default: 25 for 'shapes', 20 for 'shapes-flow', else the pipeline's (SD, SDXL: 50; SD3, FLUX: 28)",
     )
     gen.add_argument(
-        "--guidance-scale", type=float, default=None, help="default: 3.0 for 'shapes', else the pipeline's"
+        "--guidance-scale", type=float, default=None, help="default: 3.0 for the shapes models, else the pipeline's"
     )
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--height", type=int, default=None)

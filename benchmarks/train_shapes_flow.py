@@ -1,0 +1,194 @@
+"""Training the flow shapes model: Flow-GRPO on the soft verifier and Flow-DPO on verifier-labelled pairs of the
+model's own samples, each LoRA evaluated at 1x NFE like the inference-time methods, against reward guidance at the
+same generation cost ("train vs guide" on the flow model).
+
+1. Draws `--prompts` training captions from the shapes grammar (their own seed, not the evaluation set's).
+2. Flow-GRPO: `FlowGRPOTrainer`, groups of `--group-size` images per caption, `--grpo-steps` sampling steps on
+   Flow-GRPO's SDE (noise level 0.7), PPO-clip 1e-4, KL weight `--kl-weight`, for at most `--minutes` of training.
+3. Flow-DPO: 4 base-model samples per caption, one (passed, failed) pair per caption the exact verifier splits;
+   `FlowDPOTrainer` (beta 100) for at most `--minutes`.
+4. Evaluates the base model and each LoRA on the method benchmark's prompts and seeds (20 prompts per category x 2
+   images, 20 steps, guidance 3.0), with the paired sign test against the base model.
+
+Writes `benchmarks/results/training_flow.json` and `.md`.
+
+    python benchmarks/train_shapes_flow.py --minutes 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention_table import sign_test  # noqa: E402
+from common import RESULTS, environment, write_results  # noqa: E402
+
+from ttalign.shapes import (  # noqa: E402
+    FLOW_SAMPLING_DEFAULTS,
+    ShapesSoftVerifier,
+    evaluation_prompts,
+    load_pipeline,
+    verify,
+)
+from ttalign.shapes.evaluate import evaluate  # noqa: E402
+from ttalign.shapes.world import sample_scene  # noqa: E402
+from ttalign.training import FlowDPOConfig, FlowDPOTrainer, FlowGRPOConfig, FlowGRPOTrainer  # noqa: E402
+
+CATEGORIES = ("single_object", "colors", "counting", "two_objects", "position", "color_attribution")
+ENCODE = {"max_sequence_length": FLOW_SAMPLING_DEFAULTS["max_sequence_length"]}
+
+
+class TimeBudget:
+    """Stops a trainer's loop once `seconds` have passed (checked between optimizer steps)."""
+
+    def __init__(self, trainer, seconds: float):
+        self.trainer, self.deadline = trainer, time.perf_counter() + seconds
+        step = trainer.training_step
+
+        def timed(generator):
+            if time.perf_counter() > self.deadline:
+                trainer.config.max_steps = trainer.step + 1  # this step is the last
+            return step(generator)
+
+        trainer.training_step = timed
+
+
+def make_model_pairs(pipe, out: str, captions: list[str], seed: int = 7) -> int:
+    """4 base-model samples per caption; one (passed, failed) pair per caption the exact verifier splits."""
+    lines = []
+    for start in range(0, len(captions), 32):
+        chunk = captions[start : start + 32]
+        generator = torch.Generator().manual_seed(seed + start)
+        images = pipe(chunk, num_images_per_prompt=4, output_type="pt", generator=generator,
+                      **FLOW_SAMPLING_DEFAULTS).images  # fmt: skip
+        passed = verify(images, [c for c in chunk for _ in range(4)]).passed
+        for k, caption in enumerate(chunk):
+            group = passed[4 * k : 4 * k + 4]
+            if True in group and False in group:
+                names = []
+                for side, index in enumerate((4 * k + group.index(True), 4 * k + group.index(False))):
+                    name = f"{len(lines):05d}_{side}.png"
+                    array = (images[index].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                    Image.fromarray(array).save(os.path.join(out, name))
+                    names.append(name)
+                lines.append(json.dumps({"prompt": caption, "image_0": names[0], "image_1": names[1], "label": 0}))
+    with open(os.path.join(out, "pairs.jsonl"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return len(lines)
+
+
+def run_eval(pipe, name: str) -> dict:
+    result = evaluate(pipe, evaluation_prompts(20), [], name=name, seeds=2, **FLOW_SAMPLING_DEFAULTS)
+    return result.summary()
+
+
+def paired(base: dict, run: dict) -> dict:
+    wins = sum(r[1] and not b[1] for b, r in zip(base["verdicts"], run["verdicts"]))
+    losses = sum(b[1] and not r[1] for b, r in zip(base["verdicts"], run["verdicts"]))
+    return {"wins": wins, "losses": losses, "p_value": sign_test(wins, losses)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, default=200)
+    parser.add_argument("--minutes", type=float, default=30.0, help="training time budget of each trainer")
+    parser.add_argument("--max-steps", type=int, default=1000)
+    parser.add_argument("--trainers", default="grpo,dpo", help="comma-separated: grpo, dpo")
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--groups", type=int, default=4, help="prompts per GRPO step")
+    parser.add_argument("--grpo-steps", type=int, default=10, help="sampling steps of the GRPO trajectories")
+    parser.add_argument("--grpo-lr", type=float, default=1e-3)
+    parser.add_argument("--kl-weight", type=float, default=0.04)
+    parser.add_argument("--dpo-lr", type=float, default=5e-4)
+    parser.add_argument("--beta", type=float, default=100.0)
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--name", default="training_flow")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rng = np.random.default_rng(7)
+    captions = [sample_scene(rng)[1] for _ in range(args.prompts)]
+    base = load_pipeline("flow")
+    base.set_progress_bar_config(disable=True)
+    rows = [{"run": "base model", **run_eval(base, "base"), "train_s": 0.0, "steps": 0}]
+    n_pairs = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in args.trainers.split(","):
+            pipe = load_pipeline("flow")
+            pipe.set_progress_bar_config(disable=True)
+            out_dir = os.path.join(tmp, kind)
+            common = dict(max_steps=args.max_steps, learning_rate=args.grpo_lr if kind == "grpo" else args.dpo_lr,
+                          lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, checkpointing_steps=args.max_steps,
+                          output_dir=out_dir, encode_options=ENCODE)  # fmt: skip
+            if kind == "grpo":
+                config = FlowGRPOConfig(group_size=args.group_size, train_batch_size=args.group_size * args.groups,
+                                        num_inference_steps=args.grpo_steps, guidance_scale=3.0, noise_level=0.7,
+                                        kl_weight=args.kl_weight, **common)  # fmt: skip
+                trainer = FlowGRPOTrainer(pipe, config, ShapesSoftVerifier(), captions)
+            elif kind == "dpo":
+                pairs = os.path.join(tmp, "pairs")
+                os.makedirs(pairs)
+                n_pairs = make_model_pairs(base, pairs, captions)
+                config = FlowDPOConfig(beta=args.beta, train_batch_size=8, **common)
+                trainer = FlowDPOTrainer(pipe, config, train_dataset=pairs)
+            else:
+                raise SystemExit(f"unknown trainer {kind!r}; expected grpo or dpo")
+            TimeBudget(trainer, 60 * args.minutes)
+            start = time.perf_counter()
+            metrics = trainer.train()
+            seconds = time.perf_counter() - start
+            label = {"grpo": "Flow-GRPO", "dpo": "Flow-DPO"}[kind] + f" LoRA ({trainer.step} steps)"
+            row = {"run": label, **run_eval(pipe, kind), "train_s": seconds, "steps": trainer.step,
+                   "last_metrics": metrics}  # fmt: skip
+            row["paired"] = paired(rows[0], row)
+            rows.append(row)
+            print(label, row["overall"], flush=True)
+
+    guide = {}
+    for name in ("reward_guidance", "best_of_4", "particle_steering_4"):
+        path = os.path.join(RESULTS, f"shapes_flow_methods_{name}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                guide[name] = json.load(f)
+    lines = ["| run | NFE / image | " + " | ".join(CATEGORIES) + " | overall | vs base: fail->pass / pass->fail, p "
+             "| training (s) |", "|" + "---|" * (len(CATEGORIES) + 5)]  # fmt: skip
+    for r in rows:
+        cats = " | ".join(f"{100 * r['category_accuracy'][c]:.1f}" for c in CATEGORIES)
+        p = r.get("paired")
+        vs = f"{p['wins']} / {p['losses']}, {p['p_value']:.3g}" if p else "-"
+        lines.append(f"| {r['run']} | {FLOW_SAMPLING_DEFAULTS['num_inference_steps']} | {cats} | "
+                     f"**{100 * r['overall']:.1f}** | {vs} | {r['train_s']:.0f} |")  # fmt: skip
+    for name, r in guide.items():
+        cats = " | ".join(f"{100 * r['category_accuracy'][c]:.1f}" for c in CATEGORIES)
+        p = paired(rows[0], r)  # the same prompts, seeds and noise streams as the base model's evaluation
+        vs = f"{p['wins']} / {p['losses']}, {p['p_value']:.3g}"
+        lines.append(f"| guide: {name} (shapes_flow_methods_{name}) | {r['nfe_per_image']:.0f} | {cats} | "
+                     f"**{100 * r['overall']:.1f}** | {vs} | 0 |")  # fmt: skip
+    command = "python benchmarks/train_shapes_flow.py " + " ".join(sys.argv[1:])
+    env = environment()
+    markdown = (
+        f"# Shapes world (flow model): train vs guide\n\n`{command}`\n\n"
+        f"Flow-GRPO: {args.groups} captions x {args.group_size} images per step, {args.grpo_steps} SDE steps "
+        "(a = 0.7), "
+        f"KL weight {args.kl_weight}, lr {args.grpo_lr}; Flow-DPO: beta {args.beta}, batch 8, lr {args.dpo_lr}, on "
+        f"{n_pairs} verifier-labelled pairs of the base model's own samples; both on {args.prompts} captions drawn "
+        f"with their own seed, LoRA rank {args.lora_rank}, at most {args.minutes:g} minutes of training each, "
+        f"{env['device']}. Evaluated on the method benchmark's 120 prompts x 2 images (20 steps, guidance 3.0) with "
+        "the paired sign test against the base model; the guided rows are the inference-time methods on the same "
+        "prompts and seeds (`run_methods_flow.sh`).\n\n" + "\n".join(lines) + "\n"
+    )
+    data = {"benchmark": "training_flow", "command": command, "pairs": n_pairs, "rows": rows, "environment": env}
+    write_results(args.name, json.loads(json.dumps(data, default=str)), markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
