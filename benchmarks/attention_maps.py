@@ -131,6 +131,8 @@ def main() -> None:
             for k, v in shares.items()
         },  # fmt: skip
     }
+    if flow:
+        summary["text_share_of_attention"] = float(np.mean(text_share))
     command = "python benchmarks/attention_maps.py " + " ".join(sys.argv[1:])
     lines = ["| measure | mean or median | 10th percentile | 90th percentile |", "|---|---|---|---|"]
     peak = summary["peak_over_mean"]
