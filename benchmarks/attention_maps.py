@@ -45,7 +45,8 @@ from ttalign.shapes.world import subject_words  # noqa: E402
 class CrossAttentionMaps(AlignmentMethod):
     """Sums the conditional cross-attention maps at one resolution over the first `fraction` of the steps, without
     changing them (a probability hook that returns `None`): `out.traces["cross_attention_maps"]` holds their sum
-    `[N, hw, L]` (over heads' mean, layers and steps) and the number of layer calls summed."""
+    `[N, hw, L]` (over heads' mean, layers and steps) and the number of layer calls summed, and the same per layer
+    (`"layers"`: name -> sum)."""
 
     resolution: tuple = (8, 8)
     fraction: float = 0.3
@@ -53,7 +54,7 @@ class CrossAttentionMaps(AlignmentMethod):
     stages = (Stage.ATTENTION, Stage.STEP_START)
 
     def on_attention(self, state: GenerationState) -> None:
-        store = {"sum": None, "count": 0}
+        store = {"sum": None, "count": 0, "layers": {}}
         state.traces["cross_attention_maps"] = store
         last = self.fraction * len(state.timesteps)
         res = tuple(self.resolution)
@@ -69,6 +70,8 @@ class CrossAttentionMaps(AlignmentMethod):
                 cond = probs[-n * heads :].reshape(n, heads, *probs.shape[1:]).float().mean(1)  # [N, hw, L]
                 store["sum"] = cond if store["sum"] is None else store["sum"] + cond
                 store["count"] += 1
+                layer = store["layers"].get(ctx.name)
+                store["layers"][ctx.name] = cond if layer is None else layer + cond
                 return None  # look only
 
         attention_control(state).prob_hooks.append(Observe())
@@ -92,6 +95,7 @@ def main() -> None:
     family, tokenizer = pipe.family, pipe.tokenizer
     prompts = [p for p, c in evaluation_prompts(args.per_category) if c in ("two_objects", "position")]
     ratios, shares = [], {"start": [], "words": [], "end_and_padding": []}
+    layer_ratios: dict[str, list[float]] = {}
     text_share = []
     for first in range(0, len(prompts), 16):
         chunk = prompts[first : first + 16]
@@ -100,6 +104,13 @@ def main() -> None:
                    **settings)  # fmt: skip
         store = out.traces["cross_attention_maps"]
         maps = store["sum"] / store["count"]  # [N, hw, L]
+        for name, layer in store["layers"].items():  # peak / mean of each layer's own maps (scale-free)
+            for k, prompt in enumerate(p for p in chunk for _ in range(args.seeds)):
+                spans = family.token_spans(prompt, subject_words(prompt)) if flow else token_spans(
+                    tokenizer, prompt, subject_words(prompt))  # fmt: skip
+                for span in spans:
+                    word = layer[k][:, span].sum(-1)  # [hw]
+                    layer_ratios.setdefault(name, []).append(float(word.max() / word.mean()))
         if flow:  # joint attention: the text keys hold part of each query's attention; shares are of that part
             text_share += maps.sum(-1).mean(-1).tolist()
             maps = maps / maps.sum(-1, keepdim=True)
@@ -131,6 +142,7 @@ def main() -> None:
             for k, v in shares.items()
         },  # fmt: skip
     }
+    summary["peak_over_mean_by_layer"] = {name: float(np.median(v)) for name, v in layer_ratios.items()}
     if flow:
         summary["text_share_of_attention"] = float(np.mean(text_share))
     command = "python benchmarks/attention_maps.py " + " ".join(sys.argv[1:])
@@ -142,6 +154,8 @@ def main() -> None:
         label = name.replace("_", " ")
         lines.append(f"| attention share: {label} | {value['mean']:.3f} (mean) | {value['p10']:.3f} | "
                      f"{value['p90']:.3f} |")  # fmt: skip
+    by_layer = ", ".join(f"{name} {value:.2f}" for name, value in summary["peak_over_mean_by_layer"].items())
+    lines.append(f"\nMedian peak / mean of a subject word's map, layer by layer: {by_layer}.")
     steps, guidance = settings["num_inference_steps"], settings["guidance_scale"]
     if flow:
         where = (f"{steps} flow-matching Euler steps, guidance {guidance}; conditional joint attention of the 8x8 "

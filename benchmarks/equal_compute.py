@@ -18,6 +18,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention_table import sign_test  # noqa: E402
 from common import RESULTS, write_results  # noqa: E402
 
 SERIES = {  # run-name prefix -> series label
@@ -95,11 +96,19 @@ def main() -> None:
     runs = load_runs(f"{stem}methods_")
     if not runs:
         raise SystemExit(f"No {stem}methods_*.json results: run benchmarks/{script} first.")
-    header = "| run | NFE / image | " + " | ".join(CATEGORIES) + " | overall | soft reward | wall (s) |"
-    lines = [header, "|" + "---|" * (len(CATEGORIES) + 5)]
+    header = ("| run | NFE / image | " + " | ".join(CATEGORIES) + " | overall | vs baseline: fail->pass / pass->fail, "
+              "sign test p | soft reward | wall (s) |")  # fmt: skip
+    lines = [header, "|" + "---|" * (len(CATEGORIES) + 6)]
+    base = next((r for r in runs if r["series"] == "baseline"), None)
     for r in sorted(runs, key=lambda r: (list(SERIES.values()).index(r["series"]), r["nfe_per_image"])):
         cats = " | ".join(f"{100 * r['category_accuracy'][c]:.1f}" for c in CATEGORIES)
-        lines.append(f"| {r['run']} | {r['nfe_per_image']:.0f} | {cats} | **{100 * r['overall']:.1f}** | "
+        vs = "-"
+        if base is not None and r is not base and "verdicts" in base and "verdicts" in r:  # paired image by image
+            pairs = list(zip(base["verdicts"], r["verdicts"]))
+            wins, losses = sum(y[1] and not x[1] for x, y in pairs), sum(x[1] and not y[1] for x, y in pairs)
+            r["paired"] = {"wins": wins, "losses": losses, "p_value": sign_test(wins, losses)}
+            vs = f"{wins} / {losses}, {r['paired']['p_value']:.3g}"
+        lines.append(f"| {r['run']} | {r['nfe_per_image']:.0f} | {cats} | **{100 * r['overall']:.1f}** | {vs} | "
                      f"{r['soft_reward']:.3f} | {r['wall_time_s']:.0f} |")  # fmt: skip
     name = f"{stem}equal_compute"
     plot(runs, os.path.join(RESULTS, f"{name}.png"))
@@ -111,11 +120,14 @@ def main() -> None:
         f"{first['images']} images per run ({first['command'].split('--per-category ')[-1].split()[0]} prompts per "
         f"category, see each run's command in its JSON), {sampling}, guidance 3.0, soft verifier as the reward. "
         "NFE counts denoiser forward passes per returned image (a CFG pair counts once; backward passes of the "
-        "gradient methods are not counted, their cost shows in the wall time).\n\n" + "\n".join(lines) + "\n\n"
+        "gradient methods are not counted, their cost shows in the wall time). Each run is paired with the baseline "
+        "image by image (the same prompts, seeds and noise streams): the images it turns from failed to passed and "
+        "back, and the two-sided exact sign test.\n\n" + "\n".join(lines) + "\n\n"
         f"![verified success against NFE]({name}.png)\n"
     )
     data = {"benchmark": "equal_compute", "runs": [{k: r[k] for k in ("run", "series", "nfe_per_image", "overall",
-            "category_accuracy", "soft_reward", "wall_time_s", "command")} for r in runs]}  # fmt: skip
+            "category_accuracy", "soft_reward", "wall_time_s", "command")} | {"paired": r.get("paired")}
+            for r in runs]}  # fmt: skip
     write_results(name, data, markdown)
     print(markdown)
 
