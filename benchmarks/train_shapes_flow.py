@@ -174,16 +174,20 @@ def main() -> None:
                      f"**{100 * r['overall']:.1f}** | {vs} | 0 |")  # fmt: skip
     command = "python benchmarks/train_shapes_flow.py " + " ".join(sys.argv[1:])
     env = environment()
+    trainers = args.trainers.split(",")
+    described = []
+    if "grpo" in trainers:
+        described.append(f"Flow-GRPO: {args.groups} captions x {args.group_size} images per step, {args.grpo_steps} "
+                         f"SDE steps (a = 0.7), KL weight {args.kl_weight}, lr {args.grpo_lr}")  # fmt: skip
+    if "dpo" in trainers:
+        described.append(f"Flow-DPO: beta {args.beta}, batch 8, lr {args.dpo_lr}, on {n_pairs} verifier-labelled "
+                         "pairs of the base model's own samples")  # fmt: skip
     markdown = (
-        f"# Shapes world (flow model): train vs guide\n\n`{command}`\n\n"
-        f"Flow-GRPO: {args.groups} captions x {args.group_size} images per step, {args.grpo_steps} SDE steps "
-        "(a = 0.7), "
-        f"KL weight {args.kl_weight}, lr {args.grpo_lr}; Flow-DPO: beta {args.beta}, batch 8, lr {args.dpo_lr}, on "
-        f"{n_pairs} verifier-labelled pairs of the base model's own samples; both on {args.prompts} captions drawn "
-        f"with their own seed, LoRA rank {args.lora_rank}, at most {args.minutes:g} minutes of training each, "
-        f"{env['device']}. Evaluated on the method benchmark's 120 prompts x 2 images (20 steps, guidance 3.0) with "
-        "the paired sign test against the base model; the guided rows are the inference-time methods on the same "
-        "prompts and seeds (`run_methods_flow.sh`).\n\n" + "\n".join(lines) + "\n"
+        f"# Shapes world (flow model): train vs guide\n\n`{command}`\n\n" + "; ".join(described) + f"; on "
+        f"{args.prompts} captions drawn with their own seed, LoRA rank {args.lora_rank}, at most {args.minutes:g} "
+        f"minutes of training each, {env['device']}. Evaluated on the method benchmark's 120 prompts x 2 images (20 "
+        "steps, guidance 3.0) with the paired sign test against the base model; the guided rows are the "
+        "inference-time methods on the same prompts and seeds (`run_methods_flow.sh`).\n\n" + "\n".join(lines) + "\n"
     )
     data = {"benchmark": "training_flow", "command": command, "pairs": n_pairs, "rows": rows, "environment": env}
     write_results(args.name, json.loads(json.dumps(data, default=str)), markdown)
