@@ -256,7 +256,7 @@ FLOW_TEXT_LENGTH = 10
 
 FLOW_DEFAULTS = dict(
     seed=0,
-    vae_from=os.path.join(os.path.dirname(os.path.abspath(__file__)), "model", "vae"),
+    vae_from="embedded",  # the embedded SD model's autoencoder (ttalign/shapes/model/vae), or a folder
     steps=4000,
     batch_size=64,
     lr=5e-4,
@@ -376,7 +376,9 @@ def train_flow(args) -> None:
     images = torch.from_numpy(images_np)
     log(f"rendered {len(captions)} scenes")
 
-    vae = AutoencoderKL.from_pretrained(args.vae_from).eval()
+    vae_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model", "vae")
+    vae = AutoencoderKL.from_pretrained(vae_dir if args.vae_from == "embedded" else args.vae_from).eval()
+    vae.register_to_config(_name_or_path=args.vae_from)  # not the absolute path of the machine it was trained on
     lat_mean, lat_std = encode_dataset(vae, images)  # [N, 4, 16, 16] each
     shift = float(lat_mean.mean())
     scaling = float(1.0 / (lat_mean - shift).std())
