@@ -49,18 +49,23 @@ def make_model_pairs(pipe, out: str, n_prompts: int, seed: int = 7) -> tuple[str
     """Samples 4 images per training caption and writes one verifier-labelled (passed, failed) pair per caption."""
     rng = np.random.default_rng(seed)
     captions = [sample_scene(rng)[1] for _ in range(n_prompts)]
+    return out, write_verified_pairs(pipe, out, captions, seed, num_inference_steps=25, guidance_scale=3.0)
+
+
+def write_verified_pairs(pipe, out: str, captions: list[str], seed: int = 7, **sampling) -> int:
+    """4 samples per caption (`sampling`: the call's settings); one (passed, failed) pair per caption the exact
+    verifier splits, written to `out` as `pairs.jsonl` and PNGs. Returns the number of pairs."""
     lines = []
     for start in range(0, len(captions), 32):
         chunk = captions[start : start + 32]
-        images = pipe(chunk, num_images_per_prompt=4, num_inference_steps=25, guidance_scale=3.0, output_type="pt",
-                      generator=torch.Generator().manual_seed(seed + start)).images  # fmt: skip
+        images = pipe(chunk, num_images_per_prompt=4, output_type="pt",
+                      generator=torch.Generator().manual_seed(seed + start), **sampling).images  # fmt: skip
         passed = verify(images, [c for c in chunk for _ in range(4)]).passed
         for k, caption in enumerate(chunk):
             group = passed[4 * k : 4 * k + 4]
             if True in group and False in group:
-                pair = [4 * k + group.index(True), 4 * k + group.index(False)]
                 names = []
-                for side, index in enumerate(pair):
+                for side, index in enumerate((4 * k + group.index(True), 4 * k + group.index(False))):
                     name = f"{len(lines):05d}_{side}.png"
                     array = (images[index].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
                     Image.fromarray(array).save(os.path.join(out, name))
@@ -68,7 +73,7 @@ def make_model_pairs(pipe, out: str, n_prompts: int, seed: int = 7) -> tuple[str
                 lines.append(json.dumps({"prompt": caption, "image_0": names[0], "image_1": names[1], "label": 0}))
     with open(os.path.join(out, "pairs.jsonl"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    return out, len(lines)
+    return len(lines)
 
 
 def run_eval(pipe, name: str) -> dict:

@@ -26,18 +26,17 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from attention_table import sign_test  # noqa: E402
 from common import RESULTS, environment, write_results  # noqa: E402
+from train_shapes import write_verified_pairs  # noqa: E402
 
 from ttalign.shapes import (  # noqa: E402
     FLOW_SAMPLING_DEFAULTS,
     ShapesSoftVerifier,
     evaluation_prompts,
     load_pipeline,
-    verify,
 )
 from ttalign.shapes.evaluate import evaluate  # noqa: E402
 from ttalign.shapes.world import sample_scene  # noqa: E402
@@ -60,30 +59,6 @@ class TimeBudget:
             return step(generator)
 
         trainer.training_step = timed
-
-
-def make_model_pairs(pipe, out: str, captions: list[str], seed: int = 7) -> int:
-    """4 base-model samples per caption; one (passed, failed) pair per caption the exact verifier splits."""
-    lines = []
-    for start in range(0, len(captions), 32):
-        chunk = captions[start : start + 32]
-        generator = torch.Generator().manual_seed(seed + start)
-        images = pipe(chunk, num_images_per_prompt=4, output_type="pt", generator=generator,
-                      **FLOW_SAMPLING_DEFAULTS).images  # fmt: skip
-        passed = verify(images, [c for c in chunk for _ in range(4)]).passed
-        for k, caption in enumerate(chunk):
-            group = passed[4 * k : 4 * k + 4]
-            if True in group and False in group:
-                names = []
-                for side, index in enumerate((4 * k + group.index(True), 4 * k + group.index(False))):
-                    name = f"{len(lines):05d}_{side}.png"
-                    array = (images[index].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                    Image.fromarray(array).save(os.path.join(out, name))
-                    names.append(name)
-                lines.append(json.dumps({"prompt": caption, "image_0": names[0], "image_1": names[1], "label": 0}))
-    with open(os.path.join(out, "pairs.jsonl"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return len(lines)
 
 
 def run_eval(pipe, name: str) -> dict:
@@ -136,7 +111,7 @@ def main() -> None:
             elif kind == "dpo":
                 pairs = os.path.join(tmp, "pairs")
                 os.makedirs(pairs)
-                n_pairs = make_model_pairs(base, pairs, captions)
+                n_pairs = write_verified_pairs(base, pairs, captions, **FLOW_SAMPLING_DEFAULTS)
                 config = FlowDPOConfig(beta=args.beta, train_batch_size=8, **common)
                 trainer = FlowDPOTrainer(pipe, config, train_dataset=pairs)
             else:
