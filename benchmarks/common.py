@@ -54,3 +54,49 @@ def run_sides(script: str, sides: tuple[str, ...], argv: list[str]) -> tuple[lis
             arrays[side] = np.load(path)
             print(rows[-1], flush=True)
     return rows, arrays
+
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], path: str, xlabel: str, ylabel: str,
+               width: int = 800, height: int = 440) -> None:  # fmt: skip
+    """A line chart with PIL, one line per series of `(x, y)` points, axes from the data's range; saved to `path`."""
+    from PIL import Image, ImageDraw
+
+    points = [p for values in series.values() for p in values]
+    if not points:
+        raise ValueError("line_chart needs at least one point.")
+    x_lo, x_hi = min(x for x, _ in points), max(x for x, _ in points)
+    y_lo, y_hi = min(y for _, y in points), max(y for _, y in points)
+    x_hi, y_hi = max(x_hi, x_lo + 1e-9), max(y_hi, y_lo + 1e-9)
+    pad = 0.05 * (y_hi - y_lo)
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 60, width - 280, 20, height - 50
+
+    def xy(x, y):
+        return left + (right - left) * (x - x_lo) / (x_hi - x_lo), bottom - (bottom - top) * (y - y_lo) / (y_hi - y_lo)
+
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black")
+    for k in range(6):
+        y = bottom - (bottom - top) * k / 5
+        draw.line([(left - 4, y), (left, y)], fill="black")
+        draw.text((4, y - 6), f"{y_lo + (y_hi - y_lo) * k / 5:.3g}", fill="black")
+        x = left + (right - left) * k / 5
+        draw.line([(x, bottom), (x, bottom + 4)], fill="black")
+        draw.text((x - 10, bottom + 8), f"{x_lo + (x_hi - x_lo) * k / 5:.3g}", fill="black")
+    draw.text(((left + right) // 2 - 40, height - 22), xlabel, fill="black")
+    draw.text((left + 6, 2), ylabel, fill="black")
+    for i, (label, values) in enumerate(series.items()):
+        color = PALETTE[i % len(PALETTE)]
+        coords = [xy(x, y) for x, y in sorted(values)]
+        if len(coords) > 1:
+            draw.line(coords, fill=color, width=2)
+        if len(coords) <= 40:
+            for x, y in coords:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        draw.rectangle([right + 20, top + 20 * i + 4, right + 32, top + 20 * i + 16], fill=color)
+        draw.text((right + 38, top + 20 * i + 4), label, fill="black")
+    image.save(path)

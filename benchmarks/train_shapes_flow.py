@@ -1,16 +1,20 @@
-"""Training the flow shapes model: Flow-GRPO on the soft verifier and Flow-DPO on verifier-labelled pairs of the
-model's own samples, each LoRA evaluated at 1x NFE like the inference-time methods, against reward guidance at the
-same generation cost ("train vs guide" on the flow model).
+"""Training the flow shapes model: Flow-GRPO on a shapes reward (`--reward`: the soft verifier, the exact verifier's
+share of clauses, or the shapes CLIP) and Flow-DPO on verifier-labelled pairs of the model's own samples, each LoRA
+evaluated at 1x NFE like the inference-time methods, against reward guidance at the same generation cost ("train vs
+guide" on the flow model).
 
 1. Draws `--prompts` training captions from the shapes grammar (their own seed, not the evaluation set's).
 2. Flow-GRPO: `FlowGRPOTrainer`, groups of `--group-size` images per caption, `--grpo-steps` sampling steps on
-   Flow-GRPO's SDE (noise level 0.7), PPO-clip 1e-4, KL weight `--kl-weight`, for at most `--minutes` of training.
+   Flow-GRPO's SDE (noise level 0.7; only a window of `--sde-window` high-noise steps with Flow-GRPO-Fast), PPO-clip
+   1e-4, KL weight `--kl-weight`, for at most `--minutes` of training.
 3. Flow-DPO: 4 base-model samples per caption, one (passed, failed) pair per caption the exact verifier splits;
    `FlowDPOTrainer` (beta 100) for at most `--minutes`.
 4. Evaluates the base model and each LoRA on the method benchmark's prompts and seeds (20 prompts per category x 2
    images, 20 steps, guidance 3.0), with the paired sign test against the base model.
+5. Over-optimization monitor: a checkpoint every `--monitor-every` steps, each evaluated like the final LoRA; the
+   optimized reward along training (GRPO's batch mean) and verified success at the checkpoints, plotted.
 
-Writes `benchmarks/results/training_flow.json` and `.md`.
+Writes `benchmarks/results/<name>.json`, `.md` and `<name>_monitor.png`.
 
     python benchmarks/train_shapes_flow.py --minutes 30
 """
@@ -29,15 +33,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from attention_table import sign_test  # noqa: E402
-from common import RESULTS, environment, write_results  # noqa: E402
+from common import RESULTS, environment, line_chart, write_results  # noqa: E402
 from train_shapes import write_verified_pairs  # noqa: E402
 
-from ttalign.shapes import (  # noqa: E402
-    FLOW_SAMPLING_DEFAULTS,
-    ShapesSoftVerifier,
-    evaluation_prompts,
-    load_pipeline,
-)
+from ttalign.rewards import load_reward  # noqa: E402
+from ttalign.shapes import FLOW_SAMPLING_DEFAULTS, evaluation_prompts, load_pipeline  # noqa: E402
 from ttalign.shapes.evaluate import evaluate  # noqa: E402
 from ttalign.shapes.world import sample_scene  # noqa: E402
 from ttalign.training import FlowDPOConfig, FlowDPOTrainer, FlowGRPOConfig, FlowGRPOTrainer  # noqa: E402
@@ -83,6 +83,11 @@ def main() -> None:
     parser.add_argument("--grpo-steps", type=int, default=10, help="sampling steps of the GRPO trajectories")
     parser.add_argument("--grpo-lr", type=float, default=1e-3)
     parser.add_argument("--kl-weight", type=float, default=0.04)
+    parser.add_argument(
+        "--reward", default="shapes_soft", help="GRPO's reward: shapes_soft, shapes_exact, shapes_clip"
+    )
+    parser.add_argument("--sde-window", type=int, default=None, help="Flow-GRPO-Fast's window of trained steps")
+    parser.add_argument("--monitor-every", type=int, default=50, help="steps between monitored checkpoints")
     parser.add_argument("--dpo-lr", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=100.0)
     parser.add_argument("--lora-rank", type=int, default=16)
@@ -101,13 +106,14 @@ def main() -> None:
             pipe.set_progress_bar_config(disable=True)
             out_dir = os.path.join(tmp, kind)
             common = dict(max_steps=args.max_steps, learning_rate=args.grpo_lr if kind == "grpo" else args.dpo_lr,
-                          lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, checkpointing_steps=args.max_steps,
-                          output_dir=out_dir, encode_options=ENCODE)  # fmt: skip
+                          lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                          checkpointing_steps=args.monitor_every, checkpoints_total_limit=10**6, output_dir=out_dir,
+                          encode_options=ENCODE)  # fmt: skip
             if kind == "grpo":
                 config = FlowGRPOConfig(group_size=args.group_size, train_batch_size=args.group_size * args.groups,
                                         num_inference_steps=args.grpo_steps, guidance_scale=3.0, noise_level=0.7,
-                                        kl_weight=args.kl_weight, **common)  # fmt: skip
-                trainer = FlowGRPOTrainer(pipe, config, ShapesSoftVerifier(), captions)
+                                        kl_weight=args.kl_weight, sde_window=args.sde_window, **common)  # fmt: skip
+                trainer = FlowGRPOTrainer(pipe, config, load_reward(args.reward), captions)
             elif kind == "dpo":
                 pairs = os.path.join(tmp, "pairs")
                 os.makedirs(pairs)
@@ -121,8 +127,16 @@ def main() -> None:
             metrics = trainer.train()
             seconds = time.perf_counter() - start
             label = {"grpo": "Flow-GRPO", "dpo": "Flow-DPO"}[kind] + f" LoRA ({trainer.step} steps)"
-            row = {"run": label, **run_eval(pipe, kind), "train_s": seconds, "steps": trainer.step,
-                   "last_metrics": metrics}  # fmt: skip
+            with open(os.path.join(out_dir, "logs", "metrics.jsonl")) as f:
+                history = [json.loads(line) for line in f]
+            monitor = []
+            for path in trainer.checkpoints():  # oldest first; the last one is the final state
+                trainer.load_checkpoint(path)
+                summary = run_eval(pipe, f"{kind}-{trainer.step}")
+                monitor.append({"step": trainer.step, "overall": summary["overall"],
+                                "category_accuracy": summary["category_accuracy"]})  # fmt: skip
+            row = {"run": label, **summary, "train_s": seconds, "steps": trainer.step, "last_metrics": metrics,
+                   "monitor": monitor, "history": history}  # fmt: skip
             row["paired"] = paired(rows[0], row)
             rows.append(row)
             print(label, row["overall"], flush=True)
@@ -152,18 +166,39 @@ def main() -> None:
     trainers = args.trainers.split(",")
     described = []
     if "grpo" in trainers:
-        described.append(f"Flow-GRPO: {args.groups} captions x {args.group_size} images per step, {args.grpo_steps} "
-                         f"SDE steps (a = 0.7), KL weight {args.kl_weight}, lr {args.grpo_lr}")  # fmt: skip
+        window = f", trained on a window of {args.sde_window}" if args.sde_window else ""
+        described.append(f"Flow-GRPO on `{args.reward}`: {args.groups} captions x {args.group_size} images per step, "
+                         f"{args.grpo_steps} SDE steps (a = 0.7){window}, KL weight {args.kl_weight}, lr "
+                         f"{args.grpo_lr}")  # fmt: skip
     if "dpo" in trainers:
         described.append(f"Flow-DPO: beta {args.beta}, batch 8, lr {args.dpo_lr}, on {n_pairs} verifier-labelled "
                          "pairs of the base model's own samples")  # fmt: skip
+    series, monitor_lines = {}, []
+    for r in rows[1:]:
+        kind = r["run"].split(" ")[0]
+        base_point = [(0, 100 * rows[0]["overall"])]
+        series[f"{kind}: verified success (%)"] = base_point + [(m["step"], 100 * m["overall"]) for m in r["monitor"]]
+        rewards = [(h["step"], h["reward"]) for h in r["history"] if "reward" in h]
+        if rewards:  # the batch mean of the optimized reward, averaged over 10 steps
+            smooth = [(x, 100 * float(np.mean([y for _, y in rewards[max(0, i - 9) : i + 1]])))
+                      for i, (x, _) in enumerate(rewards)]  # fmt: skip
+            series[f"{kind}: reward x 100 (10-step mean)"] = smooth
+        steps = ", ".join(f"{m['step']}: {100 * m['overall']:.1f}" for m in r["monitor"])
+        monitor_lines.append(f"- {r['run']}, verified success at the checkpoints (step: %): 0: "
+                             f"{100 * rows[0]['overall']:.1f}, {steps}")  # fmt: skip
     markdown = (
         f"# Shapes world (flow model): train vs guide\n\n`{command}`\n\n" + "; ".join(described) + f"; on "
         f"{args.prompts} captions drawn with their own seed, LoRA rank {args.lora_rank}, at most {args.minutes:g} "
         f"minutes of training each, {env['device']}. Evaluated on the method benchmark's 120 prompts x 2 images (20 "
         "steps, guidance 3.0) with the paired sign test against the base model; the guided rows are the "
-        "inference-time methods on the same prompts and seeds (`run_methods_flow.sh`).\n\n" + "\n".join(lines) + "\n"
+        "inference-time methods on the same prompts and seeds (`run_methods_flow.sh`).\n\n"
+        + "\n".join(lines)
+        + f"\n\nOver-optimization monitor (`{args.name}_monitor.png`):\n\n"
+        + "\n".join(monitor_lines)
+        + "\n"
     )
+    if series:
+        line_chart(series, os.path.join(RESULTS, f"{args.name}_monitor.png"), "training step", "%")
     data = {"benchmark": "training_flow", "command": command, "pairs": n_pairs, "rows": rows, "environment": env}
     write_results(args.name, json.loads(json.dumps(data, default=str)), markdown)
     print(markdown)

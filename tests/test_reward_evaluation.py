@@ -7,8 +7,9 @@ import pytest
 
 from ttalign.cli import main
 from ttalign.rewards import JpegIncompressibility
-from ttalign.rewards.evaluation import load_pairs, make_shapes_preference_set, pairwise_accuracy
+from ttalign.rewards.evaluation import load_pairs, pairwise_accuracy
 from ttalign.shapes import ShapesSoftVerifier
+from ttalign.shapes.pairs import make_shapes_preference_set
 
 
 @pytest.fixture(scope="module")

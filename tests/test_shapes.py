@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from ttalign.rewards import load_reward
 from ttalign.shapes import (
     CATEGORIES,
     ShapesSoftVerifier,
+    ShapesVerifierReward,
     evaluation_prompts,
     parse_caption,
     render,
@@ -95,6 +97,16 @@ def test_placement_against_the_layout_of_a_position_caption():
                 "a red circle left of a blue square", "a red circle"]  # fmt: skip
     verdicts = verify(images, captions).verdicts
     assert [placement(v) for v in verdicts] == [[True, True], [False, False], [None, True], []]
+
+
+def test_verifier_reward_scores_the_share_of_clauses_and_strict_the_pass():
+    images = _images([[RED_CIRCLE, BLUE_SQUARE], [RED_CIRCLE, BLUE_SQUARE], [RED_CIRCLE], []])
+    captions = ["a red circle left of a blue square", "a red circle right of a blue square",
+                "a red circle left of a blue square", "a red circle"]  # fmt: skip
+    # clauses: 3 of 3; both phrases but not the relation; the circle only; nothing
+    assert load_reward("shapes_exact")(images, captions).tolist() == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])
+    assert ShapesVerifierReward(strict=True)(images, captions).tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert not ShapesVerifierReward().differentiable
 
 
 def test_verifier_accepts_pil_and_larger_images():

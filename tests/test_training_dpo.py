@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ttalign.rewards.evaluation import make_shapes_preference_set
+from ttalign.shapes.pairs import make_shapes_preference_set
 from ttalign.testing import Redness, get_tiny_components
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -220,7 +220,8 @@ def cmd_demo(args) -> int:
 def cmd_eval_reward(args) -> int:
     """Pairwise preference accuracy of a reward on a preference set."""
     from ttalign.rewards import load_reward
-    from ttalign.rewards.evaluation import load_pairs, make_shapes_preference_set, pairwise_accuracy
+    from ttalign.rewards.evaluation import load_pairs, pairwise_accuracy
+    from ttalign.shapes.pairs import make_shapes_preference_set
 
     reward = load_reward(args.reward)
     if args.make_shapes_pairs:

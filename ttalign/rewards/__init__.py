@@ -22,6 +22,7 @@ REWARDS: dict[str, str] = {
     "jpeg_incompressibility": "ttalign.rewards.jpeg:JpegIncompressibility",
     "shapes_soft": "ttalign.shapes.soft:ShapesSoftVerifier",
     "shapes_clip": "ttalign.shapes.clip:ShapesCLIPScore",
+    "shapes_exact": "ttalign.shapes.verifier:ShapesVerifierReward",
 }
 
 

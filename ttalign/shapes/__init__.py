@@ -16,7 +16,7 @@ import os
 
 from .clip import CLIP_DIR, ShapesCLIPScore
 from .soft import ShapesSoftVerifier
-from .verifier import Verdict, Verification, detect, verify
+from .verifier import ShapesVerifierReward, Verdict, Verification, detect, verify
 from .world import CATEGORIES, COLORS, RELATIONS, SHAPES, evaluation_prompts, parse_caption, render, sample_scene
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,6 +74,7 @@ __all__ = [
     "SAMPLING_DEFAULTS",
     "SHAPES",
     "ShapesSoftVerifier",
+    "ShapesVerifierReward",
     "Verdict",
     "Verification",
     "detect",

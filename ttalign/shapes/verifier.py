@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from ttalign.rewards.base import Reward
 from ttalign.shapes.world import (
     BACKGROUND,
     CATEGORIES,
@@ -250,3 +251,31 @@ def verify(images, prompts: list[str] | str) -> Verification:
         clauses = judge(objects, spec)
         verdicts.append(Verdict(prompt, spec.category, all(clauses.values()), clauses, objects))
     return Verification(verdicts)
+
+
+class ShapesVerifierReward(Reward):
+    """The exact verifier as a reward (not differentiable), for the trainers and methods that only need scores
+    (GRPO, DDPO, best-of-N, particle steering): the share of a caption's clauses that hold, so a passing image scores
+    1 and one that fails every clause 0; with `strict=True` only a pass counts (GenEval's binary verdict).
+
+    Flow-GRPO trains on GenEval's rule-based judge in the same way; a run optimizing this reward is judged by the
+    reward itself, the best case (compare with the soft verifier or the shapes CLIP).
+
+    Args:
+        strict (`bool`, defaults to `False`): score 1 for a pass and 0 otherwise, instead of the share of clauses.
+    """
+
+    native_range = (0.0, 1.0)
+    license = "Apache-2.0"
+
+    def __init__(self, strict: bool = False):
+        super().__init__()
+        self.strict = strict
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        verdicts = verify(images, prompts).verdicts
+        if self.strict:
+            values = [float(v.passed) for v in verdicts]
+        else:
+            values = [sum(v.clauses.values()) / len(v.clauses) for v in verdicts]
+        return torch.tensor(values, device=images.device)

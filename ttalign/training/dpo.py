@@ -170,7 +170,7 @@ class DiffusionDPOTrainer(_OfflineTrainer):
 
     ```py
     >>> from ttalign.shapes import load_pipeline
-    >>> from ttalign.rewards.evaluation import make_shapes_preference_set
+    >>> from ttalign.shapes.pairs import make_shapes_preference_set
     >>> from ttalign.training import DiffusionDPOTrainer, DPOConfig
     >>> pipe = load_pipeline()
     >>> make_shapes_preference_set("pairs", 64)
