@@ -15,22 +15,13 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, write_results  # noqa: E402
 
-
-def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign test: the probability of a split at least this uneven if both directions were equally
-    likely."""
-    n, k = wins + losses, min(wins, losses)
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return min(1.0, 2 * tail)
+from ttalign.shapes.evaluate import sign_test  # noqa: E402
 
 
 def _p(value: float) -> str:

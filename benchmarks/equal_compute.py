@@ -18,8 +18,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention_table import sign_test  # noqa: E402
 from common import RESULTS, write_results  # noqa: E402
+
+from ttalign.shapes.evaluate import paired  # noqa: E402
 
 SERIES = {  # run-name prefix -> series label
     "baseline": "baseline",
@@ -104,9 +105,8 @@ def main() -> None:
         cats = " | ".join(f"{100 * r['category_accuracy'][c]:.1f}" for c in CATEGORIES)
         vs = "-"
         if base is not None and r is not base and "verdicts" in base and "verdicts" in r:  # paired image by image
-            pairs = list(zip(base["verdicts"], r["verdicts"]))
-            wins, losses = sum(y[1] and not x[1] for x, y in pairs), sum(x[1] and not y[1] for x, y in pairs)
-            r["paired"] = {"wins": wins, "losses": losses, "p_value": sign_test(wins, losses)}
+            r["paired"] = paired(base["verdicts"], r["verdicts"])
+            wins, losses = r["paired"]["wins"], r["paired"]["losses"]
             vs = f"{wins} / {losses}, {r['paired']['p_value']:.3g}"
         lines.append(f"| {r['run']} | {r['nfe_per_image']:.0f} | {cats} | **{100 * r['overall']:.1f}** | {vs} | "
                      f"{r['soft_reward']:.3f} | {r['wall_time_s']:.0f} |")  # fmt: skip

@@ -32,13 +32,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention_table import sign_test  # noqa: E402
 from common import RESULTS, environment, line_chart, write_results  # noqa: E402
 from train_shapes import write_verified_pairs  # noqa: E402
 
 from ttalign.rewards import load_reward  # noqa: E402
 from ttalign.shapes import FLOW_SAMPLING_DEFAULTS, evaluation_prompts, load_pipeline  # noqa: E402
-from ttalign.shapes.evaluate import evaluate  # noqa: E402
+from ttalign.shapes.evaluate import evaluate, paired  # noqa: E402
 from ttalign.shapes.world import sample_scene  # noqa: E402
 from ttalign.training import FlowDPOConfig, FlowDPOTrainer, FlowGRPOConfig, FlowGRPOTrainer  # noqa: E402
 
@@ -64,12 +63,6 @@ class TimeBudget:
 def run_eval(pipe, name: str) -> dict:
     result = evaluate(pipe, evaluation_prompts(20), [], name=name, seeds=2, **FLOW_SAMPLING_DEFAULTS)
     return result.summary()
-
-
-def paired(base: dict, run: dict) -> dict:
-    wins = sum(r[1] and not b[1] for b, r in zip(base["verdicts"], run["verdicts"]))
-    losses = sum(b[1] and not r[1] for b, r in zip(base["verdicts"], run["verdicts"]))
-    return {"wins": wins, "losses": losses, "p_value": sign_test(wins, losses)}
 
 
 def main() -> None:
@@ -137,7 +130,7 @@ def main() -> None:
                                 "category_accuracy": summary["category_accuracy"]})  # fmt: skip
             row = {"run": label, **summary, "train_s": seconds, "steps": trainer.step, "last_metrics": metrics,
                    "monitor": monitor, "history": history}  # fmt: skip
-            row["paired"] = paired(rows[0], row)
+            row["paired"] = paired(rows[0]["verdicts"], row["verdicts"])
             rows.append(row)
             print(label, row["overall"], flush=True)
 
@@ -157,7 +150,9 @@ def main() -> None:
                      f"**{100 * r['overall']:.1f}** | {vs} | {r['train_s']:.0f} |")  # fmt: skip
     for name, r in guide.items():
         cats = " | ".join(f"{100 * r['category_accuracy'][c]:.1f}" for c in CATEGORIES)
-        p = paired(rows[0], r)  # the same prompts, seeds and noise streams as the base model's evaluation
+        p = paired(
+            rows[0]["verdicts"], r["verdicts"]
+        )  # the same prompts, seeds and noise streams as the base model's evaluation
         vs = f"{p['wins']} / {p['losses']}, {p['p_value']:.3g}"
         lines.append(f"| guide: {name} (shapes_flow_methods_{name}) | {r['nfe_per_image']:.0f} | {cats} | "
                      f"**{100 * r['overall']:.1f}** | {vs} | 0 |")  # fmt: skip

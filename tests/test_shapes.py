@@ -154,3 +154,37 @@ def test_soft_verifier_bad_input():
         reward(torch.zeros(1, 32, 32), ["a circle"])
     with pytest.raises(ValueError, match="not in the shapes-world grammar"):
         reward(torch.zeros(1, 3, 32, 32), ["a photo of a dog"])
+
+
+def test_wilson_interval_and_sign_test_match_their_formulas():
+    from ttalign.shapes.evaluate import paired, sign_test, wilson_interval
+
+    # Wilson 95% for 8 / 10: centre (0.8 + 1.92 / 10) / 1.384, half-width 1.96 sqrt(0.016 + 0.0096) / 1.384
+    low, high = wilson_interval(8, 10)
+    assert (low, high) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson_interval(0, 20)[0] == 0 and wilson_interval(20, 20)[1] == 1 and wilson_interval(0, 0) == (0, 1)
+    with pytest.raises(ValueError, match="successes=5, n=4"):
+        wilson_interval(5, 4)
+    assert sign_test(0, 0) == 1 and sign_test(5, 5) == 1
+    assert sign_test(6, 0) == pytest.approx(2 / 64) and sign_test(1, 9) == pytest.approx(2 * 11 / 1024)
+    base = [["colors", True], ["colors", False], ["counting", False], ["counting", True]]
+    run = [["colors", True], ["colors", True], ["counting", True], ["counting", False]]
+    assert paired(base, run) == {"wins": 2, "losses": 1, "p_value": 1.0}
+    with pytest.raises(ValueError, match="same prompts"):
+        paired(base, run[::-1])
+
+
+def test_diversity_of_identical_and_of_moved_images():
+    from ttalign.shapes.evaluate import diversity
+
+    prompt = "a red circle"
+    same = _images([[RED_CIRCLE]] * 3)
+    moved = _images([[RED_CIRCLE], [ShapeObject("circle", "red", 23, 16, 5.5)], [ShapeObject("circle", "red", 16, 9,
+                                                                                             6.5)]])  # fmt: skip
+    d_same = diversity(same, [prompt] * 3, verify(same, [prompt] * 3), 3)
+    d_moved = diversity(moved, [prompt] * 3, verify(moved, [prompt] * 3), 3)
+    assert d_same["clip_distance"] == pytest.approx(0, abs=1e-5) and d_same["position_spread"] == 0
+    assert d_moved["clip_distance"] > 1e-3 and d_moved["position_spread"] > 5 and d_moved["size_spread"] > 0
+    assert d_same["prompts"] == 1
+    with pytest.raises(ValueError, match="images_per_prompt=2"):
+        diversity(same, [prompt] * 3, verify(same, [prompt] * 3), 2)

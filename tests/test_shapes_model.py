@@ -69,8 +69,17 @@ def test_evaluation_harness(shapes_pipe, tmp_path):
     position = evaluate(shapes_pipe, [p for p in prompts if p[1] == "position"], name="pos", seeds=1,
                         num_inference_steps=2)  # fmt: skip
     assert markdown_table([position]).splitlines()[0] == (
-        "| run | position | overall | soft reward | NFE / image | time (s) | peak mem (MB) |"
+        "| run | position | overall | soft reward | CLIP reward | diversity: CLIP distance / position spread | "
+        "NFE / image | time (s) | peak mem (MB) |"
     )
+    # intervals contain the rates; best-of-2 is compared with the base run image by image
+    for result in (base, best):
+        for category, rate in result.category_accuracy.items():
+            low, high = result.intervals[category]
+            assert 0 <= low <= rate <= high <= 1 and high - low > 0.1  # 4 images per category: wide
+    assert "vs baseline: won / lost, p" in markdown_table([base, best], baseline=base).splitlines()[0]
+    assert base.diversity["prompts"] == 12 and 0 < base.diversity["clip_distance"] <= 2
+    assert -100 <= base.clip_reward <= 100
     example_grid(base).save(tmp_path / "grid.png")
     assert (tmp_path / "grid.png").stat().st_size > 0
 

@@ -1,4 +1,6 @@
-"""The shapes-world evaluation harness: verified success per category, reward, compute and memory of a method list.
+"""The shapes-world evaluation harness: verified success per category with Wilson intervals, the soft-verifier and
+shapes-CLIP rewards, diversity among the images of a prompt, compute and memory of a method list; the paired sign test
+that compares two runs image by image.
 
 Used by `benchmarks/shapes_eval.py`; every method reports through it.
 """
@@ -6,6 +8,7 @@ Used by `benchmarks/shapes_eval.py`; every method reports through it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import resource
 import time
@@ -19,6 +22,83 @@ from ttalign.shapes.verifier import Verification, placement, verify
 from ttalign.shapes.world import CATEGORIES
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion `successes / n` (95% with `z = 1.96`); `(0, 1)` when `n = 0`."""
+    if not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval needs 0 <= successes <= n, got successes={successes}, n={n}.")
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denominator = 1 + z**2 / n
+    centre = (p + z**2 / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: the probability of a split at least this uneven if both directions were equally
+    likely (ties left out)."""
+    n, k = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def paired(base: list, run: list) -> dict:
+    """Paired comparison of two runs on the same prompts and seeds, from their `verdicts` (`[category, passed]` per
+    image, as :meth:`EvalResult.summary` gives them): images the run turned from failed to passed (`wins`) and back
+    (`losses`), and the sign test on them."""
+    if [c for c, _ in base] != [c for c, _ in run]:
+        raise ValueError("the two runs were not made on the same prompts (their categories differ image by image)")
+    wins = sum(r and not b for (_, b), (_, r) in zip(base, run))
+    losses = sum(b and not r for (_, b), (_, r) in zip(base, run))
+    return {"wins": wins, "losses": losses, "p_value": sign_test(wins, losses)}
+
+
+def diversity(samples: torch.Tensor, prompts: list[str], verification: Verification, images_per_prompt: int,
+              embedder=None) -> dict:  # fmt: skip
+    """Diversity among the images of each prompt (consecutive blocks of `images_per_prompt` images, as
+    :func:`evaluate` generates them), averaged over the prompts; `nan` with one image per prompt:
+
+    - `clip_distance`: mean pairwise cosine distance `1 - cos` of shapes-CLIP image embeddings (0: identical images);
+    - `position_spread`: the standard deviation (pixels at 32x32, both axes together) of where the objects are, each
+      image's detected objects' mean centre;
+    - `size_spread`: the standard deviation of the detected objects' mean area (pixels at 32x32).
+
+    Images without a detected object count for the CLIP distance only. `embedder` is a
+    :class:`~ttalign.rewards.clip.CLIPEmbedder` (default: the embedded shapes CLIP's).
+    """
+    if embedder is None:
+        from ttalign.shapes.clip import ShapesCLIPScore
+
+        embedder = ShapesCLIPScore().embedder
+    if len(prompts) != len(samples) or len(samples) % images_per_prompt:
+        raise ValueError(f"diversity needs one prompt per image and blocks of images_per_prompt={images_per_prompt} "
+                         f"images, got {len(samples)} images and {len(prompts)} prompts.")  # fmt: skip
+    groups = [list(range(i, i + images_per_prompt)) for i in range(0, len(samples), images_per_prompt)]
+    if any(len({prompts[i] for i in group}) > 1 for group in groups):
+        raise ValueError(f"diversity: the blocks of {images_per_prompt} images do not each share one prompt.")
+    with torch.no_grad():
+        embeds = torch.cat([embedder.image_embeds(samples[i : i + 256]) for i in range(0, len(samples), 256)])
+    distances, positions, sizes = [], [], []
+    for indices in groups:
+        if len(indices) < 2:
+            continue
+        e = embeds[indices]  # [k, D], unit norm
+        cos = e @ e.T
+        k = len(indices)
+        distances.append(float((1 - cos).sum() / (k * (k - 1))))  # the diagonal is 0
+        found = [verification.verdicts[i].objects for i in indices]
+        centres = np.array([[np.mean([o.x for o in f]), np.mean([o.y for o in f])] for f in found if f])
+        areas = np.array([np.mean([o.area for o in f]) for f in found if f])
+        if len(centres) >= 2:
+            positions.append(float(np.sqrt(centres.var(0).sum())))
+            sizes.append(float(areas.std()))
+    mean = lambda values: float(np.mean(values)) if values else float("nan")  # noqa: E731
+    return {"clip_distance": mean(distances), "position_spread": mean(positions), "size_spread": mean(sizes),
+            "prompts": len(distances)}  # fmt: skip
+
+
 @dataclasses.dataclass
 class EvalResult:
     """What one evaluation run measured."""
@@ -28,6 +108,9 @@ class EvalResult:
     category_accuracy: dict[str, float]
     overall: float
     soft_reward: float
+    clip_reward: float
+    intervals: dict[str, tuple[float, float]]
+    diversity: dict[str, float]
     images: int
     wall_time_s: float
     nfe_per_image: float
@@ -40,9 +123,10 @@ class EvalResult:
     prompts: list[str] = dataclasses.field(repr=False)
 
     def summary(self) -> dict:
-        """The measured figures, JSON-ready, with every image's category and verdict (in generation order, so runs
-        with the same prompts and seeds can be compared image by image) and, for position captions, where each
-        phrase's object was drawn (:func:`~ttalign.shapes.verifier.placement`; `[]` for other captions)."""
+        """The measured figures (`intervals`: 95% Wilson intervals per category and overall), JSON-ready, with every
+        image's category and verdict (in generation order, so runs with the same prompts and seeds can be compared
+        image by image) and, for position captions, where each phrase's object was drawn
+        (:func:`~ttalign.shapes.verifier.placement`; `[]` for other captions)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for key in ("verification", "samples", "prompts"):
             out.pop(key)
@@ -97,17 +181,29 @@ def evaluate(
     wall = time.perf_counter() - start
     samples = torch.cat(images)
     verification = verify(samples, texts)
+    from ttalign.shapes.clip import ShapesCLIPScore
+
+    clip = ShapesCLIPScore()
     with torch.no_grad():
-        soft = torch.cat(
-            [ShapesSoftVerifier()(samples[i : i + 256], texts[i : i + 256]) for i in range(0, len(texts), 256)]
+        soft, clip_scores = (
+            torch.cat([reward(samples[i : i + 256], texts[i : i + 256]) for i in range(0, len(texts), 256)])
+            for reward in (ShapesSoftVerifier(), clip)
         )
     accuracy = verification.category_accuracy
+    intervals = {}
+    for category in accuracy:
+        hits = [v.passed for v in verification.verdicts if v.category == category]
+        intervals[category] = wilson_interval(sum(hits), len(hits))
+    intervals["overall"] = wilson_interval(sum(verification.passed), len(texts))  # equal categories: the pooled share
     return EvalResult(
         name=name,
         methods=[repr(m) for m in methods],
         category_accuracy=accuracy,
         overall=verification.overall,
         soft_reward=float(soft.mean()),
+        clip_reward=float(clip_scores.mean()),
+        intervals=intervals,
+        diversity=diversity(samples, texts, verification, seeds, clip.embedder),
         images=len(texts),
         wall_time_s=wall,
         nfe_per_image=totals["nfe"] / len(texts),
@@ -121,16 +217,38 @@ def evaluate(
     )
 
 
-def markdown_table(results: list[EvalResult]) -> str:
-    """One row per result: verified success per category (%), overall, soft reward, NFE, time and memory. Only the
-    categories some result evaluated get a column."""
+def _percent(value: float, interval: tuple[float, float] | None) -> str:
+    text = f"{100 * value:.1f}"
+    return text if interval is None else f"{text} ({100 * interval[0]:.0f}-{100 * interval[1]:.0f})"
+
+
+def markdown_table(results: list[EvalResult], baseline: EvalResult | None = None) -> str:
+    """One row per result: verified success per category and overall (%, with the 95% Wilson interval), the soft
+    verifier's and the shapes CLIP's mean reward, diversity (shapes-CLIP distance and position spread among a prompt's
+    images), NFE, time and memory; with `baseline` (a run on the same prompts and seeds), the paired comparison
+    against it (won / lost, sign test p). Only the categories some result evaluated get a column."""
     categories = [c for c in CATEGORIES if any(c in r.category_accuracy for r in results)]
-    head = ["run", *categories, "overall", "soft reward", "NFE / image", "time (s)", "peak mem (MB)"]
+    head = ["run", *categories, "overall"]
+    if baseline is not None:
+        head.append("vs baseline: won / lost, p")
+    head += ["soft reward", "CLIP reward", "diversity: CLIP distance / position spread", "NFE / image", "time (s)",
+             "peak mem (MB)"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        cells = [r.name] + [f"{100 * r.category_accuracy.get(c, float('nan')):.1f}" for c in categories]
-        cells += [f"{100 * r.overall:.1f}", f"{r.soft_reward:.3f}", f"{r.nfe_per_image:.0f}"]
-        cells += [f"{r.wall_time_s:.0f}", f"{r.peak_memory_mb:.0f}"]
+        cells = [r.name] + [
+            _percent(r.category_accuracy[c], r.intervals.get(c)) if c in r.category_accuracy else "-"
+            for c in categories
+        ]
+        cells.append(f"**{_percent(r.overall, r.intervals.get('overall'))}**")
+        if baseline is not None:
+            if r is baseline:
+                cells.append("-")
+            else:
+                p = paired(baseline.summary()["verdicts"], r.summary()["verdicts"])
+                cells.append(f"{p['wins']} / {p['losses']}, {p['p_value']:.2g}")
+        cells += [f"{r.soft_reward:.3f}", f"{r.clip_reward:.1f}",
+                  f"{r.diversity['clip_distance']:.3f} / {r.diversity['position_spread']:.1f}",
+                  f"{r.nfe_per_image:.0f}", f"{r.wall_time_s:.0f}", f"{r.peak_memory_mb:.0f}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
