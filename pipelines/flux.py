@@ -287,6 +287,11 @@ class AlignedFluxPipeline(FluxPipeline):
                     conditioning.negative_added["guidance"] = guidance
 
             # 5.1 The init_latents stage (after the timesteps, which FLUX derives from the latents' size)
+            # The attention stage: methods install their attention processors for this call; before init_latents, so
+            # that searches over the initial noise render their candidates with them
+            if runner.has(Stage.ATTENTION):
+                state.latents = latents
+                runner.run(Stage.ATTENTION, state)
             if runner.has(Stage.INIT_LATENTS):
                 state.latents = latents
                 runner.run(Stage.INIT_LATENTS, state)
@@ -325,11 +330,6 @@ class AlignedFluxPipeline(FluxPipeline):
                     device,
                     batch_size * num_images_per_prompt,
                 )
-
-            # 5.2 Attention stage: methods install their attention processors for this call
-            if runner.has(Stage.ATTENTION):
-                state.latents = latents
-                runner.run(Stage.ATTENTION, state)
 
             # 6. Denoising loop
             # We set the index here to remove DtoH sync, helpful especially during compilation.

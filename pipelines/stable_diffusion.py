@@ -249,6 +249,11 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
                 generator,
                 latents,
             )
+            # The attention stage: methods install their attention processors for this call; before init_latents, so
+            # that searches over the initial noise render their candidates with them
+            if runner.has(Stage.ATTENTION):
+                state.latents = latents
+                runner.run(Stage.ATTENTION, state)
             if runner.has(Stage.INIT_LATENTS):
                 state.latents = latents
                 runner.run(Stage.INIT_LATENTS, state)
@@ -273,11 +278,6 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
                 timestep_cond = self.get_guidance_scale_embedding(
                     guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
                 ).to(device=device, dtype=latents.dtype)
-
-            # 6.3 Attention stage: methods install their attention processors for this call
-            if runner.has(Stage.ATTENTION):
-                state.latents = latents
-                runner.run(Stage.ATTENTION, state)
 
             # 7. Denoising loop
             num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order

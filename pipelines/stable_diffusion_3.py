@@ -275,6 +275,11 @@ class AlignedStableDiffusion3Pipeline(StableDiffusion3Pipeline):
             state.timesteps = timesteps
 
             # 5.1 The init_latents stage (after the timesteps, which SD3 derives from the latents' size)
+            # The attention stage: methods install their attention processors for this call; before init_latents, so
+            # that searches over the initial noise render their candidates with them
+            if runner.has(Stage.ATTENTION):
+                state.latents = latents
+                runner.run(Stage.ATTENTION, state)
             if runner.has(Stage.INIT_LATENTS):
                 state.latents = latents
                 runner.run(Stage.INIT_LATENTS, state)
@@ -294,11 +299,6 @@ class AlignedStableDiffusion3Pipeline(StableDiffusion3Pipeline):
                     self._joint_attention_kwargs = {"ip_adapter_image_embeds": ip_adapter_image_embeds}
                 else:
                     self._joint_attention_kwargs.update(ip_adapter_image_embeds=ip_adapter_image_embeds)
-
-            # 6.1 Attention stage: methods install their attention processors for this call
-            if runner.has(Stage.ATTENTION):
-                state.latents = latents
-                runner.run(Stage.ATTENTION, state)
 
             # 7. Denoising loop
             with self.progress_bar(total=num_inference_steps) as progress_bar:

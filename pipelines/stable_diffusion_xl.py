@@ -315,6 +315,11 @@ class AlignedStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                 generator,
                 latents,
             )
+            # The attention stage: methods install their attention processors for this call; before init_latents, so
+            # that searches over the initial noise render their candidates with them
+            if runner.has(Stage.ATTENTION):
+                state.latents = latents
+                runner.run(Stage.ATTENTION, state)
             if runner.has(Stage.INIT_LATENTS):
                 state.latents = latents
                 runner.run(Stage.INIT_LATENTS, state)
@@ -335,11 +340,6 @@ class AlignedStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                 timestep_cond = self.get_guidance_scale_embedding(
                     guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
                 ).to(device=device, dtype=latents.dtype)
-
-            # 9.1 Attention stage: methods install their attention processors for this call
-            if runner.has(Stage.ATTENTION):
-                state.latents = latents
-                runner.run(Stage.ATTENTION, state)
 
             self._num_timesteps = len(timesteps)
             if hasattr(self.scheduler, "set_begin_index"):

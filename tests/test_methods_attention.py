@@ -386,3 +386,47 @@ def test_region_reweight_encodes_each_phrase_alone(pipe):
     others = [i for i in range(full.shape[1]) if i not in span]
     assert torch.equal(keep.embeds[:2, others], full[:2, others]) and torch.equal(keep.embeds[2:], full[2:])
     assert not torch.allclose(full[0, span], alone[0, 1 : 1 + len(span)])  # the prompt's context did colour them
+
+
+def test_seed_search_and_noise_optimization_render_candidates_with_the_attention_methods(pipe):
+    """Searches over the initial noise render each candidate with the call's attention methods (region re-weighting's
+    modulated attention, Attend-and-Excite's latent updates), so the reward of the chosen candidate is the reward of
+    the returned image; A&E's trace holds the returned images' steps only, and the processors are restored."""
+    from ttalign.methods import NoiseOptimization, SeedSearch
+    from ttalign.rewards import Reward
+
+    class Probe(Reward):  # a fixed random linear functional of the pixels: sensitive to any change of the image
+        differentiable = True
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+        def score(self, images, prompts):
+            return (images * self.weight).sum((1, 2, 3))
+
+    redness = Probe()
+
+    def attention():
+        return [AttendAndExcite(tokens=["cat", "dog"], max_iter_to_alter=1, thresholds={}, attn_res=(16, 16)),
+                RegionReweight(regions={"cat": (0.0, 0.0, 0.5, 1.0), "dog": (0.5, 0.0, 1.0, 1.0)}, cross_weight=3.0,
+                               time_power=0.0)]  # fmt: skip
+
+    prompts = ["a cat and a dog", "a dog and a cat"]
+    before = dict(pipe.unet.attn_processors)
+    search = _call(pipe, prompts, [*attention(), SeedSearch(reward=redness, n=2)])
+    returned = redness(torch.from_numpy(search.images).permute(0, 3, 1, 2), prompts)
+    assert torch.allclose(search.rewards, returned, atol=1e-3)
+    # the first candidate is the plain controlled call's noise: its score is that call's image's reward
+    controlled = _call(pipe, prompts, attention())
+    assert len(search.traces["attend_and_excite"]["losses"]) == len(controlled.traces["attend_and_excite"]["losses"])
+    controlled = controlled.images
+    first = search.traces["seed_search"]["scores"][:, 0]
+    assert torch.allclose(first, redness(torch.from_numpy(controlled).permute(0, 3, 1, 2), prompts), atol=1e-3)
+    # without the attention methods the candidates differ: the search saw what the controls draw
+    plain = _call(pipe, prompts, [SeedSearch(reward=redness, n=2)]).traces["seed_search"]["scores"]
+    assert (plain - search.traces["seed_search"]["scores"]).abs().max() > 1e-2
+    optimized = _call(pipe, prompts, [*attention(), NoiseOptimization(reward=redness, steps=2, lr=0.5)])
+    returned = redness(torch.from_numpy(optimized.images).permute(0, 3, 1, 2), prompts)
+    assert torch.allclose(optimized.rewards, returned, atol=1e-3)
+    assert pipe.unet.attn_processors == before

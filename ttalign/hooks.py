@@ -107,6 +107,12 @@ class GenerationState:
     start_time: float = field(default_factory=time.perf_counter)
     #: Per-method scratch space, keyed by the method object.
     scratch: dict[Any, Any] = field(default_factory=dict)
+    #: The call's :class:`AlignmentRunner` (set by its `session`): a search that renders candidates runs the other
+    #: methods' per-step handlers through it.
+    runner: Any = None
+    #: `True` while a search renders candidates through the other methods' `step_start` handlers: they act on the
+    #: latents as in the pipeline's loop and leave their traces alone.
+    searching: bool = False
 
     @property
     def prompt_embeds(self) -> torch.Tensor | None:
@@ -342,6 +348,7 @@ class AlignmentRunner:
             if missing:
                 raise ValueError(f"{method.name} cannot run on the {state.family.name} family: it needs "
                                  f"{', '.join(missing)}, which this family does not provide.")  # fmt: skip
+        state.runner = self
         snapshot = ComponentSnapshot(state.pipe)
         started: list[AlignmentMethod] = []
         try:

@@ -430,6 +430,11 @@ class DifferentiableSampler:
 
     The counters `denoiser_calls`, `denoiser_evals` and `vae_decodes` count forward passes (replays under
     checkpointing excluded).
+
+    `step_hooks` (*optional*, set as an attribute) lets a search render its candidates as the pipeline's loop renders
+    them: an object whose `__call__(index, latents) -> latents` runs before step `index` (the other methods'
+    `step_start` handlers) and whose `sync(index)` runs inside the step, also when a checkpoint replays it (the step
+    the attention controls act at).
     """
 
     def __init__(self, model, conditioning, negative_prompt_embeds=None, guidance_scale: float = 1.0,
@@ -452,6 +457,7 @@ class DifferentiableSampler:
         self.guidance_scale, self.eta = guidance_scale, eta
         self.gradient_checkpointing = gradient_checkpointing
         self.denoiser_calls = self.denoiser_evals = self.vae_decodes = 0
+        self.step_hooks = None
 
     @classmethod
     def from_state(cls, state, eta: float | None = None, gradient_checkpointing: bool = True):
@@ -489,6 +495,8 @@ class DifferentiableSampler:
         return self.family.denoise(x, t, self.conditioning, self.guidance_scale, cfg=self.cfg)
 
     def _step(self, index, latents, noise):
+        if self.step_hooks is not None:
+            self.step_hooks.sync(index)
         return scheduler_step(self.scheduler, index, self.model_output(index, latents), latents, self.eta, noise)
 
     def step(self, index: int, latents: torch.Tensor, noise: torch.Tensor | None = None):
@@ -504,6 +512,8 @@ class DifferentiableSampler:
         `prepare_latents`); `noises` holds one tensor (or `None`) per step, as from :meth:`draw_noises`."""
         stop = self.num_steps if stop is None else stop
         for i in range(start, stop):
+            if self.step_hooks is not None:
+                latents = self.step_hooks(i, latents)
             latents, _ = self.step(i, latents, None if noises is None else noises[i])
         return latents
 

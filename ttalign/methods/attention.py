@@ -275,8 +275,9 @@ class AttendAndExcite(AlignmentMethod):
             if i < self.max_iter_to_alter:
                 latents = self._update(latents, loss, step_size)
         state.latents = latents.detach()
-        store["losses"].append(loss.detach().cpu())
-        store["refinements"].append(iterations)
+        if not state.searching:  # a search's candidates leave the trace to the returned images
+            store["losses"].append(loss.detach().cpu())
+            store["refinements"].append(iterations)
 
 
 _WEIGHTED = re.compile(r"\(([^():]+):\s*([0-9]*\.?[0-9]+)\s*\)|\(([^():]+)\)|\[([^\[\]]+)\]")

@@ -54,6 +54,55 @@ class _NoiseReplay:
             state.latents = prev
 
 
+class _CandidateSteps:
+    """The call's other methods' `step_start` handlers around a sampler's steps (Attend-and-Excite's latent updates;
+    the step at which region and token re-weighting modulate attention), so that a search renders its candidates as
+    the pipeline's loop renders the chosen one. A handler's change of the latents passes as a constant shift:
+    gradients (noise optimization) flow through the sampler's steps, not through the handler."""
+
+    def __init__(self, state: GenerationState, owner: AlignmentMethod):
+        self.state = state
+        runner = state.runner
+        self.methods = [] if runner is None else [m for m in runner.by_stage[Stage.STEP_START] if m is not owner]
+
+    def _at(self, index: int, latents: torch.Tensor | None):
+        state = self.state
+        saved = state.step_index, state.timestep, state.latents, state.searching
+        state.step_index, state.timestep, state.searching = index, state.timesteps[index], True
+        if latents is not None:
+            state.latents = latents
+        return saved
+
+    def _restore(self, saved) -> None:
+        state = self.state
+        state.step_index, state.timestep, state.latents, state.searching = saved
+
+    def sync(self, index: int) -> None:
+        from ttalign.attention import sync_step
+
+        saved = self._at(index, None)
+        try:
+            sync_step(self.state)
+        finally:
+            self._restore(saved)
+
+    def __call__(self, index: int, latents: torch.Tensor) -> torch.Tensor:
+        saved = self._at(index, latents.detach())
+        try:
+            for method in self.methods:
+                method.on_step_start(self.state)
+            moved = self.state.latents
+        finally:
+            self._restore(saved)
+        return latents + (moved.to(latents) - latents).detach()  # [N, ...]: the handlers' shift, as a constant
+
+    @classmethod
+    def attach(cls, sampler: DifferentiableSampler, state: GenerationState, owner: AlignmentMethod) -> None:
+        steps = cls(state, owner)
+        if steps.methods or "attention_control" in state.scratch:
+            sampler.step_hooks = steps
+
+
 @dataclass(eq=False)
 class SeedSearch(AlignmentMethod):
     """Best-of-`n` over initial noises, then `rounds` of zero-order search around the best one.
@@ -110,6 +159,7 @@ class SeedSearch(AlignmentMethod):
     @torch.no_grad()
     def on_init_latents(self, state: GenerationState) -> None:
         sampler = DifferentiableSampler.from_state(state)
+        _CandidateSteps.attach(sampler, state, self)  # candidates rendered with the call's attention methods
         sigma = init_noise_sigma(state.family.scheduler)
         generator = state.method_generators(salt=1)  # per-image generators: each image's candidates from its own
         shape = state.latents.shape
@@ -263,6 +313,7 @@ class NoiseOptimization(AlignmentMethod):
     def on_init_latents(self, state: GenerationState) -> None:
         eta = state.eta if self.eta is None else self.eta
         sampler = DifferentiableSampler.from_state(state, eta=eta, gradient_checkpointing=self.gradient_checkpointing)
+        _CandidateSteps.attach(sampler, state, self)  # candidates rendered with the call's attention methods
         sigma = init_noise_sigma(state.family.scheduler)
         generator = state.method_generators(salt=2)
         n = state.latents.shape[0]
