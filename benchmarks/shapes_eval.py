@@ -13,6 +13,7 @@ with the verifier's verdicts to the same name `.png`. Sampling settings default 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--model", default="sd", help="'sd' or 'flow' (the embedded models), or a model folder")
     parser.add_argument("--categories", default=None, help="comma-separated categories (default: all six)")
     parser.add_argument("--prompt-seed", type=int, default=1234, help="another seed draws another prompt set")
+    parser.add_argument("--baseline", default=None, help="a run's name (same prompts and seeds): the paired sign test")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -58,6 +60,13 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown categories {unknown}; expected some of {sorted({c for _, c in prompts})}")
         prompts = [(p, c) for p, c in prompts if c in wanted]
+    baseline = None
+    if args.baseline:
+        path = os.path.join(RESULTS, f"{'shapes_flow_' if flow else 'shapes_'}{args.baseline}.json")
+        if not os.path.isfile(path):
+            parser.error(f"no baseline run at {path}")
+        with open(path) as f:
+            baseline = json.load(f)["verdicts"]
     result = evaluate(pipe, prompts, methods, name=args.name, seeds=args.seeds, **settings)
     command = "python benchmarks/shapes_eval.py " + " ".join(sys.argv[1:])
     data = {"benchmark": "shapes_eval", "command": command, **result.summary(), "environment": environment()}
@@ -67,7 +76,10 @@ def main() -> None:
         f"{len(prompts)} prompts x {args.seeds} images, {settings['num_inference_steps']} {sampler} steps, "
         f"guidance {settings['guidance_scale']}, "
         f"{environment()['device']}. Verified success (%) per GenEval-style category; overall = mean over "
-        "categories.\n\n" + markdown_table([result])
+        "categories, with 95% Wilson intervals"
+        + (f"; paired with the run `{args.baseline}` image by image" if baseline else "")
+        + ".\n\n"
+        + markdown_table([result], baseline=baseline)
     )
     write_results(name, data, markdown)
     example_grid(result).save(os.path.join(RESULTS, f"{name}.png"))

@@ -1,5 +1,7 @@
 """Seed search, noise optimization, reward guidance and particle steering on the tiny components."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -58,6 +60,11 @@ def test_noise_optimization_improves_the_reward_and_returns_the_best_iterate(ddi
     assert torch.allclose(trace["best"], trace["rewards"].max(dim=0).values)
     assert torch.allclose(reward(out.images, PROMPTS), out.rewards, atol=1e-4)
     assert out.traces["compute"]["nfe"] == (4 + 1) * 3 * 2
+    assert "images" not in trace
+    kept = _call(ddim, [dataclasses.replace(method, keep_images=True)]).traces["noise_optimization"]
+    assert kept["images"].shape == (4, 2, 3, 64, 64)
+    assert torch.allclose(kept["images"][0], _call(ddim).images, atol=1e-5)  # iteration 0: the plain call's noise
+    assert torch.allclose(reward(kept["images"].flatten(0, 1), PROMPTS * 4).view(4, 2), kept["rewards"], atol=1e-4)
 
 
 def test_noise_optimization_is_per_image(ddim):

@@ -77,7 +77,10 @@ def test_evaluation_harness(shapes_pipe, tmp_path):
         for category, rate in result.category_accuracy.items():
             low, high = result.intervals[category]
             assert 0 <= low <= rate <= high <= 1 and high - low > 0.1  # 4 images per category: wide
-    assert "vs baseline: won / lost, p" in markdown_table([base, best], baseline=base).splitlines()[0]
+    assert (
+        "vs baseline: won / lost, p"
+        in markdown_table([base, best], baseline=base.summary()["verdicts"]).splitlines()[0]
+    )
     assert base.diversity["prompts"] == 12 and 0 < base.diversity["clip_distance"] <= 2
     assert -100 <= base.clip_reward <= 100
     example_grid(base).save(tmp_path / "grid.png")

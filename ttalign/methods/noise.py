@@ -246,9 +246,12 @@ class NoiseOptimization(AlignmentMethod):
         patience (`int`, *optional*): stop an image after this many iterations without improvement.
         target (`float`, *optional*): stop an image once its reward reaches this value.
         gradient_checkpointing (`bool`, defaults to `True`).
+        keep_images (`bool`, defaults to `False`): also keep every iteration's images (an over-optimization monitor
+            judges them with another reward or a verifier).
 
     `out.traces["noise_optimization"]` holds the reward of every image at every iteration (`rewards`, `[steps, N]`,
-    NaN after an image stopped), the best reward, the iterations each image ran and its skipped iterations.
+    NaN after an image stopped), the best reward, the iterations each image ran and its skipped iterations; with
+    `keep_images`, `images` `[steps, N, 3, H, W]` in `[0, 1]` on the CPU (an image that stopped keeps its last one).
 
     Example:
 
@@ -271,6 +274,7 @@ class NoiseOptimization(AlignmentMethod):
     patience: int | None = None
     target: float | None = None
     gradient_checkpointing: bool = True
+    keep_images: bool = False
 
     stages = (Stage.INIT_LATENTS, Stage.NOISE_PRED, Stage.STEP_END)
 
@@ -337,7 +341,7 @@ class NoiseOptimization(AlignmentMethod):
         active = torch.ones(n, dtype=torch.bool)
         skipped = torch.zeros(n, dtype=torch.long)
         ran = torch.zeros(n, dtype=torch.long)
-        history = []
+        history, kept = [], []
         with state.pipe.progress_bar(total=self.steps) as bar:
             for _ in range(self.steps):
                 opt.zero_grad(set_to_none=False)
@@ -351,6 +355,11 @@ class NoiseOptimization(AlignmentMethod):
                     loss.sum().backward()
                 values = rewards.detach().cpu()
                 history.append(torch.where(active, values, torch.full_like(values, float("nan"))))
+                if self.keep_images:
+                    shown = images.detach().float().cpu()  # [N, 3, H, W]
+                    if kept:  # a stopped image keeps its last one
+                        shown = torch.where(active.view(-1, 1, 1, 1), shown, kept[-1])
+                    kept.append(shown)
                 ran += active
                 improved = active & (values > best)
                 for p, keep in zip(params, best_params):
@@ -401,6 +410,8 @@ class NoiseOptimization(AlignmentMethod):
             "iterations": ran,
             "skipped": skipped,
         }
+        if self.keep_images:
+            state.traces["noise_optimization"]["images"] = torch.stack(kept)
         sampler.account(state)
 
     def on_noise_pred(self, state: GenerationState) -> None:

@@ -222,11 +222,12 @@ def _percent(value: float, interval: tuple[float, float] | None) -> str:
     return text if interval is None else f"{text} ({100 * interval[0]:.0f}-{100 * interval[1]:.0f})"
 
 
-def markdown_table(results: list[EvalResult], baseline: EvalResult | None = None) -> str:
+def markdown_table(results: list[EvalResult], baseline: list | None = None) -> str:
     """One row per result: verified success per category and overall (%, with the 95% Wilson interval), the soft
     verifier's and the shapes CLIP's mean reward, diversity (shapes-CLIP distance and position spread among a prompt's
-    images), NFE, time and memory; with `baseline` (a run on the same prompts and seeds), the paired comparison
-    against it (won / lost, sign test p). Only the categories some result evaluated get a column."""
+    images), NFE, time and memory; with `baseline` (the `verdicts` of a run on the same prompts and seeds, as
+    :meth:`EvalResult.summary` gives them), the paired comparison against it (won / lost, sign test p). Only the
+    categories some result evaluated get a column."""
     categories = [c for c in CATEGORIES if any(c in r.category_accuracy for r in results)]
     head = ["run", *categories, "overall"]
     if baseline is not None:
@@ -241,11 +242,8 @@ def markdown_table(results: list[EvalResult], baseline: EvalResult | None = None
         ]
         cells.append(f"**{_percent(r.overall, r.intervals.get('overall'))}**")
         if baseline is not None:
-            if r is baseline:
-                cells.append("-")
-            else:
-                p = paired(baseline.summary()["verdicts"], r.summary()["verdicts"])
-                cells.append(f"{p['wins']} / {p['losses']}, {p['p_value']:.2g}")
+            p = paired(baseline, [[v.category, bool(v.passed)] for v in r.verification.verdicts])
+            cells.append("-" if p["wins"] == p["losses"] == 0 else f"{p['wins']} / {p['losses']}, {p['p_value']:.2g}")
         cells += [f"{r.soft_reward:.3f}", f"{r.clip_reward:.1f}",
                   f"{r.diversity['clip_distance']:.3f} / {r.diversity['position_spread']:.1f}",
                   f"{r.nfe_per_image:.0f}", f"{r.wall_time_s:.0f}", f"{r.peak_memory_mb:.0f}"]  # fmt: skip
