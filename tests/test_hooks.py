@@ -82,7 +82,7 @@ def test_stages_run_in_order_for_each_method(pipes):
     _, aligned = pipes
     log = []
     aligned("a cat", num_inference_steps=2, output_type="np", alignment=[Recorder(log, "a"), Recorder(log, "b")])
-    stages = ["prompt", "conditioning", "init_latents", "attention"]
+    stages = ["prompt", "conditioning", "attention", "init_latents"]
     for i in range(2):
         stages += [f"step_start {i}", f"noise_pred {i}", f"step_end {i}"]
     stages.append("output")

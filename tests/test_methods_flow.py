@@ -238,13 +238,13 @@ def test_token_reweight_weights_the_t5_sequence_on_flux(pipes):
     embeds, _, _ = pipe.encode_prompt("a red cat", None, device="cpu")
     w = torch.ones(embeds.shape[1], 1)
     w[1] = 1.5
-    assert torch.allclose(captured["prompt_embeds"], _mean_restored(embeds, w), atol=1e-5)
+    assert torch.allclose(captured["prompt_embeds"], _mean_restored(embeds, w), rtol=1e-4, atol=1e-5)
     assert (weighted.images - plain.images).abs().max() > 1e-5
     # `prompt_2` (FLUX's T5 prompt) carries its own weights; `prompt` then feeds CLIP's pooled vector only
     _, both = _captured_embeds(pipe, ["a (red:1.5) cat"], [TokenReweight()], prompt_2=["a red (cat:2)"])
     w2 = torch.ones(embeds.shape[1], 1)
     w2[2] = 2.0
-    assert torch.allclose(both["prompt_embeds"], _mean_restored(embeds, w2), atol=1e-5)
+    assert torch.allclose(both["prompt_embeds"], _mean_restored(embeds, w2), rtol=1e-4, atol=1e-5)
     attention = _call(pipe, [TokenReweight(mode="attention")], prompts=["a (red:3) cat"]).images
     assert (attention - _call(pipe, prompts=["a red cat"]).images).abs().max() > 1e-5
 

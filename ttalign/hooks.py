@@ -38,8 +38,8 @@ class Stage(str, enum.Enum):
 
     PROMPT = "prompt"
     CONDITIONING = "conditioning"
-    INIT_LATENTS = "init_latents"
     ATTENTION = "attention"
+    INIT_LATENTS = "init_latents"
     STEP_START = "step_start"
     NOISE_PRED = "noise_pred"
     STEP_END = "step_end"
