@@ -10,6 +10,7 @@ from ttalign import AlignedStableDiffusionPipeline
 from ttalign.attention import ControlProcessor, LayerContext
 from ttalign.methods import AttendAndExcite, RegionReweight, TokenReweight
 from ttalign.methods.attention import gaussian_kernel, parse_weighted_prompt, token_spans
+from ttalign.rewards import Reward
 from ttalign.testing import Redness, get_tiny_components, get_tiny_pipeline
 
 PROMPTS = ["a cat and a dog", "a red car and a tree"]
@@ -388,22 +389,24 @@ def test_region_reweight_encodes_each_phrase_alone(pipe):
     assert not torch.allclose(full[0, span], alone[0, 1 : 1 + len(span)])  # the prompt's context did colour them
 
 
+class Probe(Reward):
+    """A fixed random linear functional of the pixels: sensitive to any change of the image."""
+
+    differentiable = True
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def score(self, images, prompts):
+        return (images * self.weight).sum((1, 2, 3))
+
+
 def test_seed_search_and_noise_optimization_render_candidates_with_the_attention_methods(pipe):
     """Searches over the initial noise render each candidate with the call's attention methods (region re-weighting's
     modulated attention, Attend-and-Excite's latent updates), so the reward of the chosen candidate is the reward of
     the returned image; A&E's trace holds the returned images' steps only, and the processors are restored."""
     from ttalign.methods import NoiseOptimization, SeedSearch
-    from ttalign.rewards import Reward
-
-    class Probe(Reward):  # a fixed random linear functional of the pixels: sensitive to any change of the image
-        differentiable = True
-
-        def __init__(self):
-            super().__init__()
-            self.weight = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(0))
-
-        def score(self, images, prompts):
-            return (images * self.weight).sum((1, 2, 3))
 
     redness = Probe()
 
@@ -430,3 +433,19 @@ def test_seed_search_and_noise_optimization_render_candidates_with_the_attention
     returned = redness(torch.from_numpy(optimized.images).permute(0, 3, 1, 2), prompts)
     assert torch.allclose(optimized.rewards, returned, atol=1e-3)
     assert pipe.unet.attn_processors == before
+
+
+def test_noise_optimization_under_region_control_is_the_same_with_gradient_checkpointing(pipe):
+    """Region re-weighting's strength depends on the step; a checkpointed step replayed in the backward pass is synced
+    to its own step, so the optimized images equal those of the run without checkpointing."""
+    from ttalign.methods import NoiseOptimization
+
+    def run(checkpointing):
+        region = RegionReweight(regions={"cat": (0.0, 0.0, 0.5, 1.0), "dog": (0.5, 0.0, 1.0, 1.0)}, cross_weight=3.0)
+        method = NoiseOptimization(reward=Probe(), steps=2, lr=0.5, gradient_checkpointing=checkpointing)
+        return _call(pipe, ["a cat and a dog"], [region, method])
+
+    checkpointed, plain = run(True), run(False)
+    moved = checkpointed.traces["noise_optimization"]["rewards"]
+    assert (moved[1] - moved[0]).abs().min() > 1e-3  # the noise moved
+    assert np.abs(checkpointed.images - plain.images).max() <= 1e-5
