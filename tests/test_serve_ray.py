@@ -39,9 +39,14 @@ def test_two_ray_replicas_answer_the_same_client():
                 return await asyncio.gather(*(http.post(base + "/v1/images/generations", json=body)
                                               for _ in range(count)))  # fmt: skip
 
-        responses = asyncio.run(burst(4, 4))  # within 2 replicas x 1 in flight + 4 queued
-        assert [r.status_code for r in responses] == [200] * 4
-        assert len({r.headers["x-ttalign-replica"] for r in responses}) == 2  # both replicas served
+        replicas = set()
+        for _ in range(5):  # the router may send one burst to one replica (it batches them); both serve over a few
+            responses = asyncio.run(burst(4, 4))  # within 2 replicas x 1 in flight + 4 queued
+            assert [r.status_code for r in responses] == [200] * 4
+            replicas |= {r.headers["x-ttalign-replica"] for r in responses}
+            if len(replicas) == 2:
+                break
+        assert len(replicas) == 2  # both replicas served
         flood = asyncio.run(burst(40, 15))
         codes = [r.status_code for r in flood]
         assert set(codes) <= {200, 429} and codes.count(429) > 0 and codes.count(200) >= 4
