@@ -7,6 +7,7 @@ import torch
 from ttalign.rewards import load_reward
 from ttalign.shapes import (
     CATEGORIES,
+    ShapesCLIPScore,
     ShapesSoftVerifier,
     ShapesVerifierReward,
     evaluation_prompts,
@@ -181,10 +182,11 @@ def test_diversity_of_identical_and_of_moved_images():
     same = _images([[RED_CIRCLE]] * 3)
     moved = _images([[RED_CIRCLE], [ShapeObject("circle", "red", 23, 16, 5.5)], [ShapeObject("circle", "red", 16, 9,
                                                                                              6.5)]])  # fmt: skip
-    d_same = diversity(same, [prompt] * 3, verify(same, [prompt] * 3), 3)
-    d_moved = diversity(moved, [prompt] * 3, verify(moved, [prompt] * 3), 3)
+    embedder = ShapesCLIPScore().embedder
+    d_same = diversity(embedder.image_embeds(same), verify(same, [prompt] * 3), 3)
+    d_moved = diversity(embedder.image_embeds(moved), verify(moved, [prompt] * 3), 3)
     assert d_same["clip_distance"] == pytest.approx(0, abs=1e-5) and d_same["position_spread"] == 0
     assert d_moved["clip_distance"] > 1e-3 and d_moved["position_spread"] > 5 and d_moved["size_spread"] > 0
     assert d_same["prompts"] == 1
     with pytest.raises(ValueError, match="images_per_prompt=2"):
-        diversity(same, [prompt] * 3, verify(same, [prompt] * 3), 2)
+        diversity(embedder.image_embeds(same), verify(same, [prompt] * 3), 2)

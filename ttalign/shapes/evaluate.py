@@ -55,47 +55,43 @@ def paired(base: list, run: list) -> dict:
     return {"wins": wins, "losses": losses, "p_value": sign_test(wins, losses)}
 
 
-def diversity(samples: torch.Tensor, prompts: list[str], verification: Verification, images_per_prompt: int,
-              embedder=None) -> dict:  # fmt: skip
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def diversity(embeds: torch.Tensor, verification: Verification, images_per_prompt: int) -> dict:
     """Diversity among the images of each prompt (consecutive blocks of `images_per_prompt` images, as
     :func:`evaluate` generates them), averaged over the prompts; `nan` with one image per prompt:
 
-    - `clip_distance`: mean pairwise cosine distance `1 - cos` of shapes-CLIP image embeddings (0: identical images);
+    - `clip_distance`: mean pairwise cosine distance `1 - cos` of the images' unit-norm embeddings `embeds` `[N, D]`
+      (the shapes CLIP's in :func:`evaluate`; 0: identical images);
     - `position_spread`: the standard deviation (pixels at 32x32, both axes together) of where the objects are, each
       image's detected objects' mean centre;
     - `size_spread`: the standard deviation of the detected objects' mean area (pixels at 32x32).
 
-    Images without a detected object count for the CLIP distance only. `embedder` is a
-    :class:`~ttalign.rewards.clip.CLIPEmbedder` (default: the embedded shapes CLIP's).
+    Images without a detected object count for the CLIP distance only.
     """
-    if embedder is None:
-        from ttalign.shapes.clip import ShapesCLIPScore
-
-        embedder = ShapesCLIPScore().embedder
-    if len(prompts) != len(samples) or len(samples) % images_per_prompt:
-        raise ValueError(f"diversity needs one prompt per image and blocks of images_per_prompt={images_per_prompt} "
-                         f"images, got {len(samples)} images and {len(prompts)} prompts.")  # fmt: skip
-    groups = [list(range(i, i + images_per_prompt)) for i in range(0, len(samples), images_per_prompt)]
-    if any(len({prompts[i] for i in group}) > 1 for group in groups):
+    verdicts = verification.verdicts
+    if len(embeds) != len(verdicts) or len(verdicts) % images_per_prompt:
+        raise ValueError(f"diversity needs one embedding per verdict in blocks of images_per_prompt="
+                         f"{images_per_prompt}, got {len(embeds)} embeddings, {len(verdicts)} verdicts.")  # fmt: skip
+    groups = [list(range(i, i + images_per_prompt)) for i in range(0, len(verdicts), images_per_prompt)]
+    if any(len({verdicts[i].prompt for i in group}) > 1 for group in groups):
         raise ValueError(f"diversity: the blocks of {images_per_prompt} images do not each share one prompt.")
-    with torch.no_grad():
-        embeds = torch.cat([embedder.image_embeds(samples[i : i + 256]) for i in range(0, len(samples), 256)])
     distances, positions, sizes = [], [], []
     for indices in groups:
         if len(indices) < 2:
             continue
         e = embeds[indices]  # [k, D], unit norm
-        cos = e @ e.T
         k = len(indices)
-        distances.append(float((1 - cos).sum() / (k * (k - 1))))  # the diagonal is 0
-        found = [verification.verdicts[i].objects for i in indices]
+        distances.append(float((1 - e @ e.T).sum() / (k * (k - 1))))  # the diagonal is 0
+        found = [verdicts[i].objects for i in indices]
         centres = np.array([[np.mean([o.x for o in f]), np.mean([o.y for o in f])] for f in found if f])
         areas = np.array([np.mean([o.area for o in f]) for f in found if f])
         if len(centres) >= 2:
             positions.append(float(np.sqrt(centres.var(0).sum())))
             sizes.append(float(areas.std()))
-    mean = lambda values: float(np.mean(values)) if values else float("nan")  # noqa: E731
-    return {"clip_distance": mean(distances), "position_spread": mean(positions), "size_spread": mean(sizes),
+    return {"clip_distance": _mean(distances), "position_spread": _mean(positions), "size_spread": _mean(sizes),
             "prompts": len(distances)}  # fmt: skip
 
 
@@ -183,12 +179,13 @@ def evaluate(
     verification = verify(samples, texts)
     from ttalign.shapes.clip import ShapesCLIPScore
 
-    clip = ShapesCLIPScore()
+    embedder = ShapesCLIPScore().embedder
     with torch.no_grad():
-        soft, clip_scores = (
-            torch.cat([reward(samples[i : i + 256], texts[i : i + 256]) for i in range(0, len(texts), 256)])
-            for reward in (ShapesSoftVerifier(), clip)
-        )
+        soft = torch.cat([ShapesSoftVerifier()(samples[i : i + 256], texts[i : i + 256])
+                          for i in range(0, len(texts), 256)])  # fmt: skip
+        # shapes-CLIP image embeddings once, for CLIPScore (100 cos) and diversity: [N, D]
+        embeds = torch.cat([embedder.image_embeds(samples[i : i + 256]) for i in range(0, len(texts), 256)])
+        clip_scores = 100 * (embeds * embedder.text_embeds(texts)).sum(-1)
     accuracy = verification.category_accuracy
     intervals = {}
     for category in accuracy:
@@ -203,7 +200,7 @@ def evaluate(
         soft_reward=float(soft.mean()),
         clip_reward=float(clip_scores.mean()),
         intervals=intervals,
-        diversity=diversity(samples, texts, verification, seeds, clip.embedder),
+        diversity=diversity(embeds, verification, seeds),
         images=len(texts),
         wall_time_s=wall,
         nfe_per_image=totals["nfe"] / len(texts),
