@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +93,7 @@ def main() -> None:
     )
     data = {"benchmark": "overoptimization", "command": command, "rows": rows, "images": len(texts),
             "environment": environment(), "final_gain": rows[-1]["overall"] - rows[0]["overall"],
-            "reward_gain": float(np.subtract(rows[-1][args.reward], rows[0][args.reward]))}  # fmt: skip
+            "reward_gain": rows[-1][args.reward] - rows[0][args.reward]}  # fmt: skip
     write_results(name, data, markdown)
     print(markdown)
 

@@ -150,9 +150,8 @@ def main() -> None:
                      f"**{100 * r['overall']:.1f}** | {vs} | {r['train_s']:.0f} |")  # fmt: skip
     for name, r in guide.items():
         cats = " | ".join(f"{100 * r['category_accuracy'][c]:.1f}" for c in CATEGORIES)
-        p = paired(
-            rows[0]["verdicts"], r["verdicts"]
-        )  # the same prompts, seeds and noise streams as the base model's evaluation
+        # the same prompts, seeds and noise streams as the base model's evaluation
+        p = paired(rows[0]["verdicts"], r["verdicts"])
         vs = f"{p['wins']} / {p['losses']}, {p['p_value']:.3g}"
         lines.append(f"| guide: {name} (shapes_flow_methods_{name}) | {r['nfe_per_image']:.0f} | {cats} | "
                      f"**{100 * r['overall']:.1f}** | {vs} | 0 |")  # fmt: skip
