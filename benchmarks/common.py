@@ -56,7 +56,20 @@ def run_sides(script: str, sides: tuple[str, ...], argv: list[str]) -> tuple[lis
     return rows, arrays
 
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+PALETTE = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+    (0, 0, 0),
+    (120, 60, 160),
+]
 
 
 def line_chart(series: dict[str, list[tuple[float, float]]], path: str, xlabel: str, ylabel: str,

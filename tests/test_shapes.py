@@ -175,6 +175,25 @@ def test_wilson_interval_and_sign_test_match_their_formulas():
         paired(base, run[::-1])
 
 
+def test_select_best_is_best_of_the_first_n_and_pass_at_n():
+    from ttalign.shapes.evaluate import select_best
+
+    scores = torch.tensor([[0.1, 0.9, 0.5, 2.0], [0.7, 0.7, float("nan"), 0.1], [float("nan"), 0.2, 0.3, 0.0]])
+    assert select_best(scores, 1).tolist() == [0, 0, 0]  # one candidate: the plain sample
+    assert select_best(scores, 2).tolist() == [1, 0, 1]  # ties: the first; NaN never wins
+    assert select_best(scores, 3).tolist() == [1, 0, 2]
+    assert select_best(scores, 4).tolist() == [3, 0, 2]
+    # pass@n: the verdicts as scores pick a passing candidate whenever one of the first n passed
+    passed = torch.tensor([[False, False, True, False], [False, False, False, False], [False, True, True, False]])
+    hits = [bool(passed[i, j]) for i, j in enumerate(select_best(passed.float(), 3))]
+    assert hits == [True, False, True]
+    assert not passed[0, select_best(passed.float(), 2)[0]]
+    with pytest.raises(ValueError, match="n must be in \\[1, 4\\], got 5"):
+        select_best(scores, 5)
+    with pytest.raises(ValueError, match="shape \\[P, K\\]"):
+        select_best(scores[0], 1)
+
+
 def test_diversity_of_identical_and_of_moved_images():
     from ttalign.shapes.evaluate import diversity
 

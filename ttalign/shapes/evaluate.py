@@ -55,6 +55,19 @@ def paired(base: list, run: list) -> dict:
     return {"wins": wins, "losses": losses, "p_value": sign_test(wins, losses)}
 
 
+def select_best(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Selection among candidates: for each row of `scores` `[P, K]` (a reward of `K` candidates, e.g. the images of
+    one prompt and seed, or noise optimization's iterates), the index of the highest-scoring of the first `n` (the
+    first of equal scores; a NaN score never wins). Best-of-`n` with a reward; with a verifier's verdicts as the
+    scores, pass@`n` (an oracle's pick: right whenever any of the `n` is). Returns `[P]` long."""
+    if scores.ndim != 2:
+        raise ValueError(f"select_best needs scores of shape [P, K], got {tuple(scores.shape)}.")
+    if not 1 <= n <= scores.shape[1]:
+        raise ValueError(f"select_best: n must be in [1, {scores.shape[1]}], got {n!r}.")
+    first = scores[:, :n].float().nan_to_num(nan=float("-inf"))  # [P, n]
+    return first.argmax(dim=1)  # the first maximum
+
+
 def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
