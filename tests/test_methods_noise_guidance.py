@@ -65,6 +65,14 @@ def test_noise_optimization_improves_the_reward_and_returns_the_best_iterate(ddi
     assert kept["images"].shape == (4, 2, 3, 64, 64)
     assert torch.allclose(kept["images"][0], _call(ddim).images, atol=1e-5)  # iteration 0: the plain call's noise
     assert torch.allclose(reward(kept["images"].flatten(0, 1), PROMPTS * 4).view(4, 2), kept["rewards"], atol=1e-4)
+    # steps=k returns the best-rewarded of the first k iterates of a longer run (the compute-scaling benchmark's
+    # reading of one run's record)
+    from ttalign.shapes.evaluate import select_best
+
+    for k in (2, 4):
+        short = _call(ddim, [dataclasses.replace(method, steps=k)]).images
+        pick = select_best(kept["rewards"].T, k)  # [2]
+        assert torch.allclose(short, kept["images"][pick, torch.arange(2)], atol=1e-4)
 
 
 def test_noise_optimization_is_per_image(ddim):
