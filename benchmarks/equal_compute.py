@@ -3,10 +3,12 @@
 Reads `benchmarks/results/shapes_methods_*.json` (written by `shapes_eval.py`), groups them into series by method,
 and writes `shapes_equal_compute.md` (a table per category), `.json` and `.png` (overall verified success against
 NFE per image, one line per method). With `--model flow`, the runs of `run_methods_flow.sh`
-(`shapes_flow_methods_*` -> `shapes_flow_equal_compute`).
+(`shapes_flow_methods_*` -> `shapes_flow_equal_compute`); with `--set headline`, the whole-set runs of
+`run_headline.sh` (`shapes_headline_*` -> `shapes_headline`), whose names end in the optimized reward.
 
     python benchmarks/equal_compute.py
     python benchmarks/equal_compute.py --model flow
+    python benchmarks/equal_compute.py --set headline
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def load_runs(prefix: str = "shapes_methods_") -> list[dict]:
             data = json.load(f)
         key = os.path.basename(path)[len(prefix) : -len(".json")]
         series = next((label for prefix, label in SERIES.items() if key.startswith(prefix)), key)
-        runs.append({"run": key, "series": series, **data})
+        reward = next((f"shapes_{r}" for r in ("soft", "clip") if key.endswith(f"_{r}")), None)
+        runs.append({"run": key, "series": series + (f" [{reward}]" if reward else ""), "method": series, **data})
     return runs
 
 
@@ -77,7 +80,7 @@ def plot(runs: list[dict], path: str, width: int = 720, height: int = 440) -> No
     for i, label in enumerate(labels):
         color = COLORS[i % len(COLORS)]
         points = sorted((r for r in runs if r["series"] == label), key=lambda r: r["nfe_per_image"])
-        if baseline is not None and label in ("best-of-N", "particle steering (FK)"):
+        if baseline is not None and points[0]["method"] in ("best-of-N", "particle steering (FK)"):
             points = [baseline] + points  # N = 1 is the plain model
         coords = [xy(r["nfe_per_image"], r["overall"]) for r in points]
         if len(coords) > 1:
@@ -92,37 +95,59 @@ def plot(runs: list[dict], path: str, width: int = 720, height: int = 440) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=("sd", "flow"), default="sd")
-    flow = parser.parse_args().model == "flow"
+    parser.add_argument("--set", choices=("methods", "headline"), default="methods")
+    args = parser.parse_args()
+    flow = args.model == "flow"
+    headline = args.set == "headline"
+    if headline and flow:
+        parser.error("--set headline is a run of the SD shapes model (benchmarks/run_headline.sh)")
     stem, script = ("shapes_flow_", "run_methods_flow.sh") if flow else ("shapes_", "run_methods.sh")
-    runs = load_runs(f"{stem}methods_")
+    if headline:
+        script = "run_headline.sh"
+    runs = load_runs(f"{stem}{args.set}_")
     if not runs:
-        raise SystemExit(f"No {stem}methods_*.json results: run benchmarks/{script} first.")
-    header = ("| run | NFE / image | " + " | ".join(CATEGORIES) + " | overall | vs baseline: fail->pass / pass->fail, "
-              "sign test p | soft reward | wall (s) |")  # fmt: skip
-    lines = [header, "|" + "---|" * (len(CATEGORIES) + 6)]
+        raise SystemExit(f"No {stem}{args.set}_*.json results: run benchmarks/{script} first.")
+    header = ("| run | NFE / image | " + " | ".join(CATEGORIES) + " | overall (95% interval) | vs baseline: "
+              "fail->pass / pass->fail, sign test p | soft reward | CLIP reward | diversity: CLIP distance / "
+              "position spread | wall / image (s) |")  # fmt: skip
+    lines = [header, "|" + "---|" * (len(CATEGORIES) + 8)]
     base = next((r for r in runs if r["series"] == "baseline"), None)
-    for r in sorted(runs, key=lambda r: (list(SERIES.values()).index(r["series"]), r["nfe_per_image"])):
+    order = list(SERIES.values())
+    for r in sorted(runs, key=lambda r: (order.index(r["method"]) if r["method"] in order else len(order),
+                                         r["series"], r["nfe_per_image"])):  # fmt: skip
         cats = " | ".join(f"{100 * r['category_accuracy'][c]:.1f}" for c in CATEGORIES)
         vs = "-"
         if base is not None and r is not base and "verdicts" in base and "verdicts" in r:  # paired image by image
             r["paired"] = paired(base["verdicts"], r["verdicts"])
             wins, losses = r["paired"]["wins"], r["paired"]["losses"]
             vs = f"{wins} / {losses}, {r['paired']['p_value']:.3g}"
-        lines.append(f"| {r['run']} | {r['nfe_per_image']:.0f} | {cats} | **{100 * r['overall']:.1f}** | {vs} | "
-                     f"{r['soft_reward']:.3f} | {r['wall_time_s']:.0f} |")  # fmt: skip
-    name = f"{stem}equal_compute"
+        low, high = r.get("intervals", {}).get("overall", (None, None))
+        interval = f" ({100 * low:.0f}-{100 * high:.0f})" if low is not None else ""
+        div = r.get("diversity")
+        spread = f"{div['clip_distance']:.3f} / {div['position_spread']:.1f}" if div else "-"
+        clip = f"{r['clip_reward']:.1f}" if "clip_reward" in r else "-"
+        wall = r["wall_time_s"] / r["images"]
+        lines.append(f"| {r['run']} | {r['nfe_per_image']:.0f} | {cats} | **{100 * r['overall']:.1f}**{interval} | "
+                     f"{vs} | {r['soft_reward']:.3f} | {clip} | {spread} | {wall:.2f} |")  # fmt: skip
+    name = f"{stem}headline" if headline else f"{stem}equal_compute"
     plot(runs, os.path.join(RESULTS, f"{name}.png"))
     first = runs[0]
     sampling = "20 flow-matching Euler steps" if flow else "25 DDIM steps"
+    title = "the whole evaluation set, both rewards" if headline else "methods at equal compute"
+    option = " --set headline" if headline else " --model flow" if flow else ""
+    reward = ("the run name's reward optimized (soft: the verifier's differentiable copy; clip: the learned shapes "
+              "CLIP, not the judge)" if headline else "soft verifier as the reward")  # fmt: skip
     markdown = (
-        f"# Shapes world{' (flow model)' if flow else ''}: methods at equal compute\n\n`bash benchmarks/{script}` "
-        f"then `python benchmarks/equal_compute.py{' --model flow' if flow else ''}`\n\n"
+        f"# Shapes world{' (flow model)' if flow else ''}: {title}\n\n`bash benchmarks/{script}` "
+        f"then `python benchmarks/equal_compute.py{option}`\n\n"
         f"{first['images']} images per run ({first['command'].split('--per-category ')[-1].split()[0]} prompts per "
-        f"category, see each run's command in its JSON), {sampling}, guidance 3.0, soft verifier as the reward. "
+        f"category, see each run's command in its JSON), {sampling}, guidance 3.0, {reward}. "
         "NFE counts denoiser forward passes per returned image (a CFG pair counts once; backward passes of the "
         "gradient methods are not counted, their cost shows in the wall time). Each run is paired with the baseline "
         "image by image (the same prompts, seeds and noise streams): the images it turns from failed to passed and "
-        "back, and the two-sided exact sign test.\n\n" + "\n".join(lines) + "\n\n"
+        "back, and the two-sided exact sign test. Intervals are 95% Wilson intervals on the pooled images; diversity "
+        "is the mean pairwise shapes-CLIP distance and the spread of object positions (pixels) among a prompt's "
+        "images (`-` where the run predates it).\n\n" + "\n".join(lines) + "\n\n"
         f"![verified success against NFE]({name}.png)\n"
     )
     data = {"benchmark": "equal_compute", "runs": [{k: r[k] for k in ("run", "series", "nfe_per_image", "overall",
