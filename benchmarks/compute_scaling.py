@@ -1,14 +1,14 @@
 """Compute scaling on a shapes model: verified success on the composite categories against NFE per returned image
-(1x to 16x the plain model's), for best-of-N, particle steering, noise optimization and reward guidance, and
-compositions with region re-weighting, each with the soft verifier (the judge's differentiable copy) and with the
+(1x to 16x the plain model's), for best-of-N, seed search, particle steering, noise optimization and reward guidance,
+and compositions with region re-weighting, each with the soft verifier (the judge's differentiable copy) and with the
 shapes CLIP (a learned reward that is not the judge) as the optimized signal; wall time beside NFE.
 
 1. Candidates: `--candidates` images per prompt and seed, plain and with region re-weighting, scored by both rewards
    and judged by the exact verifier. Best-of-n is the highest-rewarded of the first n (what `BestOfN(n)` returns on
    these noises; its time is n candidates' share of the run, rewards included). pass@n, the verifier picking, is the
    ceiling of any selection among n samples: how often the model draws a right image at all.
-2. Particle steering (`--particles`) and reward guidance, run through the harness on the same prompts and seeds as
-   the plain run (paired sign test against it).
+2. Particle steering (`--particles`), seed search (one round around the best of its initial noises) and reward
+   guidance, run through the harness on the same prompts and seeds as the plain run (paired sign test against it).
 3. Noise optimization, from `overoptimization.py`'s per-image record (run it first, with `--batch-prompts 16`, the
    same prompts and seeds): `NoiseOptimization(steps=k)` returns the best-rewarded of its first k iterates, at
    (k + 1)x NFE.
@@ -48,6 +48,7 @@ from ttalign.shapes.evaluate import diversity, evaluate, paired, select_best, wi
 COMPOSITE = ("counting", "two_objects", "position", "color_attribution")
 REWARDS = ("shapes_soft", "shapes_clip")
 SCALE = {"shapes_soft": 1.0, "shapes_clip": 0.01}  # the rewards' scales: soft in (0, 1], CLIP 100 x cosine
+SEED_SEARCH = ((2, 1), (4, 3))  # (initial noises, neighbours in one round): 4x and 8x NFE
 REGIONS = "region_reweight:regions=@ttalign.shapes.world:layout_regions"
 
 
@@ -136,8 +137,13 @@ def main() -> None:
             spec = f"particle_steering:particles={n},reward={reward},lmbda={10 * SCALE[reward]:g}"
             specs.append(("particle steering", reward, [spec]))
         specs.append(("reward guidance", reward, [f"reward_guidance:reward={reward},scale={5 * SCALE[reward]:g}"]))
+        for n, neighbors in SEED_SEARCH:  # n + neighbors candidates and the final render
+            spec = f"seed_search:n={n},rounds=1,neighbors={neighbors},reward={reward}"
+            specs.append(("seed search", reward, [spec]))
     specs.append(("particle steering + region re-weighting", "shapes_soft",
                   ["particle_steering:particles=4,reward=shapes_soft", REGIONS]))  # fmt: skip
+    specs.append(("seed search + region re-weighting", "shapes_soft",
+                  ["seed_search:n=4,rounds=1,neighbors=3,reward=shapes_soft", REGIONS]))  # fmt: skip
     for method, reward, spec in specs:
         run = evaluate(pipe, prompts, [method_from_spec(s) for s in spec], name=method, seeds=args.seeds, **settings)
         points.append(point(method, reward, run.nfe_per_image, run.wall_time_s / run.images,
