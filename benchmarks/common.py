@@ -102,14 +102,24 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: str, xlabel: 
         draw.text((x - 10, bottom + 8), f"{x_lo + (x_hi - x_lo) * k / 5:.3g}", fill="black")
     draw.text(((left + right) // 2 - 40, height - 22), xlabel, fill="black")
     draw.text((left + 6, 2), ylabel, fill="black")
+
+    def marker(x, y, shape, color, r=3):  # past the palette's length, series differ by marker: o, square, triangle
+        box = [x - r, y - r, x + r, y + r]
+        if shape == 0:
+            draw.ellipse(box, fill=color)
+        elif shape == 1:
+            draw.rectangle(box, fill=color)
+        else:
+            draw.polygon([(x, y - r - 1), (x - r - 1, y + r), (x + r + 1, y + r)], fill=color)
+
     for i, (label, values) in enumerate(series.items()):
-        color = PALETTE[i % len(PALETTE)]
+        color, shape = PALETTE[i % len(PALETTE)], (i // len(PALETTE)) % 3
         coords = [xy(x, y) for x, y in sorted(values)]
         if len(coords) > 1:
             draw.line(coords, fill=color, width=2)
         if len(coords) <= 40:
             for x, y in coords:
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        draw.rectangle([right + 20, top + 20 * i + 4, right + 32, top + 20 * i + 16], fill=color)
+                marker(x, y, shape, color)
+        marker(right + 26, top + 20 * i + 10, shape, color, r=5)
         draw.text((right + 38, top + 20 * i + 4), label, fill="black")
     image.save(path)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compute scaling and over-optimization on the SD shapes model (about 45 minutes on 2 CPU cores): noise optimization's
+# Compute scaling and over-optimization on the SD shapes model (about 55 minutes on 2 CPU cores): noise optimization's
 # per-iteration record on both rewards (the over-optimization monitors), then the scaling curves of every method.
 #   bash benchmarks/run_scaling.sh
 set -euo pipefail

@@ -4,8 +4,11 @@ reward backpropagation on the soft verifier; each LoRA evaluated like the infere
 1. Draws `--prompts` training captions from the shapes grammar (their own seed, not the evaluation set's), samples
    4 images per caption with the base model, and keeps one (passed, failed) pair per caption the exact verifier
    splits.
-2. Trains a LoRA with `DiffusionDPOTrainer`, and another with `RewardBackpropTrainer` (mode "draft", k=1).
-3. Evaluates the base model and each LoRA on the method benchmark's prompts and seeds (`shapes_eval` harness).
+2. Trains a LoRA with `DiffusionDPOTrainer`, and another with `RewardBackpropTrainer` (mode "draft", k=1); with
+   `--trainers dpo_guided`, DPO on pairs whose winners are drawn with a test-time method (`--guide`, by default region
+   re-weighting) and kept when the verifier passes them: test-time alignment distilled into a LoRA.
+3. Evaluates the base model and each LoRA on the method benchmark's prompts and seeds (`shapes_eval` harness), or on
+   the whole evaluation set with `--eval-per-category 40 --eval-seeds 4`; paired sign tests against the base model.
 
 Writes `benchmarks/results/training.json` and `.md`.
 
@@ -29,8 +32,9 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment, write_results  # noqa: E402
 
+from ttalign.methods import method_from_spec  # noqa: E402
 from ttalign.shapes import ShapesSoftVerifier, evaluation_prompts, load_pipeline, verify  # noqa: E402
-from ttalign.shapes.evaluate import evaluate  # noqa: E402
+from ttalign.shapes.evaluate import evaluate, paired  # noqa: E402
 from ttalign.shapes.world import sample_scene  # noqa: E402
 from ttalign.training import (  # noqa: E402
     DDPOConfig,
@@ -41,7 +45,8 @@ from ttalign.training import (  # noqa: E402
     RewardBackpropTrainer,
 )
 
-TRAINER_NAMES = {"dpo": "DPO", "draft": "DRaFT-1", "ddpo": "DDPO"}
+TRAINER_NAMES = {"dpo": "DPO", "dpo_guided": "DPO on guided winners", "draft": "DRaFT-1", "ddpo": "DDPO"}
+REGIONS = "region_reweight:regions=@ttalign.shapes.world:layout_regions"
 CATEGORIES = ("single_object", "colors", "counting", "two_objects", "position", "color_attribution")
 
 
@@ -76,9 +81,43 @@ def write_verified_pairs(pipe, out: str, captions: list[str], seed: int = 7, **s
     return len(lines)
 
 
-def run_eval(pipe, name: str) -> dict:
-    prompts = evaluation_prompts(20)  # the method benchmark's set: 20 prompts per category x 2 images
-    result = evaluate(pipe, prompts, [], name=name, seeds=2, num_inference_steps=25, guidance_scale=3.0)
+def write_guided_pairs(pipe, out: str, captions: list[str], methods: list, seed: int = 7, **sampling) -> int:
+    """Pairs whose winners come from test-time alignment: per caption, 2 images generated with `methods` and 4 plain
+    samples; the winner is a guided image the exact verifier passes (a plain one where no guided image passes), the
+    loser a plain sample it fails. Written to `out` like :func:`write_verified_pairs`; returns the number of pairs."""
+    lines = []
+    for start in range(0, len(captions), 16):
+        chunk = captions[start : start + 16]
+        generator = torch.Generator().manual_seed(seed + start)
+        guided = pipe(chunk, num_images_per_prompt=2, output_type="pt", generator=generator, alignment=methods,
+                      **sampling).images  # fmt: skip
+        plain = pipe(chunk, num_images_per_prompt=4, output_type="pt", generator=generator, **sampling).images
+        guided_passed = verify(guided, [c for c in chunk for _ in range(2)]).passed
+        plain_passed = verify(plain, [c for c in chunk for _ in range(4)]).passed
+        for k, caption in enumerate(chunk):
+            winners = [guided[2 * k + i] for i in range(2) if guided_passed[2 * k + i]]
+            winners += [plain[4 * k + i] for i in range(4) if plain_passed[4 * k + i]]
+            losers = [plain[4 * k + i] for i in range(4) if not plain_passed[4 * k + i]]
+            if not winners or not losers:
+                continue
+            names = []
+            for side, image in enumerate((winners[0], losers[0])):
+                name = f"{len(lines):05d}_{side}.png"
+                array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                Image.fromarray(array).save(os.path.join(out, name))
+                names.append(name)
+            lines.append(json.dumps({"prompt": caption, "image_0": names[0], "image_1": names[1], "label": 0}))
+        print(f"guided pairs: {len(lines)} from {start + len(chunk)} captions", flush=True)
+    with open(os.path.join(out, "pairs.jsonl"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return len(lines)
+
+
+def run_eval(pipe, name: str, per_category: int = 20, seeds: int = 2) -> dict:
+    """Verified success at 1x NFE; by default the method benchmark's set (20 prompts per category x 2 images), the
+    whole evaluation set with `per_category=40, seeds=4`."""
+    prompts = evaluation_prompts(per_category)
+    result = evaluate(pipe, prompts, [], name=name, seeds=seeds, num_inference_steps=25, guidance_scale=3.0)
     return result.summary()
 
 
@@ -89,27 +128,46 @@ def main() -> None:
     parser.add_argument("--draft-steps", type=int, default=100)
     parser.add_argument("--ddpo-steps", type=int, default=50)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--trainers", default="dpo,draft", help="comma-separated: dpo, draft, ddpo")
+    parser.add_argument("--trainers", default="dpo,draft", help="comma-separated: dpo, dpo_guided, draft, ddpo")
+    parser.add_argument("--guide", default=REGIONS, help="dpo_guided: the method spec that draws the winners")
+    parser.add_argument("--eval-per-category", type=int, default=20)
+    parser.add_argument("--eval-seeds", type=int, default=2)
     parser.add_argument("--name", default="training", help="results file name")
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = []
     base = load_pipeline()
     base.set_progress_bar_config(disable=True)
-    rows.append({"run": "base model", **run_eval(base, "base"), "train_s": 0.0})
+    evaluation = {"per_category": args.eval_per_category, "seeds": args.eval_seeds}
+    rows.append({"run": "base model", **run_eval(base, "base", **evaluation), "train_s": 0.0})
+    reference = rows[0]["verdicts"]
     with tempfile.TemporaryDirectory() as tmp:
-        pairs, n_pairs = make_model_pairs(base, tmp, args.prompts)
-        train_prompts = [json.loads(line)["prompt"] for line in open(os.path.join(pairs, "pairs.jsonl"))]
+        pairs, n_pairs, train_prompts = tmp, 0, []
+        if set(args.trainers.split(",")) - {"dpo_guided"}:
+            pairs, n_pairs = make_model_pairs(base, tmp, args.prompts)
+            train_prompts = [json.loads(line)["prompt"] for line in open(os.path.join(pairs, "pairs.jsonl"))]
+        n_guided = 0
+        if "dpo_guided" in args.trainers.split(","):
+            # the winners drawn with the guide; its time counts as training time
+            start = time.perf_counter()
+            guided_pairs = os.path.join(tmp, "guided_pairs")
+            os.makedirs(guided_pairs)
+            rng = np.random.default_rng(7)
+            captions = [sample_scene(rng)[1] for _ in range(args.prompts)]
+            n_guided = write_guided_pairs(base, guided_pairs, captions, [method_from_spec(args.guide)],
+                                          num_inference_steps=25, guidance_scale=3.0)  # fmt: skip
+            guide_s = time.perf_counter() - start
 
         for kind in args.trainers.split(","):
             pipe = load_pipeline()
             pipe.set_progress_bar_config(disable=True)
             out_dir = os.path.join(tmp, kind)
             start = time.perf_counter()
-            if kind == "dpo":
+            if kind in ("dpo", "dpo_guided"):
                 config = DPOConfig(max_steps=args.dpo_steps, train_batch_size=8, learning_rate=args.lr,
                                    checkpointing_steps=args.dpo_steps, output_dir=out_dir)  # fmt: skip
-                trainer = DiffusionDPOTrainer(pipe, config, train_dataset=pairs)
+                dataset = pairs if kind == "dpo" else guided_pairs
+                trainer = DiffusionDPOTrainer(pipe, config, train_dataset=dataset)
             elif kind == "ddpo":
                 config = DDPOConfig(num_inference_steps=25, guidance_scale=3.0, max_steps=args.ddpo_steps,
                                     train_batch_size=8, learning_rate=args.lr, clip_range=1e-4,
@@ -121,40 +179,55 @@ def main() -> None:
                                               checkpointing_steps=args.draft_steps, output_dir=out_dir)  # fmt: skip
                 trainer = RewardBackpropTrainer(pipe, config, ShapesSoftVerifier(), train_prompts)
             metrics = trainer.train()
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start + (guide_s if kind == "dpo_guided" else 0.0)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            steps = {"dpo": args.dpo_steps, "draft": args.draft_steps, "ddpo": args.ddpo_steps}[kind]
-            label = f"{ {'dpo': 'DPO', 'draft': 'DRaFT-1', 'ddpo': 'DDPO'}[kind] } LoRA ({steps} steps)"
-            rows.append({"run": label, **run_eval(pipe, kind), "train_s": seconds, "train_peak_rss_mb": peak,
-                         "last_metrics": metrics})  # fmt: skip
+            steps = {"dpo": args.dpo_steps, "dpo_guided": args.dpo_steps, "draft": args.draft_steps,
+                     "ddpo": args.ddpo_steps}[kind]  # fmt: skip
+            label = f"{TRAINER_NAMES[kind]} LoRA ({steps} steps)"
+            summary = run_eval(pipe, kind, **evaluation)
+            rows.append({"run": label, **summary, "train_s": seconds, "train_peak_rss_mb": peak,
+                         "last_metrics": metrics, "paired": paired(reference, summary["verdicts"])})  # fmt: skip
             print(rows[-1]["run"], rows[-1]["overall"], flush=True)
 
     guide = {}
-    for name in ("reward_guidance", "best_of_4", "particle_steering_4"):
+    default_set = (args.eval_per_category, args.eval_seeds) == (20, 2)  # the method benchmark's prompts and seeds
+    for name in ("reward_guidance", "best_of_4", "particle_steering_4") if default_set else ():
         path = os.path.join(os.path.dirname(__file__), "results", f"shapes_methods_{name}.json")
         if os.path.isfile(path):
             guide[name] = json.load(open(path))
-    lines = ["| run | NFE / image | " + " | ".join(CATEGORIES) + " | overall | training (s) |",
-             "|" + "---|" * (len(CATEGORIES) + 4)]  # fmt: skip
+    lines = ["| run | NFE / image | " + " | ".join(CATEGORIES) + " | overall (95% interval) | vs base: won / lost, p "
+             "| training (s) |", "|" + "---|" * (len(CATEGORIES) + 5)]  # fmt: skip
     for r in rows:
         cats = " | ".join(f"{100 * r['category_accuracy'][c]:.1f}" for c in CATEGORIES)
-        lines.append(f"| {r['run']} | 25 | {cats} | **{100 * r['overall']:.1f}** | {r['train_s']:.0f} |")
+        low, high = r["intervals"]["overall"]
+        p = r.get("paired")
+        versus = f"{p['wins']} / {p['losses']}, {p['p_value']:.2g}" if p else "-"
+        lines.append(f"| {r['run']} | 25 | {cats} | **{100 * r['overall']:.1f}** ({100 * low:.0f}-{100 * high:.0f}) | "
+                     f"{versus} | {r['train_s']:.0f} |")  # fmt: skip
     for name, r in guide.items():
         cats = " | ".join(f"{100 * r['category_accuracy'][c]:.1f}" for c in CATEGORIES)
         lines.append(f"| guide: {name} (from shapes_methods_{name}) | {r['nfe_per_image']:.0f} | {cats} | "
-                     f"**{100 * r['overall']:.1f}** | 0 |")  # fmt: skip
+                     f"**{100 * r['overall']:.1f}** | - | 0 |")  # fmt: skip
     command = "python benchmarks/train_shapes.py " + " ".join(sys.argv[1:])
     env = environment()
     markdown = (
         f"# Shapes world: train vs guide\n\n`{command}`\n\n"
-        f"Trainers {args.trainers}: DPO on {n_pairs} verifier-labelled pairs of the base model's own samples "
-        "(captions drawn with their own seed), DRaFT-1 and DDPO (PPO, DDIM eta 1) on the soft verifier over the same "
-        "captions; "
-        f"LoRA rank 8, batch 8, lr {args.lr}, "
-        f"{env['device']}. Evaluated on the method benchmark's 120 prompts x 2 images (25 DDIM steps, guidance 3.0); "
-        "the guided rows are the inference-time methods on the same prompts and seeds.\n\n" + "\n".join(lines) + "\n"
-    )
-    data = {"benchmark": "training", "command": command, "pairs": n_pairs, "rows": rows, "environment": env}
+        f"Trainers {args.trainers}: "
+        + (f"DPO on {n_pairs} verifier-labelled pairs of the base model's own samples (captions drawn with their "
+           "own seed), DRaFT-1 and DDPO (PPO, DDIM eta 1) on the soft verifier over the same captions; "
+           if n_pairs else "")
+        + (f"DPO on guided winners: {n_guided} pairs whose winner is a verifier-passed image drawn with "
+           f"`{args.guide}` (a plain one where none passed) and whose loser is a failed plain sample, its sampling "
+           "time counted in its training time; " if n_guided else "")
+        + f"LoRA rank 8, batch 8, lr {args.lr}, {env['device']}. Evaluated at 1x NFE on "
+        f"{6 * args.eval_per_category} prompts x {args.eval_seeds} images (25 DDIM steps, guidance 3.0), paired with "
+        "the base model image by image (sign test)"
+        + ("; the guide rows are the inference-time methods on the same prompts and seeds" if guide else "")
+        + ". The shapes grammar is small: training captions repeat evaluation captions, never their seeds.\n\n"
+        + "\n".join(lines) + "\n"
+    )  # fmt: skip
+    data = {"benchmark": "training", "command": command, "pairs": n_pairs, "guided_pairs": n_guided, "rows": rows,
+            "environment": env}  # fmt: skip
     write_results(args.name, json.loads(json.dumps(data, default=str)), markdown)
     print(markdown)
 
