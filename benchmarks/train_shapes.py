@@ -209,13 +209,15 @@ def main() -> None:
         lines.append(f"| guide: {name} (from shapes_methods_{name}) | {r['nfe_per_image']:.0f} | {cats} | "
                      f"**{100 * r['overall']:.1f}** | - | 0 |")  # fmt: skip
     command = "python benchmarks/train_shapes.py " + " ".join(sys.argv[1:])
+    trainers = set(args.trainers.split(","))
     env = environment()
     markdown = (
         f"# Shapes world: train vs guide\n\n`{command}`\n\n"
         f"Trainers {args.trainers}: "
         + (f"DPO on {n_pairs} verifier-labelled pairs of the base model's own samples (captions drawn with their "
-           "own seed), DRaFT-1 and DDPO (PPO, DDIM eta 1) on the soft verifier over the same captions; "
-           if n_pairs else "")
+           "own seed; the sampling time not counted); " if "dpo" in trainers else "")
+        + ("DRaFT-1 and DDPO (PPO, DDIM eta 1) on the soft verifier over the same captions; "
+           if {"draft", "ddpo"} & trainers else "")
         + (f"DPO on guided winners: {n_guided} pairs whose winner is a verifier-passed image drawn with "
            f"`{args.guide}` (a plain one where none passed) and whose loser is a failed plain sample, its sampling "
            "time counted in its training time; " if n_guided else "")
@@ -223,7 +225,7 @@ def main() -> None:
         f"{6 * args.eval_per_category} prompts x {args.eval_seeds} images (25 DDIM steps, guidance 3.0), paired with "
         "the base model image by image (sign test)"
         + ("; the guide rows are the inference-time methods on the same prompts and seeds" if guide else "")
-        + ". The shapes grammar is small: training captions repeat evaluation captions, never their seeds.\n\n"
+        + ". The shapes grammar is small: training captions repeat evaluation captions, with other noises.\n\n"
         + "\n".join(lines) + "\n"
     )  # fmt: skip
     data = {"benchmark": "training", "command": command, "pairs": n_pairs, "guided_pairs": n_guided, "rows": rows,
