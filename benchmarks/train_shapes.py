@@ -10,7 +10,7 @@ reward backpropagation on the soft verifier; each LoRA evaluated like the infere
 3. Evaluates the base model and each LoRA on the method benchmark's prompts and seeds (`shapes_eval` harness), or on
    the whole evaluation set with `--eval-per-category 40 --eval-seeds 4`; paired sign tests against the base model.
 
-Writes `benchmarks/results/training.json` and `.md`.
+Writes `benchmarks/results/<--name, default training>.json` and `.md`.
 
     python benchmarks/train_shapes.py --prompts 200 --dpo-steps 200 --draft-steps 100
 """
@@ -134,6 +134,9 @@ def main() -> None:
     parser.add_argument("--eval-seeds", type=int, default=2)
     parser.add_argument("--name", default="training", help="results file name")
     args = parser.parse_args()
+    unknown = set(args.trainers.split(",")) - TRAINER_NAMES.keys()
+    if unknown:
+        parser.error(f"unknown trainers {sorted(unknown)}; choose from {sorted(TRAINER_NAMES)}")
     torch.set_num_threads(2)
     rows = []
     base = load_pipeline()
