@@ -56,6 +56,9 @@ def run_sides(script: str, sides: tuple[str, ...], argv: list[str]) -> tuple[lis
     return rows, arrays
 
 
+# region re-weighting with each position caption's layout, as a method spec (`method_from_spec`, `--align`)
+REGIONS = "region_reweight:regions=@ttalign.shapes.world:layout_regions"
+
 PALETTE = [
     (31, 119, 180),
     (255, 127, 14),

@@ -37,7 +37,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, environment, line_chart, write_results  # noqa: E402
+from common import REGIONS, RESULTS, environment, line_chart, write_results  # noqa: E402
 
 from ttalign.methods import method_from_spec  # noqa: E402
 from ttalign.rewards import load_reward  # noqa: E402
@@ -49,7 +49,6 @@ COMPOSITE = ("counting", "two_objects", "position", "color_attribution")
 REWARDS = ("shapes_soft", "shapes_clip")
 SCALE = {"shapes_soft": 1.0, "shapes_clip": 0.01}  # the rewards' scales: soft in (0, 1], CLIP 100 x cosine
 SEED_SEARCH = ((2, 1), (4, 3))  # (initial noises, neighbours in one round): 4x and 8x NFE
-REGIONS = "region_reweight:regions=@ttalign.shapes.world:layout_regions"
 
 
 def score(images: torch.Tensor, texts: list[str], reward) -> tuple[torch.Tensor, float]:
@@ -142,8 +141,9 @@ def main() -> None:
             specs.append(("seed search", reward, [spec]))
     specs.append(("particle steering + region re-weighting", "shapes_soft",
                   ["particle_steering:particles=4,reward=shapes_soft", REGIONS]))  # fmt: skip
+    n, neighbors = SEED_SEARCH[-1]  # at 8x
     specs.append(("seed search + region re-weighting", "shapes_soft",
-                  ["seed_search:n=4,rounds=1,neighbors=3,reward=shapes_soft", REGIONS]))  # fmt: skip
+                  [f"seed_search:n={n},rounds=1,neighbors={neighbors},reward=shapes_soft", REGIONS]))  # fmt: skip
     for method, reward, spec in specs:
         run = evaluate(pipe, prompts, [method_from_spec(s) for s in spec], name=method, seeds=args.seeds, **settings)
         points.append(point(method, reward, run.nfe_per_image, run.wall_time_s / run.images,

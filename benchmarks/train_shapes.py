@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, write_results  # noqa: E402
+from common import REGIONS, environment, write_results  # noqa: E402
 
 from ttalign.methods import method_from_spec  # noqa: E402
 from ttalign.shapes import ShapesSoftVerifier, evaluation_prompts, load_pipeline, verify  # noqa: E402
@@ -46,7 +46,6 @@ from ttalign.training import (  # noqa: E402
 )
 
 TRAINER_NAMES = {"dpo": "DPO", "dpo_guided": "DPO on guided winners", "draft": "DRaFT-1", "ddpo": "DDPO"}
-REGIONS = "region_reweight:regions=@ttalign.shapes.world:layout_regions"
 CATEGORIES = ("single_object", "colors", "counting", "two_objects", "position", "color_attribution")
 
 
@@ -55,6 +54,16 @@ def make_model_pairs(pipe, out: str, n_prompts: int, seed: int = 7) -> tuple[str
     rng = np.random.default_rng(seed)
     captions = [sample_scene(rng)[1] for _ in range(n_prompts)]
     return out, write_verified_pairs(pipe, out, captions, seed, num_inference_steps=25, guidance_scale=3.0)
+
+
+def save_pair(out: str, index: int, caption: str, winner: torch.Tensor, loser: torch.Tensor) -> str:
+    """Writes pair `index` (images `[3, H, W]` in `[0, 1]`) as two PNGs in `out`; returns its `pairs.jsonl` line."""
+    names = []
+    for side, image in enumerate((winner, loser)):
+        names.append(f"{index:05d}_{side}.png")
+        array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(array).save(os.path.join(out, names[-1]))
+    return json.dumps({"prompt": caption, "image_0": names[0], "image_1": names[1], "label": 0})
 
 
 def write_verified_pairs(pipe, out: str, captions: list[str], seed: int = 7, **sampling) -> int:
@@ -69,13 +78,8 @@ def write_verified_pairs(pipe, out: str, captions: list[str], seed: int = 7, **s
         for k, caption in enumerate(chunk):
             group = passed[4 * k : 4 * k + 4]
             if True in group and False in group:
-                names = []
-                for side, index in enumerate((4 * k + group.index(True), 4 * k + group.index(False))):
-                    name = f"{len(lines):05d}_{side}.png"
-                    array = (images[index].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                    Image.fromarray(array).save(os.path.join(out, name))
-                    names.append(name)
-                lines.append(json.dumps({"prompt": caption, "image_0": names[0], "image_1": names[1], "label": 0}))
+                winner, loser = images[4 * k + group.index(True)], images[4 * k + group.index(False)]
+                lines.append(save_pair(out, len(lines), caption, winner, loser))
     with open(os.path.join(out, "pairs.jsonl"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return len(lines)
@@ -98,15 +102,8 @@ def write_guided_pairs(pipe, out: str, captions: list[str], methods: list, seed:
             winners = [guided[2 * k + i] for i in range(2) if guided_passed[2 * k + i]]
             winners += [plain[4 * k + i] for i in range(4) if plain_passed[4 * k + i]]
             losers = [plain[4 * k + i] for i in range(4) if not plain_passed[4 * k + i]]
-            if not winners or not losers:
-                continue
-            names = []
-            for side, image in enumerate((winners[0], losers[0])):
-                name = f"{len(lines):05d}_{side}.png"
-                array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                Image.fromarray(array).save(os.path.join(out, name))
-                names.append(name)
-            lines.append(json.dumps({"prompt": caption, "image_0": names[0], "image_1": names[1], "label": 0}))
+            if winners and losers:
+                lines.append(save_pair(out, len(lines), caption, winners[0], losers[0]))
         print(f"guided pairs: {len(lines)} from {start + len(chunk)} captions", flush=True)
     with open(os.path.join(out, "pairs.jsonl"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -134,7 +131,8 @@ def main() -> None:
     parser.add_argument("--eval-seeds", type=int, default=2)
     parser.add_argument("--name", default="training", help="results file name")
     args = parser.parse_args()
-    unknown = set(args.trainers.split(",")) - TRAINER_NAMES.keys()
+    kinds = args.trainers.split(",")
+    unknown = set(kinds) - TRAINER_NAMES.keys()
     if unknown:
         parser.error(f"unknown trainers {sorted(unknown)}; choose from {sorted(TRAINER_NAMES)}")
     torch.set_num_threads(2)
@@ -146,11 +144,11 @@ def main() -> None:
     reference = rows[0]["verdicts"]
     with tempfile.TemporaryDirectory() as tmp:
         pairs, n_pairs, train_prompts = tmp, 0, []
-        if set(args.trainers.split(",")) - {"dpo_guided"}:
+        if set(kinds) - {"dpo_guided"}:
             pairs, n_pairs = make_model_pairs(base, tmp, args.prompts)
             train_prompts = [json.loads(line)["prompt"] for line in open(os.path.join(pairs, "pairs.jsonl"))]
         n_guided = 0
-        if "dpo_guided" in args.trainers.split(","):
+        if "dpo_guided" in kinds:
             # the winners drawn with the guide; its time counts as training time
             start = time.perf_counter()
             guided_pairs = os.path.join(tmp, "guided_pairs")
@@ -161,7 +159,7 @@ def main() -> None:
                                           num_inference_steps=25, guidance_scale=3.0)  # fmt: skip
             guide_s = time.perf_counter() - start
 
-        for kind in args.trainers.split(","):
+        for kind in kinds:
             pipe = load_pipeline()
             pipe.set_progress_bar_config(disable=True)
             out_dir = os.path.join(tmp, kind)
@@ -184,8 +182,7 @@ def main() -> None:
             metrics = trainer.train()
             seconds = time.perf_counter() - start + (guide_s if kind == "dpo_guided" else 0.0)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            steps = {"dpo": args.dpo_steps, "dpo_guided": args.dpo_steps, "draft": args.draft_steps,
-                     "ddpo": args.ddpo_steps}[kind]  # fmt: skip
+            steps = {"draft": args.draft_steps, "ddpo": args.ddpo_steps}.get(kind, args.dpo_steps)
             label = f"{TRAINER_NAMES[kind]} LoRA ({steps} steps)"
             summary = run_eval(pipe, kind, **evaluation)
             rows.append({"run": label, **summary, "train_s": seconds, "train_peak_rss_mb": peak,
@@ -212,15 +209,14 @@ def main() -> None:
         lines.append(f"| guide: {name} (from shapes_methods_{name}) | {r['nfe_per_image']:.0f} | {cats} | "
                      f"**{100 * r['overall']:.1f}** | - | 0 |")  # fmt: skip
     command = "python benchmarks/train_shapes.py " + " ".join(sys.argv[1:])
-    trainers = set(args.trainers.split(","))
     env = environment()
     markdown = (
         f"# Shapes world: train vs guide\n\n`{command}`\n\n"
         f"Trainers {args.trainers}: "
         + (f"DPO on {n_pairs} verifier-labelled pairs of the base model's own samples (captions drawn with their "
-           "own seed; the sampling time not counted); " if "dpo" in trainers else "")
+           "own seed; the sampling time not counted); " if "dpo" in kinds else "")
         + ("DRaFT-1 and DDPO (PPO, DDIM eta 1) on the soft verifier over the same captions; "
-           if {"draft", "ddpo"} & trainers else "")
+           if {"draft", "ddpo"} & set(kinds) else "")
         + (f"DPO on guided winners: {n_guided} pairs whose winner is a verifier-passed image drawn with "
            f"`{args.guide}` (a plain one where none passed) and whose loser is a failed plain sample, its sampling "
            "time counted in its training time; " if n_guided else "")
