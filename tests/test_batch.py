@@ -1,5 +1,6 @@
 """Offline batch generation: images and a JSONL manifest, resumable, sharded across two processes by torchrun."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -43,6 +44,33 @@ def test_batch_generation_writes_a_manifest_and_resumes(tmp_path, capsys):
     again = _images(out)
     assert all(np.abs(again[k] - first[k]).max() <= 1 for k in first)
     assert len(_manifest(out)) == 5 and not [f for f in os.listdir(out) if f.startswith(".")]  # no leftovers
+    # each record holds its image's size and hash; an image cut short, or replaced, is drawn again too
+    for record in _manifest(out):
+        data = (out / record["image"]).read_bytes()
+        assert record["bytes"] == len(data) and record["sha256"] == hashlib.sha256(data).hexdigest()
+    data = (out / "00001.png").read_bytes()
+    (out / "00001.png").write_bytes(data[: len(data) // 2])
+    Image.new("RGB", (64, 64)).save(out / "00004.png")
+    assert main(args) == 0
+    assert "wrote 2 images" in capsys.readouterr().out
+    again = _images(out)
+    assert all(np.abs(again[k] - first[k]).max() <= 1 for k in first)
+
+
+def test_each_batch_seeds_the_global_generators_from_its_first_item():
+    import random
+
+    import torch
+
+    from ttalign.batch import _seed_globals
+
+    def draw(seed, first):
+        _seed_globals(seed, first)
+        return torch.rand(3).tolist(), float(np.random.rand()), random.random()
+
+    assert draw(1, 0) == draw(1, 0)
+    assert all(a != b for a, b in zip(draw(1, 0), draw(1, 3)))  # another process's batch, another stream
+    assert all(a != b for a, b in zip(draw(1, 0), draw(2, 0)))
 
 
 def test_two_processes_share_the_prompts(tmp_path):

@@ -18,7 +18,7 @@ def test_playground_shows_plain_and_aligned_side_by_side(tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    server = Server("--allow", "best_of_n", "--allow", "seed_search", key=None)
+    server = Server("--allow", "best_of_n", "--allow", "seed_search", "--reward", "shapes_soft", key=None)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
@@ -50,7 +50,7 @@ def test_playground_shows_plain_and_aligned_side_by_side(tmp_path):
         driver.find_element(By.ID, "options").send_keys("n=1000,reward=shapes_soft")
         driver.find_element(By.ID, "go").click()
         wait.until(lambda d: d.find_element(By.ID, "status").text == "done")
-        assert "above this server's limit" in driver.find_element(By.ID, "aligned-meta").text
+        assert "must be between 1 and 16, got 1000" in driver.find_element(By.ID, "aligned-meta").text
     finally:
         driver.quit()
         server.close()

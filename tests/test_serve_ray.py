@@ -16,7 +16,8 @@ def test_two_ray_replicas_answer_the_same_client():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TTALIGN_API_KEY", None)
     cmd = [sys.executable, "-m", "ttalign.cli", "serve", "--ray", "--replicas", "2", "--gpus-per-replica", "0",
-           "--port", str(port), "--max-queued-requests", "4", "--allow", "best_of_n"]  # fmt: skip
+           "--port", str(port), "--max-queued-requests", "4", "--allow", "best_of_n",
+           "--reward", "shapes_soft"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:

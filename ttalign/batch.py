@@ -2,16 +2,22 @@
 
 Started once, or by `accelerate launch` / `torchrun` for several processes: `PartialState().split_between_processes`
 gives each process its share of the prompts. Each item (prompt `i`) has its own seed (`seed + i`) and generator, so
-its image does not depend on how the items were sharded or batched. Every image and its record are written atomically
-(a temporary file renamed into place), so a run that was stopped resumes where it stopped: items with both files are
-skipped. The main process finally gathers the records into `manifest.jsonl`.
+its image does not depend on how the items were sharded or batched; the global generators (torch, NumPy, `random`),
+which some methods draw from, are seeded per batch from `(seed, first item)`, so each process draws its own stream.
+Every image and its record are written atomically (a temporary file renamed into place), and the record holds the
+image's size and SHA-256, so a run that was stopped resumes where it stopped: an item is skipped only when its record
+matches its image file, and generated again otherwise. The main process finally gathers the records into
+`manifest.jsonl`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
 
+import numpy as np
 import torch
 
 
@@ -64,7 +70,7 @@ def generate_batch(pipe, prompts: list[str], out_dir: str, alignment=(), seed: i
 
     def done(i: int) -> bool:
         base = os.path.join(out_dir, names[i])
-        return os.path.isfile(f"{base}.{image_format}") and os.path.isfile(f"{base}.json")
+        return _finished(f"{base}.{image_format}", f"{base}.json", prompts[i], seed + i)
 
     written = skipped = 0
     with state.split_between_processes(list(range(len(prompts)))) as mine:
@@ -74,6 +80,7 @@ def generate_batch(pipe, prompts: list[str], out_dir: str, alignment=(), seed: i
                    disable=not state.is_main_process)  # fmt: skip
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
+            _seed_globals(seed, chunk[0])
             generators = [torch.Generator().manual_seed(seed + i) for i in chunk]
             out = pipe([prompts[i] for i in chunk], generator=generators, output_type="pil", alignment=list(alignment),
                        **(call_kwargs or {}))  # fmt: skip
@@ -82,7 +89,9 @@ def generate_batch(pipe, prompts: list[str], out_dir: str, alignment=(), seed: i
                 base = os.path.join(out_dir, names[i])
                 image = out.images[k]
                 _atomic_write(f"{base}.{image_format}", lambda tmp, image=image: image.save(tmp, format=image_format))
+                size, digest = _file_digest(f"{base}.{image_format}")
                 record = {"index": i, "prompt": prompts[i], "seed": seed + i, "image": f"{names[i]}.{image_format}",
+                          "bytes": size, "sha256": digest,
                           "reward": None if out.rewards is None else float(out.rewards[k]),
                           "compute": {"nfe_per_image": compute["nfe"] / len(chunk),
                                       "wall_time_s": compute["wall_time_s"], "batch": len(chunk)},
@@ -103,6 +112,41 @@ def generate_batch(pipe, prompts: list[str], out_dir: str, alignment=(), seed: i
         _atomic_write(manifest, lambda tmp: _write_lines(tmp, records))
     state.wait_for_everyone()
     return {"written": written, "skipped": skipped, "manifest": manifest}
+
+
+def _seed_globals(seed: int, first: int) -> None:
+    """Seeds torch's, NumPy's and Python's global generators from `(seed, first)`: a stream per batch, so processes
+    (whose batches start at different items) never share one."""
+    state = np.random.SeedSequence([seed, first]).generate_state(2)
+    value = int(state[0]) << 32 | int(state[1])
+    torch.manual_seed(value)
+    np.random.seed(int(state[0]))
+    random.seed(value)
+
+
+def _file_digest(path: str) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return os.path.getsize(path), digest.hexdigest()
+
+
+def _finished(image_path: str, record_path: str, prompt: str, seed: int) -> bool:
+    """Whether an item is finished: its record parses, is for this prompt and seed, and its image has the size and
+    SHA-256 the record holds (an image that was truncated, replaced or is missing is generated again)."""
+    if not (os.path.isfile(image_path) and os.path.isfile(record_path)):
+        return False
+    try:
+        with open(record_path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or record.get("prompt") != prompt or record.get("seed") != seed:
+        return False
+    if record.get("bytes") != os.path.getsize(image_path):
+        return False
+    return record.get("sha256") == _file_digest(image_path)[1]
 
 
 def _write_json(path: str, record: dict) -> None:

@@ -13,6 +13,7 @@ ttalign demo --out outputs/demo.png
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -134,36 +135,87 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    """The OpenAI-compatible image server (FastAPI + uvicorn), or its Ray Serve deployment with `--ray`."""
-    from ttalign.serve import Limits, ServeConfig, WorkerConfig, check_bind, read_api_key
+def _read_config(path: str) -> dict:
+    """A server configuration file: JSON, or TOML on Python >= 3.11; its keys are `ttalign serve`'s options."""
+    if not os.path.isfile(path):
+        raise ValueError(f"No configuration file at {path!r}.")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if path.endswith(".toml"):
+            try:
+                import tomllib
+            except ImportError:
+                raise ValueError("A TOML configuration needs Python >= 3.11; write it as JSON.") from None
+            config = tomllib.loads(raw.decode("utf-8"))
+        else:
+            config = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid {'TOML' if path.endswith('.toml') else 'JSON'} ({err}).") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: the configuration must be an object of option names.")
+    return config
+
+
+def _apply_config(args, parser) -> None:
+    """Fills the options not given on the command line from `--config FILE` (the command line wins)."""
+    if args.config is None:
+        return
+    for key, value in _read_config(args.config).items():
+        dest = str(key).replace("-", "_")
+        if dest in ("config", "func") or dest not in vars(args):
+            raise ValueError(f"{args.config}: unknown option {key!r}; the keys are `ttalign serve`'s options.")
+        default = parser.get_default(dest)
+        if isinstance(default, list) and not isinstance(value, list):
+            raise ValueError(f"{args.config}: {key!r} must be a list.")
+        if getattr(args, dest) == default:
+            setattr(args, dest, value)
+
+
+def serve_config(args):
+    """The server's configuration from `ttalign serve`'s arguments (after `--config`)."""
+    from ttalign.serve import Limits, ServeConfig, WorkerConfig, read_api_key
 
     api_key = read_api_key(args.api_key_env)
-    check_bind(args.host, api_key, args.api_key_env)
-    limits = Limits(max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_side=args.max_side,
-                    max_steps=args.max_steps, max_method_option=args.max_method_option)  # fmt: skip
+    limits = Limits(max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_size_factor=args.max_size_factor,
+                    max_steps=args.max_steps, max_candidates=args.max_candidates,
+                    max_image_steps=args.max_image_steps)  # fmt: skip
     worker = WorkerConfig(queue_size=args.queue_size, batch_window_s=args.batch_window,
-                          max_batch_images=args.max_batch_images)  # fmt: skip
-    defaults = _shapes_defaults(args.model)
+                          max_batch_images=args.max_batch_images, stuck_after_s=args.stuck_after)  # fmt: skip
     name = args.model_name or (args.model if args.model in (SHAPES_MODEL, SHAPES_FLOW_MODEL, TINY_MODEL) else
                                os.path.basename(os.path.normpath(args.model)))  # fmt: skip
-    config = ServeConfig(model_name=name, alignment=list(args.align), allow=list(args.allow), api_key=api_key,
-                         limits=limits, worker=worker, request_timeout_s=args.request_timeout,
-                         call_defaults=defaults)  # fmt: skip
+    hosts = list(args.allowed_host)
+    if args.host not in ("0.0.0.0", "::", ""):  # a wildcard bind names no host; the operator adds names
+        hosts.append(args.host)
+    return ServeConfig(model_name=name, alignment=list(args.align), allow=list(args.allow), rewards=list(args.reward),
+                       api_key=api_key, limits=limits, worker=worker, request_timeout_s=args.request_timeout,
+                       body_timeout_s=args.body_timeout, allowed_hosts=hosts, cors_origins=list(args.cors_origin),
+                       call_defaults=_shapes_defaults(args.model))  # fmt: skip
+
+
+def cmd_serve(args) -> int:
+    """The OpenAI-compatible image server (FastAPI + uvicorn), or its Ray Serve deployment with `--ray`."""
+    from ttalign.serve import check_bind
+
+    _apply_config(args, args.parser)
+    config = serve_config(args)
+    check_bind(args.host, config.api_key, args.api_key_env)
     if args.ray:
         from ttalign.serve.ray_serve import run_ray
 
         return run_ray(args, config)
-    import uvicorn
-
     from ttalign.serve import create_app
+    from ttalign.serve.http import run
 
     pipe = load_pipeline(args.model, args.dtype, args.device)
     pipe.set_progress_bar_config(disable=True)
     app = create_app(pipe, config)
-    print(f"serving {name} on http://{args.host}:{args.port} (API key {'required' if api_key else 'not required'}; "
-          f"methods allowed in requests: {', '.join(sorted(args.allow)) or 'none'})", flush=True)  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    hosts = ", ".join(sorted({"localhost", "127.0.0.1", "::1", *config.allowed_hosts}))
+    print(f"serving {config.model_name} on http://{args.host}:{args.port} (API key "
+          f"{'required' if config.api_key else 'not required'}; methods allowed in requests: "
+          f"{', '.join(sorted(app.state.policy.allow)) or 'none'}; rewards: "
+          f"{', '.join(sorted(app.state.policy.rewards)) or 'none'}; Host names: {hosts})", flush=True)  # fmt: skip
+    run(app, args.host, args.port, args.log_level, args.header_timeout, args.max_connections)
     return 0
 
 
@@ -277,31 +329,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="serve aligned generation behind the OpenAI Images API")
     _model_arguments(srv)
+    srv.add_argument("--config", default=None, metavar="FILE",
+                     help="a JSON (or TOML) file of these options, e.g. {\"allow\": [...], \"reward\": [...]}; the "
+                     "command line wins")  # fmt: skip
     srv.add_argument("--model-name", default=None, help="the model id the API reports (default: from --model)")
     srv.add_argument("--align", action="append", default=[], metavar="SPEC",
                      help="method applied to requests that name none, repeatable")  # fmt: skip
-    srv.add_argument("--allow", action="append", default=[], metavar="METHOD",
-                     help="a method name requests may ask for (extra_body ttalign.alignment), repeatable")  # fmt: skip
+    srv.add_argument("--allow", action="append", default=[], metavar="NAME[:key=value,...]",
+                     help="a method requests may ask for, repeatable; the spec's options are the server's (URLs, "
+                     "models, keys' variables), a request sets only the documented ones on top")  # fmt: skip
+    srv.add_argument("--reward", action="append", default=[], metavar="NAME",
+                     help="a reward to load at start-up that requests may name, repeatable")  # fmt: skip
     srv.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                     help="a Host name served besides this machine's and --host, repeatable ('*': any)")  # fmt: skip
+    srv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                     help="an origin (scheme://host:port) whose pages may call the API, repeatable")  # fmt: skip
     srv.add_argument("--api-key-env", default="TTALIGN_API_KEY",
                      help="environment variable holding the API key (required to bind beyond loopback)")  # fmt: skip
     srv.add_argument("--queue-size", type=int, default=64)
     srv.add_argument("--batch-window", type=float, default=0.02, help="seconds a call waits for requests to merge")
     srv.add_argument("--max-batch-images", type=int, default=16, help="images per merged call (1: no merging)")
-    srv.add_argument("--request-timeout", type=float, default=600.0)
+    srv.add_argument("--request-timeout", type=float, default=600.0,
+                     help="seconds until a request is answered 504 and its call stopped")  # fmt: skip
+    srv.add_argument("--max-image-steps", type=float, default=2000.0,
+                     help="a request's compute budget: denoiser evaluations of one image at the native size, "
+                     "counting every image, candidate, particle and optimization pass")  # fmt: skip
     srv.add_argument("--max-n", type=int, default=10)
-    srv.add_argument("--max-side", type=int, default=1024)
+    srv.add_argument("--max-size-factor", type=float, default=1.5,
+                     help="the largest image side, as a multiple of the model's native side")  # fmt: skip
     srv.add_argument("--max-steps", type=int, default=100)
     srv.add_argument("--max-prompt-chars", type=int, default=2000)
-    srv.add_argument("--max-method-option", type=int, default=100,
-                     help="largest n / particles / steps / rounds of a requested method")  # fmt: skip
+    srv.add_argument("--max-candidates", type=int, default=16,
+                     help="largest count option of a requested method (n, particles, refinements)")  # fmt: skip
+    srv.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds a connection has to send its request headers")  # fmt: skip
+    srv.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request has to send its body")
+    srv.add_argument("--max-connections", type=int, default=256, help="concurrent connections (503 past them)")
+    srv.add_argument("--stuck-after", type=float, default=300.0,
+                     help="seconds without a denoiser step after which /health answers 503")  # fmt: skip
     srv.add_argument("--log-level", default="warning")
     srv.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment")
     srv.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (one per GPU)")
     srv.add_argument("--gpus-per-replica", type=float, default=1.0, help="with --ray: 0 for CPU replicas")
     srv.add_argument("--max-queued-requests", type=int, default=64, help="with --ray: Ray Serve's queue limit")
-    srv.set_defaults(func=cmd_serve)
+    srv.add_argument("--ray-node-ip", default="127.0.0.1",
+                     help="with --ray: the address a local Ray cluster binds (default: loopback)")  # fmt: skip
+    srv.set_defaults(func=cmd_serve, parser=srv)
 
     demo = sub.add_parser("demo", help="the main job: baseline against an aligned generation, side by side")
     demo.add_argument("--out", default="outputs/demo.png")

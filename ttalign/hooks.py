@@ -277,6 +277,29 @@ class AlignmentMethod:
     def validate(self, methods: list[AlignmentMethod]) -> None:
         """Raises `ValueError` if this method cannot run together with `methods` (which includes itself)."""
 
+    def check_prompts(self, prompts: list[str], family=None) -> None:
+        """Raises `ValueError` for a prompt this method cannot take, before any compute (the server asks before it
+        merges requests); `family`, when given, is the model family the prompts are for (its tokenizers). The default
+        asks the method's `reward` field, where it has one (every built-in method keeps its reward there), through
+        the reward's own `check_prompts`."""
+        from ttalign.rewards.base import check_reward_prompts
+
+        reward = getattr(self, "reward", None)
+        if reward is not None:
+            check_reward_prompts(reward, prompts)
+
+    # --- compute declarations: an upper bound of what a call spends, known before it runs (see `price_image_steps`)
+
+    def renders_per_image(self, num_inference_steps: int) -> float:
+        """Full denoising passes this method spends per returned image: its candidates, particles or optimization
+        passes (a backward pass through the sampler counting as two, a checkpoint's replay as one more). Default 1."""
+        return 1.0
+
+    def extra_evaluations_per_render(self, num_inference_steps: int) -> float:
+        """Denoiser evaluations this method adds to each render of one image beyond its `num_inference_steps`
+        steps (a backward pass counting as two; a VAE decode with a reward call as one). Default 0."""
+        return 0.0
+
     def setup(self, state: GenerationState) -> None:
         """Called once per call before any stage; may enlarge the batch (`state.num_images_per_prompt`)."""
 
@@ -285,6 +308,19 @@ class AlignmentMethod:
 
     def __repr__(self) -> str:
         return f"{self.name}()"
+
+
+def price_image_steps(methods: list[AlignmentMethod], num_inference_steps: int) -> float:
+    """The compute of one returned image under `methods`, in image-steps (one denoiser evaluation of one image at the
+    model's native resolution): the product of the methods' renders per image times the steps plus every method's
+    extra evaluations per render. An upper bound for adaptive methods (early stopping, refinement that ends when its
+    threshold is met); exact for the others, as `out.traces["compute"]["nfe"]` counts them."""
+    renders = 1.0
+    per_render = float(num_inference_steps)
+    for method in methods:
+        renders *= method.renders_per_image(num_inference_steps)
+        per_render += method.extra_evaluations_per_render(num_inference_steps)
+    return renders * per_render
 
 
 def _as_method_list(alignment) -> list[AlignmentMethod]:

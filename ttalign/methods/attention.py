@@ -141,6 +141,12 @@ class AttendAndExcite(AlignmentMethod):
                 groups.append(state.family.token_spans(prompt, list(words)))
         return [g for g in groups for _ in range(state.num_images_per_prompt)]
 
+    def check_prompts(self, prompts: list[str], family=None) -> None:
+        """Raises `ValueError` naming a subject word a prompt does not hold (with the family's tokenizer)."""
+        if family is not None and self.tokens is not None and not callable(self.tokens):
+            for prompt in prompts:
+                family.token_spans(prompt, list(self.tokens))
+
     def on_attention(self, state: GenerationState) -> None:
         if state.prompt is None and self.token_indices is None:
             raise ValueError("AttendAndExcite with `tokens` needs `prompt` (not only `prompt_embeds`).")
@@ -242,6 +248,13 @@ class AttendAndExcite(AlignmentMethod):
         (grad,) = torch.autograd.grad(loss.sum(), latents)
         moved = latents - step_size * grad
         return torch.where((loss != 0).view((-1,) + (1,) * (latents.ndim - 1)), moved, latents)
+
+    def extra_evaluations_per_render(self, num_inference_steps: int) -> float:
+        # each latent update is a denoiser forward with gradients and its backward (three evaluations): one per step
+        # before `max_iter_to_alter`, and up to `max_refinement_steps` (and the loss after them) per threshold step
+        updates = min(self.max_iter_to_alter, num_inference_steps)
+        thresholds = sum(1 for step in self.thresholds if 0 <= step < num_inference_steps)
+        return 3.0 * (updates + thresholds * (self.max_refinement_steps + 1))
 
     def on_step_start(self, state: GenerationState) -> None:
         sync_step(state)
@@ -510,6 +523,12 @@ class RegionReweight(AlignmentMethod):
             )
         if not 0 <= self.stop <= 1:
             raise ValueError(f"stop must be in [0, 1], got {self.stop!r}.")
+
+    def check_prompts(self, prompts: list[str], family=None) -> None:
+        """Raises `ValueError` naming a phrase a prompt does not hold (with the family's tokenizer)."""
+        if family is not None and not callable(self.regions):
+            for prompt in prompts:
+                family.token_spans(prompt, list(self.regions))
 
     def _layout(self, state: GenerationState) -> list[tuple[list[str], list[list[int]], list]]:
         """Per prompt: its phrases, their token spans and their regions (cached for the call)."""

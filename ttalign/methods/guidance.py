@@ -76,15 +76,24 @@ class RewardGuidance(AlignmentMethod):
         if not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"RewardGuidance needs every >= 1, got every={self.every!r}.")
 
+    def guided_steps(self, num_steps: int) -> list[int]:
+        """The step indices this method guides at, of `num_steps`."""
+        first = int(self.start * num_steps)
+        return [i for i in range(num_steps) if self.start * num_steps <= i < self.stop * num_steps
+                and (i - first) % self.every == 0]  # fmt: skip
+
+    def extra_evaluations_per_render(self, num_inference_steps: int) -> float:
+        return float(len(self.guided_steps(num_inference_steps)))  # a decode and a reward gradient per guided step
+
     def setup(self, state: GenerationState) -> None:
         if state.prompt is None:
             raise ValueError("RewardGuidance scores images against their prompts: pass `prompt`.")
         state.traces["reward_guidance"] = {"rewards": [], "steps": [], "skipped": 0}
 
     def on_noise_pred(self, state: GenerationState) -> None:
-        n_steps, i = len(state.timesteps), state.step_index
-        if not (self.start * n_steps <= i < self.stop * n_steps) or (i - int(self.start * n_steps)) % self.every:
+        if state.step_index not in self.guided_steps(len(state.timesteps)):
             return
+        i = state.step_index
         scheduler = state.family.scheduler
         sampler = DifferentiableSampler.from_state(state)
         with torch.enable_grad():
@@ -190,6 +199,12 @@ class ParticleSteering(AlignmentMethod):
             )
         if self.ess_threshold is not None and not 0 < self.ess_threshold <= 1:
             raise ValueError(f"ess_threshold must be in (0, 1] or None, got {self.ess_threshold!r}.")
+
+    def renders_per_image(self, num_inference_steps: int) -> float:
+        return float(self.particles)
+
+    def extra_evaluations_per_render(self, num_inference_steps: int) -> float:
+        return float(len(self.resample_steps(num_inference_steps)))  # an x0 decode and a reward call per resampling
 
     def setup(self, state: GenerationState) -> None:
         if state.user_latents is not None:

@@ -148,6 +148,9 @@ class SeedSearch(AlignmentMethod):
         if not self.radius > 0:
             raise ValueError(f"SeedSearch needs radius > 0, got radius={self.radius!r}.")
 
+    def renders_per_image(self, num_inference_steps: int) -> float:
+        return float(self.n + self.rounds * self.neighbors + 1)  # the candidates, then the chosen noise's render
+
     def setup(self, state: GenerationState) -> None:
         _require_prompts(state, "SeedSearch")
 
@@ -310,6 +313,12 @@ class NoiseOptimization(AlignmentMethod):
                 if other is not self and type(other).__name__ == "ParticleSteering":
                     raise ValueError("NoiseOptimization(optimize='all-noises') and ParticleSteering both own the "
                                      "injected noises; use one of them.")  # fmt: skip
+
+    def renders_per_image(self, num_inference_steps: int) -> float:
+        # each iteration: a forward render, its backward (two), and with checkpointing the replayed forward; then the
+        # kept iterate's render (early stopping by `patience` / `target` only spends less)
+        per_iteration = 4 if self.gradient_checkpointing else 3
+        return float(per_iteration * self.steps + 1)
 
     def setup(self, state: GenerationState) -> None:
         _require_prompts(state, "NoiseOptimization")

@@ -30,6 +30,13 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+#: Bounds of the LLM client's settings: a request to the model gives up within `timeout * (max_retries + 1)`.
+MAX_TIMEOUT_S = 600.0
+MAX_RETRIES = 10
+#: Replies kept in memory per method object with `cache=True` (the oldest is dropped first).
+CACHE_SIZE = 1024
+
+
 def _lines(text: str) -> list[str]:
     """The prompts of a reply: one per line, list numbering, bullets and quotes stripped."""
     out = []
@@ -57,7 +64,7 @@ class PromptRewrite(AlignmentMethod):
         rounds (`int`, defaults to 1): proposal rounds; each shows the model the best prompts so far with scores.
         temperature (`float`, defaults to 0.7), timeout (`float`, seconds, defaults to 30), max_retries (`int`,
             defaults to 2).
-        cache (`bool`, defaults to `True`): identical requests are answered from memory.
+        cache (`bool`, defaults to `True`): identical requests are answered from memory (the last `CACHE_SIZE`).
 
     When the server fails (after the retries), the user's prompt is kept and a warning names the error.
     `out.traces["prompt_rewrite"]` holds, per prompt, the original, the chosen prompt and every candidate with its
@@ -95,8 +102,12 @@ class PromptRewrite(AlignmentMethod):
             raise ValueError(f"PromptRewrite needs rounds >= 1, got {self.rounds!r}.")
         if self.reward is not None and not callable(self.reward):
             raise ValueError(f"PromptRewrite's reward must be callable, got {self.reward!r}.")
-        if self.timeout <= 0 or self.max_retries < 0:
-            raise ValueError(f"Bad timeout {self.timeout!r} or max_retries {self.max_retries!r}.")
+        if not (isinstance(self.timeout, (int, float)) and 0 < self.timeout <= MAX_TIMEOUT_S):
+            raise ValueError(f"PromptRewrite needs 0 < timeout <= {MAX_TIMEOUT_S:g} seconds, got {self.timeout!r}.")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
+            raise ValueError(f"PromptRewrite needs an integer max_retries, got {self.max_retries!r}.")
+        if not 0 <= self.max_retries <= MAX_RETRIES:
+            raise ValueError(f"PromptRewrite needs 0 <= max_retries <= {MAX_RETRIES}, got {self.max_retries}.")
 
     def _client(self):
         try:
@@ -122,6 +133,8 @@ class PromptRewrite(AlignmentMethod):
             raise ValueError("the model answered with no prompt")
         if self.cache:
             self._responses[request] = proposals
+            while len(self._responses) > CACHE_SIZE:  # dicts keep insertion order: drop the oldest
+                self._responses.pop(next(iter(self._responses)))
         return proposals
 
     @staticmethod
@@ -173,6 +186,11 @@ class PromptRewrite(AlignmentMethod):
         sampler.account(state)
         state.reward_calls += 1
         return check_scores(self.reward(images, prompts), len(prompts), reward_name(self.reward)).float().cpu()
+
+    def renders_per_image(self, num_inference_steps: int) -> float:
+        if self.reward is None:
+            return 1.0
+        return float(1 + self.rounds * self.candidates + 1)  # the user's prompt and each candidate scored; the call
 
     def on_prompt(self, state: GenerationState) -> None:
         if state.prompt is None:

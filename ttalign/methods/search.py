@@ -60,6 +60,9 @@ class BestOfN(AlignmentMethod):
         if self.reward_batch_size is not None and self.reward_batch_size < 1:
             raise ValueError(f"reward_batch_size must be >= 1, got {self.reward_batch_size!r}.")
 
+    def renders_per_image(self, num_inference_steps: int) -> float:
+        return float(self.n)
+
     def setup(self, state: GenerationState) -> None:
         if state.user_latents is not None:
             raise ValueError("BestOfN draws its own initial noise for each candidate: do not pass `latents`.")

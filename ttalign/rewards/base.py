@@ -37,6 +37,14 @@ def is_differentiable(reward) -> bool:
     return bool(getattr(reward, "differentiable", False))
 
 
+def check_reward_prompts(reward, prompts: list[str]) -> None:
+    """Raises `ValueError` for a prompt `reward` cannot score (its `check_prompts`, where it has one), before any
+    image is rendered for it."""
+    check = getattr(reward, "check_prompts", None)
+    if callable(check):
+        check(list(prompts))
+
+
 class Reward(torch.nn.Module):
     """Base class of rewards: `reward(images, prompts) -> Tensor[B]`, higher is better.
 
@@ -60,6 +68,10 @@ class Reward(torch.nn.Module):
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raises `ValueError` for a prompt this reward cannot score (a reward that parses its prompts overrides
+        this); by default every prompt is accepted."""
 
     def forward(self, images: torch.Tensor, prompts: list[str] | str | None = None) -> torch.Tensor:
         check_images(images)

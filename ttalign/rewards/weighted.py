@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Reward, check_scores
+from .base import Reward, check_reward_prompts, check_scores
 
 NORMALIZATIONS = ("none", "affine", "zscore")
 
@@ -84,6 +84,10 @@ class WeightedReward(Reward):
             self._stats[i] = (mean, std)
             return (scores - mean) / max(std, 1e-6)
         return scores
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        for reward, _ in self.components:
+            check_reward_prompts(reward, prompts)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         total = 0

@@ -2,7 +2,8 @@
 
 ```py
 >>> from ttalign.serve import ServeConfig, create_app
->>> app = create_app(pipe, ServeConfig(model_name="shapes", allow=["best_of_n"]))  # then: uvicorn.run(app)
+>>> config = ServeConfig(model_name="shapes", allow=["best_of_n"], rewards=["shapes_soft"])
+>>> app = create_app(pipe, config)  # then: ttalign.serve.http.run(app, "127.0.0.1", 8000)
 ```
 
 and from any OpenAI client:
@@ -20,7 +21,8 @@ from __future__ import annotations
 import ipaddress
 import os
 
-from .app import ServeConfig, create_app
+from .app import ServeConfig, check_api_key, create_app
+from .policy import REQUEST_OPTIONS, RequestPolicy
 from .protocol import APIError, ImageRequest, Limits, parse_request
 from .worker import PipelineWorker, WorkerConfig
 
@@ -36,9 +38,16 @@ def is_loopback(host: str) -> bool:
 
 
 def read_api_key(env: str) -> str | None:
-    """The API key from the environment variable `env` (`None` when unset or empty); the key itself is never logged."""
-    value = os.environ.get(env, "")
-    return value or None
+    """The API key from the environment variable `env` (`None` when unset). An empty or blank key, or one holding
+    whitespace, is refused (`ValueError`) rather than served without one; the key itself is never logged."""
+    value = os.environ.get(env)
+    if value is None:
+        return None
+    try:
+        check_api_key(value)
+    except ValueError as err:
+        raise ValueError(f"The environment variable {env}: {err}") from None
+    return value
 
 
 def check_bind(host: str, api_key: str | None, env: str) -> None:
@@ -49,11 +58,14 @@ def check_bind(host: str, api_key: str | None, env: str) -> None:
 
 
 __all__ = [
+    "REQUEST_OPTIONS",
     "APIError",
     "ImageRequest",
     "Limits",
     "PipelineWorker",
+    "RequestPolicy",
     "ServeConfig",
+    "check_api_key",
     "WorkerConfig",
     "check_bind",
     "create_app",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import inspect
 import io
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,83 +16,141 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from .metrics import ServerMetrics
-from .protocol import OUTPUT_FORMATS, APIError, Limits, check_method_budget, parse_request
+from .policy import RequestPolicy
+from .protocol import OUTPUT_FORMATS, APIError, Limits, load_json, quote
 from .worker import Job, PipelineWorker, WorkerConfig, new_seeds
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 
+#: Host names that always reach the server: this machine's own.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+_BEARER = re.compile(r"bearer +(\S+) *", re.IGNORECASE)
+
+
+def check_api_key(key: str | None) -> None:
+    """Refuses (`ValueError`) a key that is empty, blank or holds whitespace (a bearer token cannot carry it)."""
+    if key is None:
+        return
+    if not isinstance(key, str) or not key.strip():
+        raise ValueError("The API key is empty or blank: set a real key, or leave it unset to serve without one.")
+    if any(c.isspace() for c in key) or not key.isprintable():
+        raise ValueError("The API key holds whitespace or control characters, which a bearer token cannot carry.")
+
+
 @dataclass
 class ServeConfig:
-    """What the operator decides at start-up.
+    """What the operator decides at start-up; a request can set none of it.
 
     Args:
         model_name (`str`): the model id the API reports (`GET /v1/models`) and accepts as `model`.
         alignment (`list[str]`): method specs applied to requests that name none (`NAME[:key=value,...]`).
-        allow (`list[str]`): method names requests may ask for in `extra_body={"ttalign": {"alignment": [...]}}`.
+        allow (`list[str]`): the methods requests may ask for, each as a spec whose options the server fixes, e.g.
+            `"prompt_rewrite:model=qwen2.5-7b-instruct,base_url=http://127.0.0.1:8001/v1"`; a request sets only the
+            options in `ttalign.serve.policy.REQUEST_OPTIONS` on top.
+        rewards (`list[str]` or `dict`): rewards loaded at start-up that requests may name (short names, or a dict
+            of name -> reward); the rewards the server's own specs name are loaded and offered too.
         api_key (`str`, *optional*): when set, every `/v1` route and `/metrics` need `Authorization: Bearer <key>`.
         limits (`Limits`), worker (`WorkerConfig`).
-        request_timeout_s (`float`, defaults to 600): a request not answered by then gets 504.
-        max_body_bytes (`int`, defaults to 1 MB).
+        request_timeout_s (`float`, defaults to 600): a request not answered by then gets 504 and its call stops.
+        max_body_bytes (`int`, defaults to 1 MiB): checked on `Content-Length` and while the body is read.
+        body_timeout_s (`float`, defaults to 30): the time a client has to send its body.
+        allowed_hosts (`list[str]`): `Host` names served besides this machine's own (`"*"`: any).
+        cors_origins (`list[str]`): origins whose pages may call the API (CORS); none by default.
+        method_cache_size (`int`, defaults to 64): built methods kept (least recently used dropped first).
         call_defaults (`dict`): keyword arguments of every pipeline call (steps, guidance scale).
     """
 
     model_name: str = "ttalign"
     alignment: list[str] = field(default_factory=list)
     allow: list[str] = field(default_factory=list)
+    rewards: list[str] | dict = field(default_factory=list)
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     request_timeout_s: float = 600.0
     max_body_bytes: int = 1 << 20
+    body_timeout_s: float = 30.0
+    allowed_hosts: list[str] = field(default_factory=list)
+    cors_origins: list[str] = field(default_factory=list)
+    method_cache_size: int = 64
     call_defaults: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        from ttalign.methods import METHODS, method_from_spec
+        from ttalign.methods import parse_spec
+        from ttalign.rewards import REWARDS
 
-        unknown = sorted(set(self.allow) - set(METHODS))
-        if unknown:
-            raise ValueError(f"Cannot allow unknown method {unknown[0]!r}; methods: {', '.join(sorted(METHODS))}.")
+        names = dict.fromkeys(REWARDS)  # resolves reward names without loading any: checked here, loaded by the app
+        if isinstance(self.rewards, dict):
+            names.update(self.rewards)
+        else:
+            for name in self.rewards:
+                if name not in REWARDS:
+                    raise ValueError(f"Unknown reward {name!r}; available: {', '.join(sorted(REWARDS))}.")
+        allowed = [parse_spec(spec, rewards=names)[0] for spec in self.allow]  # a bad spec fails now, in one line
         for spec in self.alignment:
-            method_from_spec(spec)  # a bad default fails at start-up, in one line
-        if not self.request_timeout_s > 0:
-            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s!r}.")
-        if self.api_key is not None and not self.api_key:
-            raise ValueError("api_key must not be empty (leave it unset to serve without a key).")
+            parse_spec(spec, rewards=names)
+        if len(set(allowed)) != len(allowed):
+            raise ValueError(f"A method is allowed twice: {sorted(allowed)}; give each once.")
+        for key in ("request_timeout_s", "body_timeout_s"):
+            if not 0 < getattr(self, key) < float("inf"):
+                raise ValueError(f"{key} must be a finite number > 0, got {getattr(self, key)!r}.")
+        if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}.")
+        if not isinstance(self.method_cache_size, int) or self.method_cache_size < 1:
+            raise ValueError(f"method_cache_size must be an integer >= 1, got {self.method_cache_size!r}.")
+        check_api_key(self.api_key)
+        for origin in self.cors_origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"A CORS origin is 'scheme://host[:port]' (or '*'), got {origin!r}.")
 
 
-class MethodCache:
-    """Builds each method spec once (methods hold configuration only, so calls can share them)."""
+def _host_name(value: str) -> str:
+    """The name of a `Host` header (or an origin's authority) without its port, lower-cased."""
+    value = value.strip().lower()
+    if value.startswith("["):  # [::1]:8000
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
-    def __init__(self, config: ServeConfig):
-        self.config = config
-        self._cache: dict = {}
 
-    def methods(self, specs: tuple[str, ...] | None) -> list:
-        from ttalign.hooks import AlignmentRunner
-        from ttalign.methods import method_from_spec
+class _Guard:
+    """ASGI middleware in front of every route: the `Host` allow-list (against DNS rebinding), and cross-origin
+    browser requests refused unless their origin is configured for CORS (a page on another site cannot drive the
+    server; same-origin pages, the playground among them, pass)."""
 
-        from_request = specs is not None
-        specs = specs if from_request else tuple(self.config.alignment)
-        methods = []
-        for spec in specs:
-            if spec not in self._cache:
-                try:
-                    method = method_from_spec(spec, allowed=set(self.config.allow) if from_request else None,
-                                              allow_imports=not from_request)  # fmt: skip
-                    check_method_budget(method, spec, self.config.limits)
-                except ValueError as err:
-                    raise APIError(400, str(err), param="ttalign.alignment", code="invalid_method") from None
-                if len(self._cache) < 256:
-                    self._cache[spec] = method
-            else:
-                method = self._cache[spec]
-            methods.append(method)
-        try:
-            AlignmentRunner(methods)  # refuses bad combinations now, before the request is queued
-        except (ValueError, TypeError) as err:
-            raise APIError(400, str(err), param="ttalign.alignment", code="invalid_method") from None
-        return methods
+    def __init__(self, app, hosts: list[str], origins: list[str], metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+        self.any_host = "*" in hosts
+        self.hosts = {_host_name(h) for h in (*LOOPBACK_HOSTS, *hosts)}
+        self.origins = set(origins)
+
+    def _refusal(self, headers: dict) -> APIError | None:
+        host = headers.get("host", "")
+        if not self.any_host and _host_name(host) not in self.hosts:
+            self.metrics.rejected.labels("invalid_host").inc()
+            return APIError(400, f"The Host {quote(host)} is not served here; an operator adds names with "
+                            "--allowed-host.", code="invalid_host")  # fmt: skip
+        origin = headers.get("origin")
+        if origin is None or "*" in self.origins or origin in self.origins:
+            return None
+        same = re.fullmatch(r"https?://([^/]+)", origin)
+        if same is not None and same[1].lower() == host.strip().lower():
+            return None
+        self.metrics.rejected.labels("forbidden_origin").inc()
+        return APIError(403, f"Requests from the origin {quote(origin)} are not allowed; an operator allows origins "
+                        "with --cors-origin.", code="forbidden_origin")  # fmt: skip
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        error = self._refusal({k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]})
+        if error is None:
+            return await self.app(scope, receive, send)
+        body = json.dumps(error.body()).encode()
+        await send({"type": "http.response.start", "status": error.status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
 
 
 class _ReplicaHeader:
@@ -150,7 +208,8 @@ def _error_for(err: BaseException) -> APIError:
 
 
 def create_app(pipe, config: ServeConfig | None = None):
-    """The server's FastAPI app over `pipe` (an aligned pipeline). The pipeline worker starts with the app."""
+    """The server's FastAPI app over `pipe` (an aligned pipeline). The configured rewards are loaded and the method
+    specs parsed now (never per request); the pipeline worker starts with the app."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
@@ -161,9 +220,7 @@ def create_app(pipe, config: ServeConfig | None = None):
     config = config or ServeConfig()
     metrics = ServerMetrics()
     worker = PipelineWorker(pipe, config.worker, metrics, config.call_defaults)
-    methods = MethodCache(config)
-    size_multiple = max(8, pipe.family.size_multiple)  # SD3, FLUX: 16 (the VAE's 8 times 2x2 patches)
-    call_parameters = inspect.signature(pipe.__call__).parameters
+    policy = RequestPolicy.from_config(config, pipe)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -174,9 +231,15 @@ def create_app(pipe, config: ServeConfig | None = None):
             worker.stop()
 
     app = FastAPI(title="ttalign", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.worker, app.state.metrics, app.state.config = worker, metrics, config
-    # tells replicas apart (Ray Serve); a plain ASGI middleware, which leaves disconnect detection alone
+    app.state.worker, app.state.metrics, app.state.config, app.state.policy = worker, metrics, config, policy
+    # tells replicas apart (Ray Serve); plain ASGI middlewares, which leave disconnect detection alone
     app.add_middleware(_ReplicaHeader, value=uuid.uuid4().hex[:12])
+    if config.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
+    app.add_middleware(_Guard, hosts=list(config.allowed_hosts), origins=list(config.cors_origins), metrics=metrics)
 
     def error_response(err: APIError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
@@ -201,18 +264,50 @@ def create_app(pipe, config: ServeConfig | None = None):
     def authorize(request: Request) -> None:
         if config.api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ""
-        if not given:
+        match = _BEARER.fullmatch(request.headers.get("authorization", ""))  # RFC 6750: "Bearer" 1*SP token
+        if match is None:
             metrics.rejected.labels("unauthorized").inc()
             raise APIError(401, "Missing API key: send `Authorization: Bearer <key>`.", code="invalid_api_key")
-        if not hmac.compare_digest(given.encode(), config.api_key.encode()):
+        if not hmac.compare_digest(match[1].encode(), config.api_key.encode()):
             metrics.rejected.labels("unauthorized").inc()
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
+    async def read_body(request: Request) -> bytes:
+        """The body as JSON bytes: `Content-Type: application/json` (415 otherwise), at most `max_body_bytes` by
+        `Content-Length` and while reading (413), within `body_timeout_s` (408)."""
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            metrics.rejected.labels("unsupported_media_type").inc()
+            raise APIError(415, f"The body must be JSON with `Content-Type: application/json`, got {quote(media)}.",
+                           code="unsupported_media_type")  # fmt: skip
+        limit = config.max_body_bytes
+        too_large = APIError(413, f"The request body is over {limit} bytes.", code="body_too_large")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or len(length) > 12 or int(length) > limit):
+            metrics.rejected.labels("body_too_large").inc()
+            raise too_large
+
+        async def read() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    metrics.rejected.labels("body_too_large").inc()
+                    raise too_large
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        try:
+            return await asyncio.wait_for(read(), timeout=config.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"The request body did not arrive within {config.body_timeout_s:g} s.",
+                           code="body_timeout") from None  # fmt: skip
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": config.model_name, "queue_depth": worker.queue_depth}
+        status = "ok" if worker.alive and not worker.stuck else ("dead" if not worker.alive else "stuck")
+        body = {"status": status, "model": config.model_name, "queue_depth": worker.queue_depth}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -223,7 +318,7 @@ def create_app(pipe, config: ServeConfig | None = None):
     @app.get("/v1/ttalign/methods")
     async def allowed_methods(request: Request):
         authorize(request)
-        return {"allow": sorted(config.allow), "default_alignment": list(config.alignment)}
+        return policy.describe()
 
     @app.get("/metrics")
     async def prometheus(request: Request):
@@ -236,59 +331,52 @@ def create_app(pipe, config: ServeConfig | None = None):
         with open(os.path.join(STATIC, "playground.html"), encoding="utf-8") as f:
             return HTMLResponse(f.read())
 
+    def answered(status: int, start: float) -> None:
+        metrics.requests.labels(str(status)).inc()
+        metrics.latency.labels(str(status)).observe(time.monotonic() - start)
+
     @app.post("/v1/images/generations")
     async def generations(request: Request):
         start = time.monotonic()
         try:
             authorize(request)
-            raw = await request.body()
-            if len(raw) > config.max_body_bytes:
-                raise APIError(400, f"The request body is over {config.max_body_bytes} bytes.", code="body_too_large")
-            try:
-                body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
-            req = parse_request(body, config.limits, config.model_name, size_multiple)
-            if req.eta is not None and "eta" not in call_parameters:
-                raise APIError(400, f"ttalign.eta: {type(pipe).__name__} takes no eta (a flow-matching sampler); "
-                               "leave it out.", param="ttalign.eta", code="invalid_value")  # fmt: skip
-            job = Job(req, methods.methods(req.alignment), new_seeds(req))
+            admission = policy.admit(load_json(await read_body(request)))
+            metrics.cached_methods.set(policy.cached_methods)
         except APIError as err:
             if err.status in (400, 404):
-                metrics.rejected.labels("invalid").inc()
-            metrics.requests.labels(str(err.status)).inc()
-            metrics.latency.labels(str(err.status)).observe(time.monotonic() - start)
+                metrics.rejected.labels("over_budget" if err.code == "over_budget" else "invalid").inc()
+            answered(err.status, start)
             return error_response(err)
+        req = admission.request
+        job = Job(req, admission.methods, new_seeds(req), deadline=start + config.request_timeout_s)
         if req.stream:
             job.preview = _Previews()
         try:
             worker.submit(job)  # 429 when the queue is full, before any byte of a stream is sent
         except APIError as err:
-            metrics.requests.labels(str(err.status)).inc()
+            if err.code == "worker_dead":
+                metrics.rejected.labels("worker_dead").inc()
+            answered(err.status, start)
             return error_response(err)
         if req.stream:
             return StreamingResponse(_stream(job, req, start), media_type="text/event-stream")
-        status = 200
         try:
             result = await _wait(request, job)
             if not result["images"]:
                 raise APIError(500, "The pipeline returned no image.", code="no_image")
+            data = []
+            for i, image in enumerate(result["images"]):
+                item = {"b64_json": _encode(image, req.output_format), "revised_prompt": None,
+                        "seed": result["seeds"][i], "compute": result["compute"]}  # fmt: skip
+                if result["rewards"] is not None:
+                    item["reward"] = result["rewards"][i]
+                data.append(item)
         except Exception as err:  # noqa: BLE001 - every failure is answered with an error body
             api = _error_for(err)
-            status = api.status
-            metrics.requests.labels(str(status)).inc()
-            metrics.latency.labels(str(status)).observe(time.monotonic() - start)
+            answered(api.status, start)
             return error_response(api)
-        data = []
-        for i, image in enumerate(result["images"]):
-            item = {"b64_json": _encode(image, req.output_format), "revised_prompt": None, "seed": result["seeds"][i],
-                    "compute": result["compute"]}  # fmt: skip
-            if result["rewards"] is not None:
-                item["reward"] = result["rewards"][i]
-            data.append(item)
         _count(result)
-        metrics.requests.labels(str(status)).inc()
-        metrics.latency.labels(str(status)).observe(time.monotonic() - start)
+        answered(200, start)
         width, height = result["images"][0].size
         return {"created": int(time.time()), "data": data, "output_format": req.output_format,
                 "size": f"{width}x{height}"}  # fmt: skip
@@ -299,9 +387,9 @@ def create_app(pipe, config: ServeConfig | None = None):
             metrics.reward.observe(sum(result["rewards"]) / len(result["rewards"]))
 
     async def _wait(request, job: Job) -> dict:
-        """Waits for a queued job, dropping it if the client leaves (`request` given) or it times out."""
+        """Waits for a job; cancels it (dropped if queued, stopped at its next step if running) when the client
+        leaves (`request` given) or the deadline passes."""
         future = asyncio.wrap_future(job.done)
-        deadline = time.monotonic() + config.request_timeout_s
         while True:
             try:
                 return await asyncio.wait_for(asyncio.shield(future), timeout=0.25)
@@ -310,7 +398,7 @@ def create_app(pipe, config: ServeConfig | None = None):
             if request is not None and await request.is_disconnected():
                 worker.cancel(job, "disconnected")
                 raise APIError(499, "The client closed the request.", code="client_closed")
-            if time.monotonic() > deadline:
+            if job.expired(time.monotonic()):
                 worker.cancel(job, "timeout")
                 raise APIError(504, f"The request was not answered within {config.request_timeout_s:g} s.",
                                code="timeout", headers={"x-should-retry": "false"})  # fmt: skip
@@ -350,17 +438,16 @@ def create_app(pipe, config: ServeConfig | None = None):
                          "reward": None if result["rewards"] is None else result["rewards"][0],
                          "compute": result["compute"], **common, "size": "{}x{}".format(*image.size)}  # fmt: skip
                 _count(result)
-                metrics.requests.labels("200").inc()
-                metrics.latency.labels("200").observe(time.monotonic() - start)
+                answered(200, start)
                 yield f"data: {json.dumps(event)}\n\n"
                 yield "data: [DONE]\n\n"
                 return
         except Exception as err:  # noqa: BLE001 - a failure after the stream started is sent as an error event
             api = _error_for(err)
-            metrics.requests.labels(str(api.status)).inc()
+            answered(api.status, start)
             yield f"data: {json.dumps(api.body())}\n\n"
         finally:
-            if not job.done.done():  # the client left: drop the job if it has not started
+            if not job.done.done():  # the client left: drop the job, or stop its call at the next step
                 worker.cancel(job, "disconnected")
                 waiter.cancel()
 

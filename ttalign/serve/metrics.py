@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 class ServerMetrics:
-    """Queue depth, request latency, images, denoiser evaluations, rewards, merged batches and rejected requests."""
+    """Queue depth, request latency, images, denoiser evaluations, rewards, merged batches, pipeline calls, and
+    refused, cancelled and failed requests by reason."""
 
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -17,8 +18,19 @@ class ServerMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf")), registry=self.registry,
         )  # fmt: skip
         self.requests = Counter("ttalign_requests", "Answered requests.", ["status"], registry=self.registry)
-        self.rejected = Counter("ttalign_rejected_requests", "Requests refused or dropped.", ["reason"],
+        self.rejected = Counter("ttalign_rejected_requests", "Requests refused before they were queued (invalid, "
+                                "over_budget, unauthorized, queue_full, invalid_host, forbidden_origin, "
+                                "unsupported_media_type, body_too_large, worker_dead).", ["reason"],
                                 registry=self.registry)  # fmt: skip
+        self.cancelled = Counter("ttalign_cancelled_requests", "Requests dropped from the queue or stopped while "
+                                 "running (disconnected, timeout).", ["reason"], registry=self.registry)  # fmt: skip
+        self.failed = Counter("ttalign_failed_requests", "Accepted requests that failed, by error code "
+                              "(method_failed, invalid_value, out_of_memory, worker_dead, ...).", ["reason"],
+                              registry=self.registry)  # fmt: skip
+        self.calls = Counter("ttalign_pipeline_calls", "Pipeline calls by outcome (ok, failed, out_of_memory, "
+                             "cancelled).", ["outcome"], registry=self.registry)  # fmt: skip
+        self.cached_methods = Gauge("ttalign_cached_methods", "Method objects built for requests' settings and "
+                                    "kept (one per canonical setting).", registry=self.registry)  # fmt: skip
         self.images = Counter("ttalign_images", "Images returned.", registry=self.registry)
         self.nfe = Counter("ttalign_nfe", "Denoiser evaluations (per latent) spent.", registry=self.registry)
         self.reward = Histogram("ttalign_request_reward", "Mean reward of a request's images, when a method scored "

@@ -4,12 +4,15 @@
 `response_format`, `stream`, `partial_images`, ...); ttalign's own options travel in the client's `extra_body` under
 `"ttalign"`: `{"alignment": ["best_of_n:n=4,reward=shapes_soft"], "seed": 3, "steps": 25, "guidance_scale": 3.0,
 "negative_prompt": "..."}`. Every bad value is answered with `{"error": {"message", "type", "param", "code"}}` and the
-HTTP status the client maps to its exception classes.
+HTTP status the client maps to its exception classes. What a request's methods may set is the request policy's
+business (:mod:`ttalign.serve.policy`); this module only checks the shape of the body.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass
 
 #: Top-level fields of the client's request body that the server accepts (and ignores where they do not apply).
@@ -19,20 +22,41 @@ OPENAI_FIELDS = frozenset({"prompt", "model", "n", "size", "response_format", "s
 #: Fields of the `ttalign` object.
 TTALIGN_FIELDS = frozenset({"alignment", "seed", "steps", "guidance_scale", "negative_prompt", "eta"})
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
-#: Integer options of alignment methods that multiply a request's compute, capped by `Limits.max_method_option`.
-COSTLY_OPTIONS = ("n", "particles", "steps", "rounds", "neighbors", "candidates", "max_refinement_steps")
+#: The longest error message sent (longer ones are cut), and the longest quoted value inside one.
+MAX_MESSAGE_CHARS = 1000
+MAX_QUOTED_CHARS = 80
+#: JSON bodies nested deeper than this are refused (the API's deepest valid body has depth 4).
+MAX_JSON_DEPTH = 16
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+
+
+def quote(value) -> str:
+    """`repr(value)` cut to `MAX_QUOTED_CHARS`, for error messages."""
+    text = repr(value)
+    return text if len(text) <= MAX_QUOTED_CHARS else text[: MAX_QUOTED_CHARS - 3] + "..."
+
+
+def _printable(text: str) -> str:
+    """`text` with lone surrogates escaped, so that it can be encoded as UTF-8 JSON."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class APIError(Exception):
-    """An error answered as `{"error": {"message", "type", "param", "code"}}` with HTTP `status`."""
+    """An error answered as `{"error": {"message", "type", "param", "code"}}` with HTTP `status`; the message is cut
+    to `MAX_MESSAGE_CHARS` and made one line, so no value of a request comes back whole."""
 
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+             404: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
              429: "rate_limit_error", 500: "server_error", 503: "server_error", 504: "timeout"}  # fmt: skip
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):  # fmt: skip
+        message = _printable(" ".join(str(message).split()))
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 3] + "..."
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.code = status, message, code
+        self.param = None if param is None else _printable(str(param)[:MAX_QUOTED_CHARS])
         self.headers = headers or {}
 
     def body(self) -> dict:
@@ -47,35 +71,44 @@ class Limits:
     Args:
         max_prompt_chars (`int`, defaults to 2000): prompt and negative prompt length.
         max_n (`int`, defaults to 10): images per request (the OpenAI API's limit).
-        max_side (`int`, defaults to 1024): the largest image side in pixels.
+        max_size_factor (`float`, defaults to 1.5): the largest image side, as a multiple of the model's native side
+            (SD 1.5: 512 px, so at most 768; SDXL: 1536; the shapes models: 48).
         max_steps (`int`, defaults to 100): denoising steps.
         max_guidance (`float`, defaults to 30): classifier-free guidance scale.
-        max_method_option (`int`, defaults to 100): the largest value of an alignment method's compute-multiplying
-            integer option (`n`, `particles`, `steps`, `rounds`, `neighbors`, `max_refinement_steps`; DNO's preset
-            takes 100 steps).
+        max_candidates (`int`, defaults to 16): the largest value of a method's count options (best-of-N's `n`,
+            particles, seed-search candidates, refinement iterations): the memory side of a request's cost.
+        max_image_steps (`float`, defaults to 2000): a request's total compute, in image-steps (one denoiser
+            evaluation of one image at the native resolution), counting every image, candidate, particle and
+            optimization pass (see `ttalign.hooks.price_image_steps`).
         max_methods (`int`, defaults to 4): alignment methods per request.
+        max_spec_chars (`int`, defaults to 1000): the length of one method spec.
     """
 
     max_prompt_chars: int = 2000
     max_n: int = 10
-    max_side: int = 1024
+    max_size_factor: float = 1.5
     max_steps: int = 100
     max_guidance: float = 30.0
-    max_method_option: int = 100
+    max_candidates: int = 16
+    max_image_steps: float = 2000.0
     max_methods: int = 4
+    max_spec_chars: int = 1000
 
     def __post_init__(self):
-        for key in ("max_prompt_chars", "max_n", "max_side", "max_steps", "max_method_option", "max_methods"):
+        for key in ("max_prompt_chars", "max_n", "max_steps", "max_candidates", "max_methods", "max_spec_chars"):
             value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Limits.{key} must be an integer >= 1, got {value!r}.")
-        if not self.max_guidance > 0:
-            raise ValueError(f"Limits.max_guidance must be > 0, got {self.max_guidance!r}.")
+        for key in ("max_size_factor", "max_guidance", "max_image_steps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"Limits.{key} must be a finite number > 0, got {value!r}.")
 
 
 @dataclass
 class ImageRequest:
-    """A validated generation request."""
+    """A validated generation request. `alignment` holds the request's method specs as sent (strings or objects),
+    until the request policy replaces them with their canonical keys."""
 
     prompt: str
     n: int = 1
@@ -89,7 +122,7 @@ class ImageRequest:
     guidance_scale: float | None = None
     negative_prompt: str | None = None
     eta: float | None = None
-    alignment: tuple[str, ...] | None = None
+    alignment: tuple | None = None
 
     def merge_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call (each image keeps its own generator)."""
@@ -97,21 +130,23 @@ class ImageRequest:
                 self.alignment)  # fmt: skip
 
 
+def _bad(name: str, message: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=name, code=code)
+
+
 def _int(value, name: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"`{name}` must be an integer, got {value!r:.80}.", param=name, code="invalid_value")
+        raise _bad(name, f"`{name}` must be an integer, got {quote(value)}.")
     if not low <= value <= high:
-        raise APIError(400, f"`{name}` must be between {low} and {high}, got {value}.", param=name,
-                       code="invalid_value")  # fmt: skip
+        raise _bad(name, f"`{name}` must be between {low} and {high}, got {quote(value)}.")
     return value
 
 
 def _float(value, name: str, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise APIError(400, f"`{name}` must be a finite number, got {value!r:.80}.", param=name, code="invalid_value")
+        raise _bad(name, f"`{name}` must be a finite number, got {quote(value)}.")
     if not low <= value <= high:
-        raise APIError(400, f"`{name}` must be between {low} and {high}, got {value}.", param=name,
-                       code="invalid_value")  # fmt: skip
+        raise _bad(name, f"`{name}` must be between {low} and {high}, got {quote(value)}.")
     return float(value)
 
 
@@ -119,73 +154,104 @@ def _text(value, name: str, limits: Limits, required: bool = False) -> str | Non
     if value is None and not required:
         return None
     if not isinstance(value, str) or (required and not value.strip()):
-        raise APIError(400, f"`{name}` must be a non-empty string.", param=name, code="invalid_value")
+        raise _bad(name, f"`{name}` must be a non-empty string.")
     if len(value) > limits.max_prompt_chars:
-        raise APIError(400, f"`{name}` has {len(value)} characters; the limit is {limits.max_prompt_chars}.",
-                       param=name, code="string_above_max_length")  # fmt: skip
+        raise _bad(name, f"`{name}` has {len(value)} characters; the limit is {limits.max_prompt_chars}.",
+                   code="string_above_max_length")  # fmt: skip
     return value
 
 
-def parse_size(size, limits: Limits, multiple: int = 8) -> tuple[int | None, int | None]:
-    """`"WxH"` (or `None` / `"auto"`: the model's default) -> `(width, height)`."""
+def load_json(raw: bytes):
+    """Parses a request body: UTF-8 JSON, at most `MAX_JSON_DEPTH` deep, no lone surrogate in any string (they
+    cannot be encoded again, so no tokenizer or response could take them). Raises `APIError(400)`."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
+    stack = [(body, "", 0)]  # iterative: the depth check must not itself recurse
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"The request body is nested deeper than {MAX_JSON_DEPTH} levels.",
+                           param=path or None, code="invalid_json")  # fmt: skip
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, path or "body")
+                stack.append((item, f"{path}.{key}" if path else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path or "body")
+    return body
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"`{path}` holds a lone surrogate (not valid Unicode text).", param=path,
+                       code="invalid_json") from None  # fmt: skip
+
+
+def parse_size(size, limits: Limits, multiple: int = 8, max_side: int = 1024) -> tuple[int | None, int | None]:
+    """`"WxH"` (or `None` / `"auto"`: the model's default) -> `(width, height)`; each side a multiple of `multiple`
+    between `multiple` and `max_side`."""
     if size is None or size == "auto":
         return None, None
-    if not isinstance(size, str) or size.count("x") != 1:
-        raise APIError(400, f"`size` must be a string 'WIDTHxHEIGHT', got {size!r:.80}.", param="size",
-                       code="invalid_value")  # fmt: skip
-    w, h = size.split("x")
-    if not (w.isdigit() and h.isdigit()):
-        raise APIError(400, f"`size` must be 'WIDTHxHEIGHT' in pixels, got {size!r:.80}.", param="size",
-                       code="invalid_value")  # fmt: skip
-    width, height = int(w), int(h)
+    match = _SIZE.fullmatch(size) if isinstance(size, str) else None
+    if match is None:
+        raise _bad("size", f"`size` must be a string 'WIDTHxHEIGHT' in pixels, or 'auto', got {quote(size)}.")
+    width, height = int(match[1]), int(match[2])
     for side in (width, height):
-        if not multiple <= side <= limits.max_side or side % multiple:
-            raise APIError(400, f"`size` sides must be multiples of {multiple} between {multiple} and "
-                           f"{limits.max_side}, got {size}.", param="size", code="invalid_value")  # fmt: skip
+        if not multiple <= side <= max_side or side % multiple:
+            raise _bad("size", f"`size` sides must be multiples of {multiple} between {multiple} and {max_side} "
+                       f"({limits.max_size_factor:g} x the model's native side), got {size}.")  # fmt: skip
     return width, height
 
 
-def parse_request(body, limits: Limits, served_model: str, size_multiple: int = 8) -> ImageRequest:
+def parse_request(body, limits: Limits, served_model: str, size_multiple: int = 8,
+                  max_side: int = 1024) -> ImageRequest:  # fmt: skip
     """Validates a request body; raises :class:`APIError` (400 / 404) naming the bad field."""
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
     unknown = sorted(set(body) - OPENAI_FIELDS)
     if unknown:
-        raise APIError(400, f"Unknown field {unknown[0]!r:.80}.", param=str(unknown[0])[:80], code="unknown_parameter")
+        raise _bad(unknown[0], f"Unknown field {quote(unknown[0])}.", code="unknown_parameter")
     prompt = _text(body.get("prompt"), "prompt", limits, required=True)
     model = body.get("model")
     if model is not None and model != served_model:
-        raise APIError(404, f"The model {model!r:.80} is not served here; this server serves {served_model!r}.",
+        raise APIError(404, f"The model {quote(model)} is not served here; this server serves {served_model!r}.",
                        param="model", code="model_not_found")  # fmt: skip
     n = 1 if body.get("n") is None else _int(body["n"], "n", 1, limits.max_n)
     response_format = body.get("response_format")
-    if response_format not in (None, "b64_json"):
+    if response_format is not None and response_format != "b64_json":
         if response_format == "url":
-            raise APIError(400, "`response_format` 'url' is not supported: this server returns images inline; use "
-                           "'b64_json'.", param="response_format", code="unsupported_value")  # fmt: skip
-        raise APIError(400, f"`response_format` must be 'b64_json', got {response_format!r:.80}.",
-                       param="response_format", code="invalid_value")  # fmt: skip
-    output_format = body.get("output_format") or "png"
-    if output_format not in OUTPUT_FORMATS:
-        raise APIError(400, f"`output_format` must be one of {sorted(OUTPUT_FORMATS)}, got {output_format!r:.80}.",
-                       param="output_format", code="invalid_value")  # fmt: skip
-    stream = body.get("stream") or False
+            raise _bad("response_format", "`response_format` 'url' is not supported: this server returns images "
+                       "inline; use 'b64_json'.", code="unsupported_value")  # fmt: skip
+        raise _bad("response_format", f"`response_format` must be 'b64_json', got {quote(response_format)}.")
+    output_format = body.get("output_format")
+    output_format = "png" if output_format is None else output_format
+    if not isinstance(output_format, str) or output_format not in OUTPUT_FORMATS:
+        raise _bad("output_format", f"`output_format` must be one of {sorted(OUTPUT_FORMATS)}, got "
+                   f"{quote(output_format)}.")  # fmt: skip
+    stream = body.get("stream")
+    stream = False if stream is None else stream
     if not isinstance(stream, bool):
-        raise APIError(400, f"`stream` must be true or false, got {stream!r:.80}.", param="stream",
-                       code="invalid_value")  # fmt: skip
+        raise _bad("stream", f"`stream` must be true or false, got {quote(stream)}.")
     partial = body.get("partial_images")
     partial = (2 if stream else 0) if partial is None else _int(partial, "partial_images", 0, 3)
     if stream and n != 1:
-        raise APIError(400, "Streaming returns one image: use `n` = 1 with `stream`.", param="n", code="invalid_value")
-    width, height = parse_size(body.get("size"), limits, size_multiple)
+        raise _bad("n", "Streaming returns one image: use `n` = 1 with `stream`.")
+    width, height = parse_size(body.get("size"), limits, size_multiple, max_side)
 
-    options = body.get("ttalign") or {}
+    options = body.get("ttalign")
+    options = {} if options is None else options
     if not isinstance(options, dict):
-        raise APIError(400, "`ttalign` must be an object.", param="ttalign", code="invalid_value")
+        raise _bad("ttalign", "`ttalign` must be an object.")
     unknown = sorted(set(options) - TTALIGN_FIELDS)
     if unknown:
-        raise APIError(400, f"Unknown field {unknown[0]!r:.80} in `ttalign`; fields: {sorted(TTALIGN_FIELDS)}.",
-                       param=f"ttalign.{str(unknown[0])[:80]}", code="unknown_parameter")  # fmt: skip
+        raise _bad(f"ttalign.{unknown[0]}", f"Unknown field {quote(unknown[0])} in `ttalign`; fields: "
+                   f"{sorted(TTALIGN_FIELDS)}.", code="unknown_parameter")  # fmt: skip
     seed = options.get("seed")
     seed = None if seed is None else _int(seed, "ttalign.seed", 0, 2**63 - 1 - limits.max_n)
     steps = options.get("steps")
@@ -197,24 +263,15 @@ def parse_request(body, limits: Limits, served_model: str, size_multiple: int = 
     negative = _text(options.get("negative_prompt"), "ttalign.negative_prompt", limits)
     alignment = options.get("alignment")
     if alignment is not None:
-        if isinstance(alignment, str):
+        if isinstance(alignment, (str, dict)):
             alignment = [alignment]
-        if not isinstance(alignment, list) or not all(isinstance(s, str) for s in alignment):
-            raise APIError(400, "`ttalign.alignment` must be a list of method specs 'NAME[:key=value,...]'.",
-                           param="ttalign.alignment", code="invalid_value")  # fmt: skip
+        if not isinstance(alignment, list) or not all(isinstance(s, (str, dict)) for s in alignment):
+            raise _bad("ttalign.alignment", "`ttalign.alignment` must be a list of method specs "
+                       "'NAME[:key=value,...]' or objects {\"name\": NAME, key: value, ...}.")  # fmt: skip
         if len(alignment) > limits.max_methods:
-            raise APIError(400, f"At most {limits.max_methods} alignment methods per request, got {len(alignment)}.",
-                           param="ttalign.alignment", code="invalid_value")  # fmt: skip
-        alignment = tuple(s.strip() for s in alignment)
+            raise _bad("ttalign.alignment", f"At most {limits.max_methods} alignment methods per request, got "
+                       f"{len(alignment)}.")  # fmt: skip
+        alignment = tuple(alignment)
     return ImageRequest(prompt=prompt, n=n, width=width, height=height, stream=stream, partial_images=partial,
                         output_format=output_format, seed=seed, steps=steps, guidance_scale=guidance,
                         negative_prompt=negative, eta=eta, alignment=alignment)  # fmt: skip
-
-
-def check_method_budget(method, spec: str, limits: Limits) -> None:
-    """Refuses (`ValueError`) a method whose compute-multiplying integer options exceed the server's limit."""
-    for key in COSTLY_OPTIONS:
-        value = getattr(method, key, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > limits.max_method_option:
-            raise ValueError(f"Option {key}={value} of {spec!r} is above this server's limit "
-                             f"({limits.max_method_option}).")  # fmt: skip

@@ -3,7 +3,10 @@
 Each replica loads its own pipeline and runs the same FastAPI app (built on the replica, so the pipeline never
 crosses processes); Ray Serve routes requests to replicas with one request in flight per replica
 (`max_ongoing_requests=1`), queues at most `--max-queued-requests`, and answers past that with 429 and `Retry-After`
-(`BackpressureConfig`). Replicas ask for `--gpus-per-replica` GPUs each; with 0 they run on CPUs (for tests).
+(`BackpressureConfig`). Replicas ask for `--gpus-per-replica` GPUs each; with 0 they run on CPUs (for tests). A local
+Ray cluster binds `--ray-node-ip` (loopback by default) and Serve's HTTP proxy `--host`; the request policy, the budget
+and cancellation are the app's, so they hold on every replica. Ray's proxy is its own HTTP server: the header deadline
+and connection cap of `ttalign serve` without `--ray` do not apply to it.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def build_application(model: str, config, dtype: str = "float32", device: str | 
 
 def run_ray(args, config) -> int:
     """Starts Ray (locally, or joins `RAY_ADDRESS`), deploys the app on `args.host:args.port`, serves until stopped."""
+    import os
     import signal
 
     import ray
@@ -59,7 +63,11 @@ def run_ray(args, config) -> int:
 
     app = build_application(args.model, config, args.dtype, args.device, args.replicas, args.gpus_per_replica,
                             max_queued_requests=args.max_queued_requests)  # fmt: skip
-    ray.init(include_dashboard=False, ignore_reinit_error=True)
+    if os.environ.get("RAY_ADDRESS"):  # joins a cluster its operator set up
+        ray.init(include_dashboard=False, ignore_reinit_error=True)
+    else:  # a local cluster: its processes, the dashboard's agents included, bind the loopback unless told otherwise
+        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", _node_ip_address=args.ray_node_ip,
+                 ignore_reinit_error=True)  # fmt: skip
     serve.start(http_options=HTTPOptions(host=args.host, port=args.port))
     serve.run(app, name="ttalign", route_prefix="/")
     signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs handlers of its own: stop Serve cleanly

@@ -120,6 +120,11 @@ class ShapesSoftVerifier(Reward):
         cx, cy = (weights.sum(0) * grid).sum(), (weights.sum(1) * grid).sum()
         return count * shape_prob, cx, cy
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raises `ValueError` for a caption outside the shapes grammar (this reward parses every prompt)."""
+        for prompt in prompts:
+            parse_caption(prompt)
+
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         maps = self.color_maps(images)
         scores = []

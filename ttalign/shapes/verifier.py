@@ -272,6 +272,11 @@ class ShapesVerifierReward(Reward):
         super().__init__()
         self.strict = strict
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raises `ValueError` for a caption outside the shapes grammar (this reward parses every prompt)."""
+        for prompt in prompts:
+            parse_caption(prompt)
+
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         verdicts = verify(images, prompts).verdicts
         if self.strict:
