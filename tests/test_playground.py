@@ -33,6 +33,8 @@ def test_playground_shows_plain_and_aligned_side_by_side(tmp_path):
         wait.until(lambda d: len(Select(d.find_element(By.ID, "method")).options) == 2)
         assert [o.text for o in Select(driver.find_element(By.ID, "method")).options] == ["best_of_n", "seed_search"]
         Select(driver.find_element(By.ID, "method")).select_by_visible_text("best_of_n")
+        settable = driver.find_element(By.ID, "settable").text
+        assert "n: integer 1-16" in settable and "reward: shapes_soft" in settable
         driver.find_element(By.ID, "options").send_keys("n=3,reward=shapes_soft")
         driver.find_element(By.ID, "go").click()
         wait.until(lambda d: d.find_element(By.ID, "status").text == "done")

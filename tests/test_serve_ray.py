@@ -29,6 +29,12 @@ def test_two_ray_replicas_answer_the_same_client():
                     break
             except httpx.HTTPError:
                 time.sleep(1)
+        import psutil
+
+        # the HTTP proxy listens on the loopback only (Ray's own gRPC servers are Ray's: see docs/serving.md)
+        listening = {c.laddr.ip for c in psutil.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}  # fmt: skip
+        assert listening == {"127.0.0.1"}, listening
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
         options = {"seed": 3, "steps": 4, "alignment": ["best_of_n:n=2,reward=shapes_soft"]}
         out = client.images.generate(prompt="two red circles", extra_body={"ttalign": options})

@@ -162,10 +162,11 @@ def _text(value, name: str, limits: Limits, required: bool = False) -> str | Non
 
 
 def load_json(raw: bytes):
-    """Parses a request body: UTF-8 JSON, at most `MAX_JSON_DEPTH` deep, no lone surrogate in any string (they
-    cannot be encoded again, so no tokenizer or response could take them). Raises `APIError(400)`."""
+    """Parses a request body: UTF-8 JSON (standard JSON: no `NaN` or `Infinity`), at most `MAX_JSON_DEPTH` deep, no
+    lone surrogate in any string (they cannot be encoded again, so no tokenizer or response could take them). Raises
+    `APIError(400)`."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
     stack = [(body, "", 0)]  # iterative: the depth check must not itself recurse
@@ -183,6 +184,10 @@ def load_json(raw: bytes):
         elif isinstance(value, str):
             _check_text(value, path or "body")
     return body
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _check_text(text: str, path: str) -> None:
