@@ -41,8 +41,8 @@ def _peak(device: str) -> float:
 
 
 def run_one(side: str, args, out_path: str) -> dict:
-    from ttalign.attention import ControlProcessor
     from ttalign.methods import AttendAndExcite
+    from ttalign.pipelines.stable_diffusion import ControlProcessor
     from ttalign.testing import get_tiny_sdxl_pipeline
 
     warnings.filterwarnings("ignore")

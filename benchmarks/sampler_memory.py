@@ -29,7 +29,7 @@ def _peak_mb() -> float:
 
 
 def run_one(steps: int, batch: int, checkpointing: bool, device: str) -> dict:
-    from ttalign.sampling import DifferentiableSampler
+    from ttalign.sampler import DifferentiableSampler
     from ttalign.shapes import ShapesSoftVerifier, load_pipeline
 
     torch.set_num_threads(2)

@@ -1,7 +1,8 @@
 """Training on the shapes world: Diffusion-DPO on verifier-labelled pairs of the model's own samples, and DRaFT-1
 reward backpropagation on the soft verifier; each LoRA evaluated like the inference-time methods ("train vs guide").
 
-1. Draws `--prompts` training captions from the shapes grammar (their own seed, not the evaluation set's), samples
+1. Draws `--prompts` training captions from the shapes grammar (their own seed; none of the evaluation set's unless
+   `--captions any`), samples
    4 images per caption with the base model, and keeps one (passed, failed) pair per caption the exact verifier
    splits.
 2. Trains a LoRA with `DiffusionDPOTrainer`, and another with `RewardBackpropTrainer` (mode "draft", k=1); with
@@ -49,10 +50,19 @@ TRAINER_NAMES = {"dpo": "DPO", "dpo_guided": "DPO on guided winners", "draft": "
 CATEGORIES = ("single_object", "colors", "counting", "two_objects", "position", "color_attribution")
 
 
-def make_model_pairs(pipe, out: str, n_prompts: int, seed: int = 7) -> tuple[str, int]:
-    """Samples 4 images per training caption and writes one verifier-labelled (passed, failed) pair per caption."""
+def training_captions(n: int, seed: int = 7, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """`n` captions from the shapes grammar (their own seed), none of them in `exclude` (the evaluation set)."""
     rng = np.random.default_rng(seed)
-    captions = [sample_scene(rng)[1] for _ in range(n_prompts)]
+    captions = []
+    while len(captions) < n:
+        caption = sample_scene(rng)[1]
+        if caption not in exclude:
+            captions.append(caption)
+    return captions
+
+
+def make_model_pairs(pipe, out: str, captions: list[str], seed: int = 7) -> tuple[str, int]:
+    """Samples 4 images per training caption and writes one verifier-labelled (passed, failed) pair per caption."""
     return out, write_verified_pairs(pipe, out, captions, seed, num_inference_steps=25, guidance_scale=3.0)
 
 
@@ -130,6 +140,8 @@ def main() -> None:
     parser.add_argument("--eval-per-category", type=int, default=20)
     parser.add_argument("--eval-seeds", type=int, default=2)
     parser.add_argument("--name", default="training", help="results file name")
+    parser.add_argument("--captions", choices=("disjoint", "any"), default="disjoint",
+                        help="training captions: none of the evaluation set's (default), or any of the grammar's")
     args = parser.parse_args()
     kinds = args.trainers.split(",")
     unknown = set(kinds) - TRAINER_NAMES.keys()
@@ -142,10 +154,12 @@ def main() -> None:
     evaluation = {"per_category": args.eval_per_category, "seeds": args.eval_seeds}
     rows.append({"run": "base model", **run_eval(base, "base", **evaluation), "train_s": 0.0})
     reference = rows[0]["verdicts"]
+    held_out = {p for per in (args.eval_per_category, 40) for p, _ in evaluation_prompts(per)}
+    captions = training_captions(args.prompts, exclude=held_out if args.captions == "disjoint" else frozenset())
     with tempfile.TemporaryDirectory() as tmp:
         pairs, n_pairs, train_prompts = tmp, 0, []
         if set(kinds) - {"dpo_guided"}:
-            pairs, n_pairs = make_model_pairs(base, tmp, args.prompts)
+            pairs, n_pairs = make_model_pairs(base, tmp, captions)
             train_prompts = [json.loads(line)["prompt"] for line in open(os.path.join(pairs, "pairs.jsonl"))]
         n_guided = 0
         if "dpo_guided" in kinds:
@@ -153,8 +167,6 @@ def main() -> None:
             start = time.perf_counter()
             guided_pairs = os.path.join(tmp, "guided_pairs")
             os.makedirs(guided_pairs)
-            rng = np.random.default_rng(7)
-            captions = [sample_scene(rng)[1] for _ in range(args.prompts)]
             n_guided = write_guided_pairs(base, guided_pairs, captions, [method_from_spec(args.guide)],
                                           num_inference_steps=25, guidance_scale=3.0)  # fmt: skip
             guide_s = time.perf_counter() - start
@@ -224,11 +236,23 @@ def main() -> None:
         f"{6 * args.eval_per_category} prompts x {args.eval_seeds} images (25 DDIM steps, guidance 3.0), paired with "
         "the base model image by image (sign test)"
         + ("; the guide rows are the inference-time methods on the same prompts and seeds" if guide else "")
-        + ". The shapes grammar is small: training captions repeat evaluation captions, with other noises.\n\n"
+        + (". Training captions are disjoint from the evaluation set (the grammar's single-object, colour and "
+           "two-object captions all lie in it, so training sees counting, position and colour-attribution captions "
+           "only)" if args.captions == "disjoint" else ". The shapes grammar is small: training captions repeat "
+           "evaluation captions, with other noises")
+        + ".\n\n"
         + "\n".join(lines) + "\n"
     )  # fmt: skip
-    data = {"benchmark": "training", "command": command, "pairs": n_pairs, "guided_pairs": n_guided, "rows": rows,
-            "environment": env}  # fmt: skip
+    data = {
+        "benchmark": "training",
+        "command": command,
+        "captions": args.captions,
+        "captions_in_evaluation_set": sum(c in held_out for c in captions),
+        "pairs": n_pairs,
+        "guided_pairs": n_guided,
+        "rows": rows,
+        "environment": env,
+    }
     write_results(args.name, json.loads(json.dumps(data, default=str)), markdown)
     print(markdown)
 

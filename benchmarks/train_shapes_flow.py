@@ -33,12 +33,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, environment, line_chart, write_results  # noqa: E402
-from train_shapes import write_verified_pairs  # noqa: E402
+from train_shapes import training_captions, write_verified_pairs  # noqa: E402
 
 from ttalign.rewards import load_reward  # noqa: E402
 from ttalign.shapes import FLOW_SAMPLING_DEFAULTS, evaluation_prompts, load_pipeline  # noqa: E402
 from ttalign.shapes.evaluate import evaluate, paired  # noqa: E402
-from ttalign.shapes.world import sample_scene  # noqa: E402
 from ttalign.training import FlowDPOConfig, FlowDPOTrainer, FlowGRPOConfig, FlowGRPOTrainer  # noqa: E402
 
 CATEGORIES = ("single_object", "colors", "counting", "two_objects", "position", "color_attribution")
@@ -87,8 +86,8 @@ def main() -> None:
     parser.add_argument("--name", default="training_flow")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    rng = np.random.default_rng(7)
-    captions = [sample_scene(rng)[1] for _ in range(args.prompts)]
+    held_out = {p for per in (20, 40) for p, _ in evaluation_prompts(per)}  # training never sees an evaluated caption
+    captions = training_captions(args.prompts, exclude=held_out)
     base = load_pipeline("flow")
     base.set_progress_bar_config(disable=True)
     rows = [{"run": "base model", **run_eval(base, "base"), "train_s": 0.0, "steps": 0}]

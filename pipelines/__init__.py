@@ -1,18 +1,10 @@
 """Drop-in aligned pipelines and their model families, one file per family (packaged as `ttalign.pipelines`)."""
 
-from .family import Conditioning, ModelFamily, TextStream, family_for
+from .family import FAMILIES, Conditioning, FamilyEntry, ModelFamily, TextStream, family_entry, family_for
 from .flux import AlignedFluxPipeline, FluxFamily
 from .stable_diffusion import AlignedPipelineOutput, AlignedStableDiffusionPipeline, StableDiffusionFamily
 from .stable_diffusion_3 import AlignedStableDiffusion3Pipeline, StableDiffusion3Family
 from .stable_diffusion_xl import AlignedStableDiffusionXLPipeline, StableDiffusionXLFamily
-
-#: diffusers pipeline class -> its aligned subclass (used by `ttalign.align` and the command line).
-ALIGNED_PIPELINES = {
-    StableDiffusionFamily.pipeline_class: AlignedStableDiffusionPipeline,
-    StableDiffusionXLFamily.pipeline_class: AlignedStableDiffusionXLPipeline,
-    StableDiffusion3Family.pipeline_class: AlignedStableDiffusion3Pipeline,
-    FluxFamily.pipeline_class: AlignedFluxPipeline,
-}
 
 
 def aligned_class_for(model: str):
@@ -22,21 +14,22 @@ def aligned_class_for(model: str):
 
     config = DiffusionPipeline.load_config(model)
     name = config.get("_class_name")
-    by_name = {base.__name__: aligned for base, aligned in ALIGNED_PIPELINES.items()}
-    by_name.update({aligned.__name__: aligned for aligned in ALIGNED_PIPELINES.values()})
+    by_name = {entry.pipeline_class.__name__: entry.aligned_class for entry in FAMILIES.values()}
+    by_name.update({entry.aligned_class.__name__: entry.aligned_class for entry in FAMILIES.values()})
     if name not in by_name:
         raise ValueError(f"{model!r} holds a {name} (model_index.json); supported: {', '.join(sorted(by_name))}.")
     return by_name[name]
 
 
 __all__ = [
-    "ALIGNED_PIPELINES",
+    "FAMILIES",
     "AlignedFluxPipeline",
     "AlignedPipelineOutput",
     "AlignedStableDiffusion3Pipeline",
     "AlignedStableDiffusionPipeline",
     "AlignedStableDiffusionXLPipeline",
     "Conditioning",
+    "FamilyEntry",
     "FluxFamily",
     "ModelFamily",
     "StableDiffusion3Family",
@@ -44,5 +37,6 @@ __all__ = [
     "StableDiffusionXLFamily",
     "TextStream",
     "aligned_class_for",
+    "family_entry",
     "family_for",
 ]

@@ -17,6 +17,10 @@ What the interface gives:
 - attention: `features`, `install_attention_control`, `cross_attention_resolutions`, `text_streams`, `token_spans`,
   `prompt_length`, `attention_defaults`;
 - LoRA: `lora_target_modules`, `save_lora` (in the format the family's diffusers pipeline loads).
+
+The registry (:data:`FAMILIES`, filled by :func:`register_family`) maps each family's short key to its diffusers
+pipeline class, its aligned class, its denoiser kind and its capabilities (`features`); `ttalign.align`, loading, the
+server, the trainers and the tests read it, and nothing decides on a class name.
 """
 
 from __future__ import annotations
@@ -142,8 +146,14 @@ class ModelFamily:
     denoiser_attribute: ClassVar[str] = "unet"
     #: Modules of the denoiser that get LoRA adapters.
     lora_target_modules: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
-    #: What the family offers methods beyond the common interface: `"cross_attention"` (a UNet attending to text
-    #: tokens through cross-attention layers, whose maps and logits the attention control can reach).
+    #: `"unet"` or `"transformer"`.
+    denoiser_kind: ClassVar[str] = "unet"
+    #: The family's capabilities, which methods (`required_features`), trainers and the server read:
+    #: `"cross_attention"` (image queries attend to text keys whose maps and logits the attention control reaches: a
+    #: UNet's cross-attention, or the text view of joint attention), `"joint_attention"` (one attention over the
+    #: concatenated image and text tokens), `"flow_matching"` (velocity output on a flow-matching schedule; otherwise
+    #: noise / v prediction on a diffusion schedule), `"stochastic_steps"` (a stochastic sampler step with its
+    #: log-probability: DDIM with eta, or the flow SDE), `"packed_latents"` (latents packed into tokens).
     features: ClassVar[frozenset[str]] = frozenset()
     #: Family defaults of attention-method settings: `normalize_eot` (leave end and padding tokens out of maps),
     #: `from_where` (the parts of the denoiser whose maps are recorded) and `parts` (all of its parts).
@@ -323,13 +333,59 @@ class ModelFamily:
         raise NotImplementedError
 
 
-_FAMILIES: list[type[ModelFamily]] = []
+#: Every capability a family may declare in `features`.
+CAPABILITIES = frozenset({"cross_attention", "joint_attention", "flow_matching", "stochastic_steps", "packed_latents"})
 
 
-def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
-    """Class decorator: makes `family_for` recognize pipelines of `cls.pipeline_class`."""
-    _FAMILIES.append(cls)
-    return cls
+@dataclass(frozen=True)
+class FamilyEntry:
+    """A model family in the registry: its key (`"sd"`, `"sdxl"`, ...), its :class:`ModelFamily` and the aligned
+    pipeline class that wraps its diffusers pipeline class."""
+
+    key: str
+    family: type[ModelFamily]
+    aligned_class: type
+
+    @property
+    def pipeline_class(self) -> type:
+        """The diffusers pipeline class."""
+        return self.family.pipeline_class
+
+    @property
+    def denoiser_kind(self) -> str:
+        return self.family.denoiser_kind
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return self.family.features
+
+
+#: The registry of model families, by key, in the order they were registered.
+FAMILIES: dict[str, FamilyEntry] = {}
+
+
+def register_family(key: str, aligned_class: type):
+    """Class decorator of a :class:`ModelFamily`: registers it under `key` with the aligned pipeline class that wraps
+    its `pipeline_class`."""
+
+    def register(cls: type[ModelFamily]) -> type[ModelFamily]:
+        unknown = sorted(set(cls.features) - CAPABILITIES)
+        if unknown:
+            raise ValueError(f"{cls.__name__} declares unknown capabilities {unknown}; known: {sorted(CAPABILITIES)}.")
+        if cls.pipeline_class is None or not issubclass(aligned_class, cls.pipeline_class):
+            raise ValueError(f"{aligned_class.__name__} must subclass {cls.__name__}.pipeline_class.")
+        if key in FAMILIES and FAMILIES[key].family is not cls:
+            raise ValueError(f"A model family is already registered as {key!r}: {FAMILIES[key].family.__name__}.")
+        FAMILIES[key] = FamilyEntry(key, cls, aligned_class)
+        return cls
+
+    return register
+
+
+def family_entry(pipe) -> FamilyEntry | None:
+    """The registry entry of a pipeline or pipeline class (diffusers' or aligned), or `None`."""
+    cls = pipe if isinstance(pipe, type) else type(pipe)
+    return next((e for e in FAMILIES.values() if issubclass(cls, e.pipeline_class)), None)
 
 
 def family_for(pipe, denoiser=None, scheduler=None) -> ModelFamily:
@@ -340,8 +396,8 @@ def family_for(pipe, denoiser=None, scheduler=None) -> ModelFamily:
     own = getattr(pipe, "family", None)
     if isinstance(own, ModelFamily):
         return own.replace(denoiser, scheduler) if denoiser is not None or scheduler is not None else own
-    for cls in _FAMILIES:
-        if cls.pipeline_class is not None and isinstance(pipe, cls.pipeline_class):
-            return cls(pipe, denoiser, scheduler)
-    supported = ", ".join(cls.pipeline_class.__name__ for cls in _FAMILIES if cls.pipeline_class is not None)
+    entry = family_entry(pipe)
+    if entry is not None:
+        return entry.family(pipe, denoiser, scheduler)
+    supported = ", ".join(sorted(e.pipeline_class.__name__ for e in FAMILIES.values()))
     raise TypeError(f"ttalign has no model family for {type(pipe).__name__}; supported pipelines: {supported}.")

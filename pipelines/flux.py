@@ -26,12 +26,13 @@ from diffusers.utils.torch_utils import get_module_execution_device
 
 from ttalign.hooks import AlignmentRunner, GenerationState, Stage
 
+from .base import AlignedPipelineMixin, ParentCall, uses_sampling_defaults
 from .family import Conditioning, ModelFamily, TextStream, register_family
 from .joint_attention import JointControlProcessor, install_joint_control
 from .stable_diffusion import AlignedPipelineOutput
 
 
-class AlignedFluxPipeline(FluxPipeline):
+class AlignedFluxPipeline(AlignedPipelineMixin, FluxPipeline):
     r"""
     [`~diffusers.FluxPipeline`] with inference-time alignment.
 
@@ -39,7 +40,8 @@ class AlignedFluxPipeline(FluxPipeline):
     prompts, `max_sequence_length`, IP-Adapter inputs, `callback_on_step_end`...); `alignment` adds a list of
     [`~ttalign.hooks.AlignmentMethod`] objects that act at the stages of the call. Load it like the parent
     (`from_pretrained`, or construction from components), or wrap an existing pipeline with `from_pipe`. Unlike the
-    parent, unknown keyword arguments raise `TypeError`.
+    parent, unknown keyword arguments raise `TypeError`. `alignment` and `sampling_defaults` (call arguments read from
+    the model folder's `ttalign_sampling.json`) are as on [`AlignedStableDiffusionPipeline`].
 
     Examples:
 
@@ -55,13 +57,16 @@ class AlignedFluxPipeline(FluxPipeline):
     ```
     """
 
-    alignment: list = []
-
     @property
     def family(self) -> FluxFamily:
         """This pipeline's [`~ttalign.pipelines.family.ModelFamily`]: what alignment methods know of the model."""
         return FluxFamily(self)
 
+    # A copy of diffusers 0.42.1's `FluxPipeline.__call__`, with the stages added;
+    # `parent_call` records the parent's fingerprint (tests/test_parent_calls.py fails when it differs).
+    parent_call = ParentCall("0.42.1", "26d9b658a88b6b3be4097668709c17c3f9050431d3a32ca8977fa0c07cb5cbf2")
+
+    @uses_sampling_defaults
     @torch.no_grad()
     def __call__(
         self,
@@ -447,7 +452,7 @@ class AlignedFluxPipeline(FluxPipeline):
                                      traces=state.traces)  # fmt: skip
 
 
-@register_family
+@register_family("flux", AlignedFluxPipeline)
 class FluxFamily(ModelFamily):
     """FLUX.1: a `FluxTransformer2DModel` with joint attention over [text, image] tokens (T5's tokens only; the CLIP-L
     pooled vector is an added input), rotary position ids, packed latents (2x2 patches), the embedded guidance scale
@@ -457,7 +462,9 @@ class FluxFamily(ModelFamily):
     name = "FLUX"
     pipeline_class = FluxPipeline
     denoiser_attribute = "transformer"
-    features = frozenset({"cross_attention"})  # the text view of joint attention
+    denoiser_kind = "transformer"
+    # cross_attention: the text view of joint attention
+    features = frozenset({"cross_attention", "joint_attention", "flow_matching", "stochastic_steps", "packed_latents"})
     attention_defaults = {"normalize_eot": True, "from_where": ("double",), "parts": ("double", "single")}
 
     @property

@@ -15,11 +15,13 @@ from diffusers import StableDiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion as _sd
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.utils import deprecate
 
 from ttalign.hooks import AlignmentRunner, GenerationState, Stage
 
+from .base import AlignedPipelineMixin, ParentCall, uses_sampling_defaults
 from .family import Conditioning, ModelFamily, TextStream, register_family
 
 
@@ -43,7 +45,7 @@ class AlignedPipelineOutput(StableDiffusionPipelineOutput):
     traces: dict[str, Any] | None = None
 
 
-class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
+class AlignedStableDiffusionPipeline(AlignedPipelineMixin, StableDiffusionPipeline):
     r"""
     [`~diffusers.StableDiffusionPipeline`] with inference-time alignment.
 
@@ -55,6 +57,9 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
     Attributes:
         alignment (`list[AlignmentMethod]`):
             Methods used when a call passes no `alignment` (set by [`ttalign.align`]); empty by default.
+        sampling_defaults (`dict`):
+            Call arguments a call leaves out take these values (read from the model folder's
+            `ttalign_sampling.json`); empty by default.
 
     Examples:
 
@@ -73,13 +78,16 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
     ```
     """
 
-    alignment: list = []
-
     @property
     def family(self) -> StableDiffusionFamily:
         """This pipeline's [`~ttalign.pipelines.family.ModelFamily`]: what alignment methods know of the model."""
         return StableDiffusionFamily(self)
 
+    # A copy of diffusers 0.42.1's `StableDiffusionPipeline.__call__`, with the stages added;
+    # `parent_call` records the parent's fingerprint (tests/test_parent_calls.py fails when it differs).
+    parent_call = ParentCall("0.42.1", "35adac16365e855fe0e14894929ded8660da4339907144fc09f07b5b9d91bf11")
+
+    @uses_sampling_defaults
     @torch.no_grad()
     def __call__(
         self,
@@ -232,8 +240,9 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
             state.family.add_guidance_embedding(state.conditioning, guidance_scale)
 
             # 4. Prepare timesteps
+            timestep_device = "cpu" if _sd.XLA_AVAILABLE else device
             timesteps, num_inference_steps = retrieve_timesteps(
-                self.scheduler, num_inference_steps, device, timesteps, sigmas
+                self.scheduler, num_inference_steps, timestep_device, timesteps, sigmas
             )
             state.timesteps = timesteps
 
@@ -350,6 +359,9 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
                             step_idx = i // getattr(self.scheduler, "order", 1)
                             callback(step_idx, t, latents)
 
+                    if _sd.XLA_AVAILABLE:
+                        _sd.xm.mark_step()
+
             # 8. Decode, then the output stage (scoring, selection)
             image = None
             if not output_type == "latent" or runner.has(Stage.OUTPUT):
@@ -372,6 +384,8 @@ class AlignedStableDiffusionPipeline(StableDiffusionPipeline):
                 do_denormalize = [True] * image.shape[0]
             else:
                 do_denormalize = [not has_nsfw for has_nsfw in has_nsfw_concept]
+            if _sd.XLA_AVAILABLE:
+                _sd.xm.mark_step()
             image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
 
         # Offload all models
@@ -466,14 +480,14 @@ class ControlProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-@register_family
+@register_family("sd", AlignedStableDiffusionPipeline)
 class StableDiffusionFamily(ModelFamily):
     """Stable Diffusion 1.x / 2.x: a `UNet2DConditionModel` with cross-attention to one CLIP text encoder's tokens,
     epsilon or v prediction, a `AutoencoderKL`, LoRA in diffusers' SD format."""
 
     name = "Stable Diffusion"
     pipeline_class = StableDiffusionPipeline
-    features = frozenset({"cross_attention"})
+    features = frozenset({"cross_attention", "stochastic_steps"})
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:

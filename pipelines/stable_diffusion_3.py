@@ -20,12 +20,13 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 
 from ttalign.hooks import AlignmentRunner, GenerationState, Stage
 
+from .base import AlignedPipelineMixin, ParentCall, uses_sampling_defaults
 from .family import Conditioning, ModelFamily, TextStream, register_family
 from .joint_attention import install_joint_control
 from .stable_diffusion import AlignedPipelineOutput
 
 
-class AlignedStableDiffusion3Pipeline(StableDiffusion3Pipeline):
+class AlignedStableDiffusion3Pipeline(AlignedPipelineMixin, StableDiffusion3Pipeline):
     r"""
     [`~diffusers.StableDiffusion3Pipeline`] with inference-time alignment.
 
@@ -33,7 +34,8 @@ class AlignedStableDiffusion3Pipeline(StableDiffusion3Pipeline):
     `max_sequence_length`, dynamic shift `mu`, IP-Adapter inputs, `callback_on_step_end`...); `alignment` adds a list
     of [`~ttalign.hooks.AlignmentMethod`] objects that act at the stages of the call. Load it like the parent
     (`from_pretrained`, or construction from components), or wrap an existing pipeline with `from_pipe`. Unlike the
-    parent, unknown keyword arguments raise `TypeError`.
+    parent, unknown keyword arguments raise `TypeError`. `alignment` and `sampling_defaults` (call arguments read from
+    the model folder's `ttalign_sampling.json`) are as on [`AlignedStableDiffusionPipeline`].
 
     Examples:
 
@@ -49,13 +51,16 @@ class AlignedStableDiffusion3Pipeline(StableDiffusion3Pipeline):
     ```
     """
 
-    alignment: list = []
-
     @property
     def family(self) -> StableDiffusion3Family:
         """This pipeline's [`~ttalign.pipelines.family.ModelFamily`]: what alignment methods know of the model."""
         return StableDiffusion3Family(self)
 
+    # A copy of diffusers 0.42.1's `StableDiffusion3Pipeline.__call__`, with the stages added;
+    # `parent_call` records the parent's fingerprint (tests/test_parent_calls.py fails when it differs).
+    parent_call = ParentCall("0.42.1", "890bad35b5680895f3b44cda094742e3609379bdb22d08eeab9c250705199b29")
+
+    @uses_sampling_defaults
     @torch.no_grad()
     def __call__(
         self,
@@ -421,7 +426,7 @@ class AlignedStableDiffusion3Pipeline(StableDiffusion3Pipeline):
                                      traces=state.traces)  # fmt: skip
 
 
-@register_family
+@register_family("sd3", AlignedStableDiffusion3Pipeline)
 class StableDiffusion3Family(ModelFamily):
     """Stable Diffusion 3 / 3.5: an `SD3Transformer2DModel` (MMDiT) with joint attention over [image, text] tokens,
     the text being CLIP-L and CLIP-G's penultimate states side by side (77 tokens, zero-padded to T5's width) followed
@@ -431,7 +436,9 @@ class StableDiffusion3Family(ModelFamily):
     name = "Stable Diffusion 3"
     pipeline_class = StableDiffusion3Pipeline
     denoiser_attribute = "transformer"
-    features = frozenset({"cross_attention"})  # the text view of joint attention
+    denoiser_kind = "transformer"
+    # cross_attention: the text view of joint attention
+    features = frozenset({"cross_attention", "joint_attention", "flow_matching", "stochastic_steps"})
     attention_defaults = {"normalize_eot": True, "from_where": ("joint",), "parts": ("joint",)}
 
     @property

@@ -22,11 +22,12 @@ from diffusers.utils.torch_utils import get_module_execution_device
 
 from ttalign.hooks import AlignmentRunner, GenerationState, Stage
 
+from .base import AlignedPipelineMixin, ParentCall, uses_sampling_defaults
 from .family import Conditioning, TextStream, register_family
 from .stable_diffusion import AlignedPipelineOutput, StableDiffusionFamily
 
 
-class AlignedStableDiffusionXLPipeline(StableDiffusionXLPipeline):
+class AlignedStableDiffusionXLPipeline(AlignedPipelineMixin, StableDiffusionXLPipeline):
     r"""
     [`~diffusers.StableDiffusionXLPipeline`] with inference-time alignment.
 
@@ -39,6 +40,9 @@ class AlignedStableDiffusionXLPipeline(StableDiffusionXLPipeline):
     Attributes:
         alignment (`list[AlignmentMethod]`):
             Methods used when a call passes no `alignment` (set by [`ttalign.align`]); empty by default.
+        sampling_defaults (`dict`):
+            Call arguments a call leaves out take these values (read from the model folder's
+            `ttalign_sampling.json`); empty by default.
 
     Examples:
 
@@ -55,13 +59,16 @@ class AlignedStableDiffusionXLPipeline(StableDiffusionXLPipeline):
     ```
     """
 
-    alignment: list = []
-
     @property
     def family(self) -> StableDiffusionXLFamily:
         """This pipeline's [`~ttalign.pipelines.family.ModelFamily`]: what alignment methods know of the model."""
         return StableDiffusionXLFamily(self)
 
+    # A copy of diffusers 0.42.1's `StableDiffusionXLPipeline.__call__`, with the stages added;
+    # `parent_call` records the parent's fingerprint (tests/test_parent_calls.py fails when it differs).
+    parent_call = ParentCall("0.42.1", "4d58fbfc599e50c2dead3d62e07d7d09d34f9cfa9a1997ebf61086f1303fe358")
+
+    @uses_sampling_defaults
     @torch.no_grad()
     def __call__(
         self,
@@ -490,7 +497,7 @@ class AlignedStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                                      traces=state.traces)  # fmt: skip
 
 
-@register_family
+@register_family("sdxl", AlignedStableDiffusionXLPipeline)
 class StableDiffusionXLFamily(StableDiffusionFamily):
     """Stable Diffusion XL (and SDXL-Turbo / Lightning): a `UNet2DConditionModel` attending to the tokens of two CLIP
     text encoders (their penultimate states side by side, 768 + 1280 features), with the second encoder's pooled

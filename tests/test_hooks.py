@@ -160,6 +160,26 @@ def test_declared_stage_without_handler_is_refused():
         AlignmentRunner([Incomplete()])
 
 
+def test_declared_capabilities_decide_combinations():
+    """Composition reads what methods declare, never their class names: any two methods that draw the injected
+    step noise are refused together, and a method that does not is not."""
+    from ttalign.methods import NoiseOptimization, ParticleSteering
+
+    def reward(images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+    reward.differentiable = True
+
+    class OwnNoise(AlignmentMethod):
+        owns_step_noise = True
+
+    with pytest.raises(ValueError, match="OwnNoise and ParticleSteering each draw the noise"):
+        AlignmentRunner([OwnNoise(), ParticleSteering(reward=reward)])
+    with pytest.raises(ValueError, match="each draw the noise"):
+        AlignmentRunner([OwnNoise(), NoiseOptimization(reward=reward, optimize="all-noises")])
+    AlignmentRunner([OwnNoise(), NoiseOptimization(reward=reward)])  # the initial noise only
+
+
 def test_method_validate_can_refuse_a_combination(pipes):
     _, aligned = pipes
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from ttalign import AlignedStableDiffusionPipeline
-from ttalign.attention import ControlProcessor, LayerContext
+from ttalign.attention import LayerContext
 from ttalign.methods import AttendAndExcite, RegionReweight, TokenReweight
 from ttalign.methods.attention import gaussian_kernel, parse_weighted_prompt, token_spans
+from ttalign.pipelines.stable_diffusion import ControlProcessor
 from ttalign.rewards import Reward
 from ttalign.testing import Redness, get_tiny_components, get_tiny_pipeline
 

@@ -185,7 +185,7 @@ def test_particle_steering_refusals(ddim):
         _call(ddim, [ParticleSteering(reward=Redness(), eta=0.0)])
     with pytest.raises(ValueError):
         _call(ddim, [ParticleSteering(reward=Redness()), BestOfN(reward=Redness())])
-    with pytest.raises(ValueError, match="own the injected noises"):
+    with pytest.raises(ValueError, match="each draw the noise the sampler.s steps inject"):
         _call(ddim, [NoiseOptimization(reward=Redness(), optimize="all-noises"), ParticleSteering(reward=Redness())])
     with pytest.raises(ValueError, match="potential"):
         ParticleSteering(reward=Redness(), potential="min")
@@ -216,8 +216,16 @@ def test_new_methods_from_command_line_specs():
     assert (no.steps, no.optimizer, no.lr) == (7, "adamw", 0.01)
     assert method_from_spec("seed_search:reward=jpeg_incompressibility,n=3,rounds=1").rounds == 1
     assert method_from_spec("reward_guidance:reward=shapes_soft,scale=2.5").scale == 2.5
-    with pytest.raises(ValueError, match="not differentiable|is not"):
+    with pytest.raises(ValueError, match="set `differentiable = True` on the `Reward` subclass"):
         method_from_spec("reward_guidance:reward=jpeg_incompressibility")
+
+    def my_score(images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+    with pytest.raises(ValueError, match=r"mark the function with `my_score.differentiable = True`; otherwise use"):
+        RewardGuidance(reward=my_score)
+    my_score.differentiable = True
+    assert RewardGuidance(reward=my_score).reward is my_score
 
 
 def test_reno_defaults_on_a_one_step_schedule():

@@ -244,7 +244,8 @@ def test_align_wraps_and_sets_default_methods(family):
 def test_cli_loads_a_flow_folder(family, tmp_path):
     from PIL import Image
 
-    from ttalign.cli import load_pipeline, main
+    from ttalign.cli import main
+    from ttalign.loading import load_pipeline
 
     reference, _ = _pipes(family)
     folder = tmp_path / family

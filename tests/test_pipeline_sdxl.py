@@ -209,7 +209,8 @@ def test_family_for_names_the_supported_pipelines():
 def test_cli_loads_an_sdxl_folder(sdxl_components, tmp_path):
     from PIL import Image
 
-    from ttalign.cli import load_pipeline, main
+    from ttalign.cli import main
+    from ttalign.loading import ModelLoadError, load_pipeline
 
     folder = tmp_path / "sdxl"
     components = dict(sdxl_components, scheduler=get_tiny_scheduler("ddim"))
@@ -222,5 +223,5 @@ def test_cli_loads_an_sdxl_folder(sdxl_components, tmp_path):
     other = tmp_path / "pixart"
     other.mkdir()
     (other / "model_index.json").write_text('{"_class_name": "PixArtAlphaPipeline"}')
-    with pytest.raises(SystemExit, match="holds a PixArtAlphaPipeline .*supported: AlignedFluxPipeline"):
+    with pytest.raises(ModelLoadError, match="holds a PixArtAlphaPipeline .*supported: AlignedFluxPipeline"):
         load_pipeline(str(other))

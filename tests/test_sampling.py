@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from ttalign.sampler import DifferentiableSampler
 from ttalign.sampling import (
-    DifferentiableSampler,
     ddim_step_with_logprob,
     scheduler_step,
     step_noise_std,

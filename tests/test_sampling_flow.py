@@ -10,8 +10,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ttalign.hooks import AlignmentMethod, Stage
+from ttalign.sampler import DifferentiableSampler
 from ttalign.sampling import (
-    DifferentiableSampler,
     flow_dynamic_shift,
     flow_sde_step_with_logprob,
     flow_shift,

@@ -82,6 +82,29 @@ def test_prices_multiply_renders_and_add_evaluations():
 
 
 @pytest.mark.parametrize(
+    "method",
+    [
+        BestOfN(reward=brightness, n=2),
+        SeedSearch(reward=brightness, n=2, rounds=1, neighbors=2),
+        NoiseOptimization(reward=brightness, steps=2),
+        ParticleSteering(reward=brightness, particles=2),
+        AttendAndExcite(tokens=["cat"], max_iter_to_alter=2, thresholds={0: 0.5, 1: 0.6}, max_refinement_steps=2),
+        PromptRewrite(model="m", candidates=2, rounds=1, reward=brightness),
+    ],
+    ids=lambda m: m.name,
+)
+def test_each_costly_option_raises_the_price(method):
+    """What a method declares costly is what its price grows with: raising any one of them raises the price."""
+    import dataclasses
+
+    assert method.costly_options
+    steps = 10
+    for option in method.costly_options:
+        more = dataclasses.replace(method, **{option: getattr(method, option) + 1})
+        assert price_image_steps([more], steps) > price_image_steps([method], steps), option
+
+
+@pytest.mark.parametrize(
     "kwargs,message",
     [
         ({"timeout": 0}, "timeout"),

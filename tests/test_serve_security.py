@@ -80,8 +80,10 @@ def test_compute_is_priced_and_bounded(server):
             "ttalign": {"steps": 100, "alignment": ["best_of_n:n=10,reward=shapes_soft"]}}  # fmt: skip
     error = _error(_post(server, body), 400, "over_budget")
     assert "costs 10000 image-steps" in error["message"] and "2000" in error["message"]
+    assert "driven by BestOfN.n=10" in error["message"]  # the method's declared costly options, with their values
     error = _error(_post(server, {**body, "n": 1, "ttalign": {"steps": 100, "alignment": [
         "seed_search:n=16,rounds=16,neighbors=16,reward=shapes_soft"]}}), 400, "over_budget")  # fmt: skip
+    assert "driven by SeedSearch.n=16, SeedSearch.rounds=16, SeedSearch.neighbors=16" in error["message"]
     # sizes up to 1.5 x the native 32 pixels
     _error(_post(server, {"prompt": "a cat", "size": "64x64"}), 400)
     ok = _post(server, {"prompt": "a cat", "size": "48x48", "ttalign": {"steps": 2}})
@@ -127,6 +129,11 @@ def test_hosts_and_origins(server):
         b'{"prompt": "a cat"',
         b'\xff\xfe{"prompt": "a cat"}',
         b'{"prompt": "\\ud800 a cat"}',  # a lone surrogate
+        b'{"prompt": "a cat", "\\udc00": 1}',  # a lone surrogate in a key
+        '{"prompt": "a cat", "size": "3\u00b2x32"}'.encode(),  # a superscript digit
+        b'{"prompt": "a cat", "size": "' + b"9" * 5000 + b'x32"}',
+        b'{"prompt": "a cat", "output_format": ["png"]}',
+        b'{"prompt": "a cat", "output_format": {"png": 1}}',
         b'{"prompt": "a cat", "ttalign": {"alignment": [{"name": "best_of_n", "n": {"a": '
         + b"[" * 20 + b"]" * 20 + b"}}]}}",  # nesting past the depth limit
     ],

@@ -57,11 +57,41 @@ def test_the_training_encoding_is_the_pipelines(flow_pipe):
 
 
 def test_draws_single_coloured_objects_well(flow_pipe):
+    """A plain call samples with the model's own defaults (its folder's `ttalign_sampling.json`: 20 steps, guidance
+    3, the T5 length it was trained on); the parent's defaults would draw none of these right."""
     prompts = [p for p, c in evaluation_prompts(12) if c == "colors"]
-    out = flow_pipe(prompts, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0), output_type="pt",
-                    **FLOW_SAMPLING_DEFAULTS)  # fmt: skip
-    assert out.images.shape == (24, 3, 32, 32)
+    out = flow_pipe(prompts, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert out.images.shape == (24, 3, 32, 32) and out.traces["compute"]["nfe"] == 24 * 20
     assert verify(out.images, [p for p in prompts for _ in range(2)]).category_accuracy["colors"] >= 0.75
+
+
+def test_sampling_defaults_travel_with_the_model(flow_pipe, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from ttalign.pipelines.base import SAMPLING_DEFAULTS_FILE
+
+    assert flow_pipe.sampling_defaults == FLOW_SAMPLING_DEFAULTS == {
+        "num_inference_steps": 20, "guidance_scale": 3.0, "max_sequence_length": 10}  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    plain = flow_pipe("a red circle", generator=generator, output_type="pt", num_inference_steps=3)
+    assert plain.traces["compute"]["nfe"] == 3  # what the caller gives wins
+    explicit = flow_pipe("a red circle", generator=torch.Generator().manual_seed(1), output_type="pt",
+                         num_inference_steps=3, guidance_scale=3.0, max_sequence_length=10)  # fmt: skip
+    assert torch.equal(plain.images, explicit.images)
+    # saved, loaded and wrapped, the defaults go along; the parent pipeline knows nothing of them
+    flow_pipe.save_pretrained(tmp_path / "copy")
+    assert (tmp_path / "copy" / SAMPLING_DEFAULTS_FILE).is_file()
+    loaded = AlignedStableDiffusion3Pipeline.from_pretrained(tmp_path / "copy")
+    assert loaded.sampling_defaults == FLOW_SAMPLING_DEFAULTS
+    assert AlignedStableDiffusion3Pipeline.from_pipe(flow_pipe).sampling_defaults == FLOW_SAMPLING_DEFAULTS
+    parent = StableDiffusion3Pipeline.from_pretrained(tmp_path / "copy")
+    assert AlignedStableDiffusion3Pipeline.from_pipe(parent).sampling_defaults == {}
+    flow_pipe.sampling_defaults = {"strength": 0.5}
+    try:
+        with pytest.raises(TypeError, match=r"sampling_defaults name \['strength'\]"):
+            flow_pipe("a red circle", num_inference_steps=1)
+    finally:
+        flow_pipe.sampling_defaults = dict(FLOW_SAMPLING_DEFAULTS)
 
 
 def test_flow_grpo_step_on_the_model(flow_pipe, tmp_path):

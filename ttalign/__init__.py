@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage
 from ttalign.pipelines import (
-    ALIGNED_PIPELINES,
+    FAMILIES,
     AlignedFluxPipeline,
     AlignedPipelineOutput,
     AlignedStableDiffusion3Pipeline,
     AlignedStableDiffusionPipeline,
     AlignedStableDiffusionXLPipeline,
+    family_entry,
 )
 
 __version__ = "0.1.0"
-
-
-def _aligned_classes() -> dict:
-    return dict(ALIGNED_PIPELINES)
 
 
 def align(pipe, methods=None):
@@ -39,17 +36,11 @@ def align(pipe, methods=None):
     from ttalign.hooks import AlignmentRunner
 
     runner = AlignmentRunner(methods)  # refuses bad combinations now rather than at the first call
-    aligned_types = tuple(_aligned_classes().values())
-    if isinstance(pipe, aligned_types):
-        aligned = pipe
-    else:
-        for base, aligned_cls in _aligned_classes().items():
-            if type(pipe) is base:
-                aligned = aligned_cls.from_pipe(pipe)
-                break
-        else:
-            supported = ", ".join(base.__name__ for base in _aligned_classes())
-            raise TypeError(f"ttalign.align does not support {type(pipe).__name__}; supported: {supported}.")
+    entry = family_entry(pipe)
+    if entry is None:
+        supported = ", ".join(sorted(e.pipeline_class.__name__ for e in FAMILIES.values()))
+        raise TypeError(f"ttalign.align does not support {type(pipe).__name__}; supported: {supported}.")
+    aligned = pipe if isinstance(pipe, entry.aligned_class) else entry.aligned_class.from_pipe(pipe)
     aligned.alignment = runner.methods
     return aligned
 

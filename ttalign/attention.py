@@ -154,12 +154,3 @@ def token_spans(tokenizer, prompt: str, words: list[str]) -> list[list[int]]:
                 f"Token {word!r} is not in the prompt {prompt!r} (its tokens: {tokenizer.tokenize(prompt)})."
             )
     return spans
-
-
-def __getattr__(name):
-    # the UNet families' control processor lives with the family that installs it; importable here as before
-    if name == "ControlProcessor":
-        from ttalign.pipelines.stable_diffusion import ControlProcessor
-
-        return ControlProcessor
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

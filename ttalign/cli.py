@@ -17,44 +17,7 @@ import json
 import os
 import sys
 
-TINY_MODEL = "tiny"
-SHAPES_MODEL = "shapes"
-SHAPES_FLOW_MODEL = "shapes-flow"
-
-
-def _shapes_defaults(model: str) -> dict:
-    """The sampling settings of an embedded shapes-world model (`{}` for any other model)."""
-    if model not in (SHAPES_MODEL, SHAPES_FLOW_MODEL):
-        return {}
-    from ttalign.shapes import FLOW_SAMPLING_DEFAULTS, SAMPLING_DEFAULTS
-
-    return dict(FLOW_SAMPLING_DEFAULTS if model == SHAPES_FLOW_MODEL else SAMPLING_DEFAULTS)
-
-
-def load_pipeline(model: str, dtype: str = "float32", device: str | None = None):
-    """Loads the aligned pipeline of a diffusers folder or hub id (the class named in its `model_index.json`: Stable
-    Diffusion 1.x/2.x, XL or 3, FLUX), `"shapes"` / `"shapes-flow"` (the embedded shapes-world models) or `"tiny"`
-    (tiny random components)."""
-    import torch
-
-    from ttalign import AlignedStableDiffusionPipeline
-    from ttalign.pipelines import aligned_class_for
-
-    if model in (SHAPES_MODEL, SHAPES_FLOW_MODEL):
-        from ttalign.shapes import FLOW_MODEL_DIR, MODEL_DIR
-
-        model = FLOW_MODEL_DIR if model == SHAPES_FLOW_MODEL else MODEL_DIR
-    if model == TINY_MODEL:
-        from ttalign.testing import get_tiny_components
-
-        pipe = AlignedStableDiffusionPipeline(**get_tiny_components())
-    else:
-        try:
-            pipe = aligned_class_for(model).from_pretrained(model, dtype=getattr(torch, dtype))
-        except (OSError, ValueError) as err:
-            raise SystemExit(f"ttalign: error: could not load model {model!r}: {str(err).splitlines()[0]}") from None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return pipe.to(device)
+from ttalign.loading import SHAPES_FLOW_MODEL, SHAPES_MODEL, TINY_MODEL, load_pipeline
 
 
 def _save(image, path: str) -> None:
@@ -78,10 +41,7 @@ def _generator(seed: int | None):
 
 def _call_settings(args) -> dict:
     """Steps, guidance and size of a generate call, checked against the same limits the server applies."""
-    defaults = _shapes_defaults(args.model)  # the rest (the flow model's T5 length) goes into the call as is
-    default_steps, default_guidance = defaults.pop("num_inference_steps", None), defaults.pop("guidance_scale", None)
-    steps = args.steps if args.steps is not None else default_steps
-    guidance_scale = args.guidance_scale if args.guidance_scale is not None else default_guidance
+    steps, guidance_scale = args.steps, args.guidance_scale  # left out: the model's own sampling defaults
     if steps is not None and not 1 <= steps <= 1000:
         raise ValueError(f"--steps must be between 1 and 1000, got {steps}.")
     if guidance_scale is not None and not (guidance_scale >= 0 and guidance_scale == guidance_scale):
@@ -91,7 +51,7 @@ def _call_settings(args) -> dict:
         if value is not None and (value < 8 or value % 8):
             raise ValueError(f"--{name} must be a positive multiple of 8, got {value}.")
     settings = {"num_inference_steps": steps, "guidance_scale": guidance_scale, "height": args.height,
-                "width": args.width, "negative_prompt": args.negative_prompt, **defaults}  # fmt: skip
+                "width": args.width, "negative_prompt": args.negative_prompt}  # fmt: skip
     return {k: v for k, v in settings.items() if v is not None}
 
 
@@ -189,8 +149,8 @@ def serve_config(args):
         hosts.append(args.host)
     return ServeConfig(model_name=name, alignment=list(args.align), allow=list(args.allow), rewards=list(args.reward),
                        api_key=api_key, limits=limits, worker=worker, request_timeout_s=args.request_timeout,
-                       body_timeout_s=args.body_timeout, allowed_hosts=hosts, cors_origins=list(args.cors_origin),
-                       call_defaults=_shapes_defaults(args.model))  # fmt: skip
+                       body_timeout_s=args.body_timeout, allowed_hosts=hosts,
+                       cors_origins=list(args.cors_origin))  # fmt: skip
 
 
 def cmd_serve(args) -> int:

@@ -269,6 +269,12 @@ class AlignmentMethod:
     changes_batch: bool = False
     #: What the method needs of the model family (see `ModelFamily.features`), checked before any compute.
     required_features: frozenset[str] = frozenset()
+    #: Whether the method draws (or optimizes) the noise that stochastic sampler steps inject: at most one such
+    #: method per call.
+    owns_step_noise: bool = False
+    #: The options whose larger values cost more compute (candidates, particles, passes): the compute declarations
+    #: below grow with each, and a server names them when a request is over its budget.
+    costly_options: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -358,6 +364,10 @@ class AlignmentRunner:
         batch_changers = [m.name for m in self.methods if m.changes_batch]
         if len(batch_changers) > 1:
             raise ValueError(f"Only one method may enlarge the batch, got {batch_changers}.")
+        noise_owners = [m.name for m in self.methods if m.owns_step_noise]
+        if len(noise_owners) > 1:
+            raise ValueError(f"{' and '.join(noise_owners)} each draw the noise the sampler's steps inject; use one "
+                             "of them.")  # fmt: skip
         for method in self.methods:
             method.validate(self.methods)
 

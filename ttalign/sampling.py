@@ -10,16 +10,29 @@ import math
 
 import torch
 
-#: Schedulers whose latents live in k-diffusion's sigma space (`scale_model_input` divides by sqrt(sigma^2 + 1)).
-SIGMA_SPACE_SCHEDULERS = (
-    "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "HeunDiscreteScheduler",
-    "KDPM2DiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler",
-    "LMSDiscreteScheduler",
-    "DPMSolverSDEScheduler",
-)
+
+def _sigma_space_schedulers() -> tuple[type, ...]:
+    """Schedulers whose latents live in k-diffusion's sigma space (`scale_model_input` divides by
+    sqrt(sigma^2 + 1))."""
+    from diffusers import (
+        DPMSolverSDEScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        HeunDiscreteScheduler,
+        KDPM2AncestralDiscreteScheduler,
+        KDPM2DiscreteScheduler,
+        LMSDiscreteScheduler,
+    )
+
+    return (
+        EulerDiscreteScheduler,
+        EulerAncestralDiscreteScheduler,
+        HeunDiscreteScheduler,
+        KDPM2DiscreteScheduler,
+        KDPM2AncestralDiscreteScheduler,
+        LMSDiscreteScheduler,
+        DPMSolverSDEScheduler,
+    )
 
 
 def is_sigma_space(scheduler) -> bool:
@@ -27,12 +40,14 @@ def is_sigma_space(scheduler) -> bool:
     family), rather than the variance-preserving space `x = sqrt(a) x0 + sqrt(1 - a) eps` (DDPM, DDIM, PNDM, LCM,
     DPM-Solver). Decided by the scheduler's class (or a parent's), not by its `init_noise_sigma`, which is below 1 for
     a one-step "leading" schedule that starts near the data."""
-    return any(cls.__name__ in SIGMA_SPACE_SCHEDULERS for cls in type(scheduler).__mro__)
+    return isinstance(scheduler, _sigma_space_schedulers())
 
 
 def is_flow(scheduler) -> bool:
     """Whether the scheduler is flow matching's Euler (`x_t = (1 - sigma) x0 + sigma eps`, velocity output)."""
-    return any(cls.__name__ == "FlowMatchEulerDiscreteScheduler" for cls in type(scheduler).__mro__)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
 
 
 def init_noise_sigma(scheduler) -> float:
@@ -404,132 +419,3 @@ def stochastic_transition(scheduler, index: int, model_output: torch.Tensor, sam
         return flow_sde_transition(scheduler, index, model_output, sample, eta, variant)
     mean, std = ddim_transition(scheduler, index, model_output.float(), sample.float(), eta)
     return mean, torch.tensor(std, dtype=torch.float32)
-
-
-class DifferentiableSampler:
-    """The denoising loop over a pipeline's own denoiser, VAE and scheduler, differentiable end to end.
-
-    It runs the same update as the pipeline's loop (classifier-free guidance, `scale_model_input`, the scheduler's
-    rule through :func:`scheduler_step`), so the same initial noise (and injected noises) give the same images; with
-    gradients enabled, each step (and the VAE decode) is wrapped in `torch.utils.checkpoint`, so memory stays that of
-    one step instead of growing with the number of steps. Noise optimization, seed search, particle steering and
-    the trainer's reward backpropagation all sample through it. It knows the model only through its family
-    (:class:`~ttalign.pipelines.family.ModelFamily`).
-
-    Args:
-        model: a pipeline (or its model family) whose scheduler has had `set_timesteps` called.
-        conditioning (`Conditioning`, or `Tensor [N, L, D]`): what the denoiser is conditioned on; a tensor gives the
-            conditional token embeddings of a family that needs nothing else (Stable Diffusion), with
-            `negative_prompt_embeds` the unconditional ones (classifier-free guidance runs when they are given and
-            `guidance_scale > 1`).
-        guidance_scale (`float`).
-        eta (`float`): DDIM's noise scale.
-        gradient_checkpointing (`bool`, defaults to `True`).
-        timestep_cond, cross_attention_kwargs: with tensor conditioning, the UNet's guidance embedding and the
-            attention processors' arguments.
-
-    The counters `denoiser_calls`, `denoiser_evals` and `vae_decodes` count forward passes (replays under
-    checkpointing excluded).
-
-    `step_hooks` (*optional*, set as an attribute) lets a search render its candidates as the pipeline's loop renders
-    them: an object whose `__call__(index, latents) -> latents` runs before step `index` (the other methods'
-    `step_start` handlers) and whose `sync(index)` runs inside the step, also when a checkpoint replays it (the step
-    the attention controls act at).
-    """
-
-    def __init__(self, model, conditioning, negative_prompt_embeds=None, guidance_scale: float = 1.0,
-                 eta: float = 0.0, gradient_checkpointing: bool = True, timestep_cond=None,
-                 cross_attention_kwargs=None):  # fmt: skip
-        from ttalign.pipelines.family import Conditioning, family_for
-
-        self.family = family_for(model)
-        self.scheduler = self.family.scheduler
-        self.kind = scheduler_kind(self.scheduler)
-        if not isinstance(conditioning, Conditioning):
-            conditioning = Conditioning(conditioning, negative_prompt_embeds,
-                                        cross_attention_kwargs=cross_attention_kwargs)  # fmt: skip
-            if timestep_cond is not None:
-                conditioning.added["timestep_cond"] = timestep_cond
-                if negative_prompt_embeds is not None:
-                    conditioning.negative_added["timestep_cond"] = timestep_cond
-        self.conditioning = conditioning
-        self.cfg = conditioning.has_negative and guidance_scale > 1
-        self.guidance_scale, self.eta = guidance_scale, eta
-        self.gradient_checkpointing = gradient_checkpointing
-        self.denoiser_calls = self.denoiser_evals = self.vae_decodes = 0
-        self.step_hooks = None
-
-    @classmethod
-    def from_state(cls, state, eta: float | None = None, gradient_checkpointing: bool = True):
-        """The sampler of a pipeline call in progress (from the `init_latents` stage on)."""
-        return cls(state.family, state.conditioning, guidance_scale=state.guidance_scale,
-                   eta=state.eta if eta is None else eta, gradient_checkpointing=gradient_checkpointing)  # fmt: skip
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.scheduler.timesteps)
-
-    def noise_stds(self) -> list[float]:
-        """The injected noise's standard deviation at each step (all 0 for a deterministic schedule)."""
-        return [step_noise_std(self.scheduler, i, self.eta) for i in range(self.num_steps)]
-
-    @property
-    def stochastic(self) -> bool:
-        return any(s > 0 for s in self.noise_stds())
-
-    def draw_noises(self, shape, generator=None, device=None, dtype=torch.float32) -> list[torch.Tensor | None]:
-        """Standard normal noise for every stochastic step (`None` for deterministic steps); with a list of
-        generators, one per row of `shape`, each row's noise comes from its own."""
-
-        def draw():
-            if isinstance(generator, list):
-                return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in generator])
-            return torch.randn(shape, generator=generator, dtype=dtype)
-
-        return [draw().to(device) if std > 0 else None for std in self.noise_stds()]
-
-    def model_output(self, index: int, latents: torch.Tensor) -> torch.Tensor:
-        """The guided denoiser output at step `index`, `[N, C, h, w]`."""
-        t = self.scheduler.timesteps[index]
-        x = scale_model_input(self.scheduler, latents, index)
-        return self.family.denoise(x, t, self.conditioning, self.guidance_scale, cfg=self.cfg)
-
-    def _step(self, index, latents, noise):
-        if self.step_hooks is not None:
-            self.step_hooks.sync(index)
-        return scheduler_step(self.scheduler, index, self.model_output(index, latents), latents, self.eta, noise)
-
-    def step(self, index: int, latents: torch.Tensor, noise: torch.Tensor | None = None):
-        """One guided step: `(prev_latents, x0)`; checkpointed when gradients are on."""
-        self.denoiser_calls += 1
-        self.denoiser_evals += latents.shape[0]
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._step, index, latents, noise, use_reentrant=False)
-        return self._step(index, latents, noise)
-
-    def sample(self, latents: torch.Tensor, noises=None, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Runs steps `start..stop-1` from `latents` (`[N, C, h, w]`, as the pipeline holds them after
-        `prepare_latents`); `noises` holds one tensor (or `None`) per step, as from :meth:`draw_noises`."""
-        stop = self.num_steps if stop is None else stop
-        for i in range(start, stop):
-            if self.step_hooks is not None:
-                latents = self.step_hooks(i, latents)
-            latents, _ = self.step(i, latents, None if noises is None else noises[i])
-        return latents
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE decode to images `[N, 3, H, W]` in `[0, 1]`; checkpointed when gradients are on."""
-        self.vae_decodes += latents.shape[0]
-        size = self.conditioning.shared.get("image_size", (None, None))  # packed latents (FLUX) need it
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            image = torch.utils.checkpoint.checkpoint(self.family.decode, latents, *size, use_reentrant=False)
-        else:
-            image = self.family.decode(latents, *size)
-        return (image.float() / 2 + 0.5).clamp(0, 1)
-
-    def account(self, state) -> None:
-        """Adds this sampler's counters to a call's compute accounting, and resets them."""
-        state.denoiser_calls += self.denoiser_calls
-        state.denoiser_evals += self.denoiser_evals
-        state.vae_decodes += self.vae_decodes
-        self.denoiser_calls = self.denoiser_evals = self.vae_decodes = 0

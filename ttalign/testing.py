@@ -506,6 +506,23 @@ def get_tiny_pipeline(scheduler: str = "ddim", seed: int = 0, disable_progress_b
     return pipe
 
 
+#: Per registered model family (`ttalign.pipelines.FAMILIES`): the tiny aligned pipeline its shared method tests run
+#: on (a family without one fails `tests/test_registry.py` until it gets one).
+TINY_FAMILY_PIPELINES = {
+    "sd": lambda: get_tiny_pipeline("ddim"),
+    "sdxl": lambda: get_tiny_sdxl_pipeline("ddim"),
+    "sd3": lambda: get_tiny_sd3_pipeline(shift=3.0),
+    "flux": lambda: get_tiny_flux_pipeline(guidance_embeds=True),
+}
+
+
+def get_tiny_family_pipeline(key: str):
+    """The tiny aligned pipeline of the registered family `key` (`"sd"`, `"sdxl"`, `"sd3"`, `"flux"`)."""
+    if key not in TINY_FAMILY_PIPELINES:
+        raise KeyError(f"No tiny pipeline for the model family {key!r}: add one to TINY_FAMILY_PIPELINES.")
+    return TINY_FAMILY_PIPELINES[key]()
+
+
 def save_tiny_image_reward(folder: str, seed: int = 0, vision_width: int = 128, text_width: int = 32) -> str:
     """Writes a randomly initialized ImageReward in the official layout to `folder`: `ImageReward.pt` (the BLIP
     key names, unused projection weights and the `position_ids` buffer included), `med_config.json`, and a BERT

@@ -90,6 +90,7 @@ class AttendAndExcite(AlignmentMethod):
     max_refinement_steps: int = 20
 
     stages = (Stage.ATTENTION, Stage.STEP_START)
+    costly_options = ("max_iter_to_alter", "max_refinement_steps")
     required_features = frozenset({"cross_attention"})
 
     def __post_init__(self):

@@ -1,8 +1,10 @@
 """Reward-guided sampling: gradient guidance and particle steering.
 
 - `RewardGuidance`: the gradient of a differentiable reward of the decoded x0 prediction, added to the noise
-  prediction at every step (universal guidance / FreeDoM, Bansal et al. 2023, https://arxiv.org/abs/2302.07121;
-  Yu et al. 2023, https://arxiv.org/abs/2303.09833).
+  prediction at every step: the forward guidance of universal guidance (Bansal et al. 2023,
+  https://arxiv.org/abs/2302.07121), with the gradient taken at the x0 prediction and the noise prediction held
+  fixed. FreeDoM (Yu et al. 2023, https://arxiv.org/abs/2303.09833) differentiates through the denoiser to `x_t`
+  instead, which this method does not do.
 - `ParticleSteering`: Feynman-Kac steering (Singhal et al. 2025, https://arxiv.org/abs/2501.06848), a sequential
   Monte Carlo sampler over `particles` stochastic trajectories per image, resampled by potentials of the reward of
   their x0 predictions; the best final particle is returned.
@@ -16,8 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage
-from ttalign.rewards.base import check_scores, is_differentiable, reward_name
-from ttalign.sampling import DifferentiableSampler, is_flow, is_sigma_space, scheduler_kind, scheduler_step
+from ttalign.rewards.base import check_scores, require_differentiable, reward_name
+from ttalign.sampler import DifferentiableSampler
+from ttalign.sampling import is_flow, is_sigma_space, scheduler_kind, scheduler_step
 
 
 def _noise_level(scheduler, timestep, index: int) -> float:
@@ -69,8 +72,7 @@ class RewardGuidance(AlignmentMethod):
     def __post_init__(self):
         if not callable(self.reward):
             raise ValueError(f"RewardGuidance needs a callable reward, got {self.reward!r}.")
-        if not is_differentiable(self.reward):
-            raise ValueError(f"RewardGuidance needs a differentiable reward; {reward_name(self.reward)} is not.")
+        require_differentiable(self.reward, "RewardGuidance", "; otherwise use BestOfN or ParticleSteering")
         if not 0 <= self.start < self.stop <= 1:
             raise ValueError(f"RewardGuidance needs 0 <= start < stop <= 1, got start={self.start}, stop={self.stop}.")
         if not isinstance(self.every, int) or self.every < 1:
@@ -183,6 +185,8 @@ class ParticleSteering(AlignmentMethod):
 
     stages = (Stage.NOISE_PRED, Stage.STEP_END, Stage.OUTPUT)
     changes_batch = True
+    costly_options = ("particles",)
+    owns_step_noise = True
 
     def __post_init__(self):
         if not callable(self.reward):

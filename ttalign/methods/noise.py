@@ -5,7 +5,7 @@
   https://arxiv.org/abs/2501.09732).
 - `NoiseOptimization`: gradient ascent of a differentiable reward with respect to the initial noise (ReNO, Eyring et
   al. 2024, https://arxiv.org/abs/2406.04312) or to every injected noise of a stochastic sampler (DNO, Tang et al.
-  2024, https://arxiv.org/abs/2405.18881), through :class:`~ttalign.sampling.DifferentiableSampler`.
+  2024, https://arxiv.org/abs/2405.18881), through :class:`~ttalign.sampler.DifferentiableSampler`.
 
 Both act at the `init_latents` stage: they search with the sampler, then hand the chosen noise to the pipeline, whose
 own loop regenerates the chosen image (one more pass, counted in `traces["compute"]`). When the schedule injects
@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage
-from ttalign.rewards.base import check_scores, is_differentiable, reward_name
-from ttalign.sampling import DifferentiableSampler, init_noise_sigma, scheduler_step
+from ttalign.rewards.base import check_scores, require_differentiable, reward_name
+from ttalign.sampler import DifferentiableSampler
+from ttalign.sampling import init_noise_sigma, scheduler_step
 
 
 def _score(reward, images: torch.Tensor, prompts: list[str], state: GenerationState) -> torch.Tensor:
@@ -136,6 +137,7 @@ class SeedSearch(AlignmentMethod):
     radius: float = 0.5
 
     stages = (Stage.INIT_LATENTS, Stage.NOISE_PRED, Stage.STEP_END)
+    costly_options = ("n", "rounds", "neighbors")
 
     def __post_init__(self):
         if not callable(self.reward):
@@ -280,6 +282,7 @@ class NoiseOptimization(AlignmentMethod):
     keep_images: bool = False
 
     stages = (Stage.INIT_LATENTS, Stage.NOISE_PRED, Stage.STEP_END)
+    costly_options = ("steps",)
 
     def __post_init__(self):
         if self.optimize not in PRESETS:
@@ -289,11 +292,7 @@ class NoiseOptimization(AlignmentMethod):
                 setattr(self, key, value)
         if not callable(self.reward):
             raise ValueError(f"NoiseOptimization needs a callable reward, got {self.reward!r}.")
-        if not is_differentiable(self.reward):
-            raise ValueError(
-                f"NoiseOptimization needs a differentiable reward; {reward_name(self.reward)} is not "
-                "(use SeedSearch or BestOfN for non-differentiable rewards)."
-            )
+        require_differentiable(self.reward, "NoiseOptimization", "; otherwise use SeedSearch or BestOfN")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"NoiseOptimization needs steps >= 1, got steps={self.steps!r}.")
         if not self.lr > 0:
@@ -307,12 +306,9 @@ class NoiseOptimization(AlignmentMethod):
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience!r}.")
 
-    def validate(self, methods) -> None:
-        if self.optimize == "all-noises":
-            for other in methods:
-                if other is not self and type(other).__name__ == "ParticleSteering":
-                    raise ValueError("NoiseOptimization(optimize='all-noises') and ParticleSteering both own the "
-                                     "injected noises; use one of them.")  # fmt: skip
+    @property
+    def owns_step_noise(self) -> bool:
+        return self.optimize == "all-noises"  # DNO optimizes every injected noise
 
     def renders_per_image(self, num_inference_steps: int) -> float:
         # each iteration: a forward render, its backward (two), and with checkpointing the replayed forward; then the

@@ -21,7 +21,8 @@ import torch
 
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage
 from ttalign.rewards.base import check_scores, reward_name
-from ttalign.sampling import DifferentiableSampler, init_noise_sigma
+from ttalign.sampler import DifferentiableSampler
+from ttalign.sampling import init_noise_sigma
 
 DEFAULT_SYSTEM_PROMPT = (
     "You rewrite prompts for a text-to-image model. Keep every object, count, colour and spatial relation of the "
@@ -94,6 +95,7 @@ class PromptRewrite(AlignmentMethod):
     _responses: dict = field(default_factory=dict, init=False, repr=False)
 
     stages = (Stage.PROMPT,)
+    costly_options = ("candidates", "rounds")
 
     def __post_init__(self):
         if not isinstance(self.candidates, int) or self.candidates < 1:

@@ -51,6 +51,7 @@ class BestOfN(AlignmentMethod):
 
     stages = (Stage.OUTPUT,)
     changes_batch = True
+    costly_options = ("n",)
 
     def __post_init__(self):
         if not callable(self.reward):

@@ -37,6 +37,17 @@ def is_differentiable(reward) -> bool:
     return bool(getattr(reward, "differentiable", False))
 
 
+def require_differentiable(reward, owner: str, otherwise: str = "") -> None:
+    """Raises `ValueError` when `reward` does not declare itself differentiable, saying how to declare it."""
+    if is_differentiable(reward):
+        return
+    name = reward_name(reward)
+    how = ("set `differentiable = True` on the `Reward` subclass" if isinstance(reward, Reward) else
+           f"mark the function with `{getattr(reward, '__name__', 'reward')}.differentiable = True`")  # fmt: skip
+    raise ValueError(f"{owner} needs a differentiable reward, and {name} does not declare itself one: if gradients "
+                     f"reach the pixels through it, {how}{otherwise}.")  # fmt: skip
+
+
 def check_reward_prompts(reward, prompts: list[str]) -> None:
     """Raises `ValueError` for a prompt `reward` cannot score (its `check_prompts`, where it has one), before any
     image is rendered for it."""

@@ -348,7 +348,7 @@ def create_app(pipe, config: ServeConfig | None = None):
             answered(err.status, start)
             return error_response(err)
         req = admission.request
-        job = Job(req, admission.methods, new_seeds(req), deadline=start + config.request_timeout_s)
+        job = Job(req, admission.methods, new_seeds(req), enqueued=start, timeout_s=config.request_timeout_s)
         if req.stream:
             job.preview = _Previews()
         try:
@@ -397,11 +397,10 @@ def create_app(pipe, config: ServeConfig | None = None):
                 pass
             if request is not None and await request.is_disconnected():
                 worker.cancel(job, "disconnected")
-                raise APIError(499, "The client closed the request.", code="client_closed")
-            if job.expired(time.monotonic()):
+            elif job.expired(time.monotonic()):
                 worker.cancel(job, "timeout")
-                raise APIError(504, f"The request was not answered within {config.request_timeout_s:g} s.",
-                               code="timeout", headers={"x-should-retry": "false"})  # fmt: skip
+            if job.cancelled is not None:  # by whichever side noticed first: the answer says why
+                raise job.cancellation_error()
 
     async def _stream(job: Job, req, start: float):
         """Server-sent events in the client's format: partial images (x0 previews), then the completed image."""

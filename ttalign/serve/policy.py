@@ -408,10 +408,9 @@ class RequestPolicy:
             allow[name] = options
         defaults = [build_method(*parse_spec(spec, rewards=rewards)) for spec in config.alignment]
         AlignmentRunner(defaults)  # a bad default combination fails at start-up
-        steps = config.call_defaults.get("num_inference_steps")
-        if steps is None:
-            parameter = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
-            steps = parameter.default if parameter is not None and isinstance(parameter.default, int) else 50
+        from ttalign.pipelines.base import call_default
+
+        steps = config.call_defaults.get("num_inference_steps") or call_default(pipe, "num_inference_steps", 50)
         family = pipe.family
         return cls(
             config.limits,
@@ -476,6 +475,9 @@ class RequestPolicy:
         terms = [f"{request.n} images", f"{per_image:.0f} image-steps each at {steps} steps"]
         if area != 1:
             terms.append(f"x {area:.2f} for the size")
+        costly = [f"{m.name}.{o}={getattr(m, o)}" for m in methods for o in m.costly_options if hasattr(m, o)]
+        if costly:
+            terms.append("driven by " + ", ".join(costly))
         return ", ".join(terms)
 
     def methods(self, specs) -> tuple[tuple, list]:

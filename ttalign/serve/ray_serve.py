@@ -27,7 +27,7 @@ def build_application(model: str, config, dtype: str = "float32", device: str | 
         raise ValueError(f"Bad replica resources: {gpus_per_replica} GPUs, {cpus_per_replica} CPUs.")
 
     def build_asgi_app():  # runs on each replica
-        from ttalign.cli import load_pipeline
+        from ttalign.loading import load_pipeline
         from ttalign.serve.app import create_app
 
         pipe = load_pipeline(model, dtype, device)

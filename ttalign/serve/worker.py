@@ -23,7 +23,6 @@ ran alone or merged, and the outputs are split back.
 from __future__ import annotations
 
 import gc
-import inspect
 import secrets
 import threading
 import time
@@ -82,8 +81,8 @@ class Job:
     #: Why the job was cancelled (`"disconnected"`, `"timeout"`), or `None`.
     cancelled: str | None = None
     enqueued: float = field(default_factory=time.monotonic)
-    #: `time.monotonic()` after which the job is cancelled as `"timeout"` (`None`: no deadline).
-    deadline: float | None = None
+    #: Seconds after `enqueued` at which the job is cancelled as `"timeout"` (`None`: no deadline).
+    timeout_s: float | None = None
     #: For streaming requests: `preview(step_index, PIL image)`, called from the worker thread.
     preview: Callable | None = None
 
@@ -91,8 +90,23 @@ class Job:
     def mergeable(self) -> bool:
         return self.preview is None
 
+    @property
+    def deadline(self) -> float | None:
+        """`time.monotonic()` after which the job is cancelled as `"timeout"`."""
+        return None if self.timeout_s is None else self.enqueued + self.timeout_s
+
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline
+
+    def cancellation_error(self) -> APIError:
+        """The answer of a cancelled job, whichever side noticed first: 504 past its deadline, 499 when its client
+        left, 503 when the server shuts down."""
+        if self.cancelled == "timeout":
+            return APIError(504, f"The request was not answered within {self.timeout_s:g} s.", code="timeout",
+                            headers={"x-should-retry": "false"})  # fmt: skip
+        if self.cancelled == "shutdown":
+            return APIError(503, "The server is shutting down.", code="shutting_down")
+        return APIError(499, "The client closed the request.", code="client_closed")
 
 
 def new_seeds(request: ImageRequest) -> list[int]:
@@ -132,8 +146,11 @@ class PipelineWorker:
     def __init__(self, pipe, config: WorkerConfig | None = None, metrics=None, call_defaults: dict | None = None):
         self.pipe, self.config, self.metrics = pipe, config or WorkerConfig(), metrics
         self.call_defaults = dict(call_defaults or {})
-        steps = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
-        self.default_steps = steps.default if steps is not None and isinstance(steps.default, int) else 50
+        from ttalign.pipelines.base import call_default
+
+        self.default_steps = self.call_defaults.get("num_inference_steps") or call_default(
+            pipe, "num_inference_steps", 50
+        )
         self.jobs: list[Job] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -283,7 +300,7 @@ class PipelineWorker:
         except CallCancelled:
             self._count_call("cancelled")
             for job in batch:
-                job.done.set_exception(APIError(499, "The request was cancelled.", code="cancelled"))
+                job.done.set_exception(job.cancellation_error())
             return
         except Exception as err:  # noqa: BLE001 - the failure belongs to the requests, the worker goes on
             oom = is_out_of_memory(err)

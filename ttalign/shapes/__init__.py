@@ -3,16 +3,18 @@
 ```py
 >>> from ttalign.shapes import load_pipeline, verify, ShapesSoftVerifier
 >>> pipe = load_pipeline()
->>> images = pipe("a red circle left of a blue square", **SAMPLING_DEFAULTS, output_type="pt").images
+>>> images = pipe("a red circle left of a blue square", output_type="pt").images  # its own sampling defaults
 >>> verify(images, ["a red circle left of a blue square"]).passed
 >>> flow = load_pipeline("flow")  # the flow-matching model on SD3's layout
->>> images = flow("a red circle left of a blue square", **FLOW_SAMPLING_DEFAULTS, output_type="pt").images
+>>> images = flow("a red circle left of a blue square", output_type="pt").images
 ```
 """
 
 from __future__ import annotations
 
 import os
+
+from ttalign.pipelines.base import read_sampling_defaults
 
 from .clip import CLIP_DIR, ShapesCLIPScore
 from .soft import ShapesSoftVerifier
@@ -24,29 +26,33 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL_DIR = os.path.join(_HERE, "model")
 #: Folder of the embedded flow-matching model (SD3's layout).
 FLOW_MODEL_DIR = os.path.join(_HERE, "flow_model")
-#: Sampling settings the embedded model is evaluated with.
-SAMPLING_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 3.0}
+#: Sampling settings the embedded model is evaluated with (its folder's `ttalign_sampling.json`, which its pipeline
+#: loads as `sampling_defaults`: a plain `pipe(prompt)` uses them).
+SAMPLING_DEFAULTS = read_sampling_defaults(MODEL_DIR)
 #: Sampling settings of the flow model; `max_sequence_length` is the length its T5 was trained on.
-FLOW_SAMPLING_DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 3.0, "max_sequence_length": 10}
+FLOW_SAMPLING_DEFAULTS = read_sampling_defaults(FLOW_MODEL_DIR)
 
 _MODELS = {"sd": (MODEL_DIR, ""), "flow": (FLOW_MODEL_DIR, " --family flow")}
 
 
 def sampling_defaults(pipe) -> dict:
-    """The sampling settings of a shapes-world pipeline: :data:`FLOW_SAMPLING_DEFAULTS` for the flow model,
-    :data:`SAMPLING_DEFAULTS` otherwise."""
+    """The sampling settings of a shapes-world pipeline: its own `sampling_defaults` (from its folder), else
+    :data:`FLOW_SAMPLING_DEFAULTS` for a flow-matching family and :data:`SAMPLING_DEFAULTS` otherwise."""
     from ttalign.pipelines import family_for
-    from ttalign.sampling import is_flow
 
-    return dict(FLOW_SAMPLING_DEFAULTS if is_flow(family_for(pipe).scheduler) else SAMPLING_DEFAULTS)
+    own = getattr(pipe, "sampling_defaults", None)
+    if own:
+        return dict(own)
+    return dict(FLOW_SAMPLING_DEFAULTS if "flow_matching" in family_for(pipe).features else SAMPLING_DEFAULTS)
 
 
 def load_pipeline(model: str = "sd", device: str | None = None, path: str | None = None):
     """Loads an embedded shapes-world model through the ordinary `from_pretrained` path, from `path` or the folder
     shipped with the package: `model="sd"`, the Stable Diffusion 1.x-style model, as an
     :class:`~ttalign.AlignedStableDiffusionPipeline`; `model="flow"`, the flow-matching model on SD3's layout, as an
-    :class:`~ttalign.AlignedStableDiffusion3Pipeline` (sample it with :data:`FLOW_SAMPLING_DEFAULTS`). With `path`,
-    the class is read from the folder's `model_index.json`."""
+    :class:`~ttalign.AlignedStableDiffusion3Pipeline`. With `path`, the class is read from the folder's
+    `model_index.json`. The pipeline's `sampling_defaults` are the folder's (:data:`SAMPLING_DEFAULTS` /
+    :data:`FLOW_SAMPLING_DEFAULTS` for the shipped models), so `pipe(prompt)` samples as the model was evaluated."""
     import torch
 
     from ttalign.pipelines import aligned_class_for

@@ -245,7 +245,7 @@ def train(args) -> None:
         image_encoder=None,
         requires_safety_checker=False,
     )
-    _save(pipe, args, workdir, log)
+    _save(pipe, args, workdir, log, {"num_inference_steps": 25, "guidance_scale": 3.0})
 
 
 # --- the flow-matching model (SD3's layout) --------------------------------------------------------------------
@@ -445,12 +445,23 @@ def train_flow(args) -> None:
                                     max_sequence_length=FLOW_TEXT_LENGTH)  # fmt: skip
         if not (torch.allclose(ours[0], theirs[0], atol=1e-5) and torch.allclose(ours[1], theirs[2], atol=1e-5)):
             raise RuntimeError("The training text encoding differs from StableDiffusion3Pipeline.encode_prompt.")
-    _save(pipe, args, workdir, log)
+    _save(
+        pipe,
+        args,
+        workdir,
+        log,
+        {"num_inference_steps": 20, "guidance_scale": 3.0, "max_sequence_length": FLOW_TEXT_LENGTH},
+    )
 
 
-def _save(pipe, args, workdir: str, log: Logger) -> None:
+def _save(pipe, args, workdir: str, log: Logger, sampling: dict) -> None:
+    """Saves the model with its sampling defaults (the settings it is evaluated with; its aligned pipeline loads
+    them), its training arguments and log."""
+    from ttalign.pipelines.base import write_sampling_defaults
+
     staging = os.path.join(workdir, "model")
     pipe.save_pretrained(staging, safe_serialization=True)
+    write_sampling_defaults(staging, sampling)
     with open(os.path.join(staging, "training_args.json"), "w", encoding="utf-8") as f:
         json.dump(vars(args), f, indent=2)
     log(f"done: saved to {args.out}")

@@ -3,8 +3,10 @@ https://arxiv.org/abs/2305.16381): online RL on the denoising chain.
 
 Each step samples trajectories with the aligned pipeline itself (DDIM with `eta > 0`), recorded by a `step_end`
 method with the log-probability of every transition (:func:`~ttalign.sampling.ddim_step_with_logprob`), scores the
-images with the reward, normalizes advantages per prompt, and takes a REINFORCE or PPO-clip step on the recorded
-transitions. The reference model of the KL term is the same denoiser with LoRA disabled.
+images with the reward, normalizes advantages per prompt, and takes one gradient step on the recorded transitions, on
+REINFORCE's objective or PPO's clipped one. With one update per sampled batch the ratio is 1 when the gradient is
+taken, so the clip never binds and both give the REINFORCE gradient. The reference model of the KL term is the same
+denoiser with LoRA disabled.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ class Trajectories:
 
 
 class DDPOTrainer(LoRATrainer):
-    """Fine-tunes a pipeline's denoiser with LoRA by DDPO (PPO-clip or REINFORCE), optionally with DPOK's KL term.
+    """Fine-tunes a pipeline's denoiser with LoRA by DDPO (REINFORCE or PPO's clipped objective), optionally with
+    DPOK's KL term.
 
     Args:
         pipe: a pipeline of a supported family (SD 1.x/2.x, SDXL) with a `DDIMScheduler`.

@@ -18,10 +18,10 @@ from .trainer import LoRATrainer, TrainingConfig, crop_geometry, image_to_tensor
 
 
 def _is_flow(pipe) -> bool:
+    """Whether the pipeline's family declares flow matching (velocity targets) in the registry."""
     from ttalign.pipelines import family_for
-    from ttalign.sampling import is_flow
 
-    return is_flow(family_for(pipe).scheduler)
+    return "flow_matching" in family_for(pipe).features
 
 
 @dataclass

@@ -6,7 +6,8 @@ pipeline itself, on the stochastic step of :func:`~ttalign.sampling.stochastic_t
 level `a`, or its coefficients-preserving variant; DDIM with `eta = a` on the UNet families), recorded by a
 :class:`StochasticTrajectory` method with every transition's log-probability, and scores the images. Advantages are
 relative to the group, `(r - mean_group) / (std_all + 1e-4)` (Flow-GRPO's per-prompt mean and global std, population
-std as its numpy code), clamped to `+-adv_clip_max`. The loss is PPO-clip on the recorded transitions plus
+std as its numpy code), clamped to `+-adv_clip_max`. The loss is PPO's clipped objective on the recorded transitions
+(one update per sampled batch: the ratio is 1 and the clip does not bind) plus
 `kl_weight` times the KL divergence between the step's Gaussian under the LoRA model and under the LoRA-free
 reference, `||mu_theta - mu_ref||^2 / (2 std^2)` averaged over the latent dimensions, where `std` is the whole step's
 standard deviation (the step size kept: flow_grpo's code divides by `std_t^2` without `dt`, its issue #78).

@@ -1,6 +1,6 @@
 """Reward backpropagation: fine-tune a pipeline's denoiser (LoRA) by differentiating a reward through sampling.
 
-Three modes, through the same :class:`~ttalign.sampling.DifferentiableSampler` as noise optimization:
+Three modes, through the same :class:`~ttalign.sampler.DifferentiableSampler` as noise optimization:
 
 - `"draft"`: DRaFT-K (Clark et al. 2023, https://arxiv.org/abs/2309.17400), gradients through the last `k` steps.
 - `"alignprop"`: AlignProp (Prabhudesai et al. 2023, https://arxiv.org/abs/2310.03739), gradients through a random
@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ttalign.rewards.base import check_scores, is_differentiable, reward_name
-from ttalign.sampling import DifferentiableSampler, init_noise_sigma
+from ttalign.rewards.base import check_scores, require_differentiable, reward_name
+from ttalign.sampler import DifferentiableSampler
+from ttalign.sampling import init_noise_sigma
 
 from .losses import refl_loss
 from .trainer import LoRATrainer, TrainingConfig
@@ -84,8 +85,7 @@ class RewardBackpropTrainer(LoRATrainer):
     name = "reward-backprop"
 
     def __init__(self, pipe, config: RewardBackpropConfig, reward: Callable, prompts: list[str]):
-        if not is_differentiable(reward):
-            raise ValueError(f"RewardBackpropTrainer needs a differentiable reward; {reward_name(reward)} is not.")
+        require_differentiable(reward, "RewardBackpropTrainer", "; otherwise use DDPOTrainer")
         if not prompts:
             raise ValueError("RewardBackpropTrainer needs at least one prompt.")
         super().__init__(pipe, config)
