@@ -51,8 +51,11 @@ def run_one(side: str, args, out_path: str) -> dict:
     pipe = get_tiny_sdxl_pipeline("ddim", layout=args.layout).to(args.device, dtype)
     prompts = PROMPTS[: args.prompts]
     subjects = dict(zip(prompts, SUBJECTS))
-    method = AttendAndExcite(tokens=lambda p: subjects[p], max_iter_to_alter=max(1, args.steps // 2),
-                             thresholds={0: 0.05, max(1, args.steps // 4): 0.5})  # fmt: skip
+    method = AttendAndExcite(
+        tokens=lambda p: subjects[p],
+        max_iter_to_alter=max(1, args.steps // 2),
+        thresholds={0: 0.05, max(1, args.steps // 4): 0.5},
+    )
     explicit = collections.Counter()
     original = ControlProcessor.explicit
 
@@ -61,8 +64,14 @@ def run_one(side: str, args, out_path: str) -> dict:
         return original(attn, hidden_states, *rest)
 
     ControlProcessor.explicit = staticmethod(counting)
-    call = {"num_inference_steps": args.steps, "guidance_scale": 5.0, "height": args.size, "width": args.size,
-            "output_type": "np", "generator": torch.Generator().manual_seed(0)}  # fmt: skip
+    call = {
+        "num_inference_steps": args.steps,
+        "guidance_scale": 5.0,
+        "height": args.size,
+        "width": args.size,
+        "output_type": "np",
+        "generator": torch.Generator().manual_seed(0),
+    }
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -73,8 +82,13 @@ def run_one(side: str, args, out_path: str) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     np.save(out_path, out.images)
-    row = {"side": side, "seconds": seconds, "peak_added_mb": _peak(args.device) - before,
-           "nfe": out.traces["compute"]["nfe"], "explicit_layer_calls": dict(explicit)}  # fmt: skip
+    row = {
+        "side": side,
+        "seconds": seconds,
+        "peak_added_mb": _peak(args.device) - before,
+        "nfe": out.traces["compute"]["nfe"],
+        "explicit_layer_calls": dict(explicit),
+    }
     if side == "attend_and_excite":
         trace = out.traces["attend_and_excite"]
         row["loss_first_step"] = [float(v) for v in trace["losses"][0]]
@@ -119,8 +133,17 @@ def main() -> None:
         f"A&E loss per image at the first step {[round(v, 3) for v in ae['loss_first_step']]}, at the last altered "
         f"step {[round(v, 3) for v in ae['loss_last_altered_step']]}; largest change of the images {change:.1e}.\n"
     )
-    write_results(args.name, {"benchmark": "attend_excite_sdxl", "command": command, "rows": rows,
-                              "max_abs_image_change": change, "environment": env}, markdown)  # fmt: skip
+    write_results(
+        args.name,
+        {
+            "benchmark": "attend_excite_sdxl",
+            "command": command,
+            "rows": rows,
+            "max_abs_image_change": change,
+            "environment": env,
+        },
+        markdown,
+    )
     print(markdown)
 
 

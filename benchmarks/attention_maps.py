@@ -99,15 +99,23 @@ def main() -> None:
     text_share = []
     for first in range(0, len(prompts), 16):
         chunk = prompts[first : first + 16]
-        out = pipe(chunk, num_images_per_prompt=args.seeds, generator=torch.Generator().manual_seed(first),
-                   output_type="pt", alignment=[CrossAttentionMaps(fraction=args.fraction)],
-                   **settings)  # fmt: skip
+        out = pipe(
+            chunk,
+            num_images_per_prompt=args.seeds,
+            generator=torch.Generator().manual_seed(first),
+            output_type="pt",
+            alignment=[CrossAttentionMaps(fraction=args.fraction)],
+            **settings,
+        )
         store = out.traces["cross_attention_maps"]
         maps = store["sum"] / store["count"]  # [N, hw, L]
         for name, layer in store["layers"].items():  # peak / mean of each layer's own maps (scale-free)
             for k, prompt in enumerate(p for p in chunk for _ in range(args.seeds)):
-                spans = family.token_spans(prompt, subject_words(prompt)) if flow else token_spans(
-                    tokenizer, prompt, subject_words(prompt))  # fmt: skip
+                spans = (
+                    family.token_spans(prompt, subject_words(prompt))
+                    if flow
+                    else token_spans(tokenizer, prompt, subject_words(prompt))
+                )
                 for span in spans:
                     word = layer[k][:, span].sum(-1)  # [hw]
                     layer_ratios.setdefault(name, []).append(float(word.max() / word.mean()))
@@ -123,8 +131,11 @@ def main() -> None:
             shares["start"].append(float(mass[0]))
             shares["words"].append(float(mass[words].sum()))
             shares["end_and_padding"].append(float(1 - mass[0] - mass[words].sum()))
-            spans = family.token_spans(prompt, subject_words(prompt)) if flow else token_spans(
-                tokenizer, prompt, subject_words(prompt))  # fmt: skip
+            spans = (
+                family.token_spans(prompt, subject_words(prompt))
+                if flow
+                else token_spans(tokenizer, prompt, subject_words(prompt))
+            )
             for span in spans:
                 word = maps[k][:, span].sum(-1)  # [hw]
                 ratios.append(float(word.max() / word.mean()))
@@ -136,11 +147,11 @@ def main() -> None:
             "median": float(np.median(ratios)),
             "p10": float(np.percentile(ratios, 10)),
             "p90": float(np.percentile(ratios, 90)),
-        },  # fmt: skip
+        },
         "attention_share": {
             k: {"mean": float(np.mean(v)), "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90))}
             for k, v in shares.items()
-        },  # fmt: skip
+        },
     }
     summary["peak_over_mean_by_layer"] = {name: float(np.median(v)) for name, v in layer_ratios.items()}
     if flow:
@@ -148,19 +159,24 @@ def main() -> None:
     command = "python benchmarks/attention_maps.py " + " ".join(sys.argv[1:])
     lines = ["| measure | mean or median | 10th percentile | 90th percentile |", "|---|---|---|---|"]
     peak = summary["peak_over_mean"]
-    lines.append(f"| subject word: peak / mean of its 8x8 map | {peak['median']:.2f} (median) | {peak['p10']:.2f} | "
-                 f"{peak['p90']:.2f} |")  # fmt: skip
+    lines.append(
+        f"| subject word: peak / mean of its 8x8 map | {peak['median']:.2f} (median) | {peak['p10']:.2f} | "
+        f"{peak['p90']:.2f} |"
+    )
     for name, value in summary["attention_share"].items():
         label = name.replace("_", " ")
-        lines.append(f"| attention share: {label} | {value['mean']:.3f} (mean) | {value['p10']:.3f} | "
-                     f"{value['p90']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| attention share: {label} | {value['mean']:.3f} (mean) | {value['p10']:.3f} | {value['p90']:.3f} |"
+        )
     by_layer = ", ".join(f"{name} {value:.2f}" for name, value in summary["peak_over_mean_by_layer"].items())
     lines.append(f"\nMedian peak / mean of a subject word's map, layer by layer: {by_layer}.")
     steps, guidance = settings["num_inference_steps"], settings["guidance_scale"]
     if flow:
-        where = (f"{steps} flow-matching Euler steps, guidance {guidance}; conditional joint attention of the 8x8 "
-                 "image tokens over the text keys (shares of the text part: "
-                 f"{summary['text_share_of_attention']:.3f} of the whole attention on average)")  # fmt: skip
+        where = (
+            f"{steps} flow-matching Euler steps, guidance {guidance}; conditional joint attention of the 8x8 "
+            "image tokens over the text keys (shares of the text part: "
+            f"{summary['text_share_of_attention']:.3f} of the whole attention on average)"
+        )
     else:
         where = f"{steps} DDIM steps, guidance {guidance}; conditional cross-attention at the 8x8 layers"
     markdown = (
@@ -169,8 +185,11 @@ def main() -> None:
         f"{where}, averaged over heads, layers and the first {args.fraction:.0%} of the steps. A word that lays out "
         "its object has a map that peaks far above its mean.\n\n" + "\n".join(lines) + "\n"
     )
-    write_results("attention_maps_flow" if flow else "attention_maps", {"benchmark": "attention_maps",
-                  "command": command, **summary, "environment": environment()}, markdown)  # fmt: skip
+    write_results(
+        "attention_maps_flow" if flow else "attention_maps",
+        {"benchmark": "attention_maps", "command": command, **summary, "environment": environment()},
+        markdown,
+    )
     print(markdown)
 
 

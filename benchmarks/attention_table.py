@@ -46,9 +46,14 @@ def placement(base: dict, run: dict) -> dict:
     drawn = [p for p in flat["run"] if p is not None]
     both = [(b, r) for b, r in zip(flat["base"], flat["run"]) if b is not None and r is not None]
     moved_in, moved_out = sum(r and not b for b, r in both), sum(b and not r for b, r in both)
-    return {"phrases": len(flat["run"]), "drawn": len(drawn) / max(len(flat["run"]), 1),
-            "in_region": sum(drawn) / max(len(drawn), 1), "moved_in": moved_in, "moved_out": moved_out,
-            "p_value": sign_test(moved_in, moved_out)}  # fmt: skip
+    return {
+        "phrases": len(flat["run"]),
+        "drawn": len(drawn) / max(len(flat["run"]), 1),
+        "in_region": sum(drawn) / max(len(drawn), 1),
+        "moved_in": moved_in,
+        "moved_out": moved_out,
+        "p_value": sign_test(moved_in, moved_out),
+    }
 
 
 SCRIPTS = {
@@ -97,8 +102,11 @@ def main() -> None:
             f"{100 * placed['drawn']:.1f}",
             f"{100 * placed['in_region']:.1f}",
         ]
-        cells += ["", "", "-"] if run is base else [str(placed["moved_in"]), str(placed["moved_out"]),
-                                                     _p(placed["p_value"])]  # fmt: skip
+        cells += (
+            ["", "", "-"]
+            if run is base
+            else [str(placed["moved_in"]), str(placed["moved_out"]), _p(placed["p_value"])]
+        )
         place_lines.append("| " + " | ".join(cells) + " |")
         per_category = {c: compare(base, run, c) for c in categories}
         cells = [run["name"].removeprefix(f"{prefix}_")]
@@ -116,10 +124,19 @@ def main() -> None:
             cells.append("-" if run is base else f"{pos['wins']} / {pos['losses']}, {_p(pos['p_value'])}")
         cells += [f"{run['nfe_per_image']:.0f}", f"{run['wall_time_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-        rows.append({"name": run["name"], "category_accuracy": run["category_accuracy"], "overall": run["overall"],
-                     "paired": paired, "paired_per_category": per_category, "placement": placed,
-                     "command": run["command"],
-                     "nfe_per_image": run["nfe_per_image"], "wall_time_s": run["wall_time_s"]})  # fmt: skip
+        rows.append(
+            {
+                "name": run["name"],
+                "category_accuracy": run["category_accuracy"],
+                "overall": run["overall"],
+                "paired": paired,
+                "paired_per_category": per_category,
+                "placement": placed,
+                "command": run["command"],
+                "nfe_per_image": run["nfe_per_image"],
+                "wall_time_s": run["wall_time_s"],
+            }
+        )
     flow = prefix.startswith("flow_")
     settings = base["settings"]
     sampling = f"{settings.get('num_inference_steps', 25)} {'flow-matching Euler' if flow else 'DDIM'} steps"

@@ -12,7 +12,16 @@ import tempfile
 import numpy as np
 import torch
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+#: Every suite's results live in a folder of their own below this one (`benchmarks/run.py SUITE`).
+RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+#: Where this run writes (and reads the runs it builds on): the suite's folder, which `benchmarks/run.py` sets; a
+#: script run on its own writes to `results/unsorted/`.
+RESULTS = os.environ.get("TTALIGN_RESULTS") or os.path.join(RESULTS_ROOT, "unsorted")
+
+
+def suite_results(suite: str) -> str:
+    """The results folder of another suite (for a run that reads what that suite wrote)."""
+    return os.path.join(RESULTS_ROOT, suite)
 
 
 def environment() -> dict:
@@ -31,7 +40,7 @@ def environment() -> dict:
 
 
 def write_results(name: str, data: dict, markdown: str) -> None:
-    """Writes `results/<name>.json` and `results/<name>.md`, each atomically."""
+    """Writes `<name>.json` and `<name>.md` to the run's results folder (:data:`RESULTS`), each atomically."""
     os.makedirs(RESULTS, exist_ok=True)
     for ext, text in (("json", json.dumps(data, indent=2) + "\n"), ("md", markdown)):
         path = os.path.join(RESULTS, f"{name}.{ext}")
@@ -75,8 +84,14 @@ PALETTE = [
 ]
 
 
-def line_chart(series: dict[str, list[tuple[float, float]]], path: str, xlabel: str, ylabel: str,
-               width: int = 800, height: int = 440) -> None:  # fmt: skip
+def line_chart(
+    series: dict[str, list[tuple[float, float]]],
+    path: str,
+    xlabel: str,
+    ylabel: str,
+    width: int = 800,
+    height: int = 440,
+) -> None:
     """A line chart with PIL, one line per series of `(x, y)` points, axes from the data's range; saved to `path`."""
     from PIL import Image, ImageDraw
 

@@ -55,8 +55,9 @@ def score(images: torch.Tensor, texts: list[str], reward) -> tuple[torch.Tensor,
     """The reward of every image `[N]`, and the seconds it took."""
     start = time.perf_counter()
     with torch.no_grad():
-        values = torch.cat([reward(images[i : i + 256], texts[i : i + 256]).float().cpu()
-                            for i in range(0, len(texts), 256)])  # fmt: skip
+        values = torch.cat(
+            [reward(images[i : i + 256], texts[i : i + 256]).float().cpu() for i in range(0, len(texts), 256)]
+        )
     return values, time.perf_counter() - start
 
 
@@ -66,9 +67,18 @@ def point(method: str, reward: str, nfe: float, wall: float, verdicts: list, ref
     categories = [c for c in COMPOSITE if any(v[0] == c for v in verdicts)]
     accuracy = {c: sum(p for k, p in verdicts if k == c) / sum(k == c for k, _ in verdicts) for c in categories}
     passed = sum(p for _, p in verdicts)
-    row = {"method": method, "reward": reward, "nfe": nfe, "wall_s": wall, "category_accuracy": accuracy,
-           "overall": passed / len(verdicts), "interval": wilson_interval(passed, len(verdicts)),
-           "images": len(verdicts), "verdicts": verdicts, "diversity": div}  # fmt: skip
+    row = {
+        "method": method,
+        "reward": reward,
+        "nfe": nfe,
+        "wall_s": wall,
+        "category_accuracy": accuracy,
+        "overall": passed / len(verdicts),
+        "interval": wilson_interval(passed, len(verdicts)),
+        "images": len(verdicts),
+        "verdicts": verdicts,
+        "diversity": div,
+    }
     if reference is not None:
         row["paired"] = paired(reference, verdicts)
     print(f"{method} [{reward}] {nfe:.0f} NFE: {100 * row['overall']:.1f}", flush=True)
@@ -108,8 +118,9 @@ def main() -> None:
     k = args.candidates
     budgets = [n for n in (1, 2, 4, 8, 16, 32) if n <= k]
     for arm, methods in (("", []), (" + region re-weighting", [method_from_spec(REGIONS)])):
-        run = evaluate(pipe, prompts, methods, name="candidates" + arm, seeds=args.seeds * k, batch_prompts=4,
-                       **settings)  # fmt: skip
+        run = evaluate(
+            pipe, prompts, methods, name="candidates" + arm, seeds=args.seeds * k, batch_prompts=4, **settings
+        )
         rows = len(texts)  # one row of k candidates per prompt and seed, in the plain run's order
         images = run.samples.view(rows, k, *run.samples.shape[1:])  # [rows, k, 3, H, W]
         passed = torch.tensor(run.verification.passed).view(rows, k)
@@ -126,8 +137,17 @@ def main() -> None:
                 div = selection_diversity(chosen, texts, args.seeds, embedder)
                 method = ("pass@n" if name.startswith("pass") else "best-of-n") + arm
                 wall = n * (per_candidate + seconds / run.images)
-                points.append(point(method, "verifier" if name.startswith("pass") else name, n * run.nfe_per_image,
-                                    wall, verdicts, None, div))  # fmt: skip
+                points.append(
+                    point(
+                        method,
+                        "verifier" if name.startswith("pass") else name,
+                        n * run.nfe_per_image,
+                        wall,
+                        verdicts,
+                        None,
+                        div,
+                    )
+                )
 
     # 2. particle steering and reward guidance through the harness
     specs = []
@@ -139,15 +159,34 @@ def main() -> None:
         for n, neighbors in SEED_SEARCH:  # n + neighbors candidates and the final render
             spec = f"seed_search:n={n},rounds=1,neighbors={neighbors},reward={reward}"
             specs.append(("seed search", reward, [spec]))
-    specs.append(("particle steering + region re-weighting", "shapes_soft",
-                  ["particle_steering:particles=4,reward=shapes_soft", REGIONS]))  # fmt: skip
+    specs.append(
+        (
+            "particle steering + region re-weighting",
+            "shapes_soft",
+            ["particle_steering:particles=4,reward=shapes_soft", REGIONS],
+        )
+    )
     n, neighbors = SEED_SEARCH[-1]  # at 8x
-    specs.append(("seed search + region re-weighting", "shapes_soft",
-                  [f"seed_search:n={n},rounds=1,neighbors={neighbors},reward=shapes_soft", REGIONS]))  # fmt: skip
+    specs.append(
+        (
+            "seed search + region re-weighting",
+            "shapes_soft",
+            [f"seed_search:n={n},rounds=1,neighbors={neighbors},reward=shapes_soft", REGIONS],
+        )
+    )
     for method, reward, spec in specs:
         run = evaluate(pipe, prompts, [method_from_spec(s) for s in spec], name=method, seeds=args.seeds, **settings)
-        points.append(point(method, reward, run.nfe_per_image, run.wall_time_s / run.images,
-                            run.summary()["verdicts"], reference, run.diversity))  # fmt: skip
+        points.append(
+            point(
+                method,
+                reward,
+                run.nfe_per_image,
+                run.wall_time_s / run.images,
+                run.summary()["verdicts"],
+                reference,
+                run.diversity,
+            )
+        )
 
     # 3. noise optimization, from the over-optimization monitor's record
     categories = [c for c, _ in reference]
@@ -169,13 +208,29 @@ def main() -> None:
             picked = select_best(values, n)
             verdicts = [[c, bool(p)] for c, p in zip(categories, passed.gather(1, picked[:, None])[:, 0])]
             # n iterates (forward and backward) and the final render: (n + 1)x NFE
-            points.append(point("noise optimization", reward, (n + 1) * base_nfe, n * per_iteration + base_wall,
-                                verdicts, reference))  # fmt: skip
+            points.append(
+                point(
+                    "noise optimization",
+                    reward,
+                    (n + 1) * base_nfe,
+                    n * per_iteration + base_wall,
+                    verdicts,
+                    reference,
+                )
+            )
 
     # the table, the plot, the record
     command = "python benchmarks/compute_scaling.py " + " ".join(sys.argv[1:])
-    head = ["method", "optimized reward", "NFE / image (x plain)", "wall / image (s)", *COMPOSITE,
-            "overall (95% interval)", "vs plain run: won / lost, p", "CLIP distance / position spread"]  # fmt: skip
+    head = [
+        "method",
+        "optimized reward",
+        "NFE / image (x plain)",
+        "wall / image (s)",
+        *COMPOSITE,
+        "overall (95% interval)",
+        "vs plain run: won / lost, p",
+        "CLIP distance / position spread",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = sorted(points, key=lambda r: (r["method"], r["reward"], r["nfe"]))
     for r in order:
@@ -184,18 +239,28 @@ def main() -> None:
         low, high = r["interval"]
         p = r.get("paired")
         div = r["diversity"]
-        cells = [r["method"], r["reward"], f"{r['nfe']:.0f} ({r['nfe'] / base_nfe:.0f}x)", f"{r['wall_s']:.2f}",
-                 *[f"{100 * r['category_accuracy'][c]:.1f}" for c in COMPOSITE],
-                 f"**{100 * r['overall']:.1f}** ({100 * low:.0f}-{100 * high:.0f})",
-                 f"{p['wins']} / {p['losses']}, {p['p_value']:.2g}" if p else "-",
-                 f"{div['clip_distance']:.3f} / {div['position_spread']:.1f}" if div else "-"]  # fmt: skip
+        cells = [
+            r["method"],
+            r["reward"],
+            f"{r['nfe']:.0f} ({r['nfe'] / base_nfe:.0f}x)",
+            f"{r['wall_s']:.2f}",
+            *[f"{100 * r['category_accuracy'][c]:.1f}" for c in COMPOSITE],
+            f"**{100 * r['overall']:.1f}** ({100 * low:.0f}-{100 * high:.0f})",
+            f"{p['wins']} / {p['losses']}, {p['p_value']:.2g}" if p else "-",
+            f"{div['clip_distance']:.3f} / {div['position_spread']:.1f}" if div else "-",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     series = {}
     for r in order:
         label = f"{r['method']} [{r['reward'].replace('shapes_', '')}]"
         series.setdefault(label, []).append((math.log2(r["nfe"] / base_nfe), 100 * r["overall"]))
-    line_chart(series, os.path.join(RESULTS, f"compute_scaling_{args.model}.png"), "log2(NFE / plain NFE)",
-               "verified success, composite categories (%)", width=1000)  # fmt: skip
+    line_chart(
+        series,
+        os.path.join(RESULTS, f"compute_scaling_{args.model}.png"),
+        "log2(NFE / plain NFE)",
+        "verified success, composite categories (%)",
+        width=1000,
+    )
     markdown = (
         f"# Compute scaling ({args.model} shapes model)\n\n`{command}`\n\n{len(texts)} images per point "
         f"({args.per_category} prompts per composite category x {args.seeds}), {steps} steps, guidance "
@@ -207,8 +272,14 @@ def main() -> None:
         + "\n".join(lines)
         + f"\n\n![scaling](compute_scaling_{args.model}.png)\n"
     )
-    data = {"benchmark": "compute_scaling", "command": command, "points": points, "base_nfe": base_nfe,
-            "base_wall_s": base_wall, "environment": environment()}  # fmt: skip
+    data = {
+        "benchmark": "compute_scaling",
+        "command": command,
+        "points": points,
+        "base_nfe": base_nfe,
+        "base_wall_s": base_wall,
+        "environment": environment(),
+    }
     write_results(f"compute_scaling_{args.model}", data, markdown)
     print(markdown)
 

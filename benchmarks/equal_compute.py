@@ -107,14 +107,22 @@ def main() -> None:
     runs = load_runs(f"{stem}{args.set}_")
     if not runs:
         raise SystemExit(f"No {stem}{args.set}_*.json results: run benchmarks/{script} first.")
-    header = ("| run | NFE / image | " + " | ".join(CATEGORIES) + " | overall (95% interval) | vs baseline: "
-              "fail->pass / pass->fail, sign test p | soft reward | CLIP reward | diversity: CLIP distance / "
-              "position spread | wall / image (s) |")  # fmt: skip
+    header = (
+        "| run | NFE / image | " + " | ".join(CATEGORIES) + " | overall (95% interval) | vs baseline: "
+        "fail->pass / pass->fail, sign test p | soft reward | CLIP reward | diversity: CLIP distance / "
+        "position spread | wall / image (s) |"
+    )
     lines = [header, "|" + "---|" * (len(CATEGORIES) + 8)]
     base = next((r for r in runs if r["series"] == "baseline"), None)
     order = list(SERIES.values())
-    for r in sorted(runs, key=lambda r: (order.index(r["method"]) if r["method"] in order else len(order),
-                                         r["series"], r["nfe_per_image"])):  # fmt: skip
+    for r in sorted(
+        runs,
+        key=lambda r: (
+            order.index(r["method"]) if r["method"] in order else len(order),
+            r["series"],
+            r["nfe_per_image"],
+        ),
+    ):
         cats = " | ".join(f"{100 * r['category_accuracy'][c]:.1f}" for c in CATEGORIES)
         vs = "-"
         if base is not None and r is not base and "verdicts" in base and "verdicts" in r:  # paired image by image
@@ -127,16 +135,22 @@ def main() -> None:
         spread = f"{div['clip_distance']:.3f} / {div['position_spread']:.1f}" if div else "-"
         clip = f"{r['clip_reward']:.1f}" if "clip_reward" in r else "-"
         wall = r["wall_time_s"] / r["images"]
-        lines.append(f"| {r['run']} | {r['nfe_per_image']:.0f} | {cats} | **{100 * r['overall']:.1f}**{interval} | "
-                     f"{vs} | {r['soft_reward']:.3f} | {clip} | {spread} | {wall:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {r['run']} | {r['nfe_per_image']:.0f} | {cats} | **{100 * r['overall']:.1f}**{interval} | "
+            f"{vs} | {r['soft_reward']:.3f} | {clip} | {spread} | {wall:.2f} |"
+        )
     name = f"{stem}headline" if headline else f"{stem}equal_compute"
     plot(runs, os.path.join(RESULTS, f"{name}.png"))
     first = runs[0]
     sampling = "20 flow-matching Euler steps" if flow else "25 DDIM steps"
     title = "the whole evaluation set, both rewards" if headline else "methods at equal compute"
     option = " --set headline" if headline else " --model flow" if flow else ""
-    reward = ("the run name's reward optimized (soft: the verifier's differentiable copy; clip: the learned shapes "
-              "CLIP, not the judge)" if headline else "soft verifier as the reward")  # fmt: skip
+    reward = (
+        "the run name's reward optimized (soft: the verifier's differentiable copy; clip: the learned shapes "
+        "CLIP, not the judge)"
+        if headline
+        else "soft verifier as the reward"
+    )
     markdown = (
         f"# Shapes world{' (flow model)' if flow else ''}: {title}\n\n`bash benchmarks/{script}` "
         f"then `python benchmarks/equal_compute.py{option}`\n\n"
@@ -150,9 +164,26 @@ def main() -> None:
         "images (`-` where the run predates it).\n\n" + "\n".join(lines) + "\n\n"
         f"![verified success against NFE]({name}.png)\n"
     )
-    data = {"benchmark": "equal_compute", "runs": [{k: r[k] for k in ("run", "series", "nfe_per_image", "overall",
-            "category_accuracy", "soft_reward", "wall_time_s", "command")} | {"paired": r.get("paired")}
-            for r in runs]}  # fmt: skip
+    data = {
+        "benchmark": "equal_compute",
+        "runs": [
+            {
+                k: r[k]
+                for k in (
+                    "run",
+                    "series",
+                    "nfe_per_image",
+                    "overall",
+                    "category_accuracy",
+                    "soft_reward",
+                    "wall_time_s",
+                    "command",
+                )
+            }
+            | {"paired": r.get("paired")}
+            for r in runs
+        ],
+    }
     write_results(name, data, markdown)
     print(markdown)
 

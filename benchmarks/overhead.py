@@ -35,18 +35,41 @@ from ttalign.testing import (  # noqa: E402
 )
 
 FAMILIES = {
-    "sd": (StableDiffusionPipeline, AlignedStableDiffusionPipeline, get_tiny_components, {}, "overhead",
-           "ttalign.testing.get_tiny_components() (64x64 images, 32x32 latents)"),
-    "sdxl": (StableDiffusionXLPipeline, AlignedStableDiffusionXLPipeline, get_tiny_sdxl_components,
-             {"add_watermarker": False}, "overhead_sdxl",
-             "ttalign.testing.get_tiny_sdxl_components() (diffusers' SDXL test sizes; 64x64 images, 32x32 latents)"),
-    "sd3": (StableDiffusion3Pipeline, AlignedStableDiffusion3Pipeline, lambda: get_tiny_sd3_components(shift=3.0), {},
-            "overhead_sd3", "ttalign.testing.get_tiny_sd3_components(shift=3.0) (diffusers' SD3 test sizes; 64x64 "
-            "images, 64x64 latents, 4096 image + 333 text tokens)"),
-    "flux": (FluxPipeline, AlignedFluxPipeline, lambda: get_tiny_flux_components(guidance_embeds=True), {},
-             "overhead_flux", "ttalign.testing.get_tiny_flux_components(guidance_embeds=True) (diffusers' FLUX test "
-             "sizes; 64x64 images, 1024 packed image + 512 text tokens)"),
-}  # fmt: skip
+    "sd": (
+        StableDiffusionPipeline,
+        AlignedStableDiffusionPipeline,
+        get_tiny_components,
+        {},
+        "overhead",
+        "ttalign.testing.get_tiny_components() (64x64 images, 32x32 latents)",
+    ),
+    "sdxl": (
+        StableDiffusionXLPipeline,
+        AlignedStableDiffusionXLPipeline,
+        get_tiny_sdxl_components,
+        {"add_watermarker": False},
+        "overhead_sdxl",
+        "ttalign.testing.get_tiny_sdxl_components() (diffusers' SDXL test sizes; 64x64 images, 32x32 latents)",
+    ),
+    "sd3": (
+        StableDiffusion3Pipeline,
+        AlignedStableDiffusion3Pipeline,
+        lambda: get_tiny_sd3_components(shift=3.0),
+        {},
+        "overhead_sd3",
+        "ttalign.testing.get_tiny_sd3_components(shift=3.0) (diffusers' SD3 test sizes; 64x64 "
+        "images, 64x64 latents, 4096 image + 333 text tokens)",
+    ),
+    "flux": (
+        FluxPipeline,
+        AlignedFluxPipeline,
+        lambda: get_tiny_flux_components(guidance_embeds=True),
+        {},
+        "overhead_flux",
+        "ttalign.testing.get_tiny_flux_components(guidance_embeds=True) (diffusers' FLUX test "
+        "sizes; 64x64 images, 1024 packed image + 512 text tokens)",
+    ),
+}
 
 
 def main() -> None:
@@ -67,8 +90,14 @@ def main() -> None:
     def run(pipe):
         generator = torch.Generator().manual_seed(0)
         start = time.perf_counter()
-        images = pipe("a red circle left of a blue square", num_inference_steps=args.steps, output_type="pt",
-                      height=64, width=64, generator=generator).images  # fmt: skip
+        images = pipe(
+            "a red circle left of a blue square",
+            num_inference_steps=args.steps,
+            output_type="pt",
+            height=64,
+            width=64,
+            generator=generator,
+        ).images
         return time.perf_counter() - start, images
 
     for pipe in pipes.values():  # warm-up

@@ -48,8 +48,14 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     settings = sampling_defaults(pipe)
     rewards = {name: load_reward(name) for name in ("shapes_soft", "shapes_clip")}
-    method = NoiseOptimization(reward=rewards[args.reward], steps=args.iterations, optimizer="adamw", lr=args.lr,
-                               grad_clip=10.0, keep_images=True)  # fmt: skip
+    method = NoiseOptimization(
+        reward=rewards[args.reward],
+        steps=args.iterations,
+        optimizer="adamw",
+        lr=args.lr,
+        grad_clip=10.0,
+        keep_images=True,
+    )
     prompts = evaluation_prompts(args.per_category)
     if args.categories:
         wanted = args.categories.split(",")
@@ -61,8 +67,14 @@ def main() -> None:
     start = time.perf_counter()
     for b, first in enumerate(range(0, len(prompts), args.batch_prompts)):
         chunk = [p for p, _ in prompts[first : first + args.batch_prompts]]
-        out = pipe(chunk, num_images_per_prompt=args.seeds, generator=torch.Generator().manual_seed(b),
-                   output_type="pt", alignment=[method], **settings)  # fmt: skip
+        out = pipe(
+            chunk,
+            num_images_per_prompt=args.seeds,
+            generator=torch.Generator().manual_seed(b),
+            output_type="pt",
+            alignment=[method],
+            **settings,
+        )
         images.append(out.traces["noise_optimization"]["images"])
         optimized.append(out.traces["noise_optimization"]["rewards"])
         texts += [p for p in chunk for _ in range(args.seeds)]
@@ -76,9 +88,15 @@ def main() -> None:
         verification = verify(images[k], texts)
         passed = sum(verification.passed)
         verdicts.append([bool(v) for v in verification.passed])
-        rows.append({"iteration": k, "overall": verification.overall,
-                     "category_accuracy": verification.category_accuracy,
-                     "interval": wilson_interval(passed, len(texts)), **scores})  # fmt: skip
+        rows.append(
+            {
+                "iteration": k,
+                "overall": verification.overall,
+                "category_accuracy": verification.category_accuracy,
+                "interval": wilson_interval(passed, len(texts)),
+                **scores,
+            }
+        )
     series = {
         "verified success (%)": [(r["iteration"], 100 * r["overall"]) for r in rows],
         "shapes_soft x 100": [(r["iteration"], 100 * r["shapes_soft"]) for r in rows],
@@ -93,8 +111,11 @@ def main() -> None:
         cells = [
             f"**{r[key]:.3f}**" if key == args.reward else f"{r[key]:.3f}" for key in ("shapes_soft", "shapes_clip")
         ]
-        lines.append(f"| {r['iteration']} | {100 * r['overall']:.1f} ({100 * low:.0f}-{100 * high:.0f}) | "
-                     + " | ".join(cells) + " |")  # fmt: skip
+        lines.append(
+            f"| {r['iteration']} | {100 * r['overall']:.1f} ({100 * low:.0f}-{100 * high:.0f}) | "
+            + " | ".join(cells)
+            + " |"
+        )
     best = max(rows, key=lambda r: r["overall"])
     markdown = (
         f"# Over-optimization monitor: noise optimization on `{args.reward}` ({args.model} model)\n\n`{command}`\n\n"
@@ -107,12 +128,20 @@ def main() -> None:
         + "\n".join(lines)
         + f"\n\n![monitor]({name}.png)\n"
     )
-    data = {"benchmark": "overoptimization", "command": command, "rows": rows, "images": len(texts),
-            "environment": environment(), "final_gain": rows[-1]["overall"] - rows[0]["overall"],
-            "reward_gain": rows[-1][args.reward] - rows[0][args.reward], "wall_s": wall,
-            "categories": [c for _p, c in prompts for _k in range(args.seeds)],
-            # per image (generation order), at every iteration: the reward the optimizer saw, and the verdict
-            "optimized_rewards": optimized.T.tolist(), "passed": torch.tensor(verdicts).T.tolist()}  # fmt: skip
+    data = {
+        "benchmark": "overoptimization",
+        "command": command,
+        "rows": rows,
+        "images": len(texts),
+        "environment": environment(),
+        "final_gain": rows[-1]["overall"] - rows[0]["overall"],
+        "reward_gain": rows[-1][args.reward] - rows[0][args.reward],
+        "wall_s": wall,
+        "categories": [c for _p, c in prompts for _k in range(args.seeds)],
+        # per image (generation order), at every iteration: the reward the optimizer saw, and the verdict
+        "optimized_rewards": optimized.T.tolist(),
+        "passed": torch.tensor(verdicts).T.tolist(),
+    }
     write_results(name, data, markdown)
     print(markdown)
 

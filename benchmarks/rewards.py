@@ -30,13 +30,27 @@ def build_clip(path: str) -> None:
     tokenizer = get_tiny_tokenizer()
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(image_size=224, patch_size=16, hidden_size=128, intermediate_size=512,
-                           num_hidden_layers=4, num_attention_heads=4),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            image_size=224,
+            patch_size=16,
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+        ),
         projection_dim=128,
-    )  # fmt: skip
+    )
     CLIPModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
 
@@ -77,8 +91,15 @@ def main() -> None:
     medians = {k: statistics.median(v) for k, v in times.items()}
     speedup = medians["one_at_a_time"] / medians["batched_cached"]
     command = f"python benchmarks/rewards.py --images {args.images} --rounds {args.rounds}"
-    data = {"benchmark": "rewards", "command": command, "images": args.images, "median_s": medians,
-            "speedup": speedup, "scores_equal": True, "environment": environment()}  # fmt: skip
+    data = {
+        "benchmark": "rewards",
+        "command": command,
+        "images": args.images,
+        "median_s": medians,
+        "speedup": speedup,
+        "scores_equal": True,
+        "environment": environment(),
+    }
     markdown = (
         "# Reward scoring: batched with cached text embeddings vs one image at a time\n\n"
         f"`{command}`: CLIPScore on a random CLIP at 224 px (patch 16, width 128, 4 layers per tower), "

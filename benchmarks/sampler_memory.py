@@ -81,15 +81,26 @@ def main() -> None:
     rows = []
     for steps in args.steps:
         for checkpointing in (False, True):
-            cmd = [sys.executable, __file__, "--one", str(steps), str(int(checkpointing)), "--batch", str(args.batch),
-                   "--device", args.device]  # fmt: skip
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                str(steps),
+                str(int(checkpointing)),
+                "--batch",
+                str(args.batch),
+                "--device",
+                args.device,
+            ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
     lines = ["| steps | checkpointing | peak memory added (MB) | forward + backward time (s) |", "|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['steps']} | {'yes' if row['checkpointing'] else 'no'} | {row['peak_added_mb']:.0f} | "
-                     f"{row['seconds']:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {row['steps']} | {'yes' if row['checkpointing'] else 'no'} | {row['peak_added_mb']:.0f} | "
+            f"{row['seconds']:.1f} |"
+        )
     ratios = []
     for steps in args.steps:
         plain, ckpt = (next(r for r in rows if r["steps"] == steps and r["checkpointing"] == c) for c in (False, True))
@@ -104,11 +115,17 @@ def main() -> None:
         f"# Differentiable sampler: memory with and without gradient checkpointing\n\n`{command}`\n\n"
         f"Shapes model, batch {args.batch}, soft-verifier reward, one forward + backward through every step and the "
         f"VAE decode, {env['device']}. Memory: growth of the peak over the warmed-up pipeline "
-        f"({'CUDA allocator' if args.device == 'cuda' else 'process peak RSS'}).\n\n" + "\n".join(lines) + "\n\n"
-        + "\n".join(ratios) + "\n"
-    )  # fmt: skip
-    write_results("sampler_memory", {"benchmark": "sampler_memory", "command": command, "rows": rows,
-                                     "environment": env}, markdown)  # fmt: skip
+        f"({'CUDA allocator' if args.device == 'cuda' else 'process peak RSS'}).\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + "\n".join(ratios)
+        + "\n"
+    )
+    write_results(
+        "sampler_memory",
+        {"benchmark": "sampler_memory", "command": command, "rows": rows, "environment": env},
+        markdown,
+    )
     print(markdown)
 
 

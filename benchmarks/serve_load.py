@@ -116,8 +116,20 @@ def run_setting(args, max_batch_images: int) -> dict:
     port = _free_port()
     env = {**os.environ}
     env.pop("TTALIGN_API_KEY", None)
-    cmd = [sys.executable, "-m", "ttalign.cli", "serve", "--port", str(port), "--queue-size", str(args.queue_size),
-           "--max-batch-images", str(max_batch_images), "--batch-window", str(args.batch_window)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "ttalign.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--queue-size",
+        str(args.queue_size),
+        "--max-batch-images",
+        str(max_batch_images),
+        "--batch-window",
+        str(args.batch_window),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -167,15 +179,24 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['answered']}/{r['requests']} | {r['rejected_429_seen']} | {r['server_errors']} | "
-                     f"{r['images_per_s']:.2f} | {r['latency_p50_s']:.1f} | {r['latency_p95_s']:.1f} | "
-                     f"{r['latency_p99_s']:.1f} | {r['pipeline_calls']} | <= {r['largest_batch_bucket']} | "
-                     f"{r['peak_rss_mb']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {r['answered']}/{r['requests']} | {r['rejected_429_seen']} | {r['server_errors']} | "
+            f"{r['images_per_s']:.2f} | {r['latency_p50_s']:.1f} | {r['latency_p95_s']:.1f} | "
+            f"{r['latency_p99_s']:.1f} | {r['pipeline_calls']} | <= {r['largest_batch_bucket']} | "
+            f"{r['peak_rss_mb']:.0f} |"
+        )
     speedup = rows["merging"]["images_per_s"] / rows["no merging"]["images_per_s"]
-    lines += ["", f"Merging gives {speedup:.2f}x the throughput. Latencies count from a request's first attempt, so "
-              "they include the waits after 429s.", ""]  # fmt: skip
-    write_results("serve_load", {"benchmark": "serve_load", "command": command, "rows": rows, "environment": env},
-                  "\n".join(lines))  # fmt: skip
+    lines += [
+        "",
+        f"Merging gives {speedup:.2f}x the throughput. Latencies count from a request's first attempt, so "
+        "they include the waits after 429s.",
+        "",
+    ]
+    write_results(
+        "serve_load",
+        {"benchmark": "serve_load", "command": command, "rows": rows, "environment": env},
+        "\n".join(lines),
+    )
     print("\n".join(lines))
 
 

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REGIONS, environment, write_results  # noqa: E402
+from common import REGIONS, environment, suite_results, write_results  # noqa: E402
 
 from ttalign.methods import method_from_spec  # noqa: E402
 from ttalign.shapes import ShapesSoftVerifier, evaluation_prompts, load_pipeline, verify  # noqa: E402
@@ -82,8 +82,13 @@ def write_verified_pairs(pipe, out: str, captions: list[str], seed: int = 7, **s
     lines = []
     for start in range(0, len(captions), 32):
         chunk = captions[start : start + 32]
-        images = pipe(chunk, num_images_per_prompt=4, output_type="pt",
-                      generator=torch.Generator().manual_seed(seed + start), **sampling).images  # fmt: skip
+        images = pipe(
+            chunk,
+            num_images_per_prompt=4,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(seed + start),
+            **sampling,
+        ).images
         passed = verify(images, [c for c in chunk for _ in range(4)]).passed
         for k, caption in enumerate(chunk):
             group = passed[4 * k : 4 * k + 4]
@@ -103,8 +108,9 @@ def write_guided_pairs(pipe, out: str, captions: list[str], methods: list, seed:
     for start in range(0, len(captions), 16):
         chunk = captions[start : start + 16]
         generator = torch.Generator().manual_seed(seed + start)
-        guided = pipe(chunk, num_images_per_prompt=2, output_type="pt", generator=generator, alignment=methods,
-                      **sampling).images  # fmt: skip
+        guided = pipe(
+            chunk, num_images_per_prompt=2, output_type="pt", generator=generator, alignment=methods, **sampling
+        ).images
         plain = pipe(chunk, num_images_per_prompt=4, output_type="pt", generator=generator, **sampling).images
         guided_passed = verify(guided, [c for c in chunk for _ in range(2)]).passed
         plain_passed = verify(plain, [c for c in chunk for _ in range(4)]).passed
@@ -140,8 +146,12 @@ def main() -> None:
     parser.add_argument("--eval-per-category", type=int, default=20)
     parser.add_argument("--eval-seeds", type=int, default=2)
     parser.add_argument("--name", default="training", help="results file name")
-    parser.add_argument("--captions", choices=("disjoint", "any"), default="disjoint",
-                        help="training captions: none of the evaluation set's (default), or any of the grammar's")
+    parser.add_argument(
+        "--captions",
+        choices=("disjoint", "any"),
+        default="disjoint",
+        help="training captions: none of the evaluation set's (default), or any of the grammar's",
+    )
     args = parser.parse_args()
     kinds = args.trainers.split(",")
     unknown = set(kinds) - TRAINER_NAMES.keys()
@@ -167,8 +177,14 @@ def main() -> None:
             start = time.perf_counter()
             guided_pairs = os.path.join(tmp, "guided_pairs")
             os.makedirs(guided_pairs)
-            n_guided = write_guided_pairs(base, guided_pairs, captions, [method_from_spec(args.guide)],
-                                          num_inference_steps=25, guidance_scale=3.0)  # fmt: skip
+            n_guided = write_guided_pairs(
+                base,
+                guided_pairs,
+                captions,
+                [method_from_spec(args.guide)],
+                num_inference_steps=25,
+                guidance_scale=3.0,
+            )
             guide_s = time.perf_counter() - start
 
         for kind in kinds:
@@ -177,19 +193,39 @@ def main() -> None:
             out_dir = os.path.join(tmp, kind)
             start = time.perf_counter()
             if kind in ("dpo", "dpo_guided"):
-                config = DPOConfig(max_steps=args.dpo_steps, train_batch_size=8, learning_rate=args.lr,
-                                   checkpointing_steps=args.dpo_steps, output_dir=out_dir)  # fmt: skip
+                config = DPOConfig(
+                    max_steps=args.dpo_steps,
+                    train_batch_size=8,
+                    learning_rate=args.lr,
+                    checkpointing_steps=args.dpo_steps,
+                    output_dir=out_dir,
+                )
                 dataset = pairs if kind == "dpo" else guided_pairs
                 trainer = DiffusionDPOTrainer(pipe, config, train_dataset=dataset)
             elif kind == "ddpo":
-                config = DDPOConfig(num_inference_steps=25, guidance_scale=3.0, max_steps=args.ddpo_steps,
-                                    train_batch_size=8, learning_rate=args.lr, clip_range=1e-4,
-                                    checkpointing_steps=args.ddpo_steps, output_dir=out_dir)  # fmt: skip
+                config = DDPOConfig(
+                    num_inference_steps=25,
+                    guidance_scale=3.0,
+                    max_steps=args.ddpo_steps,
+                    train_batch_size=8,
+                    learning_rate=args.lr,
+                    clip_range=1e-4,
+                    checkpointing_steps=args.ddpo_steps,
+                    output_dir=out_dir,
+                )
                 trainer = DDPOTrainer(pipe, config, ShapesSoftVerifier(), train_prompts)
             else:
-                config = RewardBackpropConfig(mode="draft", k=1, num_inference_steps=25, guidance_scale=3.0,
-                                              max_steps=args.draft_steps, train_batch_size=8, learning_rate=args.lr,
-                                              checkpointing_steps=args.draft_steps, output_dir=out_dir)  # fmt: skip
+                config = RewardBackpropConfig(
+                    mode="draft",
+                    k=1,
+                    num_inference_steps=25,
+                    guidance_scale=3.0,
+                    max_steps=args.draft_steps,
+                    train_batch_size=8,
+                    learning_rate=args.lr,
+                    checkpointing_steps=args.draft_steps,
+                    output_dir=out_dir,
+                )
                 trainer = RewardBackpropTrainer(pipe, config, ShapesSoftVerifier(), train_prompts)
             metrics = trainer.train()
             seconds = time.perf_counter() - start + (guide_s if kind == "dpo_guided" else 0.0)
@@ -197,52 +233,82 @@ def main() -> None:
             steps = {"draft": args.draft_steps, "ddpo": args.ddpo_steps}.get(kind, args.dpo_steps)
             label = f"{TRAINER_NAMES[kind]} LoRA ({steps} steps)"
             summary = run_eval(pipe, kind, **evaluation)
-            rows.append({"run": label, **summary, "train_s": seconds, "train_peak_rss_mb": peak,
-                         "last_metrics": metrics, "paired": paired(reference, summary["verdicts"])})  # fmt: skip
+            rows.append(
+                {
+                    "run": label,
+                    **summary,
+                    "train_s": seconds,
+                    "train_peak_rss_mb": peak,
+                    "last_metrics": metrics,
+                    "paired": paired(reference, summary["verdicts"]),
+                }
+            )
             print(rows[-1]["run"], rows[-1]["overall"], flush=True)
 
     guide = {}
     default_set = (args.eval_per_category, args.eval_seeds) == (20, 2)  # the method benchmark's prompts and seeds
     for name in ("reward_guidance", "best_of_4", "particle_steering_4") if default_set else ():
-        path = os.path.join(os.path.dirname(__file__), "results", f"shapes_methods_{name}.json")
+        path = os.path.join(suite_results("methods"), f"shapes_methods_{name}.json")
         if os.path.isfile(path):
             guide[name] = json.load(open(path))
-    lines = ["| run | NFE / image | " + " | ".join(CATEGORIES) + " | overall (95% interval) | vs base: won / lost, p "
-             "| training (s) |", "|" + "---|" * (len(CATEGORIES) + 5)]  # fmt: skip
+    lines = [
+        "| run | NFE / image | " + " | ".join(CATEGORIES) + " | overall (95% interval) | vs base: won / lost, p "
+        "| training (s) |",
+        "|" + "---|" * (len(CATEGORIES) + 5),
+    ]
     for r in rows:
         cats = " | ".join(f"{100 * r['category_accuracy'][c]:.1f}" for c in CATEGORIES)
         low, high = r["intervals"]["overall"]
         p = r.get("paired")
         versus = f"{p['wins']} / {p['losses']}, {p['p_value']:.2g}" if p else "-"
-        lines.append(f"| {r['run']} | 25 | {cats} | **{100 * r['overall']:.1f}** ({100 * low:.0f}-{100 * high:.0f}) | "
-                     f"{versus} | {r['train_s']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {r['run']} | 25 | {cats} | **{100 * r['overall']:.1f}** ({100 * low:.0f}-{100 * high:.0f}) | "
+            f"{versus} | {r['train_s']:.0f} |"
+        )
     for name, r in guide.items():
         cats = " | ".join(f"{100 * r['category_accuracy'][c]:.1f}" for c in CATEGORIES)
-        lines.append(f"| guide: {name} (from shapes_methods_{name}) | {r['nfe_per_image']:.0f} | {cats} | "
-                     f"**{100 * r['overall']:.1f}** | - | 0 |")  # fmt: skip
+        lines.append(
+            f"| guide: {name} (from shapes_methods_{name}) | {r['nfe_per_image']:.0f} | {cats} | "
+            f"**{100 * r['overall']:.1f}** | - | 0 |"
+        )
     command = "python benchmarks/train_shapes.py " + " ".join(sys.argv[1:])
     env = environment()
     markdown = (
         f"# Shapes world: train vs guide\n\n`{command}`\n\n"
         f"Trainers {args.trainers}: "
-        + (f"DPO on {n_pairs} verifier-labelled pairs of the base model's own samples (captions drawn with their "
-           "own seed; the sampling time not counted); " if "dpo" in kinds else "")
-        + ("DRaFT-1 and DDPO (PPO, DDIM eta 1) on the soft verifier over the same captions; "
-           if {"draft", "ddpo"} & set(kinds) else "")
-        + (f"DPO on guided winners: {n_guided} pairs whose winner is a verifier-passed image drawn with "
-           f"`{args.guide}` (a plain one where none passed) and whose loser is a failed plain sample, its sampling "
-           "time counted in its training time; " if n_guided else "")
+        + (
+            f"DPO on {n_pairs} verifier-labelled pairs of the base model's own samples (captions drawn with their "
+            "own seed; the sampling time not counted); "
+            if "dpo" in kinds
+            else ""
+        )
+        + (
+            "DRaFT-1 and DDPO (PPO, DDIM eta 1) on the soft verifier over the same captions; "
+            if {"draft", "ddpo"} & set(kinds)
+            else ""
+        )
+        + (
+            f"DPO on guided winners: {n_guided} pairs whose winner is a verifier-passed image drawn with "
+            f"`{args.guide}` (a plain one where none passed) and whose loser is a failed plain sample, its sampling "
+            "time counted in its training time; "
+            if n_guided
+            else ""
+        )
         + f"LoRA rank 8, batch 8, lr {args.lr}, {env['device']}. Evaluated at 1x NFE on "
         f"{6 * args.eval_per_category} prompts x {args.eval_seeds} images (25 DDIM steps, guidance 3.0), paired with "
         "the base model image by image (sign test)"
         + ("; the guide rows are the inference-time methods on the same prompts and seeds" if guide else "")
-        + (". Training captions are disjoint from the evaluation set (the grammar's single-object, colour and "
-           "two-object captions all lie in it, so training sees counting, position and colour-attribution captions "
-           "only)" if args.captions == "disjoint" else ". The shapes grammar is small: training captions repeat "
-           "evaluation captions, with other noises")
+        + (
+            ". Training captions are disjoint from the evaluation set (the grammar's single-object, colour and "
+            "two-object captions all lie in it, so training sees counting, position and colour-attribution captions "
+            "only)"
+            if args.captions == "disjoint"
+            else ". The shapes grammar is small: training captions repeat evaluation captions, with other noises"
+        )
         + ".\n\n"
-        + "\n".join(lines) + "\n"
-    )  # fmt: skip
+        + "\n".join(lines)
+        + "\n"
+    )
     data = {
         "benchmark": "training",
         "command": command,

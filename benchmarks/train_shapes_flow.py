@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, environment, line_chart, write_results  # noqa: E402
+from common import RESULTS, environment, line_chart, suite_results, write_results  # noqa: E402
 from train_shapes import training_captions, write_verified_pairs  # noqa: E402
 
 from ttalign.rewards import load_reward  # noqa: E402
@@ -97,14 +97,27 @@ def main() -> None:
             pipe = load_pipeline("flow")
             pipe.set_progress_bar_config(disable=True)
             out_dir = os.path.join(tmp, kind)
-            common = dict(max_steps=args.max_steps, learning_rate=args.grpo_lr if kind == "grpo" else args.dpo_lr,
-                          lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
-                          checkpointing_steps=args.monitor_every, checkpoints_total_limit=10**6, output_dir=out_dir,
-                          encode_options=ENCODE)  # fmt: skip
+            common = dict(
+                max_steps=args.max_steps,
+                learning_rate=args.grpo_lr if kind == "grpo" else args.dpo_lr,
+                lora_rank=args.lora_rank,
+                lora_alpha=2 * args.lora_rank,
+                checkpointing_steps=args.monitor_every,
+                checkpoints_total_limit=10**6,
+                output_dir=out_dir,
+                encode_options=ENCODE,
+            )
             if kind == "grpo":
-                config = FlowGRPOConfig(group_size=args.group_size, train_batch_size=args.group_size * args.groups,
-                                        num_inference_steps=args.grpo_steps, guidance_scale=3.0, noise_level=0.7,
-                                        kl_weight=args.kl_weight, sde_window=args.sde_window, **common)  # fmt: skip
+                config = FlowGRPOConfig(
+                    group_size=args.group_size,
+                    train_batch_size=args.group_size * args.groups,
+                    num_inference_steps=args.grpo_steps,
+                    guidance_scale=3.0,
+                    noise_level=0.7,
+                    kl_weight=args.kl_weight,
+                    sde_window=args.sde_window,
+                    **common,
+                )
                 trainer = FlowGRPOTrainer(pipe, config, load_reward(args.reward), captions)
             elif kind == "dpo":
                 pairs = os.path.join(tmp, "pairs")
@@ -125,47 +138,70 @@ def main() -> None:
             for path in trainer.checkpoints():  # oldest first; the last one is the final state
                 trainer.load_checkpoint(path)
                 summary = run_eval(pipe, f"{kind}-{trainer.step}")
-                monitor.append({"step": trainer.step, "overall": summary["overall"],
-                                "category_accuracy": summary["category_accuracy"]})  # fmt: skip
-            row = {"run": label, **summary, "train_s": seconds, "steps": trainer.step, "last_metrics": metrics,
-                   "monitor": monitor, "history": history}  # fmt: skip
+                monitor.append(
+                    {
+                        "step": trainer.step,
+                        "overall": summary["overall"],
+                        "category_accuracy": summary["category_accuracy"],
+                    }
+                )
+            row = {
+                "run": label,
+                **summary,
+                "train_s": seconds,
+                "steps": trainer.step,
+                "last_metrics": metrics,
+                "monitor": monitor,
+                "history": history,
+            }
             row["paired"] = paired(rows[0]["verdicts"], row["verdicts"])
             rows.append(row)
             print(label, row["overall"], flush=True)
 
     guide = {}
     for name in ("reward_guidance", "best_of_4", "particle_steering_4"):
-        path = os.path.join(RESULTS, f"shapes_flow_methods_{name}.json")
+        path = os.path.join(suite_results("methods_flow"), f"shapes_flow_methods_{name}.json")
         if os.path.isfile(path):
             with open(path) as f:
                 guide[name] = json.load(f)
-    lines = ["| run | NFE / image | " + " | ".join(CATEGORIES) + " | overall | vs base: fail->pass / pass->fail, p "
-             "| training (s) |", "|" + "---|" * (len(CATEGORIES) + 5)]  # fmt: skip
+    lines = [
+        "| run | NFE / image | " + " | ".join(CATEGORIES) + " | overall | vs base: fail->pass / pass->fail, p "
+        "| training (s) |",
+        "|" + "---|" * (len(CATEGORIES) + 5),
+    ]
     for r in rows:
         cats = " | ".join(f"{100 * r['category_accuracy'][c]:.1f}" for c in CATEGORIES)
         p = r.get("paired")
         vs = f"{p['wins']} / {p['losses']}, {p['p_value']:.3g}" if p else "-"
-        lines.append(f"| {r['run']} | {FLOW_SAMPLING_DEFAULTS['num_inference_steps']} | {cats} | "
-                     f"**{100 * r['overall']:.1f}** | {vs} | {r['train_s']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {r['run']} | {FLOW_SAMPLING_DEFAULTS['num_inference_steps']} | {cats} | "
+            f"**{100 * r['overall']:.1f}** | {vs} | {r['train_s']:.0f} |"
+        )
     for name, r in guide.items():
         cats = " | ".join(f"{100 * r['category_accuracy'][c]:.1f}" for c in CATEGORIES)
         # the same prompts, seeds and noise streams as the base model's evaluation
         p = paired(rows[0]["verdicts"], r["verdicts"])
         vs = f"{p['wins']} / {p['losses']}, {p['p_value']:.3g}"
-        lines.append(f"| guide: {name} (shapes_flow_methods_{name}) | {r['nfe_per_image']:.0f} | {cats} | "
-                     f"**{100 * r['overall']:.1f}** | {vs} | 0 |")  # fmt: skip
+        lines.append(
+            f"| guide: {name} (shapes_flow_methods_{name}) | {r['nfe_per_image']:.0f} | {cats} | "
+            f"**{100 * r['overall']:.1f}** | {vs} | 0 |"
+        )
     command = "python benchmarks/train_shapes_flow.py " + " ".join(sys.argv[1:])
     env = environment()
     trainers = args.trainers.split(",")
     described = []
     if "grpo" in trainers:
         window = f", trained on a window of {args.sde_window}" if args.sde_window else ""
-        described.append(f"Flow-GRPO on `{args.reward}`: {args.groups} captions x {args.group_size} images per step, "
-                         f"{args.grpo_steps} SDE steps (a = 0.7){window}, KL weight {args.kl_weight}, lr "
-                         f"{args.grpo_lr}")  # fmt: skip
+        described.append(
+            f"Flow-GRPO on `{args.reward}`: {args.groups} captions x {args.group_size} images per step, "
+            f"{args.grpo_steps} SDE steps (a = 0.7){window}, KL weight {args.kl_weight}, lr "
+            f"{args.grpo_lr}"
+        )
     if "dpo" in trainers:
-        described.append(f"Flow-DPO: beta {args.beta}, batch 8, lr {args.dpo_lr}, on {n_pairs} verifier-labelled "
-                         "pairs of the base model's own samples")  # fmt: skip
+        described.append(
+            f"Flow-DPO: beta {args.beta}, batch 8, lr {args.dpo_lr}, on {n_pairs} verifier-labelled "
+            "pairs of the base model's own samples"
+        )
     series, monitor_lines = {}, []
     for r in rows[1:]:
         kind = r["run"].split(" ")[0]
@@ -173,12 +209,15 @@ def main() -> None:
         series[f"{kind}: verified success (%)"] = base_point + [(m["step"], 100 * m["overall"]) for m in r["monitor"]]
         rewards = [(h["step"], h["reward"]) for h in r["history"] if "reward" in h]
         if rewards:  # the batch mean of the optimized reward, averaged over 10 steps
-            smooth = [(x, 100 * float(np.mean([y for _, y in rewards[max(0, i - 9) : i + 1]])))
-                      for i, (x, _) in enumerate(rewards)]  # fmt: skip
+            smooth = [
+                (x, 100 * float(np.mean([y for _, y in rewards[max(0, i - 9) : i + 1]])))
+                for i, (x, _) in enumerate(rewards)
+            ]
             series[f"{kind}: reward x 100 (10-step mean)"] = smooth
         steps = ", ".join(f"{m['step']}: {100 * m['overall']:.1f}" for m in r["monitor"])
-        monitor_lines.append(f"- {r['run']}, verified success at the checkpoints (step: %): 0: "
-                             f"{100 * rows[0]['overall']:.1f}, {steps}")  # fmt: skip
+        monitor_lines.append(
+            f"- {r['run']}, verified success at the checkpoints (step: %): 0: {100 * rows[0]['overall']:.1f}, {steps}"
+        )
     markdown = (
         f"# Shapes world (flow model): train vs guide\n\n`{command}`\n\n" + "; ".join(described) + f"; on "
         f"{args.prompts} captions drawn with their own seed, LoRA rank {args.lora_rank}, at most {args.minutes:g} "

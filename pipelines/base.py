@@ -88,10 +88,12 @@ class ParentCall:
 
         if self.fingerprint(parent) == self.sha256:
             return None
-        return (f"diffusers {diffusers.__version__}'s {parent.__name__}.__call__ is not the one "
-                f"{aligned.__name__}.__call__ mirrors (diffusers {self.version}): compare the two line by line, port "
-                f"the parent's changes into the copy, rerun the parity tests, then record the new version and "
-                f"fingerprint ({self.fingerprint(parent)}) in {aligned.__name__}.parent_call.")  # fmt: skip
+        return (
+            f"diffusers {diffusers.__version__}'s {parent.__name__}.__call__ is not the one "
+            f"{aligned.__name__}.__call__ mirrors (diffusers {self.version}): compare the two line by line, port "
+            f"the parent's changes into the copy, rerun the parity tests, then record the new version and "
+            f"fingerprint ({self.fingerprint(parent)}) in {aligned.__name__}.parent_call."
+        )
 
 
 class AlignedPipelineMixin:

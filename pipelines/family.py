@@ -157,8 +157,11 @@ class ModelFamily:
     features: ClassVar[frozenset[str]] = frozenset()
     #: Family defaults of attention-method settings: `normalize_eot` (leave end and padding tokens out of maps),
     #: `from_where` (the parts of the denoiser whose maps are recorded) and `parts` (all of its parts).
-    attention_defaults: ClassVar[dict[str, Any]] = {"normalize_eot": False, "from_where": ("up", "down", "mid"),
-                                                    "parts": ("up", "down", "mid")}  # fmt: skip
+    attention_defaults: ClassVar[dict[str, Any]] = {
+        "normalize_eot": False,
+        "from_where": ("up", "down", "mid"),
+        "parts": ("up", "down", "mid"),
+    }
 
     def __init__(self, pipe, denoiser=None, scheduler=None):
         self.pipe = pipe
@@ -205,18 +208,33 @@ class ModelFamily:
 
     # --- conditioning ---------------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompts: list[str], device, negative_prompt=None, do_cfg: bool = False,
-                      num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
-                      guidance_scale: float | None = None, clip_skip: int | None = None,
-                      **options) -> Conditioning:  # fmt: skip
+    def encode_prompt(
+        self,
+        prompts: list[str],
+        device,
+        negative_prompt=None,
+        do_cfg: bool = False,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        guidance_scale: float | None = None,
+        clip_skip: int | None = None,
+        **options,
+    ) -> Conditioning:
         """Encodes `prompts` as a call of the family's pipeline would; `N = len(prompts) * num_images_per_prompt`.
         `options` are the call's family-specific settings (`GenerationState.encode_options`: SD3's and FLUX's
         `max_sequence_length`, FLUX's embedded `guidance`)."""
         raise NotImplementedError
 
-    def training_conditioning(self, prompts: list[str], device, image_sizes: Sequence[tuple[int, int]] | None = None,
-                              crops: Sequence[tuple[int, int]] | None = None, size: int | None = None,
-                              **options) -> Conditioning:  # fmt: skip
+    def training_conditioning(
+        self,
+        prompts: list[str],
+        device,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
+        crops: Sequence[tuple[int, int]] | None = None,
+        size: int | None = None,
+        **options,
+    ) -> Conditioning:
         """The conditional branch for training on one image per prompt: its original size `(h, w)`, the top-left
         corner `(top, left)` of the square taken from it, and the square's `size` (families with size conditioning use
         them; the others ignore them). `options` go to :meth:`encode_prompt`."""
@@ -224,8 +242,9 @@ class ModelFamily:
 
     # --- the denoiser -----------------------------------------------------------------------------------------------
 
-    def denoise(self, latents: torch.Tensor, timestep, cond: Conditioning, guidance_scale: float = 1.0,
-                cfg: bool | None = None) -> torch.Tensor:  # fmt: skip
+    def denoise(
+        self, latents: torch.Tensor, timestep, cond: Conditioning, guidance_scale: float = 1.0, cfg: bool | None = None
+    ) -> torch.Tensor:
         """The denoiser's output for `latents` `[N, ...]` (already scaled by the scheduler's `scale_model_input`) at
         `timestep` (the scheduler's) with `cond`. With classifier-free guidance (`cfg`, by default when `cond` has
         negatives and `guidance_scale > 1`), both branches run in one batch and are combined:
@@ -254,8 +273,16 @@ class ModelFamily:
 
         return predict_x0(self.scheduler, model_output, timestep, sample)
 
-    def set_timesteps(self, num_inference_steps: int, device, height: int | None = None, width: int | None = None,
-                      timesteps=None, sigmas=None, mu: float | None = None) -> torch.Tensor:  # fmt: skip
+    def set_timesteps(
+        self,
+        num_inference_steps: int,
+        device,
+        height: int | None = None,
+        width: int | None = None,
+        timesteps=None,
+        sigmas=None,
+        mu: float | None = None,
+    ) -> torch.Tensor:
         """Sets the scheduler's schedule as the family's pipeline does for a call of this size and these schedule
         arguments (custom `timesteps` / `sigmas`; flow matching: the shift `mu`), and returns the timesteps."""
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps

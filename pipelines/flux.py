@@ -140,8 +140,11 @@ class AlignedFluxPipeline(AlignedPipelineMixin, FluxPipeline):
             max_sequence_length=max_sequence_length,
         )
         if self.transformer.dtype == torch.float16:
-            warnings.warn("FLUX does not give valid images in float16 (its activations overflow); load it with "
-                          "`dtype=torch.bfloat16`.", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                "FLUX does not give valid images in float16 (its activations overflow); load it with "
+                "`dtype=torch.bfloat16`.",
+                stacklevel=2,
+            )
 
         self._guidance_scale = guidance_scale
         self._joint_attention_kwargs = joint_attention_kwargs
@@ -229,12 +232,13 @@ class AlignedFluxPipeline(AlignedPipelineMixin, FluxPipeline):
 
             # 3. The conditioning stage
             state.conditioning = Conditioning(
-                prompt_embeds, negative_prompt_embeds if do_true_cfg else None,
+                prompt_embeds,
+                negative_prompt_embeds if do_true_cfg else None,
                 {"pooled_projections": pooled_prompt_embeds},
                 {"pooled_projections": negative_pooled_prompt_embeds} if do_true_cfg else {},
                 cross_attention_kwargs=self.joint_attention_kwargs,
                 shared={"txt_ids": text_ids, "image_size": (height, width)},
-            )  # fmt: skip
+            )
             if runner.has(Stage.CONDITIONING):
                 runner.run(Stage.CONDITIONING, state)
                 prompt_embeds = state.conditioning.prompt_embeds
@@ -448,8 +452,9 @@ class AlignedFluxPipeline(AlignedPipelineMixin, FluxPipeline):
         if not return_dict:
             return (image,)
         state.traces["compute"] = state.compute()
-        return AlignedPipelineOutput(images=image, nsfw_content_detected=None, rewards=state.rewards,
-                                     traces=state.traces)  # fmt: skip
+        return AlignedPipelineOutput(
+            images=image, nsfw_content_detected=None, rewards=state.rewards, traces=state.traces
+        )
 
 
 @register_family("flux", AlignedFluxPipeline)
@@ -482,21 +487,39 @@ class FluxFamily(ModelFamily):
 
     # --- conditioning ----------------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompts, device, negative_prompt=None, do_cfg=False, num_images_per_prompt=1,
-                      height=None, width=None, guidance_scale=None, clip_skip=None, max_sequence_length: int = 512,
-                      guidance: float | None = None, **options):  # fmt: skip
+    def encode_prompt(
+        self,
+        prompts,
+        device,
+        negative_prompt=None,
+        do_cfg=False,
+        num_images_per_prompt=1,
+        height=None,
+        width=None,
+        guidance_scale=None,
+        clip_skip=None,
+        max_sequence_length: int = 512,
+        guidance: float | None = None,
+        **options,
+    ):
         pipe = self.pipe
         height, width = height or self.default_image_size, width or self.default_image_size
-        embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompts, device=device,
-                                                      num_images_per_prompt=num_images_per_prompt,
-                                                      max_sequence_length=max_sequence_length)  # fmt: skip
+        embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=prompts,
+            device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length,
+        )
         cond = Conditioning(embeds, None, {"pooled_projections": pooled}, shared={"txt_ids": text_ids})
         if do_cfg:
             negative = negative_prompt if negative_prompt is not None else ""
             negative = [negative] * len(prompts) if isinstance(negative, str) else negative
-            neg_embeds, neg_pooled, _ = pipe.encode_prompt(prompt=negative, device=device,
-                                                           num_images_per_prompt=num_images_per_prompt,
-                                                           max_sequence_length=max_sequence_length)  # fmt: skip
+            neg_embeds, neg_pooled, _ = pipe.encode_prompt(
+                prompt=negative,
+                device=device,
+                num_images_per_prompt=num_images_per_prompt,
+                max_sequence_length=max_sequence_length,
+            )
             cond.negative_prompt_embeds, cond.negative_added = neg_embeds, {"pooled_projections": neg_pooled}
         grid = self.latent_grid(height, width)
         cond.shared["img_ids"] = pipe._prepare_latent_image_ids(None, grid[0] // 2, grid[1] // 2, device, embeds.dtype)
@@ -519,8 +542,13 @@ class FluxFamily(ModelFamily):
         out = self.forward(latents, timestep, cond, cfg=False)
         if not cfg:
             return out
-        negative = Conditioning(cond.negative_prompt_embeds, None, cond.negative_added,
-                                cross_attention_kwargs=cond.cross_attention_kwargs, shared=cond.shared)  # fmt: skip
+        negative = Conditioning(
+            cond.negative_prompt_embeds,
+            None,
+            cond.negative_added,
+            cross_attention_kwargs=cond.cross_attention_kwargs,
+            shared=cond.shared,
+        )
         with self.unconditional_pass():
             uncond = self.forward(latents, timestep, negative, cfg=False)
         return uncond + guidance_scale * (out - uncond)
@@ -531,16 +559,26 @@ class FluxFamily(ModelFamily):
         embeds, added = cond.batch(False)
         timestep = torch.as_tensor(timestep, device=latents.device)
         timestep = (timestep.expand(latents.shape[0]) if timestep.ndim == 0 else timestep).to(latents.dtype)
-        return self.denoiser(hidden_states=latents, timestep=timestep / 1000, guidance=added.get("guidance"),
-                             pooled_projections=added["pooled_projections"], encoder_hidden_states=embeds,
-                             txt_ids=cond.shared["txt_ids"], img_ids=cond.shared["img_ids"],
-                             joint_attention_kwargs=cond.cross_attention_kwargs, return_dict=False)[0]  # fmt: skip
+        return self.denoiser(
+            hidden_states=latents,
+            timestep=timestep / 1000,
+            guidance=added.get("guidance"),
+            pooled_projections=added["pooled_projections"],
+            encoder_hidden_states=embeds,
+            txt_ids=cond.shared["txt_ids"],
+            img_ids=cond.shared["img_ids"],
+            joint_attention_kwargs=cond.cross_attention_kwargs,
+            return_dict=False,
+        )[0]
 
     @contextlib.contextmanager
     def unconditional_pass(self):
         """Inside the block, the attention controls on the transformer act on nothing (the unconditional pass)."""
-        controls = {id(p.control): p.control for p in self.base_denoiser.attn_processors.values()
-                    if isinstance(p, JointControlProcessor)}  # fmt: skip
+        controls = {
+            id(p.control): p.control
+            for p in self.base_denoiser.attn_processors.values()
+            if isinstance(p, JointControlProcessor)
+        }
         with contextlib.ExitStack() as stack:
             for control in controls.values():
                 stack.enter_context(control.paused())
@@ -548,8 +586,9 @@ class FluxFamily(ModelFamily):
 
     # --- latents ---------------------------------------------------------------------------------------------------
 
-    def set_timesteps(self, num_inference_steps, device, height=None, width=None, timesteps=None, sigmas=None,
-                      mu=None):  # fmt: skip
+    def set_timesteps(
+        self, num_inference_steps, device, height=None, width=None, timesteps=None, sigmas=None, mu=None
+    ):
         config = self.scheduler.config
         if sigmas is None and timesteps is None:
             sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
@@ -558,9 +597,13 @@ class FluxFamily(ModelFamily):
         if mu is None:
             size = self.default_image_size
             image_seq_len = self.latents_shape(1, height or size, width or size)[1]
-            mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
-                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                 config.get("max_shift", 1.15))  # fmt: skip
+            mu = calculate_shift(
+                image_seq_len,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.15),
+            )
         return retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas, mu=mu)[0]
 
     def latent_grid(self, height, width):
@@ -589,8 +632,9 @@ class FluxFamily(ModelFamily):
         unpacked = self.unpack_latents(latents, height, width).to(vae.dtype)
         return vae.decode(unpacked / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
 
-    def training_conditioning(self, prompts, device, image_sizes=None, crops=None, size=None,
-                              **options) -> Conditioning:  # fmt: skip
+    def training_conditioning(
+        self, prompts, device, image_sizes=None, crops=None, size=None, **options
+    ) -> Conditioning:
         size = size or self.default_image_size  # the packed latents' positions (img_ids) follow the image size
         return self.encode_prompt(prompts, device, height=size, width=size, **options)
 
@@ -605,8 +649,12 @@ class FluxFamily(ModelFamily):
     # --- attention -------------------------------------------------------------------------------------------------
 
     def install_attention_control(self, control) -> None:
-        install_joint_control(self.base_denoiser, control, text_first=True,
-                              part_of=lambda name: "single" if name.startswith("single") else "double")  # fmt: skip
+        install_joint_control(
+            self.base_denoiser,
+            control,
+            text_first=True,
+            part_of=lambda name: "single" if name.startswith("single") else "double",
+        )
 
     def cross_attention_resolutions(self, latent_height, latent_width):
         return [(latent_height // 2, latent_width // 2)]  # 2x2 latent patches are the tokens

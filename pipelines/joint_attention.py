@@ -42,10 +42,22 @@ class JointControlProcessor:
         if not (recorders or prob_hooks or logit_hooks):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if self.text_first:
-            return self._flux(attn, hidden_states, encoder_hidden_states, attention_mask, n_text, n_image, cross,
-                              recorders, prob_hooks, logit_hooks, **kwargs)  # fmt: skip
-        return self._sd3(attn, hidden_states, encoder_hidden_states, n_image, cross, recorders, prob_hooks,
-                         logit_hooks)  # fmt: skip
+            return self._flux(
+                attn,
+                hidden_states,
+                encoder_hidden_states,
+                attention_mask,
+                n_text,
+                n_image,
+                cross,
+                recorders,
+                prob_hooks,
+                logit_hooks,
+                **kwargs,
+            )
+        return self._sd3(
+            attn, hidden_states, encoder_hidden_states, n_image, cross, recorders, prob_hooks, logit_hooks
+        )
 
     # --- the explicit attention -------------------------------------------------------------------------------------
 
@@ -88,8 +100,11 @@ class JointControlProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if encoder_hidden_states is not None:
-            context = [attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
-                       attn.add_v_proj(encoder_hidden_states)]  # fmt: skip
+            context = [
+                attn.add_q_proj(encoder_hidden_states),
+                attn.add_k_proj(encoder_hidden_states),
+                attn.add_v_proj(encoder_hidden_states),
+            ]
             context = [x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in context]
             if attn.norm_added_q is not None:
                 context[0] = attn.norm_added_q(context[0])
@@ -109,8 +124,21 @@ class JointControlProcessor:
             return hidden_states, encoder_hidden_states
         return hidden_states
 
-    def _flux(self, attn, hidden_states, encoder_hidden_states, attention_mask, n_text, n_image, cross, recorders,
-              prob_hooks, logit_hooks, image_rotary_emb=None, **kwargs):  # fmt: skip
+    def _flux(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states,
+        attention_mask,
+        n_text,
+        n_image,
+        cross,
+        recorders,
+        prob_hooks,
+        logit_hooks,
+        image_rotary_emb=None,
+        **kwargs,
+    ):
         """diffusers' `FluxAttnProcessor` with the explicit attention: sequence [text, image]."""
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
@@ -121,8 +149,9 @@ class JointControlProcessor:
         query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))  # [B, S, heads, d]
         query, key = attn.norm_q(query), attn.norm_k(key)
         if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
-            encoder_query, encoder_key, encoder_value = (x.unflatten(-1, (-1, attn.head_dim)) for x in
-                                                         (encoder_query, encoder_key, encoder_value))  # fmt: skip
+            encoder_query, encoder_key, encoder_value = (
+                x.unflatten(-1, (-1, attn.head_dim)) for x in (encoder_query, encoder_key, encoder_value)
+            )
             encoder_query, encoder_key = attn.norm_added_q(encoder_query), attn.norm_added_k(encoder_key)
             query = torch.cat([encoder_query, query], dim=1)
             key = torch.cat([encoder_key, key], dim=1)
@@ -134,8 +163,18 @@ class JointControlProcessor:
         if attention_mask is not None:
             mask = attention_mask if attention_mask.ndim == 4 else attention_mask[:, None]
         text, image = slice(0, n_text), slice(n_text, n_text + n_image)
-        out = self._attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask, image, text,
-                           cross, recorders, prob_hooks, logit_hooks)  # fmt: skip
+        out = self._attend(
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            mask,
+            image,
+            text,
+            cross,
+            recorders,
+            prob_hooks,
+            logit_hooks,
+        )
         hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
@@ -151,5 +190,9 @@ def install_joint_control(denoiser, control, text_first: bool, part_of) -> None:
     """Puts a :class:`JointControlProcessor` on every attention module of a transformer; `part_of(name)` names the
     block kind a processor belongs to."""
     originals = denoiser.attn_processors
-    denoiser.set_attn_processor({name: JointControlProcessor(proc, name, control, text_first, part_of(name))
-                                 for name, proc in originals.items()})  # fmt: skip
+    denoiser.set_attn_processor(
+        {
+            name: JointControlProcessor(proc, name, control, text_first, part_of(name))
+            for name, proc in originals.items()
+        }
+    )

@@ -137,11 +137,19 @@ class AlignedStableDiffusionPipeline(AlignedPipelineMixin, StableDiffusionPipeli
         runner = AlignmentRunner(self.alignment if alignment is None else alignment)
 
         if callback is not None:
-            deprecate("callback", "1.0.0", "Passing `callback` as an input argument to `__call__` is deprecated, "
-                      "consider using `callback_on_step_end`")  # fmt: skip
+            deprecate(
+                "callback",
+                "1.0.0",
+                "Passing `callback` as an input argument to `__call__` is deprecated, "
+                "consider using `callback_on_step_end`",
+            )
         if callback_steps is not None:
-            deprecate("callback_steps", "1.0.0", "Passing `callback_steps` as an input argument to `__call__` is "
-                      "deprecated, consider using `callback_on_step_end`")  # fmt: skip
+            deprecate(
+                "callback_steps",
+                "1.0.0",
+                "Passing `callback_steps` as an input argument to `__call__` is "
+                "deprecated, consider using `callback_on_step_end`",
+            )
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
@@ -219,8 +227,9 @@ class AlignedStableDiffusionPipeline(AlignedPipelineMixin, StableDiffusionPipeli
                 lora_scale=lora_scale,
                 clip_skip=self.clip_skip,
             )
-            state.conditioning = Conditioning(prompt_embeds, negative_prompt_embeds,
-                                              cross_attention_kwargs=self.cross_attention_kwargs)  # fmt: skip
+            state.conditioning = Conditioning(
+                prompt_embeds, negative_prompt_embeds, cross_attention_kwargs=self.cross_attention_kwargs
+            )
             if runner.has(Stage.CONDITIONING):
                 runner.run(Stage.CONDITIONING, state)
                 prompt_embeds, negative_prompt_embeds = state.prompt_embeds, state.negative_prompt_embeds
@@ -423,12 +432,14 @@ class ControlProcessor:
         prob_hooks = [f for f in control.prob_hooks if f.wants(ctx)]
         if not (recorders or logit_hooks or prob_hooks):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        return self.explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, ctx, recorders,
-                             logit_hooks, prob_hooks)  # fmt: skip
+        return self.explicit(
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb, ctx, recorders, logit_hooks, prob_hooks
+        )
 
     @staticmethod
-    def explicit(attn, hidden_states, encoder_hidden_states, attention_mask, temb, ctx, recorders, logit_hooks,
-                 prob_hooks):  # fmt: skip
+    def explicit(
+        attn, hidden_states, encoder_hidden_states, attention_mask, temb, ctx, recorders, logit_hooks, prob_hooks
+    ):
         """diffusers' classic `AttnProcessor` computation, with the hooks on the logits and probabilities."""
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -503,10 +514,22 @@ class StableDiffusionFamily(ModelFamily):
 
     # --- conditioning -----------------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompts, device, negative_prompt=None, do_cfg=False, num_images_per_prompt=1,
-                      height=None, width=None, guidance_scale=None, clip_skip=None, **options):  # fmt: skip
-        cond, uncond = self.pipe.encode_prompt(prompts, device, num_images_per_prompt, do_cfg, negative_prompt,
-                                               clip_skip=clip_skip)  # fmt: skip
+    def encode_prompt(
+        self,
+        prompts,
+        device,
+        negative_prompt=None,
+        do_cfg=False,
+        num_images_per_prompt=1,
+        height=None,
+        width=None,
+        guidance_scale=None,
+        clip_skip=None,
+        **options,
+    ):
+        cond, uncond = self.pipe.encode_prompt(
+            prompts, device, num_images_per_prompt, do_cfg, negative_prompt, clip_skip=clip_skip
+        )
         conditioning = Conditioning(cond, uncond if do_cfg else None)
         if guidance_scale is not None:
             self.add_guidance_embedding(conditioning, guidance_scale)
@@ -538,9 +561,15 @@ class StableDiffusionFamily(ModelFamily):
     def forward(self, latents, timestep, cond, cfg):
         embeds, added = cond.batch(cfg)
         timestep_cond = added.pop("timestep_cond", None)
-        return self.denoiser(latents, timestep, encoder_hidden_states=embeds, timestep_cond=timestep_cond,
-                             cross_attention_kwargs=cond.cross_attention_kwargs,
-                             added_cond_kwargs=added or None, return_dict=False)[0]  # fmt: skip
+        return self.denoiser(
+            latents,
+            timestep,
+            encoder_hidden_states=embeds,
+            timestep_cond=timestep_cond,
+            cross_attention_kwargs=cond.cross_attention_kwargs,
+            added_cond_kwargs=added or None,
+            return_dict=False,
+        )[0]
 
     # --- latents ----------------------------------------------------------------------------------------------------
 

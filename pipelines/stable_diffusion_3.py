@@ -172,7 +172,7 @@ class AlignedStableDiffusion3Pipeline(AlignedPipelineMixin, StableDiffusion3Pipe
                 "prompt_3": prompt_3,
                 "negative_prompt_2": negative_prompt_2,
                 "negative_prompt_3": negative_prompt_3,
-            },  # fmt: skip
+            },
             encode_options={"max_sequence_length": max_sequence_length},
             schedule_options={"sigmas": sigmas, "mu": mu},
         )
@@ -222,10 +222,12 @@ class AlignedStableDiffusion3Pipeline(AlignedPipelineMixin, StableDiffusion3Pipe
             # 3. The conditioning stage, then the transformer's batch (classifier-free guidance: unconditional first)
             cfg = self.do_classifier_free_guidance
             state.conditioning = Conditioning(
-                prompt_embeds, negative_prompt_embeds if cfg else None, {"pooled_projections": pooled_prompt_embeds},
+                prompt_embeds,
+                negative_prompt_embeds if cfg else None,
+                {"pooled_projections": pooled_prompt_embeds},
                 {"pooled_projections": negative_pooled_prompt_embeds} if cfg else {},
                 cross_attention_kwargs=self.joint_attention_kwargs,
-            )  # fmt: skip
+            )
             if runner.has(Stage.CONDITIONING):
                 runner.run(Stage.CONDITIONING, state)
             prompt_embeds = state.conditioning.prompt_embeds
@@ -422,8 +424,9 @@ class AlignedStableDiffusion3Pipeline(AlignedPipelineMixin, StableDiffusion3Pipe
         if not return_dict:
             return (image,)
         state.traces["compute"] = state.compute()
-        return AlignedPipelineOutput(images=image, nsfw_content_detected=None, rewards=state.rewards,
-                                     traces=state.traces)  # fmt: skip
+        return AlignedPipelineOutput(
+            images=image, nsfw_content_detected=None, rewards=state.rewards, traces=state.traces
+        )
 
 
 @register_family("sd3", AlignedStableDiffusion3Pipeline)
@@ -472,16 +475,37 @@ class StableDiffusion3Family(ModelFamily):
 
     # --- conditioning ----------------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompts, device, negative_prompt=None, do_cfg=False, num_images_per_prompt=1,
-                      height=None, width=None, guidance_scale=None, clip_skip=None,
-                      max_sequence_length: int = 256, **options):  # fmt: skip
+    def encode_prompt(
+        self,
+        prompts,
+        device,
+        negative_prompt=None,
+        do_cfg=False,
+        num_images_per_prompt=1,
+        height=None,
+        width=None,
+        guidance_scale=None,
+        clip_skip=None,
+        max_sequence_length: int = 256,
+        **options,
+    ):
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, negative_prompt=negative_prompt,
-            do_classifier_free_guidance=do_cfg, device=device, clip_skip=clip_skip,
-            num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
-        )  # fmt: skip
-        return Conditioning(embeds, negative if do_cfg else None, {"pooled_projections": pooled},
-                            {"pooled_projections": negative_pooled} if do_cfg else {})  # fmt: skip
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            negative_prompt=negative_prompt,
+            do_classifier_free_guidance=do_cfg,
+            device=device,
+            clip_skip=clip_skip,
+            num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length,
+        )
+        return Conditioning(
+            embeds,
+            negative if do_cfg else None,
+            {"pooled_projections": pooled},
+            {"pooled_projections": negative_pooled} if do_cfg else {},
+        )
 
     # --- the denoiser ----------------------------------------------------------------------------------------------
 
@@ -489,22 +513,32 @@ class StableDiffusion3Family(ModelFamily):
         embeds, added = cond.batch(cfg)
         timestep = torch.as_tensor(timestep, device=latents.device)
         timestep = timestep.expand(latents.shape[0]) if timestep.ndim == 0 else timestep
-        return self.denoiser(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
-                             pooled_projections=added["pooled_projections"],
-                             joint_attention_kwargs=cond.cross_attention_kwargs, return_dict=False)[0]  # fmt: skip
+        return self.denoiser(
+            hidden_states=latents,
+            timestep=timestep,
+            encoder_hidden_states=embeds,
+            pooled_projections=added["pooled_projections"],
+            joint_attention_kwargs=cond.cross_attention_kwargs,
+            return_dict=False,
+        )[0]
 
     # --- latents ---------------------------------------------------------------------------------------------------
 
-    def set_timesteps(self, num_inference_steps, device, height=None, width=None, timesteps=None, sigmas=None,
-                      mu=None):  # fmt: skip
+    def set_timesteps(
+        self, num_inference_steps, device, height=None, width=None, timesteps=None, sigmas=None, mu=None
+    ):
         config = self.scheduler.config
         if config.get("use_dynamic_shifting", None) and mu is None:
             size = self.default_image_size
             latent_h, latent_w = self.latent_grid(height or size, width or size)
             patch = self.base_denoiser.config.patch_size
-            mu = calculate_shift((latent_h // patch) * (latent_w // patch), config.get("base_image_seq_len", 256),
-                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                 config.get("max_shift", 1.16))  # fmt: skip
+            mu = calculate_shift(
+                (latent_h // patch) * (latent_w // patch),
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.16),
+            )
         kwargs = {} if mu is None else {"mu": mu}
         return retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas, **kwargs)[0]
 
@@ -558,8 +592,11 @@ class StableDiffusion3Family(ModelFamily):
         if pipe.text_encoder_3 is None:
             return clip
         length = len(pipe.tokenizer_3(prompt).input_ids) - 1 if exclude_padding else None  # T5 has no start token
-        t5 = range(self.clip_length, self.clip_length + length) if length is not None else range(
-            self.clip_length, self.clip_length + pipe.tokenizer_3.model_max_length)  # fmt: skip
+        t5 = (
+            range(self.clip_length, self.clip_length + length)
+            if length is not None
+            else range(self.clip_length, self.clip_length + pipe.tokenizer_3.model_max_length)
+        )
         return clip + list(t5)
 
     # --- LoRA ------------------------------------------------------------------------------------------------------

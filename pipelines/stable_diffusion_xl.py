@@ -133,11 +133,19 @@ class AlignedStableDiffusionXLPipeline(AlignedPipelineMixin, StableDiffusionXLPi
         runner = AlignmentRunner(self.alignment if alignment is None else alignment)
 
         if callback is not None:
-            deprecate("callback", "1.0.0", "Passing `callback` as an input argument to `__call__` is deprecated, "
-                      "consider use `callback_on_step_end`")  # fmt: skip
+            deprecate(
+                "callback",
+                "1.0.0",
+                "Passing `callback` as an input argument to `__call__` is deprecated, "
+                "consider use `callback_on_step_end`",
+            )
         if callback_steps is not None:
-            deprecate("callback_steps", "1.0.0", "Passing `callback_steps` as an input argument to `__call__` is "
-                      "deprecated, consider use `callback_on_step_end`")  # fmt: skip
+            deprecate(
+                "callback_steps",
+                "1.0.0",
+                "Passing `callback_steps` as an input argument to `__call__` is "
+                "deprecated, consider use `callback_on_step_end`",
+            )
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
@@ -259,10 +267,16 @@ class AlignedStableDiffusionXLPipeline(AlignedPipelineMixin, StableDiffusionXLPi
             else:
                 negative_add_time_ids = add_time_ids
             state.conditioning = StableDiffusionXLFamily.call_conditioning(
-                prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-                add_time_ids, negative_add_time_ids, self.do_classifier_free_guidance, device,
+                prompt_embeds,
+                negative_prompt_embeds,
+                pooled_prompt_embeds,
+                negative_pooled_prompt_embeds,
+                add_time_ids,
+                negative_add_time_ids,
+                self.do_classifier_free_guidance,
+                device,
                 self.cross_attention_kwargs,
-            )  # fmt: skip
+            )
 
             # 3.2 The conditioning stage, then the denoiser's batch (classifier-free guidance: unconditional first)
             if runner.has(Stage.CONDITIONING):
@@ -493,8 +507,9 @@ class AlignedStableDiffusionXLPipeline(AlignedPipelineMixin, StableDiffusionXLPi
         if not return_dict:
             return (image,)
         state.traces["compute"] = state.compute()
-        return AlignedPipelineOutput(images=image, nsfw_content_detected=None, rewards=state.rewards,
-                                     traces=state.traces)  # fmt: skip
+        return AlignedPipelineOutput(
+            images=image, nsfw_content_detected=None, rewards=state.rewards, traces=state.traces
+        )
 
 
 @register_family("sdxl", AlignedStableDiffusionXLPipeline)
@@ -522,14 +537,25 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         if pipe.text_encoder is None:  # the refiner: the second encoder alone
             return [TextStream(pipe.tokenizer_2, "prompt_2", slice(None))]
         first = pipe.text_encoder.config.hidden_size
-        return [TextStream(pipe.tokenizer, "prompt", slice(0, first)),
-                TextStream(pipe.tokenizer_2, "prompt_2", slice(first, None))]  # fmt: skip
+        return [
+            TextStream(pipe.tokenizer, "prompt", slice(0, first)),
+            TextStream(pipe.tokenizer_2, "prompt_2", slice(first, None)),
+        ]
 
     # --- conditioning -----------------------------------------------------------------------------------------------
 
     @staticmethod
-    def call_conditioning(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled, add_time_ids,
-                          negative_add_time_ids, cfg, device, cross_attention_kwargs=None):  # fmt: skip
+    def call_conditioning(
+        prompt_embeds,
+        negative_prompt_embeds,
+        pooled,
+        negative_pooled,
+        add_time_ids,
+        negative_add_time_ids,
+        cfg,
+        device,
+        cross_attention_kwargs=None,
+    ):
         """The conditioning of a call, per image, from the tensors the pipeline computes (`add_time_ids` `[1, 6]`).
 
         diffusers repeats the `[negative, positive]` pair of time ids over the whole `[2N]` CFG batch, so with `N > 1`
@@ -538,40 +564,69 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         n = prompt_embeds.shape[0]
         if cfg:
             ids = torch.cat([negative_add_time_ids, add_time_ids], dim=0).to(device).repeat(n, 1)  # [2N, 6]
-            return Conditioning(prompt_embeds, negative_prompt_embeds, {"text_embeds": pooled, "time_ids": ids[n:]},
-                                {"text_embeds": negative_pooled, "time_ids": ids[:n]},
-                                cross_attention_kwargs)  # fmt: skip
+            return Conditioning(
+                prompt_embeds,
+                negative_prompt_embeds,
+                {"text_embeds": pooled, "time_ids": ids[n:]},
+                {"text_embeds": negative_pooled, "time_ids": ids[:n]},
+                cross_attention_kwargs,
+            )
         ids = add_time_ids.to(device).repeat(n, 1)  # [N, 6]
-        return Conditioning(prompt_embeds, None, {"text_embeds": pooled, "time_ids": ids},
-                            cross_attention_kwargs=cross_attention_kwargs)  # fmt: skip
+        return Conditioning(
+            prompt_embeds,
+            None,
+            {"text_embeds": pooled, "time_ids": ids},
+            cross_attention_kwargs=cross_attention_kwargs,
+        )
 
     def _time_ids(self, original_size, crop, target_size, dtype) -> torch.Tensor:
         pipe = self.pipe
-        projection = (pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None
-                      else self.base_denoiser.add_embedding.linear_1.in_features
-                      - 6 * self.base_denoiser.config.addition_time_embed_dim)  # fmt: skip
-        return pipe._get_add_time_ids(tuple(original_size), tuple(crop), tuple(target_size), dtype=dtype,
-                                      text_encoder_projection_dim=projection)  # fmt: skip
+        projection = (
+            pipe.text_encoder_2.config.projection_dim
+            if pipe.text_encoder_2 is not None
+            else self.base_denoiser.add_embedding.linear_1.in_features
+            - 6 * self.base_denoiser.config.addition_time_embed_dim
+        )
+        return pipe._get_add_time_ids(
+            tuple(original_size), tuple(crop), tuple(target_size), dtype=dtype, text_encoder_projection_dim=projection
+        )
 
-    def encode_prompt(self, prompts, device, negative_prompt=None, do_cfg=False, num_images_per_prompt=1,
-                      height=None, width=None, guidance_scale=None, clip_skip=None, **options):  # fmt: skip
+    def encode_prompt(
+        self,
+        prompts,
+        device,
+        negative_prompt=None,
+        do_cfg=False,
+        num_images_per_prompt=1,
+        height=None,
+        width=None,
+        guidance_scale=None,
+        clip_skip=None,
+        **options,
+    ):
         height = height or self.default_image_size
         width = width or self.default_image_size
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
-            prompt=prompts, device=device, num_images_per_prompt=num_images_per_prompt,
-            do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt, clip_skip=clip_skip,
-        )  # fmt: skip
+            prompt=prompts,
+            device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=do_cfg,
+            negative_prompt=negative_prompt,
+            clip_skip=clip_skip,
+        )
         ids = self._time_ids((height, width), (0, 0), (height, width), embeds.dtype)
         conditioning = self.call_conditioning(embeds, negative, pooled, negative_pooled, ids, ids, do_cfg, device)
         if guidance_scale is not None:
             self.add_guidance_embedding(conditioning, guidance_scale)
         return conditioning
 
-    def training_conditioning(self, prompts, device, image_sizes=None, crops=None, size=None,
-                              **options) -> Conditioning:  # fmt: skip
+    def training_conditioning(
+        self, prompts, device, image_sizes=None, crops=None, size=None, **options
+    ) -> Conditioning:
         size = size or self.default_image_size
-        embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
-                                                       do_classifier_free_guidance=False, **options)  # fmt: skip
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False, **options
+        )
         image_sizes = image_sizes or [(size, size)] * len(prompts)
         crops = crops or [(0, 0)] * len(prompts)
         ids = torch.cat([self._time_ids(s, c, (size, size), embeds.dtype) for s, c in zip(image_sizes, crops)])
@@ -589,8 +644,10 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         if mean is None or std is None:
             return None
         view = (1, len(mean), 1, 1)
-        return (torch.tensor(mean).view(view).to(latents.device, latents.dtype),
-                torch.tensor(std).view(view).to(latents.device, latents.dtype))  # fmt: skip
+        return (
+            torch.tensor(mean).view(view).to(latents.device, latents.dtype),
+            torch.tensor(std).view(view).to(latents.device, latents.dtype),
+        )
 
     def decode(self, latents, height=None, width=None):
         vae = self.vae

@@ -12,8 +12,16 @@ def run(pairs: str, output_dir: str, max_steps: int):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     pipe = get_tiny_pipeline()
-    config = DPOConfig(max_steps=max_steps, train_batch_size=2, checkpointing_steps=2, checkpoints_total_limit=10,
-                       output_dir=output_dir, learning_rate=1e-3, beta=500.0, resolution=32)  # fmt: skip
+    config = DPOConfig(
+        max_steps=max_steps,
+        train_batch_size=2,
+        checkpointing_steps=2,
+        checkpoints_total_limit=10,
+        output_dir=output_dir,
+        learning_rate=1e-3,
+        beta=500.0,
+        resolution=32,
+    )
     trainer = DiffusionDPOTrainer(pipe, config, train_dataset=pairs)
     trainer.train()
     return trainer

@@ -76,8 +76,12 @@ class Die(AlignmentMethod):
 
 
 METHODS.update(fail_on=FailOn, oom_above=OOMAbove, hang=Hang, die=Die)
-REQUEST_OPTIONS.update(fail_on={"word": Choice(("boom", "bang"))}, oom_above={"images": Int(1, 16)},
-                       hang={"seconds": Float(0.0, 30.0)}, die={})  # fmt: skip
+REQUEST_OPTIONS.update(
+    fail_on={"word": Choice(("boom", "bang"))},
+    oom_above={"images": Int(1, 16)},
+    hang={"seconds": Float(0.0, 30.0)},
+    die={},
+)
 
 if __name__ == "__main__":
     sys.exit(main(["serve", *sys.argv[1:]]))

@@ -15,8 +15,11 @@ PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a cat", "a d
 
 
 def _images(folder) -> dict:
-    return {f: np.asarray(Image.open(os.path.join(folder, f)), dtype=int) for f in sorted(os.listdir(folder))
-            if f.endswith(".png")}  # fmt: skip
+    return {
+        f: np.asarray(Image.open(os.path.join(folder, f)), dtype=int)
+        for f in sorted(os.listdir(folder))
+        if f.endswith(".png")
+    }
 
 
 def _manifest(folder) -> list[dict]:
@@ -28,8 +31,23 @@ def test_batch_generation_writes_a_manifest_and_resumes(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n\n")
     out = tmp_path / "out"
-    args = ["generate", "--prompts", str(prompts), "--out", str(out), "--model", "tiny", "--steps", "2",
-            "--batch-size", "2", "--seed", "7", "--align", "best_of_n:n=2,reward=jpeg_incompressibility"]  # fmt: skip
+    args = [
+        "generate",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--model",
+        "tiny",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seed",
+        "7",
+        "--align",
+        "best_of_n:n=2,reward=jpeg_incompressibility",
+    ]
     assert main(args) == 0
     records = _manifest(out)
     assert [r["prompt"] for r in records] == PROMPTS and [r["seed"] for r in records] == [7, 8, 9, 10, 11]
@@ -81,8 +99,25 @@ def test_two_processes_share_the_prompts(tmp_path):
     assert main(["generate", *common, "--out", str(single)]) == 0
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531", "-m", "ttalign.cli", "generate",
-                    *common, "--out", str(double)], check=True, capture_output=True, timeout=300, env=env)  # fmt: skip
+    subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29531",
+            "-m",
+            "ttalign.cli",
+            "generate",
+            *common,
+            "--out",
+            str(double),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env=env,
+    )
     records = _manifest(double)
     assert [r["index"] for r in records] == list(range(5)) and {r["process"] for r in records} == {0, 1}
     a, b = _images(single), _images(double)

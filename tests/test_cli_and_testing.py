@@ -9,8 +9,24 @@ from ttalign.testing import DEFAULT_WORDS, build_clip_vocab, get_tiny_tokenizer
 
 def test_generate_writes_an_image(tmp_path, capsys):
     out = tmp_path / "sub" / "image.png"
-    code = main(["generate", "a red circle", "--model", "tiny", "--steps", "2", "--seed", "0", "--out", str(out),
-                 "--align", "best_of_n:n=2,reward=jpeg_incompressibility", "--align", "trace_latents"])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            "a red circle",
+            "--model",
+            "tiny",
+            "--steps",
+            "2",
+            "--seed",
+            "0",
+            "--out",
+            str(out),
+            "--align",
+            "best_of_n:n=2,reward=jpeg_incompressibility",
+            "--align",
+            "trace_latents",
+        ]
+    )
     assert code == 0
     assert Image.open(out).size == (64, 64)
     printed = capsys.readouterr().out

@@ -204,8 +204,13 @@ def test_methods_can_modify_tensors_at_each_stage(pipes):
         def on_init_latents(self, state):
             state.latents = torch.zeros_like(state.latents)
 
-    out = aligned("a cat", num_inference_steps=2, output_type="latent", alignment=[ZeroNoise()],
-                  generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    out = aligned(
+        "a cat",
+        num_inference_steps=2,
+        output_type="latent",
+        alignment=[ZeroNoise()],
+        generator=torch.Generator().manual_seed(0),
+    ).images
     expected = reference(
         "a cat", num_inference_steps=2, output_type="latent", latents=torch.zeros(1, 4, 32, 32)
     ).images

@@ -10,11 +10,30 @@ from ttalign.methods import METHODS, method_from_spec
 
 VALUES = st.one_of(
     st.text(max_size=12),
-    st.sampled_from(["shapes_soft", "jpeg_compressibility", "nope", "@os:system", "@math:inf", "true", "no",
-                     "16x16", "0:0.05;10:0.5", "1:2:3", "nan", "inf", "-1", "0", "1e400", "cat+dog", "x;y"]),
+    st.sampled_from(
+        [
+            "shapes_soft",
+            "jpeg_compressibility",
+            "nope",
+            "@os:system",
+            "@math:inf",
+            "true",
+            "no",
+            "16x16",
+            "0:0.05;10:0.5",
+            "1:2:3",
+            "nan",
+            "inf",
+            "-1",
+            "0",
+            "1e400",
+            "cat+dog",
+            "x;y",
+        ]
+    ),
     st.integers(-(10**20), 10**20).map(str),
     st.floats(allow_nan=True).map(str),
-)  # fmt: skip
+)
 
 
 def _options(name):
@@ -29,7 +48,7 @@ SPECS = st.one_of(
     st.sampled_from(sorted(METHODS)).flatmap(
         lambda name: _options(name).map(
             lambda opts: name + (":" + ",".join(f"{k}={v}" for k, v in opts) if opts else "")
-        )  # fmt: skip
+        )
     ),
 )
 

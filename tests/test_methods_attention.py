@@ -25,8 +25,9 @@ def pipe():
 def _call(pipe, prompts=PROMPTS, alignment=(), **kwargs):
     kwargs.setdefault("num_inference_steps", 4)
     kwargs.setdefault("guidance_scale", 7.5)
-    return pipe(prompts, output_type="np", generator=torch.Generator().manual_seed(0), alignment=list(alignment),
-                **kwargs)  # fmt: skip
+    return pipe(
+        prompts, output_type="np", generator=torch.Generator().manual_seed(0), alignment=list(alignment), **kwargs
+    )
 
 
 def _reference_and_ours(components):
@@ -47,8 +48,15 @@ def test_attend_and_excite_reproduces_diffusers_pipeline(tiny_components):
     reference, ours = _reference_and_ours(tiny_components)
     settings = {"max_iter_to_alter": 3, "thresholds": {1: 0.5}, "scale_factor": 20, "attn_res": (16, 16)}
     indices = [[2, 5], [3, 6]]
-    expected = reference(PROMPTS, token_indices=indices, num_inference_steps=4, guidance_scale=7.5, output_type="np",
-                         generator=torch.Generator().manual_seed(0), **settings).images  # fmt: skip
+    expected = reference(
+        PROMPTS,
+        token_indices=indices,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **settings,
+    ).images
     out = _call(ours, alignment=[AttendAndExcite(token_indices=indices, **settings)])
     plain = _call(ours).images
     assert np.abs(out.images - expected).max() <= 1e-4
@@ -71,8 +79,14 @@ def test_attend_and_excite_reproduces_diffusers_pipeline_on_sd_layout(monkeypatc
     settings = {"max_iter_to_alter": 2, "thresholds": {}, "scale_factor": 1000, "attn_res": (8, 8)}
     indices = [[2, 5], [3, 6]]
     call = {"num_inference_steps": 3, "guidance_scale": 7.5, "height": 128, "width": 128}
-    expected = reference(PROMPTS, token_indices=indices, output_type="np", generator=torch.Generator().manual_seed(0),
-                         **call, **settings).images  # fmt: skip
+    expected = reference(
+        PROMPTS,
+        token_indices=indices,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **call,
+        **settings,
+    ).images
     explicit = []
     control_explicit = ControlProcessor.explicit
 
@@ -175,17 +189,20 @@ def test_attention_methods_compose_when_attend_and_excite_refines_some_images(pi
         return {"car": (0.0, 0.0, 1.0, 0.5)}
 
     def methods(indices):
-        return [AttendAndExcite(token_indices=indices, max_iter_to_alter=2, thresholds={0: 0.9}, attn_res=(16, 16)),
-                RegionReweight(regions=regions, stop=0.5, time_power=0.0, cross_weight=2.0),
-                TokenReweight(mode="attention")]  # fmt: skip
+        return [
+            AttendAndExcite(token_indices=indices, max_iter_to_alter=2, thresholds={0: 0.9}, attn_res=(16, 16)),
+            RegionReweight(regions=regions, stop=0.5, time_power=0.0, cross_weight=2.0),
+            TokenReweight(mode="attention"),
+        ]
 
     latents = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(3))
     both = pipe(prompts, latents=latents, num_inference_steps=4, output_type="np", alignment=methods([[2, 5], []]))
     refinements = both.traces["attend_and_excite"]["refinements"]
     assert refinements[0][0] > 0 and refinements[0][1] == 0  # the refinement forwards held the first image only
     for k, indices in enumerate(([[2, 5]], [[]])):
-        alone = pipe(prompts[k], latents=latents[k : k + 1], num_inference_steps=4, output_type="np",
-                     alignment=methods(indices)).images  # fmt: skip
+        alone = pipe(
+            prompts[k], latents=latents[k : k + 1], num_inference_steps=4, output_type="np", alignment=methods(indices)
+        ).images
         assert np.abs(both.images[k] - alone[0]).max() <= 1e-4
     plain = pipe(prompts, latents=latents, num_inference_steps=4, output_type="np").images
     assert np.abs(both.images - plain).max() > 1e-3
@@ -200,8 +217,10 @@ def test_attention_methods_compose_with_best_of_n_and_guidance(pipe):
     redness = Redness()
 
     def attention():
-        return [AttendAndExcite(tokens=["cat", "dog"], max_iter_to_alter=2, thresholds={}, attn_res=(16, 16)),
-                RegionReweight(regions={"cat": (0.0, 0.0, 0.5, 1.0), "dog": (0.5, 0.0, 1.0, 1.0)})]  # fmt: skip
+        return [
+            AttendAndExcite(tokens=["cat", "dog"], max_iter_to_alter=2, thresholds={}, attn_res=(16, 16)),
+            RegionReweight(regions={"cat": (0.0, 0.0, 0.5, 1.0), "dog": (0.5, 0.0, 1.0, 1.0)}),
+        ]
 
     prompts = ["a cat and a dog", "a dog and a cat"]
     best = _call(pipe, prompts, [*attention(), BestOfN(reward=redness, n=2)])
@@ -245,8 +264,9 @@ def test_a_hook_that_returns_none_only_looks(pipe):
 
 
 def test_layer_context_selects_the_images_of_the_batch():
-    ctx = LayerContext("down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor", True, 8, 8, True, 0, None,
-                       rows=[2])  # fmt: skip
+    ctx = LayerContext(
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor", True, 8, 8, True, 0, None, rows=[2]
+    )
     assert ctx.per_image(torch.arange(4)).tolist() == [2]
     assert ctx.heads(batch=16, images=1) == 8  # [uncond; cond] x 8 heads of one image
     with pytest.raises(RuntimeError, match="does not hold 3 images with CFG"):
@@ -274,8 +294,14 @@ def test_token_reweight_embedding_mode_is_a1111s_rule():
         captured["embeds"] = kwargs["prompt_embeds"]
         return kwargs
 
-    weighted = _call(pipe, prompts=["a (red:1.5) cat"], alignment=[TokenReweight()], guidance_scale=1.0,
-                     callback_on_step_end=grab, callback_on_step_end_tensor_inputs=["prompt_embeds"])  # fmt: skip
+    weighted = _call(
+        pipe,
+        prompts=["a (red:1.5) cat"],
+        alignment=[TokenReweight()],
+        guidance_scale=1.0,
+        callback_on_step_end=grab,
+        callback_on_step_end_tensor_inputs=["prompt_embeds"],
+    )
     with torch.no_grad():
         base = pipe.encode_prompt(["a red cat"], "cpu", 1, False)[0]
     w = torch.ones(base.shape[1])
@@ -339,16 +365,18 @@ def test_region_reweight_moves_attention_into_the_region(pipe):
     method = RegionReweight(regions=lambda p: regions if "cat" in p else {}, stop=1.0)
     batch = _call(pipe, prompts=["a cat", "a dog"], num_images_per_prompt=2, alignment=[method]).images
     assert np.isfinite(batch).all() and batch.shape[0] == 4
-    unchanged = _call(pipe, prompts=["a cat"], alignment=[RegionReweight(regions=regions, stop=0.0,
-                                                                          encode_phrases=False)]).images  # fmt: skip
+    unchanged = _call(
+        pipe, prompts=["a cat"], alignment=[RegionReweight(regions=regions, stop=0.0, encode_phrases=False)]
+    ).images
     assert np.abs(unchanged - _call(pipe, prompts=["a cat"]).images).max() < 1e-6
     with pytest.raises(ValueError, match="box must be"):
         _call(pipe, prompts=["a cat"], alignment=[RegionReweight(regions={"cat": (0.5, 0, 0.2, 1)}, stop=1.0)])
 
 
 def test_attend_and_excite_with_different_subject_counts(pipe):
-    method = AttendAndExcite(tokens=lambda p: [w for w in p.split() if w in ("cat", "dog")], max_iter_to_alter=2,
-                             thresholds={})  # fmt: skip
+    method = AttendAndExcite(
+        tokens=lambda p: [w for w in p.split() if w in ("cat", "dog")], max_iter_to_alter=2, thresholds={}
+    )
     out = _call(pipe, prompts=["a cat", "a cat and a dog", "a tree"], alignment=[method])
     losses = out.traces["attend_and_excite"]["losses"]
     assert len(losses) == 2 and losses[0].shape == (3,) and losses[0][2] == 0  # no subject, no loss
@@ -412,9 +440,12 @@ def test_seed_search_and_noise_optimization_render_candidates_with_the_attention
     redness = Probe()
 
     def attention():
-        return [AttendAndExcite(tokens=["cat", "dog"], max_iter_to_alter=1, thresholds={}, attn_res=(16, 16)),
-                RegionReweight(regions={"cat": (0.0, 0.0, 0.5, 1.0), "dog": (0.5, 0.0, 1.0, 1.0)}, cross_weight=3.0,
-                               time_power=0.0)]  # fmt: skip
+        return [
+            AttendAndExcite(tokens=["cat", "dog"], max_iter_to_alter=1, thresholds={}, attn_res=(16, 16)),
+            RegionReweight(
+                regions={"cat": (0.0, 0.0, 0.5, 1.0), "dog": (0.5, 0.0, 1.0, 1.0)}, cross_weight=3.0, time_power=0.0
+            ),
+        ]
 
     prompts = ["a cat and a dog", "a dog and a cat"]
     before = dict(pipe.unet.attn_processors)

@@ -16,14 +16,25 @@ def brightness(images, prompts):
 def test_best_of_n_returns_the_best_candidate(pipes):
     reference, aligned = pipes
     n = 4
-    out = aligned(["a cat", "a dog"], num_inference_steps=2, output_type="pt", num_images_per_prompt=2,
-                  generator=torch.Generator().manual_seed(0), alignment=[BestOfN(reward=brightness, n=n)])  # fmt: skip
+    out = aligned(
+        ["a cat", "a dog"],
+        num_inference_steps=2,
+        output_type="pt",
+        num_images_per_prompt=2,
+        generator=torch.Generator().manual_seed(0),
+        alignment=[BestOfN(reward=brightness, n=n)],
+    )
     assert out.images.shape == (4, 3, 64, 64)
     trace = out.traces["best_of_n"]
     assert trace["scores"].shape == (4, n)
     # the candidates are exactly what the plain pipeline draws with num_images_per_prompt * n
-    plain = reference(["a cat", "a dog"], num_inference_steps=2, output_type="pt", num_images_per_prompt=2 * n,
-                      generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    plain = reference(
+        ["a cat", "a dog"],
+        num_inference_steps=2,
+        output_type="pt",
+        num_images_per_prompt=2 * n,
+        generator=torch.Generator().manual_seed(0),
+    ).images
     plain_scores = brightness(plain, None).view(4, n)
     assert torch.allclose(trace["scores"], plain_scores, atol=1e-5)
     assert torch.equal(trace["chosen"], plain_scores.argmax(1))
@@ -41,8 +52,13 @@ def test_best_of_n_latent_output_and_reward_batches(pipes):
         calls.append(len(prompts))
         return images.mean(dim=(1, 2, 3))
 
-    out = aligned("a cat", num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0),
-                  alignment=[BestOfN(reward=counting_reward, n=5, reward_batch_size=2)])  # fmt: skip
+    out = aligned(
+        "a cat",
+        num_inference_steps=2,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        alignment=[BestOfN(reward=counting_reward, n=5, reward_batch_size=2)],
+    )
     assert out.images.shape == (1, 4, 32, 32)
     assert calls == [2, 2, 1]
 
@@ -50,8 +66,13 @@ def test_best_of_n_latent_output_and_reward_batches(pipes):
 def test_best_of_n_with_jpeg_reward_beats_single_sample(pipes):
     _, aligned = pipes
     reward = JpegIncompressibility()
-    out = aligned("a cat", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0),
-                  alignment=[BestOfN(reward=reward, n=4)])  # fmt: skip
+    out = aligned(
+        "a cat",
+        num_inference_steps=2,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+        alignment=[BestOfN(reward=reward, n=4)],
+    )
     assert out.rewards.item() == pytest.approx(out.traces["best_of_n"]["scores"].max().item())
     assert out.rewards.item() == pytest.approx(reward(out.images, ["a cat"]).item())
 
@@ -90,10 +111,20 @@ def test_best_of_n_ignores_nan_scores_and_refuses_all_nan(pipes):
 def test_trace_latents_records_each_step(pipes):
     reference, aligned = pipes
     seen = []
-    reference("a cat", num_inference_steps=3, output_type="latent", generator=torch.Generator().manual_seed(0),
-              callback_on_step_end=lambda p, i, t, kw: seen.append(kw["latents"].clone()) or {})  # fmt: skip
-    out = aligned("a cat", num_inference_steps=3, output_type="latent", generator=torch.Generator().manual_seed(0),
-                  alignment=[TraceLatents()])  # fmt: skip
+    reference(
+        "a cat",
+        num_inference_steps=3,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        callback_on_step_end=lambda p, i, t, kw: seen.append(kw["latents"].clone()) or {},
+    )
+    out = aligned(
+        "a cat",
+        num_inference_steps=3,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        alignment=[TraceLatents()],
+    )
     assert out.traces["latents"].shape == (3, 1, 4, 32, 32)
     assert out.traces["x0"].shape == (3, 1, 4, 32, 32)
     assert len(out.traces["timesteps"]) == 3

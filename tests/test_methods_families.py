@@ -134,8 +134,14 @@ def test_reward_guidance_raises_the_reward(pipe):
 
 def test_particle_steering_resamples_and_returns_the_best_particle(pipe):
     reward = Redness()
-    method = ParticleSteering(reward=reward, particles=3, resample_every=1, resample_start=0.0, ess_threshold=None,
-                              eta=0.7 if _flow(pipe) else 1.0)  # fmt: skip
+    method = ParticleSteering(
+        reward=reward,
+        particles=3,
+        resample_every=1,
+        resample_start=0.0,
+        ess_threshold=None,
+        eta=0.7 if _flow(pipe) else 1.0,
+    )
     out = _call(pipe, [method], num_inference_steps=4)
     trace = out.traces["particle_steering"]
     assert trace["steps"] == [0, 1, 2] and all(p.shape == (2, 3) for p in trace["parents"])
@@ -148,8 +154,12 @@ def test_particle_steering_resamples_and_returns_the_best_particle(pipe):
 
 def test_trace_latents_are_the_loops_latents(pipe):
     seen = []
-    out = _call(pipe, [TraceLatents()], output_type="latent",
-                callback_on_step_end=lambda p, i, t, kw: seen.append(kw["latents"].clone()) or {})  # fmt: skip
+    out = _call(
+        pipe,
+        [TraceLatents()],
+        output_type="latent",
+        callback_on_step_end=lambda p, i, t, kw: seen.append(kw["latents"].clone()) or {},
+    )
     size = pipe.family.default_image_size if not _flow(pipe) else 32
     latents = out.traces["latents"]
     assert latents.shape[:2] == (3, 2) and out.traces["x0"].shape == latents.shape

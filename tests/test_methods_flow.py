@@ -94,8 +94,15 @@ def _captured_embeds(pipe, prompts, alignment=(), **kwargs):
         return {}
 
     inputs = ["prompt_embeds", "pooled_prompt_embeds"] if hasattr(pipe, "text_encoder_3") else ["prompt_embeds"]
-    out = _call(pipe, alignment, prompts=prompts, callback_on_step_end=grab, callback_on_step_end_tensor_inputs=inputs,
-                guidance_scale=1.0, **kwargs)  # fmt: skip
+    out = _call(
+        pipe,
+        alignment,
+        prompts=prompts,
+        callback_on_step_end=grab,
+        callback_on_step_end_tensor_inputs=inputs,
+        guidance_scale=1.0,
+        **kwargs,
+    )
     return out, captured
 
 
@@ -146,8 +153,13 @@ def test_attend_and_excite_on_joint_attention(pipes, family):
     processors = dict(pipe.transformer.attn_processors)
 
     def run(refinements):
-        method = AttendAndExcite(tokens=lambda p: p.split()[-4::3], max_iter_to_alter=2, thresholds={0: 0.99},
-                                 scale_factor=200, max_refinement_steps=refinements)  # fmt: skip
+        method = AttendAndExcite(
+            tokens=lambda p: p.split()[-4::3],
+            max_iter_to_alter=2,
+            thresholds={0: 0.99},
+            scale_factor=200,
+            max_refinement_steps=refinements,
+        )
         return _call(pipe, [method])
 
     before, after = run(0), run(5)
@@ -228,9 +240,12 @@ def test_methods_in_bfloat16_score_and_step_in_float32(family):
     """FLUX runs in bf16: the methods run there, with rewards, the SDE step and noise norms in fp32."""
     pipe = get_tiny_sd3_pipeline() if family == "sd3" else get_tiny_flux_pipeline(guidance_embeds=True)
     pipe.to(dtype=torch.bfloat16)
-    methods = [BestOfN(reward=Redness(), n=2), NoiseOptimization(reward=Redness(), steps=2),
-               ParticleSteering(reward=Redness(), particles=2, resample_start=0.0, eta=0.7),
-               NoiseOptimization(reward=Redness(), optimize="all-noises", steps=2, eta=0.7)]  # fmt: skip
+    methods = [
+        BestOfN(reward=Redness(), n=2),
+        NoiseOptimization(reward=Redness(), steps=2),
+        ParticleSteering(reward=Redness(), particles=2, resample_start=0.0, eta=0.7),
+        NoiseOptimization(reward=Redness(), optimize="all-noises", steps=2, eta=0.7),
+    ]
     for method in methods:
         out = _call(pipe, [method], prompts=PROMPTS[:1])
         assert out.images.dtype == torch.bfloat16 and torch.isfinite(out.images.float()).all()
@@ -282,8 +297,9 @@ def test_sd3_family_sets_the_dynamic_shift_as_the_pipeline():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     pipe = get_tiny_sd3_pipeline()
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=64,
-                                                     max_image_seq_len=4096)  # fmt: skip
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_image_seq_len=64, max_image_seq_len=4096
+    )
     seen = {}
 
     class Grab(AlignmentMethod):

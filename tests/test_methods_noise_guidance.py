@@ -17,8 +17,14 @@ PROMPTS = ["a red circle", "two blue squares"]
 
 def _call(pipe, alignment=(), seed=0, steps=3, **kwargs):
     kwargs.setdefault("guidance_scale", 3.0)
-    return pipe(PROMPTS, num_inference_steps=steps, output_type="pt", alignment=list(alignment),
-                generator=torch.Generator().manual_seed(seed), **kwargs)  # fmt: skip
+    return pipe(
+        PROMPTS,
+        num_inference_steps=steps,
+        output_type="pt",
+        alignment=list(alignment),
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +85,17 @@ def test_noise_optimization_is_per_image(ddim):
     """A batch is optimized as if each image were alone (per-image state, clipping and best iterate)."""
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     method = NoiseOptimization(reward=Redness(), steps=3, lr=2.0, grad_clip=0.05)
-    both = ddim(PROMPTS, num_inference_steps=2, guidance_scale=3.0, latents=latents, output_type="latent",
-                alignment=[method]).images  # fmt: skip
-    first = ddim(PROMPTS[:1], num_inference_steps=2, guidance_scale=3.0, latents=latents[:1], output_type="latent",
-                 alignment=[method]).images  # fmt: skip
+    both = ddim(
+        PROMPTS, num_inference_steps=2, guidance_scale=3.0, latents=latents, output_type="latent", alignment=[method]
+    ).images
+    first = ddim(
+        PROMPTS[:1],
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        latents=latents[:1],
+        output_type="latent",
+        alignment=[method],
+    ).images
     assert torch.allclose(both[:1], first, atol=1e-4)
 
 
@@ -108,8 +121,14 @@ def test_noise_optimization_early_stopping_and_non_finite_gradients(ddim):
             return super().score(images, prompts)
 
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    out = ddim(PROMPTS, num_inference_steps=2, guidance_scale=3.0, latents=latents, output_type="latent",
-               alignment=[NoiseOptimization(reward=NaNGradientForFirst(), steps=3, lr=1.0)])  # fmt: skip
+    out = ddim(
+        PROMPTS,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        latents=latents,
+        output_type="latent",
+        alignment=[NoiseOptimization(reward=NaNGradientForFirst(), steps=3, lr=1.0)],
+    )
     trace = out.traces["noise_optimization"]
     assert trace["skipped"].tolist() == [3, 0]
     plain = ddim(PROMPTS, num_inference_steps=2, guidance_scale=3.0, latents=latents, output_type="latent").images
@@ -151,8 +170,15 @@ def test_systematic_resampling():
 def test_particle_steering(scheduler, potential):
     pipe = get_tiny_pipeline(scheduler)
     reward = Redness()
-    method = ParticleSteering(reward=reward, particles=3, potential=potential, resample_every=1, resample_start=0.0,
-                              resample_stop=1.0, ess_threshold=None)  # fmt: skip
+    method = ParticleSteering(
+        reward=reward,
+        particles=3,
+        potential=potential,
+        resample_every=1,
+        resample_start=0.0,
+        resample_stop=1.0,
+        ess_threshold=None,
+    )
     out = _call(pipe, [method], steps=4)
     trace = out.traces["particle_steering"]
     assert trace["steps"] == [0, 1, 2]  # every step but the last
@@ -169,8 +195,15 @@ def test_particle_steering(scheduler, potential):
 
 def test_particle_steering_resamples_towards_high_weights(ddim):
     """With a huge lambda, each image's particles collapse onto the best one at the first resampling."""
-    method = ParticleSteering(reward=Redness(), particles=4, lmbda=1e6, resample_every=1, resample_start=0.0,
-                              resample_stop=0.0, ess_threshold=0.5)  # fmt: skip
+    method = ParticleSteering(
+        reward=Redness(),
+        particles=4,
+        lmbda=1e6,
+        resample_every=1,
+        resample_start=0.0,
+        resample_stop=0.0,
+        ess_threshold=0.5,
+    )
     out = _call(ddim, [method], steps=3)
     trace = out.traces["particle_steering"]
     best = trace["rewards"][0].argmax(dim=1)
@@ -234,8 +267,14 @@ def test_reno_defaults_on_a_one_step_schedule():
     reward = Redness()
     method = NoiseOptimization(reward=reward, steps=4)
     assert (method.optimizer, method.lr, method.grad_clip, method.regularizer) == ("sgd", 5.0, 0.1, 0.01)
-    out = pipe(PROMPTS, num_inference_steps=1, guidance_scale=0.0, output_type="pt", alignment=[method],
-               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    out = pipe(
+        PROMPTS,
+        num_inference_steps=1,
+        guidance_scale=0.0,
+        output_type="pt",
+        alignment=[method],
+        generator=torch.Generator().manual_seed(0),
+    )
     trace = out.traces["noise_optimization"]
     assert (trace["best"] > trace["rewards"][0]).all()
     assert torch.allclose(reward(out.images, PROMPTS), out.rewards, atol=1e-4)

@@ -43,8 +43,14 @@ def pipe():
 
 
 def _call(pipe, prompt, alignment=()):
-    return pipe([prompt], num_inference_steps=3, guidance_scale=3.0, output_type="np",
-                generator=torch.Generator().manual_seed(0), alignment=list(alignment))  # fmt: skip
+    return pipe(
+        [prompt],
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        alignment=list(alignment),
+    )
 
 
 def test_rewrite_through_the_server_and_cache(pipe, server):
@@ -106,8 +112,11 @@ def test_api_key_is_sent_and_never_logged(pipe, monkeypatch, caplog):
         caplog.set_level(logging.DEBUG)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            bad = _call(pipe, "a red cat", [PromptRewrite(model="local", base_url=url, api_key_env="TTALIGN_TEST_KEY",
-                                                          max_retries=0)])  # fmt: skip
+            bad = _call(
+                pipe,
+                "a red cat",
+                [PromptRewrite(model="local", base_url=url, api_key_env="TTALIGN_TEST_KEY", max_retries=0)],
+            )
         assert bad.traces["prompt_rewrite"][0]["chosen"] == "a red cat"
         messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
         assert any("AuthenticationError" in m for m in messages)
@@ -125,8 +134,16 @@ def test_promptist_uses_the_reference_generation_settings(pipe, tmp_path):
     text = "a red cat Rephrase:"
     ids = tokenizer(text, return_tensors="pt").input_ids
     eos = tokenizer.eos_token_id
-    reference = model.generate(ids, do_sample=False, max_new_tokens=12, num_beams=8, num_return_sequences=8,
-                               eos_token_id=eos, pad_token_id=eos, length_penalty=-1.0)  # fmt: skip
+    reference = model.generate(
+        ids,
+        do_sample=False,
+        max_new_tokens=12,
+        num_beams=8,
+        num_return_sequences=8,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        length_penalty=-1.0,
+    )
     expected = tokenizer.batch_decode(reference, skip_special_tokens=True)[0].replace(text, "").strip()
     out = _call(pipe, "a red cat", [method])
     assert out.traces["promptist"] == [("a red cat", expected or "a red cat")]
@@ -160,8 +177,15 @@ def test_prompt_methods_on_flow_families(server, tmp_path, family):
     pipe = get_tiny_sd3_pipeline(shift=3.0) if family == "sd3" else get_tiny_flux_pipeline(guidance_embeds=True)
 
     def call(prompt, alignment=()):
-        return pipe([prompt], num_inference_steps=3, height=32, width=32, output_type="np",
-                    generator=torch.Generator().manual_seed(0), alignment=list(alignment))  # fmt: skip
+        return pipe(
+            [prompt],
+            num_inference_steps=3,
+            height=32,
+            width=32,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+            alignment=list(alignment),
+        )
 
     method = PromptRewrite(model="local", base_url=server, candidates=2, rounds=2, reward=Redness())
     out = call("a cat", [method])

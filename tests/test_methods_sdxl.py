@@ -1,7 +1,6 @@
 """Every test-time method on tiny SDXL components, each checked as its Stable Diffusion test checks it; per-image
 generator lists; refusals before any compute; methods know the model only through its family."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -67,8 +66,13 @@ def test_attend_and_excite_resolution_and_padding_from_the_family(pipe):
 
 def test_attend_and_excite_lowers_its_loss_and_changes_the_images(pipe):
     def run(refinements):
-        method = AttendAndExcite(tokens=lambda p: p.split()[-4::3], max_iter_to_alter=2, thresholds={0: 0.99},
-                                 scale_factor=2000, max_refinement_steps=refinements)  # fmt: skip
+        method = AttendAndExcite(
+            tokens=lambda p: p.split()[-4::3],
+            max_iter_to_alter=2,
+            thresholds={0: 0.99},
+            scale_factor=2000,
+            max_refinement_steps=refinements,
+        )
         return _call(pipe, [method])
 
     before, after = run(0), run(5)
@@ -86,8 +90,9 @@ def test_token_reweight_weights_both_encoders_and_not_the_pooled_embedding(pipe)
         return {}
 
     inputs = ["prompt_embeds", "add_text_embeds"]
-    call = dict(prompts=["a red cat"], guidance_scale=1.0, callback_on_step_end=grab,
-                callback_on_step_end_tensor_inputs=inputs)  # fmt: skip
+    call = dict(
+        prompts=["a red cat"], guidance_scale=1.0, callback_on_step_end=grab, callback_on_step_end_tensor_inputs=inputs
+    )
     plain = _call(pipe, **call).images
     same = _call(pipe, [TokenReweight()], **dict(call, prompts=["a (red:1.0) cat"])).images
     assert torch.allclose(same, plain, atol=1e-6)
@@ -142,8 +147,11 @@ def test_region_reweight_moves_attention_into_the_region(pipe):
     regions = {"cat": (0.0, 0.0, 0.5, 1.0)}
     for weight in (0.0, 1.0, 4.0):
         probe = Probe()
-        _call(pipe, [RegionReweight(regions=regions, stop=1.0, cross_weight=weight, self_weight=0.0), probe],
-              prompts=["a cat"])  # fmt: skip
+        _call(
+            pipe,
+            [RegionReweight(regions=regions, stop=1.0, cross_weight=weight, self_weight=0.0), probe],
+            prompts=["a cat"],
+        )
         attention = torch.stack(probe.maps).mean(0)  # [16, 16]: the cat token's map at step 0
         shares[weight] = float(attention[:, :8].sum() / attention.sum())  # its share in the left half
     assert shares[4.0] > shares[1.0] > shares[0.0] and shares[4.0] > shares[0.0] + 0.02

@@ -80,17 +80,26 @@ def test_sd3_parity_with_diffusers(sd3_pipes, guidance_scale, output_type):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(prompt=["a red circle", "two blue squares"], num_images_per_prompt=2, negative_prompt=["a cat", ""],
-             prompt_2=["a big red circle", "blue squares"], prompt_3=["red", "blue"],
-             negative_prompt_3=["a dog", "a tree"]),
-        dict(skip_guidance_layers=[0], skip_layer_guidance_scale=2.8, skip_layer_guidance_start=0.0,
-             num_inference_steps=3),
+        dict(
+            prompt=["a red circle", "two blue squares"],
+            num_images_per_prompt=2,
+            negative_prompt=["a cat", ""],
+            prompt_2=["a big red circle", "blue squares"],
+            prompt_3=["red", "blue"],
+            negative_prompt_3=["a dog", "a tree"],
+        ),
+        dict(
+            skip_guidance_layers=[0],
+            skip_layer_guidance_scale=2.8,
+            skip_layer_guidance_start=0.0,
+            num_inference_steps=3,
+        ),
         dict(max_sequence_length=16, clip_skip=1),
         dict(sigmas=[1.0, 0.6, 0.3]),
         dict(height=24, width=40),
     ],
     ids=["batches-and-three-prompts", "skip-layer-guidance", "max-sequence-length", "sigmas", "non-square"],
-)  # fmt: skip
+)
 def test_sd3_parity_with_diffusers_arguments(sd3_pipes, kwargs):
     _check_parity(*sd3_pipes, **kwargs)
 
@@ -118,8 +127,9 @@ def test_sd3_parity_with_callback_and_embeds(sd3_pipes):
         return callback
 
     inputs = ["latents", "prompt_embeds", "pooled_prompt_embeds"]
-    expected = _run(reference, callback_on_step_end=make_callback("reference"),
-                    callback_on_step_end_tensor_inputs=inputs).images  # fmt: skip
+    expected = _run(
+        reference, callback_on_step_end=make_callback("reference"), callback_on_step_end_tensor_inputs=inputs
+    ).images
     out = _run(aligned, callback_on_step_end=make_callback("aligned"), callback_on_step_end_tensor_inputs=inputs)
     assert _diff(out.images, expected) <= 1e-6
     assert len(seen["aligned"]) == 2
@@ -128,9 +138,16 @@ def test_sd3_parity_with_callback_and_embeds(sd3_pipes):
 
     latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(3))
     embeds, negative, pooled, negative_pooled = reference.encode_prompt("a cat", None, None, device="cpu")
-    _check_parity(reference, aligned, prompt=None, latents=latents, prompt_embeds=embeds,
-                  negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
-                  negative_pooled_prompt_embeds=negative_pooled)  # fmt: skip
+    _check_parity(
+        reference,
+        aligned,
+        prompt=None,
+        latents=latents,
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative,
+        pooled_prompt_embeds=pooled,
+        negative_pooled_prompt_embeds=negative_pooled,
+    )
 
 
 # --- FLUX ------------------------------------------------------------------------------------------------------------
@@ -156,14 +173,20 @@ def test_flux_schnell_parity_with_diffusers(steps):
     "kwargs",
     [
         dict(negative_prompt="a blurry cat", true_cfg_scale=4.0),
-        dict(prompt=["a red circle", "two blue squares"], num_images_per_prompt=2, prompt_2=["red", "blue"],
-             negative_prompt=["a cat", "a dog"], negative_prompt_2=["x", "y"], true_cfg_scale=2.0),
+        dict(
+            prompt=["a red circle", "two blue squares"],
+            num_images_per_prompt=2,
+            prompt_2=["red", "blue"],
+            negative_prompt=["a cat", "a dog"],
+            negative_prompt_2=["x", "y"],
+            true_cfg_scale=2.0,
+        ),
         dict(prompt=["a red circle", "two blue squares"], num_images_per_prompt=2, max_sequence_length=16),
         dict(sigmas=[1.0, 0.6, 0.3]),
         dict(height=32, width=48),
     ],
     ids=["true-cfg", "true-cfg-batches", "batches-max-sequence-length", "sigmas", "non-square"],
-)  # fmt: skip
+)
 def test_flux_parity_with_diffusers_arguments(flux_pipes, kwargs):
     _check_parity(*flux_pipes, **kwargs)
 
@@ -180,8 +203,9 @@ def test_flux_parity_with_callback_and_embeds(flux_pipes):
         return callback
 
     inputs = ["latents", "prompt_embeds"]
-    expected = _run(reference, callback_on_step_end=make_callback("reference"),
-                    callback_on_step_end_tensor_inputs=inputs).images  # fmt: skip
+    expected = _run(
+        reference, callback_on_step_end=make_callback("reference"), callback_on_step_end_tensor_inputs=inputs
+    ).images
     out = _run(aligned, callback_on_step_end=make_callback("aligned"), callback_on_step_end_tensor_inputs=inputs)
     assert _diff(out.images, expected) <= 1e-6 and len(seen["aligned"]) == 2
     for ours, theirs in zip(seen["aligned"], seen["reference"]):
@@ -252,9 +276,26 @@ def test_cli_loads_a_flow_folder(family, tmp_path):
     reference.save_pretrained(folder)
     assert isinstance(load_pipeline(str(folder)), FAMILIES[family][1])
     out = tmp_path / "x.png"
-    code = main(["generate", "a red circle", "--model", str(folder), "--steps", "2", "--seed", "0", "--out", str(out),
-                 "--height", "32", "--width", "32",
-                 "--align", "best_of_n:n=2,reward=jpeg_incompressibility"])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            "a red circle",
+            "--model",
+            str(folder),
+            "--steps",
+            "2",
+            "--seed",
+            "0",
+            "--out",
+            str(out),
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--align",
+            "best_of_n:n=2,reward=jpeg_incompressibility",
+        ]
+    )
     assert code == 0 and Image.open(out).size == (32, 32)
 
 

@@ -59,17 +59,29 @@ def test_parity_with_diffusers(sdxl_pipes, guidance_scale, output_type):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(prompt=["a red circle", "two blue squares"], num_images_per_prompt=2, negative_prompt=["a cat", ""],
-             negative_prompt_2=["a dog", "a tree"], prompt_2=["a big red circle", "blue squares"]),
+        dict(
+            prompt=["a red circle", "two blue squares"],
+            num_images_per_prompt=2,
+            negative_prompt=["a cat", ""],
+            negative_prompt_2=["a dog", "a tree"],
+            prompt_2=["a big red circle", "blue squares"],
+        ),
         dict(num_inference_steps=4, denoising_end=0.5),
-        dict(prompt=["a cat", "a dog"], num_images_per_prompt=2, original_size=(96, 80), crops_coords_top_left=(4, 8),
-             target_size=(64, 64), negative_original_size=(32, 32), negative_crops_coords_top_left=(2, 2),
-             negative_target_size=(48, 48)),
+        dict(
+            prompt=["a cat", "a dog"],
+            num_images_per_prompt=2,
+            original_size=(96, 80),
+            crops_coords_top_left=(4, 8),
+            target_size=(64, 64),
+            negative_original_size=(32, 32),
+            negative_crops_coords_top_left=(2, 2),
+            negative_target_size=(48, 48),
+        ),
         dict(guidance_rescale=0.7, clip_skip=1, num_inference_steps=3),
         dict(height=48, width=80),
     ],
     ids=["batches-and-second-prompts", "denoising-end", "size-conditioning", "rescale-clip-skip", "non-square"],
-)  # fmt: skip
+)
 def test_parity_with_diffusers_arguments(sdxl_pipes, kwargs):
     reference, aligned = sdxl_pipes
     expected = _run(reference, **kwargs).images
@@ -90,8 +102,9 @@ def test_parity_with_callback_latents_and_embeds(sdxl_pipes):
         return callback
 
     inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
-    expected = _run(reference, callback_on_step_end=make_callback("reference"),
-                    callback_on_step_end_tensor_inputs=inputs).images  # fmt: skip
+    expected = _run(
+        reference, callback_on_step_end=make_callback("reference"), callback_on_step_end_tensor_inputs=inputs
+    ).images
     out = _run(aligned, callback_on_step_end=make_callback("aligned"), callback_on_step_end_tensor_inputs=inputs)
     assert _diff(out.images, expected) <= 1e-6
     assert len(seen["aligned"]) == 2
@@ -100,8 +113,14 @@ def test_parity_with_callback_latents_and_embeds(sdxl_pipes):
 
     latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(3))
     embeds, negative, pooled, negative_pooled = reference.encode_prompt("a cat", device="cpu")
-    kwargs = dict(prompt=None, latents=latents, prompt_embeds=embeds, negative_prompt_embeds=negative,
-                  pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled)  # fmt: skip
+    kwargs = dict(
+        prompt=None,
+        latents=latents,
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative,
+        pooled_prompt_embeds=pooled,
+        negative_pooled_prompt_embeds=negative_pooled,
+    )
     assert _diff(_run(aligned, **kwargs).images, _run(reference, **kwargs).images) <= 1e-6
 
 
@@ -126,8 +145,12 @@ def _load_tiny_ip_adapter(unet):
         adapter[f"{key}.to_v_ip.weight"] = torch.randn(hidden, dim) * 0.1
         key += 2
     projection = ImageProjection(cross_attention_dim=dim, image_embed_dim=dim, num_image_text_embeds=4).state_dict()
-    image_proj = {"proj.weight": projection["image_embeds.weight"], "proj.bias": projection["image_embeds.bias"],
-                  "norm.weight": projection["norm.weight"], "norm.bias": projection["norm.bias"]}  # fmt: skip
+    image_proj = {
+        "proj.weight": projection["image_embeds.weight"],
+        "proj.bias": projection["image_embeds.bias"],
+        "norm.weight": projection["norm.weight"],
+        "norm.bias": projection["norm.bias"],
+    }
     unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": adapter}])
 
 
@@ -217,8 +240,22 @@ def test_cli_loads_an_sdxl_folder(sdxl_components, tmp_path):
     StableDiffusionXLPipeline(**components, add_watermarker=False).save_pretrained(folder)
     assert isinstance(load_pipeline(str(folder)), AlignedStableDiffusionXLPipeline)
     out = tmp_path / "x.png"
-    code = main(["generate", "a red circle", "--model", str(folder), "--steps", "2", "--seed", "0", "--out", str(out),
-                 "--align", "best_of_n:n=2,reward=jpeg_incompressibility"])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            "a red circle",
+            "--model",
+            str(folder),
+            "--steps",
+            "2",
+            "--seed",
+            "0",
+            "--out",
+            str(out),
+            "--align",
+            "best_of_n:n=2,reward=jpeg_incompressibility",
+        ]
+    )
     assert code == 0 and Image.open(out).size == (64, 64)
     other = tmp_path / "pixart"
     other.mkdir()

@@ -20,7 +20,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_the_registry_holds_the_four_families():
     assert set(FAMILIES) == {"sd", "sdxl", "sd3", "flux"}
     assert {k: e.denoiser_kind for k, e in FAMILIES.items()} == {
-        "sd": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}  # fmt: skip
+        "sd": "unet",
+        "sdxl": "unet",
+        "sd3": "transformer",
+        "flux": "transformer",
+    }
     flow = {k for k, e in FAMILIES.items() if "flow_matching" in e.capabilities}
     joint = {k for k, e in FAMILIES.items() if "joint_attention" in e.capabilities}
     assert flow == joint == {"sd3", "flux"}
@@ -42,8 +46,10 @@ def test_each_entry_matches_its_tiny_pipeline(key):
     denoiser = family.denoiser
     assert ("UNet" in type(denoiser).__name__) == (entry.denoiser_kind == "unet")
     joint = "joint_attention" in entry.capabilities
-    assert any("Joint" in type(p).__name__ or "Flux" in type(p).__name__ for p in denoiser.attn_processors.values()) \
-        == joint  # fmt: skip
+    assert (
+        any("Joint" in type(p).__name__ or "Flux" in type(p).__name__ for p in denoiser.attn_processors.values())
+        == joint
+    )
     flow = "flow_matching" in entry.capabilities
     assert ("FlowMatch" in type(pipe.scheduler).__name__) == flow
 
@@ -54,8 +60,10 @@ def test_align_and_loading_read_the_registry(key, tmp_path):
     aligned = get_tiny_family_pipeline(key)
     parent = entry.pipeline_class(**aligned.components)
     wrapped = ttalign.align(parent, [])
-    assert type(wrapped) is entry.aligned_class and wrapped.family.denoiser is parent.components[
-        entry.family.denoiser_attribute]  # fmt: skip
+    assert (
+        type(wrapped) is entry.aligned_class
+        and wrapped.family.denoiser is parent.components[entry.family.denoiser_attribute]
+    )
     assert ttalign.align(aligned, []) is aligned
     (tmp_path / "model_index.json").write_text(f'{{"_class_name": "{entry.pipeline_class.__name__}"}}')
     assert aligned_class_for(str(tmp_path)) is entry.aligned_class
@@ -96,14 +104,27 @@ def test_methods_trainers_and_the_sampler_know_models_only_through_their_family(
     """No method, trainer, sampler, attention helper or server module names a denoiser, a pipeline class or a text
     encoder, and nothing decides on a class name."""
     package = ROOT / "ttalign"
-    files = sorted([*(package / "methods").glob("*.py"), *(package / "training").glob("*.py"),
-                    *(package / "serve").glob("*.py"), package / "sampling.py", package / "sampler.py",
-                    package / "attention.py"])  # fmt: skip
-    model = re.compile(r"\.unet\b|encoder_hidden_states\s*=|StableDiffusion\w*Pipeline|pipe\.(text_encoder|vae|"
-                       r"tokenizer)\b|unet\.config")  # fmt: skip
+    files = sorted(
+        [
+            *(package / "methods").glob("*.py"),
+            *(package / "training").glob("*.py"),
+            *(package / "serve").glob("*.py"),
+            package / "sampling.py",
+            package / "sampler.py",
+            package / "attention.py",
+        ]
+    )
+    model = re.compile(
+        r"\.unet\b|encoder_hidden_states\s*=|StableDiffusion\w*Pipeline|pipe\.(text_encoder|vae|"
+        r"tokenizer)\b|unet\.config"
+    )
     by_name = re.compile(r"__name__\s*(==|!=|in\b|not in\b)|\.name\s*(==|in\b)\s*[\"'(]")
-    offending = [f"{f.name}:{i}: {line.strip()}" for f in files for i, line in
-                 enumerate(f.read_text().splitlines(), 1) if model.search(line) or by_name.search(line)]  # fmt: skip
+    offending = [
+        f"{f.name}:{i}: {line.strip()}"
+        for f in files
+        for i, line in enumerate(f.read_text().splitlines(), 1)
+        if model.search(line) or by_name.search(line)
+    ]
     assert len(files) > 15 and offending == []
 
 

@@ -83,8 +83,14 @@ def test_pairs_read_through_datasets(pairs_dir, tmp_path, layout):
             "image_1": [p.image_1 for p in reference],
             "label": [p.label for p in reference],
         }
-        features = datasets.Features({"prompt": datasets.Value("string"), "image_0": datasets.Image(),
-                                      "image_1": datasets.Image(), "label": datasets.Value("float32")})  # fmt: skip
+        features = datasets.Features(
+            {
+                "prompt": datasets.Value("string"),
+                "image_0": datasets.Image(),
+                "image_1": datasets.Image(),
+                "label": datasets.Value("float32"),
+            }
+        )
     else:  # Pick-a-Pic v2: caption, encoded jpg_0 / jpg_1 bytes, label_0 = 1 when image 0 wins
 
         def png(image):

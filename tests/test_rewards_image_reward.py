@@ -56,8 +56,12 @@ def reference_image_reward(sd, pixels, ids, mask, text_heads=2):
         p = f"encoder.layer.{i}"
         for attn, kv, m in (("attention", t, ext), ("crossattention", image, None)):
             q, k, v = (lin(src, bert, f"{p}.{attn}.self.{n}") for src, n in ((t, "query"), (kv, "key"), (kv, "value")))
-            t = ln(lin(_attention(q, k, v, text_heads, m), bert, f"{p}.{attn}.output.dense") + t, bert,
-                   f"{p}.{attn}.output.LayerNorm", 1e-12)  # fmt: skip
+            t = ln(
+                lin(_attention(q, k, v, text_heads, m), bert, f"{p}.{attn}.output.dense") + t,
+                bert,
+                f"{p}.{attn}.output.LayerNorm",
+                1e-12,
+            )
         h = F.gelu(lin(t, bert, f"{p}.intermediate.dense"))
         t = ln(lin(h, bert, f"{p}.output.dense") + t, bert, f"{p}.output.LayerNorm", 1e-12)
     r = t[:, 0]

@@ -67,14 +67,27 @@ def test_unsupported_scheduler_is_named():
 
 @pytest.mark.parametrize(
     "name,eta,steps",
-    [("ddim", 0.0, 4), ("ddim", 1.0, 4), ("euler", 0.0, 4), ("euler_a", 0.0, 4), ("lcm", 0.0, 4), ("lcm", 0.0, 1),
-     ("euler_a", 0.0, 1)],
-)  # fmt: skip
+    [
+        ("ddim", 0.0, 4),
+        ("ddim", 1.0, 4),
+        ("euler", 0.0, 4),
+        ("euler_a", 0.0, 4),
+        ("lcm", 0.0, 4),
+        ("lcm", 0.0, 1),
+        ("euler_a", 0.0, 1),
+    ],
+)
 def test_sampler_reproduces_the_pipeline(name, eta, steps):
     pipe = get_tiny_pipeline(name)
     prompts = ["a red circle", "two blue squares"]
-    expected = pipe(prompts, num_inference_steps=steps, guidance_scale=3.0, eta=eta, output_type="latent",
-                    generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    expected = pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=3.0,
+        eta=eta,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).images
 
     # the same draws, in the pipeline's order: initial latents, then one noise per stochastic step
     g = torch.Generator().manual_seed(0)

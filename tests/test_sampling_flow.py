@@ -31,10 +31,14 @@ def _scheduler(steps=6, mu=None, **config):
 
 @pytest.mark.parametrize(
     "config,mu",
-    [(dict(shift=1.0), None), (dict(shift=3.0), None), (dict(use_dynamic_shifting=True), 0.9),
-     (dict(shift=3.0, stochastic_sampling=True), None)],
+    [
+        (dict(shift=1.0), None),
+        (dict(shift=3.0), None),
+        (dict(use_dynamic_shifting=True), 0.9),
+        (dict(shift=3.0, stochastic_sampling=True), None),
+    ],
     ids=["plain", "sd3-shift", "flux-dynamic-shift", "stochastic-sampling"],
-)  # fmt: skip
+)
 def test_flow_step_matches_diffusers(config, mu):
     scheduler, reference = _scheduler(mu=mu, **config), _scheduler(mu=mu, **config)
     assert scheduler_kind(scheduler) == "flow"
@@ -153,12 +157,14 @@ class _Capture(AlignmentMethod):
 def _reproduce(pipe, checkpointing=False, **kwargs):
     capture = _Capture()
     kwargs.update(num_inference_steps=3, height=32, width=32, output_type="np")
-    expected = pipe(["a red circle", "two blue squares"], generator=torch.Generator().manual_seed(0),
-                    alignment=[capture], **kwargs).images  # fmt: skip
+    expected = pipe(
+        ["a red circle", "two blue squares"], generator=torch.Generator().manual_seed(0), alignment=[capture], **kwargs
+    ).images
     plain = pipe(["a red circle", "two blue squares"], generator=torch.Generator().manual_seed(0), **kwargs).images
     assert np.abs(expected - plain).max() <= 1e-6  # capturing changes nothing
-    sampler = DifferentiableSampler(pipe, capture.conditioning, guidance_scale=capture.guidance_scale,
-                                    gradient_checkpointing=checkpointing)  # fmt: skip
+    sampler = DifferentiableSampler(
+        pipe, capture.conditioning, guidance_scale=capture.guidance_scale, gradient_checkpointing=checkpointing
+    )
     with torch.no_grad():
         images = sampler.decode(sampler.sample(capture.latents))
     out = images.permute(0, 2, 3, 1).numpy()
@@ -172,8 +178,11 @@ def test_sampler_reproduces_sd3(guidance_scale):
     assert sampler.denoiser_calls == 3 and sampler.denoiser_evals == 6 and not sampler.stochastic
 
 
-@pytest.mark.parametrize("kwargs", [dict(guidance_scale=3.5), dict(true_cfg_scale=3.0, negative_prompt="a cat")],
-                         ids=["dev-guidance", "true-cfg"])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(guidance_scale=3.5), dict(true_cfg_scale=3.0, negative_prompt="a cat")],
+    ids=["dev-guidance", "true-cfg"],
+)
 def test_sampler_reproduces_flux(kwargs):
     sampler, capture = _reproduce(get_tiny_flux_pipeline(guidance_embeds=True), **kwargs)
     assert capture.latents.shape == (2, 256, 4)  # packed
@@ -187,8 +196,9 @@ def test_checkpointing_gives_the_same_gradients_on_flow(family):
     grads, values = [], []
     for checkpointing in (False, True):
         z = capture.latents.clone().requires_grad_()
-        sampler = DifferentiableSampler(pipe, capture.conditioning, guidance_scale=capture.guidance_scale,
-                                        gradient_checkpointing=checkpointing)  # fmt: skip
+        sampler = DifferentiableSampler(
+            pipe, capture.conditioning, guidance_scale=capture.guidance_scale, gradient_checkpointing=checkpointing
+        )
         loss = sampler.decode(sampler.sample(z)).mean()
         loss.backward()
         grads.append(z.grad)

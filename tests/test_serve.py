@@ -71,9 +71,24 @@ def _metric(text: str, name: str) -> float:
 
 @pytest.fixture(scope="module")
 def server():
-    srv = Server("--allow", "best_of_n", "--allow", "attend_and_excite", "--allow", "fail_on",
-                 "--reward", "shapes_soft", "--max-steps", "30", "--max-candidates", "8", "--batch-window", "0.2",
-                 "--max-batch-images", "16")  # fmt: skip
+    srv = Server(
+        "--allow",
+        "best_of_n",
+        "--allow",
+        "attend_and_excite",
+        "--allow",
+        "fail_on",
+        "--reward",
+        "shapes_soft",
+        "--max-steps",
+        "30",
+        "--max-candidates",
+        "8",
+        "--batch-window",
+        "0.2",
+        "--max-batch-images",
+        "16",
+    )
     yield srv
     srv.close()
 
@@ -86,23 +101,34 @@ def test_generate_decode_and_match_the_local_pipeline(server):
     from ttalign.shapes import load_pipeline
 
     client = server.client()
-    response = client.images.generate(prompt="a red circle left of a blue square", n=2, size="32x32",
-                                      extra_body={"ttalign": {"seed": 5, "steps": 10}})  # fmt: skip
+    response = client.images.generate(
+        prompt="a red circle left of a blue square",
+        n=2,
+        size="32x32",
+        extra_body={"ttalign": {"seed": 5, "steps": 10}},
+    )
     assert len(response.data) == 2 and response.size == "32x32"
     images = [np.asarray(_decode(d.b64_json).convert("RGB")) for d in response.data]
     seeds = [d.model_extra["seed"] for d in response.data]
     assert seeds == [5, 6] and response.data[0].model_extra["compute"]["nfe_per_image"] == 10
     pipe = load_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    local = pipe(["a red circle left of a blue square"] * 2, num_inference_steps=10, guidance_scale=3.0,
-                 generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np").images  # fmt: skip
+    local = pipe(
+        ["a red circle left of a blue square"] * 2,
+        num_inference_steps=10,
+        guidance_scale=3.0,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="np",
+    ).images
     assert np.abs(np.stack(images).astype(int) - (local * 255).round().astype(int)).max() <= 1
 
 
 def test_alignment_through_extra_body(server):
     client = server.client()
-    out = client.images.generate(prompt="two red circles", extra_body={"ttalign": {"seed": 1, "steps": 8, "alignment":
-                                 ["best_of_n:n=3,reward=shapes_soft"]}})  # fmt: skip
+    out = client.images.generate(
+        prompt="two red circles",
+        extra_body={"ttalign": {"seed": 1, "steps": 8, "alignment": ["best_of_n:n=3,reward=shapes_soft"]}},
+    )
     item = out.data[0].model_extra
     assert 0 < item["reward"] <= 1 and item["compute"]["nfe_per_image"] == 8 * 3
     plain = client.images.generate(prompt="two red circles", extra_body={"ttalign": {"seed": 1, "steps": 8}})
@@ -121,18 +147,27 @@ def test_alignment_through_extra_body(server):
         ({"prompt": ""}, 400, "prompt"),
         ({"prompt": "a cat", "colour": "red"}, 400, "colour"),
         ({"prompt": "a cat", "model": "dall-e-3"}, 404, "model"),
-        ({"prompt": "a cat", "ttalign": {"alignment": ["seed_search:reward=shapes_soft"]}}, 400,
-         "ttalign.alignment[0]"),
+        (
+            {"prompt": "a cat", "ttalign": {"alignment": ["seed_search:reward=shapes_soft"]}},
+            400,
+            "ttalign.alignment[0]",
+        ),
         ({"prompt": "a cat", "ttalign": {"alignment": ["nope"]}}, 400, "ttalign.alignment[0]"),
-        ({"prompt": "a cat", "ttalign": {"alignment": ["best_of_n:n=9,reward=shapes_soft"]}}, 400,
-         "ttalign.alignment[0]"),
-        ({"prompt": "a cat", "ttalign": {"alignment": ["attend_and_excite:tokens=@os:system"]}}, 400,
-         "prompt"),  # a word, not an import: refused as it is not in the prompt
+        (
+            {"prompt": "a cat", "ttalign": {"alignment": ["best_of_n:n=9,reward=shapes_soft"]}},
+            400,
+            "ttalign.alignment[0]",
+        ),
+        (
+            {"prompt": "a cat", "ttalign": {"alignment": ["attend_and_excite:tokens=@os:system"]}},
+            400,
+            "prompt",
+        ),  # a word, not an import: refused as it is not in the prompt
         ({"prompt": "a cat", "ttalign": {"steps": 31}}, 400, "ttalign.steps"),
         ({"prompt": "a cat", "ttalign": {"steps": -3}}, 400, "ttalign.steps"),
         ({"prompt": "a cat", "ttalign": {"tokens": 3}}, 400, "ttalign.tokens"),
     ],
-)  # fmt: skip
+)
 def test_bad_requests_get_error_bodies(server, body, status, param):
     r = httpx.post(server.url + "/images/generations", json=body, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == status, r.text
@@ -185,8 +220,10 @@ def test_a_failing_method_fails_only_its_own_request(server):
 def test_concurrent_requests_are_merged_and_all_answered(server):
     async def many():
         async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as http:
-            bodies = [{"prompt": f"a red circle and {k % 3 + 1} squares", "ttalign": {"seed": k, "steps": 4}}
-                      for k in range(50)]  # fmt: skip
+            bodies = [
+                {"prompt": f"a red circle and {k % 3 + 1} squares", "ttalign": {"seed": k, "steps": 4}}
+                for k in range(50)
+            ]
             return await asyncio.gather(*(http.post(server.url + "/images/generations", json=b) for b in bodies))
 
     before = server.metrics()
@@ -202,8 +239,11 @@ def test_concurrent_requests_are_merged_and_all_answered(server):
 
 
 def test_streaming_events_parsed_by_the_client(server):
-    events = list(server.client().images.generate(prompt="a blue square", stream=True, partial_images=2,
-                                                  extra_body={"ttalign": {"seed": 4, "steps": 6}}))  # fmt: skip
+    events = list(
+        server.client().images.generate(
+            prompt="a blue square", stream=True, partial_images=2, extra_body={"ttalign": {"seed": 4, "steps": 6}}
+        )
+    )
     assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
     assert [e.partial_image_index for e in events[:2]] == [0, 1]
     final = _decode(events[-1].b64_json)
@@ -216,8 +256,14 @@ def test_health_models_and_metrics(server):
     health = httpx.get(server.base + "/health").json()
     assert health["status"] == "ok" and health["model"] == "shapes"
     text = server.metrics()
-    for name in ("ttalign_queue_depth", "ttalign_request_latency_seconds_bucket", "ttalign_images_total",
-                 "ttalign_nfe_total", "ttalign_rejected_requests_total", "process_resident_memory_bytes"):  # fmt: skip
+    for name in (
+        "ttalign_queue_depth",
+        "ttalign_request_latency_seconds_bucket",
+        "ttalign_images_total",
+        "ttalign_nfe_total",
+        "ttalign_rejected_requests_total",
+        "process_resident_memory_bytes",
+    ):
         assert name in text, name
     assert httpx.get(server.base + "/metrics").status_code == 401
 
@@ -229,8 +275,9 @@ def test_overload_answers_429_with_retry_after_and_every_accepted_request():
         async def flood():
             async with httpx.AsyncClient(timeout=120) as http:
                 body = {"prompt": "a red circle", "ttalign": {"steps": 6}}
-                return await asyncio.gather(*(http.post(srv.url + "/images/generations", json=body)
-                                              for _ in range(20)))  # fmt: skip
+                return await asyncio.gather(
+                    *(http.post(srv.url + "/images/generations", json=body) for _ in range(20))
+                )
 
         responses = asyncio.run(flood())
         codes = [r.status_code for r in responses]
@@ -261,8 +308,9 @@ def test_a_client_that_leaves_while_queued_is_dropped():
                 slow = asyncio.ensure_future(http.post(srv.url + "/images/generations", json=body))
                 await asyncio.sleep(1.0)  # the slow request (about 10 s) is running
                 impatient_client = httpx.AsyncClient(timeout=120)
-                impatient = asyncio.ensure_future(impatient_client.post(srv.url + "/images/generations",
-                                                                        json={"prompt": "a dog"}))  # fmt: skip
+                impatient = asyncio.ensure_future(
+                    impatient_client.post(srv.url + "/images/generations", json={"prompt": "a dog"})
+                )
                 while (await http.get(srv.base + "/health")).json()["queue_depth"] < 1:
                     assert not slow.done(), "the slow request ended before the second one was queued"
                     await asyncio.sleep(0.05)
@@ -317,18 +365,22 @@ def test_request_bodies_never_crash_the_server(server):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
-                        st.text(max_size=30))  # fmt: skip
+    scalars = st.one_of(
+        st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.text(max_size=30)
+    )
     specs = st.one_of(
         st.text(max_size=40),
-        st.builds(lambda name, opts: name + (":" + opts if opts else ""),
-                  st.sampled_from(["best_of_n", "attend_and_excite", "nope", "seed_search"]),
-                  st.text(alphabet="n=,:@rewardshapes_soft0123456789x.+-", max_size=30)),
-    )  # fmt: skip
+        st.builds(
+            lambda name, opts: name + (":" + opts if opts else ""),
+            st.sampled_from(["best_of_n", "attend_and_excite", "nope", "seed_search"]),
+            st.text(alphabet="n=,:@rewardshapes_soft0123456789x.+-", max_size=30),
+        ),
+    )
     ttalign_options = st.dictionaries(
         st.sampled_from(["seed", "steps", "guidance_scale", "negative_prompt", "eta", "alignment", "other"]),
-        st.one_of(scalars, st.lists(specs, max_size=3)), max_size=4,
-    )  # fmt: skip
+        st.one_of(scalars, st.lists(specs, max_size=3)),
+        max_size=4,
+    )
     bodies = st.one_of(
         scalars,
         st.lists(scalars, max_size=3),
@@ -344,7 +396,7 @@ def test_request_bodies_never_crash_the_server(server):
                 "output_format": st.sampled_from(["png", "jpeg", "gif"]),
                 "quality": scalars,
             },
-        ),  # fmt: skip
+        ),
     )
     headers = {"Authorization": f"Bearer {KEY}"}
 
@@ -370,14 +422,16 @@ def test_request_bodies_never_crash_the_server(server):
 def test_a_request_not_answered_in_time_gets_504_and_the_server_goes_on():
     srv = Server("--request-timeout", "1", key=None)
     try:
-        r = httpx.post(srv.url + "/images/generations", json={"prompt": "a cat", "n": 10, "ttalign": {"steps": 100}},
-                       timeout=60)  # fmt: skip
+        r = httpx.post(
+            srv.url + "/images/generations", json={"prompt": "a cat", "n": 10, "ttalign": {"steps": 100}}, timeout=60
+        )
         assert r.status_code == 504 and r.headers["x-should-retry"] == "false"
         assert r.json()["error"]["type"] == "timeout" and "within 1 s" in r.json()["error"]["message"]
         # the abandoned call stops within a step, so the next request does not wait behind it
         start = time.time()
-        quick = httpx.post(srv.url + "/images/generations", json={"prompt": "a dog", "ttalign": {"steps": 2}},
-                           timeout=60)  # fmt: skip
+        quick = httpx.post(
+            srv.url + "/images/generations", json={"prompt": "a dog", "ttalign": {"steps": 2}}, timeout=60
+        )
         assert quick.status_code == 200 and time.time() - start < 5
         text = srv_metrics(srv)
         assert _metric(text, 'ttalign_cancelled_requests_total{reason="timeout"}') == 1
@@ -397,8 +451,13 @@ def test_serves_an_sdxl_folder(tmp_path):
     try:
         client = srv.client(key="unused")
         assert client.models.list().data[0].id == "tiny-sdxl"
-        out = client.images.generate(prompt="a red circle", size="64x64", extra_body={"ttalign": {
-            "seed": 1, "steps": 2, "alignment": ["best_of_n:n=2,reward=jpeg_incompressibility"]}})  # fmt: skip
+        out = client.images.generate(
+            prompt="a red circle",
+            size="64x64",
+            extra_body={
+                "ttalign": {"seed": 1, "steps": 2, "alignment": ["best_of_n:n=2,reward=jpeg_incompressibility"]}
+            },
+        )
         assert _decode(out.data[0].b64_json).size == (64, 64) and out.data[0].model_extra["reward"] > 0
     finally:
         srv.close()
@@ -420,8 +479,14 @@ def test_serves_a_flow_folder_and_refuses_eta(tmp_path, family):
     srv = Server("--model", str(folder), "--allow", "best_of_n", "--reward", "jpeg_incompressibility", key=None)
     try:
         client = srv.client(key="unused")
-        out = client.images.generate(prompt="a red circle", size="32x32", n=2, extra_body={"ttalign": {
-            "seed": 1, "steps": 2, "alignment": ["best_of_n:n=2,reward=jpeg_incompressibility"]}})  # fmt: skip
+        out = client.images.generate(
+            prompt="a red circle",
+            size="32x32",
+            n=2,
+            extra_body={
+                "ttalign": {"seed": 1, "steps": 2, "alignment": ["best_of_n:n=2,reward=jpeg_incompressibility"]}
+            },
+        )
         assert [_decode(d.b64_json).size for d in out.data] == [(32, 32)] * 2
         assert out.data[0].model_extra["reward"] > 0
         with pytest.raises(openai.BadRequestError, match="takes no eta") as error:

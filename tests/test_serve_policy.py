@@ -26,8 +26,13 @@ brightness.differentiable = True
 
 
 def _nfe_per_image(aligned, methods, steps=3, n=2):
-    out = aligned(["a cat"] * n, num_inference_steps=steps, output_type="pt",
-                  generator=torch.Generator().manual_seed(0), alignment=methods)  # fmt: skip
+    out = aligned(
+        ["a cat"] * n,
+        num_inference_steps=steps,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+        alignment=methods,
+    )
     return out.traces["compute"]["nfe"] / n
 
 

@@ -15,9 +15,25 @@ def test_two_ray_replicas_answer_the_same_client():
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TTALIGN_API_KEY", None)
-    cmd = [sys.executable, "-m", "ttalign.cli", "serve", "--ray", "--replicas", "2", "--gpus-per-replica", "0",
-           "--port", str(port), "--max-queued-requests", "4", "--allow", "best_of_n",
-           "--reward", "shapes_soft"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "ttalign.cli",
+        "serve",
+        "--ray",
+        "--replicas",
+        "2",
+        "--gpus-per-replica",
+        "0",
+        "--port",
+        str(port),
+        "--max-queued-requests",
+        "4",
+        "--allow",
+        "best_of_n",
+        "--reward",
+        "shapes_soft",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -32,8 +48,11 @@ def test_two_ray_replicas_answer_the_same_client():
         import psutil
 
         # the HTTP proxy listens on the loopback only (Ray's own gRPC servers are Ray's: see docs/serving.md)
-        listening = {c.laddr.ip for c in psutil.net_connections(kind="inet")
-                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}  # fmt: skip
+        listening = {
+            c.laddr.ip
+            for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        }
         assert listening == {"127.0.0.1"}, listening
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
         options = {"seed": 3, "steps": 4, "alignment": ["best_of_n:n=2,reward=shapes_soft"]}
@@ -43,8 +62,9 @@ def test_two_ray_replicas_answer_the_same_client():
         async def burst(count, steps):
             async with httpx.AsyncClient(timeout=240) as http:
                 body = {"prompt": "a red circle", "ttalign": {"steps": steps}}
-                return await asyncio.gather(*(http.post(base + "/v1/images/generations", json=body)
-                                              for _ in range(count)))  # fmt: skip
+                return await asyncio.gather(
+                    *(http.post(base + "/v1/images/generations", json=body) for _ in range(count))
+                )
 
         replicas = set()
         for _ in range(5):  # the router may send one burst to one replica (it batches them); both serve over a few

@@ -18,11 +18,30 @@ JSON = {**AUTH, "Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def server():
-    srv = Server("--allow", "best_of_n", "--allow", "seed_search", "--allow", "attend_and_excite",
-                 "--allow", "prompt_rewrite:model=local-llm,base_url=http://127.0.0.1:9/v1",
-                 "--allow", "fail_on", "--allow", "oom_above", "--reward", "shapes_soft",
-                 "--max-steps", "100", "--batch-window", "0.3", "--max-batch-images", "16",
-                 "--header-timeout", "2")  # fmt: skip
+    srv = Server(
+        "--allow",
+        "best_of_n",
+        "--allow",
+        "seed_search",
+        "--allow",
+        "attend_and_excite",
+        "--allow",
+        "prompt_rewrite:model=local-llm,base_url=http://127.0.0.1:9/v1",
+        "--allow",
+        "fail_on",
+        "--allow",
+        "oom_above",
+        "--reward",
+        "shapes_soft",
+        "--max-steps",
+        "100",
+        "--batch-window",
+        "0.3",
+        "--max-batch-images",
+        "16",
+        "--header-timeout",
+        "2",
+    )
     yield srv
     srv.close()
 
@@ -40,9 +59,17 @@ def _error(response, status, code=None):
     return error
 
 
-@pytest.mark.parametrize("option", ["base_url=http://attacker.example/v1", "api_key_env=AWS_SECRET_ACCESS_KEY",
-                                    "timeout=100000", "max_retries=1000", "model=gpt-4o",
-                                    "system_prompt=x"])  # fmt: skip
+@pytest.mark.parametrize(
+    "option",
+    [
+        "base_url=http://attacker.example/v1",
+        "api_key_env=AWS_SECRET_ACCESS_KEY",
+        "timeout=100000",
+        "max_retries=1000",
+        "model=gpt-4o",
+        "system_prompt=x",
+    ],
+)
 def test_a_request_cannot_set_the_servers_options(server, option):
     key = option.split("=")[0]
     r = _post(server, {"prompt": "a cat", "ttalign": {"alignment": [f"prompt_rewrite:{option}"]}})
@@ -76,22 +103,37 @@ def test_rewards_are_named_from_those_loaded_at_start_up(server):
 def test_compute_is_priced_and_bounded(server):
     """10 images x best-of-10 x 100 steps is 10,000 image-steps, over the 2,000 default budget: refused before it is
     queued, with the price in the message; one image of it (1,000) runs."""
-    body = {"prompt": "a red circle", "n": 10,
-            "ttalign": {"steps": 100, "alignment": ["best_of_n:n=10,reward=shapes_soft"]}}  # fmt: skip
+    body = {
+        "prompt": "a red circle",
+        "n": 10,
+        "ttalign": {"steps": 100, "alignment": ["best_of_n:n=10,reward=shapes_soft"]},
+    }
     error = _error(_post(server, body), 400, "over_budget")
     assert "costs 10000 image-steps" in error["message"] and "2000" in error["message"]
     assert "driven by BestOfN.n=10" in error["message"]  # the method's declared costly options, with their values
-    error = _error(_post(server, {**body, "n": 1, "ttalign": {"steps": 100, "alignment": [
-        "seed_search:n=16,rounds=16,neighbors=16,reward=shapes_soft"]}}), 400, "over_budget")  # fmt: skip
+    error = _error(
+        _post(
+            server,
+            {
+                **body,
+                "n": 1,
+                "ttalign": {"steps": 100, "alignment": ["seed_search:n=16,rounds=16,neighbors=16,reward=shapes_soft"]},
+            },
+        ),
+        400,
+        "over_budget",
+    )
     assert "driven by SeedSearch.n=16, SeedSearch.rounds=16, SeedSearch.neighbors=16" in error["message"]
     # sizes up to 1.5 x the native 32 pixels
     _error(_post(server, {"prompt": "a cat", "size": "64x64"}), 400)
     ok = _post(server, {"prompt": "a cat", "size": "48x48", "ttalign": {"steps": 2}})
     assert ok.status_code == 200, ok.text
-    for spec, message in [("attend_and_excite:kernel_size=99", "between 1 and 15"),
-                          ("attend_and_excite:kernel_size=4", "must be odd"),
-                          ("best_of_n:n=17,reward=shapes_soft", "between 1 and 16"),
-                          ("best_of_n:n=1e9,reward=shapes_soft", "expected an integer")]:  # fmt: skip
+    for spec, message in [
+        ("attend_and_excite:kernel_size=99", "between 1 and 15"),
+        ("attend_and_excite:kernel_size=4", "must be odd"),
+        ("best_of_n:n=17,reward=shapes_soft", "between 1 and 16"),
+        ("best_of_n:n=1e9,reward=shapes_soft", "expected an integer"),
+    ]:
         error = _error(_post(server, {"prompt": "a cat", "ttalign": {"alignment": [spec]}}), 400)
         assert message in error["message"], error
 
@@ -111,8 +153,10 @@ def test_hosts_and_origins(server):
     assert r.status_code == 200
     r = _post(server, {"prompt": "a cat"}, headers={**JSON, "Origin": "https://evil.example"})
     _error(r, 403, "forbidden_origin")
-    r = httpx.options(server.url + "/images/generations", headers={"Origin": "https://evil.example",
-                                                                 "Access-Control-Request-Method": "POST"})  # fmt: skip
+    r = httpx.options(
+        server.url + "/images/generations",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    )
     assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
     same = _post(
         server, {"prompt": "a cat", "ttalign": {"steps": 2}}, headers={**JSON, "Origin": server.base}
@@ -135,9 +179,11 @@ def test_hosts_and_origins(server):
         b'{"prompt": "a cat", "output_format": ["png"]}',
         b'{"prompt": "a cat", "output_format": {"png": 1}}',
         b'{"prompt": "a cat", "ttalign": {"alignment": [{"name": "best_of_n", "n": {"a": '
-        + b"[" * 20 + b"]" * 20 + b"}}]}}",  # nesting past the depth limit
+        + b"[" * 20
+        + b"]" * 20
+        + b"}}]}}",  # nesting past the depth limit
     ],
-)  # fmt: skip
+)
 def test_malformed_bodies_get_400(server, content):
     r = httpx.post(server.url + "/images/generations", content=content, headers=JSON, timeout=60)
     _error(r, 400)
@@ -146,13 +192,17 @@ def test_malformed_bodies_get_400(server, content):
 def test_bodies_over_the_limit_are_not_read(server):
     """64 MiB announced by Content-Length is refused from the header; a chunked body is cut at the 1 MiB limit."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
-        s.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 67108864\r\n\r\n")  # fmt: skip
+        s.sendall(
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 67108864\r\n\r\n"
+        )
         assert s.recv(4096).startswith(b"HTTP/1.1 413")
     sent = 0
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
-        s.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  b"Authorization: Bearer " + KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+        s.sendall(
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         chunk = b"10000\r\n" + b" " * 0x10000 + b"\r\n"
         s.setblocking(False)
         answer = b""
@@ -217,8 +267,10 @@ def test_one_failing_member_of_a_merged_call_fails_alone(server):
 
     async def four():
         async with httpx.AsyncClient(timeout=120, headers=AUTH) as http:
-            bodies = [{"prompt": f"a {word} circle", "ttalign": {"seed": k, "steps": 4, "alignment": ["fail_on"]}}
-                      for k, word in enumerate(["red", "green", "boom", "blue"])]  # fmt: skip
+            bodies = [
+                {"prompt": f"a {word} circle", "ttalign": {"seed": k, "steps": 4, "alignment": ["fail_on"]}}
+                for k, word in enumerate(["red", "green", "boom", "blue"])
+            ]
             return await asyncio.gather(*(http.post(server.url + "/images/generations", json=b) for b in bodies))
 
     responses = asyncio.run(four())
@@ -238,17 +290,24 @@ def test_one_failing_member_of_a_merged_call_fails_alone(server):
 def test_spellings_of_one_setting_share_one_method_and_one_call(server):
     """32 requests spelling one best-of-2 setting differently (trailing commas, spaces, order, defaults written out,
     objects) make one method object, so they merge into shared calls."""
-    spellings = ["best_of_n:n=2,reward=shapes_soft", "best_of_n:n=2,reward=shapes_soft,",
-                 " best_of_n : reward=shapes_soft , n=2 ", "best_of_n:reward=shapes_soft,n=2,,",
-                 "best_of_n:n=+2 , reward = shapes_soft", {"name": "best_of_n", "n": 2, "reward": "shapes_soft"},
-                 {"reward": "shapes_soft", "name": "best_of_n", "n": "2"},
-                 "best_of_n:n=02,reward=shapes_soft"]  # fmt: skip
+    spellings = [
+        "best_of_n:n=2,reward=shapes_soft",
+        "best_of_n:n=2,reward=shapes_soft,",
+        " best_of_n : reward=shapes_soft , n=2 ",
+        "best_of_n:reward=shapes_soft,n=2,,",
+        "best_of_n:n=+2 , reward = shapes_soft",
+        {"name": "best_of_n", "n": 2, "reward": "shapes_soft"},
+        {"reward": "shapes_soft", "name": "best_of_n", "n": "2"},
+        "best_of_n:n=02,reward=shapes_soft",
+    ]
     before = server.metrics()
 
     async def many():
         async with httpx.AsyncClient(timeout=120, headers=AUTH) as http:
-            bodies = [{"prompt": "a red circle", "ttalign": {"seed": k, "steps": 3, "alignment": [spellings[k % 8]]}}
-                      for k in range(32)]  # fmt: skip
+            bodies = [
+                {"prompt": "a red circle", "ttalign": {"seed": k, "steps": 3, "alignment": [spellings[k % 8]]}}
+                for k in range(32)
+            ]
             return await asyncio.gather(*(http.post(server.url + "/images/generations", json=b) for b in bodies))
 
     responses = asyncio.run(many())
@@ -366,11 +425,12 @@ def test_any_json_value_in_any_field_gets_an_answer_not_a_crash(server):
     from hypothesis import strategies as st
 
     json_values = st.recursive(
-        st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
-                  st.text(max_size=20)),
+        st.one_of(
+            st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=20)
+        ),
         lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
         max_leaves=8,
-    )  # fmt: skip
+    )
     method_names = st.sampled_from(["best_of_n", "seed_search", "attend_and_excite", "prompt_rewrite", "nope"])
     method_objects = st.fixed_dictionaries(
         {"name": st.one_of(method_names, json_values)},
@@ -390,7 +450,7 @@ def test_any_json_value_in_any_field_gets_an_answer_not_a_crash(server):
                         "alignment": st.lists(st.one_of(method_objects, json_values), max_size=2),
                     },
                 ),
-            ),  # fmt: skip
+            ),
         },
     )
 
@@ -400,8 +460,9 @@ def test_any_json_value_in_any_field_gets_an_answer_not_a_crash(server):
         if isinstance(body.get("ttalign"), dict):
             body["ttalign"]["steps"] = 2  # keep the valid ones cheap
         body["n"] = 1 if isinstance(body.get("n"), int) and not isinstance(body.get("n"), bool) else body.get("n", 1)
-        r = httpx.post(server.url + "/images/generations", content=json.dumps(body).encode(), headers=JSON,
-                       timeout=120)  # fmt: skip
+        r = httpx.post(
+            server.url + "/images/generations", content=json.dumps(body).encode(), headers=JSON, timeout=120
+        )
         assert r.status_code == 200 or 400 <= r.status_code < 500, (body, r.status_code, r.text)
         if r.status_code != 200 and "text/event-stream" not in r.headers.get("content-type", ""):
             assert r.json()["error"]["message"]

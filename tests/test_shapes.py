@@ -94,16 +94,24 @@ def test_verifier_passes_the_matching_caption_and_reports_objects():
 
 def test_placement_against_the_layout_of_a_position_caption():
     images = _images([[RED_CIRCLE, BLUE_SQUARE], [RED_CIRCLE, BLUE_SQUARE], [BLUE_SQUARE], [RED_CIRCLE]])
-    captions = ["a red circle left of a blue square", "a red circle right of a blue square",
-                "a red circle left of a blue square", "a red circle"]  # fmt: skip
+    captions = [
+        "a red circle left of a blue square",
+        "a red circle right of a blue square",
+        "a red circle left of a blue square",
+        "a red circle",
+    ]
     verdicts = verify(images, captions).verdicts
     assert [placement(v) for v in verdicts] == [[True, True], [False, False], [None, True], []]
 
 
 def test_verifier_reward_scores_the_share_of_clauses_and_strict_the_pass():
     images = _images([[RED_CIRCLE, BLUE_SQUARE], [RED_CIRCLE, BLUE_SQUARE], [RED_CIRCLE], []])
-    captions = ["a red circle left of a blue square", "a red circle right of a blue square",
-                "a red circle left of a blue square", "a red circle"]  # fmt: skip
+    captions = [
+        "a red circle left of a blue square",
+        "a red circle right of a blue square",
+        "a red circle left of a blue square",
+        "a red circle",
+    ]
     # clauses: 3 of 3; both phrases but not the relation; the circle only; nothing
     assert load_reward("shapes_exact")(images, captions).tolist() == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])
     assert ShapesVerifierReward(strict=True)(images, captions).tolist() == [1.0, 0.0, 0.0, 0.0]
@@ -199,8 +207,9 @@ def test_diversity_of_identical_and_of_moved_images():
 
     prompt = "a red circle"
     same = _images([[RED_CIRCLE]] * 3)
-    moved = _images([[RED_CIRCLE], [ShapeObject("circle", "red", 23, 16, 5.5)], [ShapeObject("circle", "red", 16, 9,
-                                                                                             6.5)]])  # fmt: skip
+    moved = _images(
+        [[RED_CIRCLE], [ShapeObject("circle", "red", 23, 16, 5.5)], [ShapeObject("circle", "red", 16, 9, 6.5)]]
+    )
     embedder = ShapesCLIPScore().embedder
     d_same = diversity(embedder.image_embeds(same), verify(same, [prompt] * 3), 3)
     d_moved = diversity(embedder.image_embeds(moved), verify(moved, [prompt] * 3), 3)

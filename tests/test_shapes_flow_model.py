@@ -23,8 +23,17 @@ def test_model_folder_is_a_standard_diffusers_layout():
     with open(os.path.join(FLOW_MODEL_DIR, "model_index.json")) as f:
         index = json.load(f)
     assert index["_class_name"] in ("StableDiffusion3Pipeline", "AlignedStableDiffusion3Pipeline")
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
-                 "tokenizer_3", "scheduler"):  # fmt: skip
+    for name in (
+        "transformer",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+        "tokenizer",
+        "tokenizer_2",
+        "tokenizer_3",
+        "scheduler",
+    ):
         assert name in index and os.path.isdir(os.path.join(FLOW_MODEL_DIR, name)), name
     files = [os.path.join(root, f) for root, _, names in os.walk(FLOW_MODEL_DIR) for f in names]
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]  # safetensors only
@@ -47,8 +56,9 @@ def test_the_training_encoding_is_the_pipelines(flow_pipe):
     tokenizers = {name: getattr(flow_pipe, name) for name in ("tokenizer", "tokenizer_2", "tokenizer_3")}
     with torch.no_grad():
         embeds, pooled = encode_flow_text(models, _tokenize_all(tokenizers, prompts))
-        theirs = flow_pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
-                                         max_sequence_length=FLOW_TEXT_LENGTH)  # fmt: skip
+        theirs = flow_pipe.encode_prompt(
+            prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=FLOW_TEXT_LENGTH
+        )
     assert embeds.shape == (3, 2 * FLOW_TEXT_LENGTH, 128)
     assert torch.allclose(embeds, theirs[0], atol=1e-6) and torch.allclose(pooled, theirs[2], atol=1e-6)
     # a subject word sits at its CLIP position and at its T5 position, 10 tokens later
@@ -70,13 +80,22 @@ def test_sampling_defaults_travel_with_the_model(flow_pipe, tmp_path):
 
     from ttalign.pipelines.base import SAMPLING_DEFAULTS_FILE
 
-    assert flow_pipe.sampling_defaults == FLOW_SAMPLING_DEFAULTS == {
-        "num_inference_steps": 20, "guidance_scale": 3.0, "max_sequence_length": 10}  # fmt: skip
+    assert (
+        flow_pipe.sampling_defaults
+        == FLOW_SAMPLING_DEFAULTS
+        == {"num_inference_steps": 20, "guidance_scale": 3.0, "max_sequence_length": 10}
+    )
     generator = torch.Generator().manual_seed(1)
     plain = flow_pipe("a red circle", generator=generator, output_type="pt", num_inference_steps=3)
     assert plain.traces["compute"]["nfe"] == 3  # what the caller gives wins
-    explicit = flow_pipe("a red circle", generator=torch.Generator().manual_seed(1), output_type="pt",
-                         num_inference_steps=3, guidance_scale=3.0, max_sequence_length=10)  # fmt: skip
+    explicit = flow_pipe(
+        "a red circle",
+        generator=torch.Generator().manual_seed(1),
+        output_type="pt",
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        max_sequence_length=10,
+    )
     assert torch.equal(plain.images, explicit.images)
     # saved, loaded and wrapped, the defaults go along; the parent pipeline knows nothing of them
     flow_pipe.save_pretrained(tmp_path / "copy")
@@ -98,9 +117,15 @@ def test_flow_grpo_step_on_the_model(flow_pipe, tmp_path):
     from ttalign.shapes import ShapesSoftVerifier
     from ttalign.training import FlowGRPOConfig, FlowGRPOTrainer
 
-    config = FlowGRPOConfig(max_steps=1, train_batch_size=4, group_size=2, num_inference_steps=4, learning_rate=1e-3,
-                            output_dir=str(tmp_path / "o"),
-                            encode_options={"max_sequence_length": FLOW_TEXT_LENGTH})  # fmt: skip
+    config = FlowGRPOConfig(
+        max_steps=1,
+        train_batch_size=4,
+        group_size=2,
+        num_inference_steps=4,
+        learning_rate=1e-3,
+        output_dir=str(tmp_path / "o"),
+        encode_options={"max_sequence_length": FLOW_TEXT_LENGTH},
+    )
     pipe = AlignedStableDiffusion3Pipeline.from_pretrained(FLOW_MODEL_DIR)
     trainer = FlowGRPOTrainer(pipe, config, ShapesSoftVerifier(), ["a red circle", "two blue squares"])
     traj = trainer.sample(torch.Generator().manual_seed(0))
@@ -116,7 +141,9 @@ def test_command_line_runs_the_flow_model(tmp_path, capsys):
     from ttalign.cli import main
 
     out = tmp_path / "flow.png"
-    assert main(["generate", "a red circle", "--model", "shapes-flow", "--steps", "4", "--seed", "0",
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(["generate", "a red circle", "--model", "shapes-flow", "--steps", "4", "--seed", "0", "--out", str(out)])
+        == 0
+    )
     assert Image.open(out).size == (32, 32)
     assert "nfe: 4" in capsys.readouterr().out

@@ -39,8 +39,13 @@ def test_loads_through_from_pretrained(shapes_pipe):
 
 def test_draws_single_coloured_objects_well(shapes_pipe):
     prompts = [p for p, c in evaluation_prompts(12) if c == "colors"]
-    out = shapes_pipe(prompts, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0), output_type="pt",
-                      **SAMPLING_DEFAULTS)  # fmt: skip
+    out = shapes_pipe(
+        prompts,
+        num_images_per_prompt=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        **SAMPLING_DEFAULTS,
+    )
     assert out.images.shape == (24, 3, 32, 32)
     assert verify(out.images, [p for p in prompts for _ in range(2)]).category_accuracy["colors"] >= 0.75
 
@@ -51,8 +56,15 @@ def test_evaluation_harness(shapes_pipe, tmp_path):
 
     prompts = evaluation_prompts(2)
     base = evaluate(shapes_pipe, prompts, name="base", seeds=2, batch_prompts=6, num_inference_steps=5)
-    best = evaluate(shapes_pipe, prompts, [BestOfN(ShapesSoftVerifier(), n=2)], name="bo2", seeds=2, batch_prompts=6,
-                    num_inference_steps=5)  # fmt: skip
+    best = evaluate(
+        shapes_pipe,
+        prompts,
+        [BestOfN(ShapesSoftVerifier(), n=2)],
+        name="bo2",
+        seeds=2,
+        batch_prompts=6,
+        num_inference_steps=5,
+    )
     assert base.images == best.images == 24
     assert base.nfe_per_image == 5 and best.nfe_per_image == 10
     assert best.reward_calls == 2 and base.reward_calls == 0
@@ -66,8 +78,9 @@ def test_evaluation_harness(shapes_pipe, tmp_path):
         sum(passed for _, passed in summary["verdicts"]) == sum(base.verification.passed) and "samples" not in summary
     )
     assert [len(p) for p in summary["placements"]] == [2 if c == "position" else 0 for c, _ in summary["verdicts"]]
-    position = evaluate(shapes_pipe, [p for p in prompts if p[1] == "position"], name="pos", seeds=1,
-                        num_inference_steps=2)  # fmt: skip
+    position = evaluate(
+        shapes_pipe, [p for p in prompts if p[1] == "position"], name="pos", seeds=1, num_inference_steps=2
+    )
     assert markdown_table([position]).splitlines()[0] == (
         "| run | position | overall | soft reward | CLIP reward | diversity: CLIP distance / position spread | "
         "NFE / image | time (s) | peak mem (MB) |"

@@ -54,8 +54,9 @@ def test_killed_run_resumes_to_the_same_weights(pairs, tmp_path):
     subprocess.run([sys.executable, SCRIPT, pairs, straight, "6"], check=True, capture_output=True)
 
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen([sys.executable, SCRIPT, pairs, killed, "200"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, pairs, killed, "200"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not os.path.isdir(os.path.join(killed, "checkpoint-2")) and time.time() < deadline:
         time.sleep(0.01)
@@ -97,9 +98,18 @@ def test_kto_trains_on_feedback_records(pairs, tmp_path):
                     json.dumps({"prompt": r["prompt"], "image": os.path.join(pairs, r[key]), "label": good}) + "\n"
                 )
     torch.manual_seed(0)
-    trainer = DiffusionKTOTrainer(get_tiny_pipeline(), KTOConfig(max_steps=2, train_batch_size=2, beta=500.0,
-                                  learning_rate=1e-3, resolution=32, output_dir=str(tmp_path / "out")),
-                                  train_dataset=str(folder))  # fmt: skip
+    trainer = DiffusionKTOTrainer(
+        get_tiny_pipeline(),
+        KTOConfig(
+            max_steps=2,
+            train_batch_size=2,
+            beta=500.0,
+            learning_rate=1e-3,
+            resolution=32,
+            output_dir=str(tmp_path / "out"),
+        ),
+        train_dataset=str(folder),
+    )
     assert len(trainer.records) == 8 and trainer.desirable.sum() == 4
     metrics = trainer.train()
     assert metrics["step"] == 2 and np.isfinite(metrics["loss"])
@@ -122,14 +132,31 @@ def test_reward_backprop_raises_the_reward_signal(mode, tmp_path):
     torch.manual_seed(0)
     prompts = ["a red circle", "a blue square"]
     lr, steps = (0.3, 20) if mode == "refl" else (0.1, 10)
-    config = RewardBackpropConfig(mode=mode, k=2, num_inference_steps=3, guidance_scale=3.0, max_steps=steps,
-                                  train_batch_size=2, resolution=32, learning_rate=lr, refl_target=1.0,
-                                  refl_start=0.0, output_dir=str(tmp_path / mode))  # fmt: skip
+    config = RewardBackpropConfig(
+        mode=mode,
+        k=2,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        max_steps=steps,
+        train_batch_size=2,
+        resolution=32,
+        learning_rate=lr,
+        refl_target=1.0,
+        refl_start=0.0,
+        output_dir=str(tmp_path / mode),
+    )
     pipe = get_tiny_pipeline()
 
     def reward_of_samples() -> float:
-        images = pipe(prompts * 4, num_inference_steps=3, guidance_scale=3.0, height=32, width=32, output_type="pt",
-                      generator=torch.Generator().manual_seed(123)).images  # fmt: skip
+        images = pipe(
+            prompts * 4,
+            num_inference_steps=3,
+            guidance_scale=3.0,
+            height=32,
+            width=32,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(123),
+        ).images
         return Redness()(images, prompts * 4).mean().item()
 
     before = reward_of_samples()
@@ -167,9 +194,18 @@ def test_ddpo_records_trajectories_and_updates_the_lora(algorithm, kl_weight, tm
     from ttalign.training import DDPOConfig, DDPOTrainer
 
     torch.manual_seed(0)
-    config = DDPOConfig(algorithm=algorithm, kl_weight=kl_weight, num_inference_steps=3, guidance_scale=3.0,
-                        max_steps=2, train_batch_size=2, resolution=32, learning_rate=1e-2, clip_range=0.2,
-                        output_dir=str(tmp_path / algorithm))  # fmt: skip
+    config = DDPOConfig(
+        algorithm=algorithm,
+        kl_weight=kl_weight,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        max_steps=2,
+        train_batch_size=2,
+        resolution=32,
+        learning_rate=1e-2,
+        clip_range=0.2,
+        output_dir=str(tmp_path / algorithm),
+    )
     trainer = DDPOTrainer(get_tiny_pipeline(), config, JpegIncompressibility(), ["a red circle", "a blue square"])
     traj = trainer.sample(torch.Generator().manual_seed(0))
     assert traj.latents.shape[:2] == (3, 2) and traj.log_probs.shape == (3, 2)
@@ -193,8 +229,16 @@ def test_dpo_with_gradient_checkpointing_and_bf16(pairs, tmp_path):
 
     AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one precision per process
     torch.manual_seed(0)
-    config = DPOConfig(max_steps=1, train_batch_size=2, gradient_checkpointing=True, mixed_precision="bf16",
-                       resolution=32, beta=500.0, learning_rate=1e-3, output_dir=str(tmp_path / "o"))  # fmt: skip
+    config = DPOConfig(
+        max_steps=1,
+        train_batch_size=2,
+        gradient_checkpointing=True,
+        mixed_precision="bf16",
+        resolution=32,
+        beta=500.0,
+        learning_rate=1e-3,
+        output_dir=str(tmp_path / "o"),
+    )
     trainer = DiffusionDPOTrainer(get_tiny_pipeline(), config, train_dataset=pairs)
     assert trainer.accelerator.unwrap_model(trainer.unet).is_gradient_checkpointing
     metrics = trainer.train()
@@ -208,8 +252,14 @@ def test_tensorboard_logging(pairs, tmp_path):
     from ttalign.training import DiffusionDPOTrainer, DPOConfig
 
     torch.manual_seed(0)
-    config = DPOConfig(max_steps=2, train_batch_size=2, resolution=32, beta=500.0, report_to="tensorboard",
-                       output_dir=str(tmp_path / "tb"))  # fmt: skip
+    config = DPOConfig(
+        max_steps=2,
+        train_batch_size=2,
+        resolution=32,
+        beta=500.0,
+        report_to="tensorboard",
+        output_dir=str(tmp_path / "tb"),
+    )
     DiffusionDPOTrainer(get_tiny_pipeline(), config, train_dataset=pairs).train()
     events = [f for _, _, files in os.walk(tmp_path / "tb") for f in files if f.startswith("events.out.tfevents")]
     assert events

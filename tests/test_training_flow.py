@@ -29,18 +29,28 @@ from ttalign.training import (
 
 FAMILIES = {
     "sd3": (get_tiny_sd3_pipeline, lambda: StableDiffusion3Pipeline(**get_tiny_sd3_components())),
-    "flux": (lambda: get_tiny_flux_pipeline(guidance_embeds=True),
-             lambda: FluxPipeline(**get_tiny_flux_components(guidance_embeds=True))),
-}  # fmt: skip
+    "flux": (
+        lambda: get_tiny_flux_pipeline(guidance_embeds=True),
+        lambda: FluxPipeline(**get_tiny_flux_components(guidance_embeds=True)),
+    ),
+}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_reward_backprop_through_the_flow_sampler(family, tmp_path):
     aligned, parent = FAMILIES[family]
     torch.manual_seed(0)
-    config = RewardBackpropConfig(mode="draft", k=2, num_inference_steps=3, guidance_scale=3.0, max_steps=1,
-                                  train_batch_size=2, learning_rate=1e-2, resolution=32,
-                                  output_dir=str(tmp_path / "o"))  # fmt: skip
+    config = RewardBackpropConfig(
+        mode="draft",
+        k=2,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        max_steps=1,
+        train_batch_size=2,
+        learning_rate=1e-2,
+        resolution=32,
+        output_dir=str(tmp_path / "o"),
+    )
     trainer = RewardBackpropTrainer(aligned(), config, Redness(), ["a red circle", "a blue square"])
     metrics = trainer.train()
     assert np.isfinite(metrics["loss"]) and "reward" in metrics

@@ -41,9 +41,11 @@ from ttalign.training import (
 
 FAMILIES = {
     "sd3": (get_tiny_sd3_pipeline, lambda: StableDiffusion3Pipeline(**get_tiny_sd3_components())),
-    "flux": (lambda: get_tiny_flux_pipeline(guidance_embeds=True),
-             lambda: FluxPipeline(**get_tiny_flux_components(guidance_embeds=True))),
-}  # fmt: skip
+    "flux": (
+        lambda: get_tiny_flux_pipeline(guidance_embeds=True),
+        lambda: FluxPipeline(**get_tiny_flux_components(guidance_embeds=True)),
+    ),
+}
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
 
@@ -117,7 +119,7 @@ def _grpo(pipe, tmp_path, **kwargs):
         kl_weight=0.04,
         output_dir=str(tmp_path / "o"),
     )
-    settings.update(kwargs)  # fmt: skip
+    settings.update(kwargs)
     return GRPOTrainer(pipe, GRPOConfig(**settings), Redness(), PROMPTS)
 
 
@@ -186,8 +188,9 @@ def test_flow_grpo_resumes_from_its_checkpoint(tmp_path):
 
 def test_fast_window_samples_the_ode_outside_the_window(tmp_path):
     torch.manual_seed(0)
-    trainer = _grpo(get_tiny_sd3_pipeline(), tmp_path, num_inference_steps=8, sde_window=2,
-                    sde_window_range=(0.0, 0.5))  # fmt: skip
+    trainer = _grpo(
+        get_tiny_sd3_pipeline(), tmp_path, num_inference_steps=8, sde_window=2, sde_window_range=(0.0, 0.5)
+    )
     starts = set()
     for seed in range(8):
         steps = trainer.stochastic_steps(torch.Generator().manual_seed(seed))
@@ -247,8 +250,9 @@ def _pairs(n=4):
 def test_flow_dpo_noises_with_the_flow_and_starts_at_log_2(family, tmp_path):
     aligned, parent = FAMILIES[family]
     torch.manual_seed(0)
-    config = FlowDPOConfig(max_steps=2, train_batch_size=2, learning_rate=1e-2, resolution=32,
-                           output_dir=str(tmp_path / "o"))  # fmt: skip
+    config = FlowDPOConfig(
+        max_steps=2, train_batch_size=2, learning_rate=1e-2, resolution=32, output_dir=str(tmp_path / "o")
+    )
     assert config.beta == 100.0
     trainer = FlowDPOTrainer(aligned(), config, train_dataset=_pairs())
     x0 = trainer.winners[:2]

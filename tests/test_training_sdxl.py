@@ -29,8 +29,10 @@ def _pairs():
     def image(w, h):
         return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
 
-    return [PreferencePair("a red circle", image(80, 48), image(80, 48), 0.0),
-            PreferencePair("a blue square", image(64, 80), image(64, 80), 1.0)]  # fmt: skip
+    return [
+        PreferencePair("a red circle", image(80, 48), image(80, 48), 0.0),
+        PreferencePair("a blue square", image(64, 80), image(64, 80), 1.0),
+    ]
 
 
 def _lora_moved(trainer) -> bool:
@@ -76,8 +78,16 @@ def test_kto_takes_a_step(tmp_path):
 
 def test_ddpo_recomputes_the_recorded_log_probabilities_and_trains(tmp_path):
     torch.manual_seed(0)
-    config = DDPOConfig(num_inference_steps=3, guidance_scale=5.0, max_steps=1, train_batch_size=2, learning_rate=1e-2,
-                        kl_weight=0.01, clip_range=0.2, output_dir=str(tmp_path / "o"))  # fmt: skip
+    config = DDPOConfig(
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        max_steps=1,
+        train_batch_size=2,
+        learning_rate=1e-2,
+        kl_weight=0.01,
+        clip_range=0.2,
+        output_dir=str(tmp_path / "o"),
+    )
     trainer = DDPOTrainer(get_tiny_sdxl_pipeline(), config, Redness(), ["a red circle", "a blue square"])
     traj = trainer.sample(torch.Generator().manual_seed(0))
     assert traj.latents.shape == (3, 2, 4, 32, 32)
@@ -92,9 +102,17 @@ def test_ddpo_recomputes_the_recorded_log_probabilities_and_trains(tmp_path):
 @pytest.mark.parametrize("mode", ["draft", "refl"])
 def test_reward_backprop_takes_a_step(mode, tmp_path):
     torch.manual_seed(0)
-    config = RewardBackpropConfig(mode=mode, k=2, num_inference_steps=3, guidance_scale=5.0, max_steps=1,
-                                  train_batch_size=2, learning_rate=1e-2, refl_target=1.0,
-                                  output_dir=str(tmp_path / mode))  # fmt: skip
+    config = RewardBackpropConfig(
+        mode=mode,
+        k=2,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        max_steps=1,
+        train_batch_size=2,
+        learning_rate=1e-2,
+        refl_target=1.0,
+        output_dir=str(tmp_path / mode),
+    )
     trainer = RewardBackpropTrainer(get_tiny_sdxl_pipeline(), config, Redness(), ["a red circle", "a blue square"])
     metrics = trainer.train()
     assert np.isfinite(metrics["loss"]) and "reward" in metrics and _lora_moved(trainer)

@@ -87,8 +87,17 @@ class AttentionControl:
     def context(self, name: str, is_cross: bool, query_len: int, part: str | None = None) -> LayerContext:
         h, w = self.latent_size
         factor = math.sqrt(h * w / query_len)
-        return LayerContext(name, is_cross, round(h / factor), round(w / factor), self.cfg, self.step_index,
-                            self.timestep, self.rows, part)  # fmt: skip
+        return LayerContext(
+            name,
+            is_cross,
+            round(h / factor),
+            round(w / factor),
+            self.cfg,
+            self.step_index,
+            self.timestep,
+            self.rows,
+            part,
+        )
 
     @contextlib.contextmanager
     def paused(self):
@@ -119,8 +128,11 @@ def attention_control(state) -> AttentionControl:
     control = state.scratch.get("attention_control")
     if control is None:
         text_length = 0 if state.prompt_embeds is None else state.prompt_embeds.shape[1]
-        control = AttentionControl(latent_size=state.family.latent_grid(state.height, state.width),
-                                   text_length=text_length, cfg=bool(state.do_classifier_free_guidance))  # fmt: skip
+        control = AttentionControl(
+            latent_size=state.family.latent_grid(state.height, state.width),
+            text_length=text_length,
+            cfg=bool(state.do_classifier_free_guidance),
+        )
         state.family.install_attention_control(control)
         state.scratch["attention_control"] = control
     return control

@@ -55,8 +55,16 @@ def _atomic_write(path: str, write) -> None:
             os.remove(tmp)
 
 
-def generate_batch(pipe, prompts: list[str], out_dir: str, alignment=(), seed: int = 0, batch_size: int = 4,
-                   call_kwargs: dict | None = None, image_format: str = "png") -> dict:  # fmt: skip
+def generate_batch(
+    pipe,
+    prompts: list[str],
+    out_dir: str,
+    alignment=(),
+    seed: int = 0,
+    batch_size: int = 4,
+    call_kwargs: dict | None = None,
+    image_format: str = "png",
+) -> dict:
     """Generates one image per prompt into `out_dir` (`00000.png`, ... and a `.json` record each), this process's
     share only, then (main process) writes `manifest.jsonl`. Returns `{"written", "skipped", "manifest"}`."""
     from accelerate import PartialState
@@ -76,26 +84,44 @@ def generate_batch(pipe, prompts: list[str], out_dir: str, alignment=(), seed: i
     with state.split_between_processes(list(range(len(prompts)))) as mine:
         todo = [i for i in mine if not done(i)]
         skipped = len(mine) - len(todo)
-        bar = tqdm(total=len(mine), initial=skipped, desc=f"generate (process {state.process_index})",
-                   disable=not state.is_main_process)  # fmt: skip
+        bar = tqdm(
+            total=len(mine),
+            initial=skipped,
+            desc=f"generate (process {state.process_index})",
+            disable=not state.is_main_process,
+        )
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             _seed_globals(seed, chunk[0])
             generators = [torch.Generator().manual_seed(seed + i) for i in chunk]
-            out = pipe([prompts[i] for i in chunk], generator=generators, output_type="pil", alignment=list(alignment),
-                       **(call_kwargs or {}))  # fmt: skip
+            out = pipe(
+                [prompts[i] for i in chunk],
+                generator=generators,
+                output_type="pil",
+                alignment=list(alignment),
+                **(call_kwargs or {}),
+            )
             compute = out.traces["compute"]
             for k, i in enumerate(chunk):
                 base = os.path.join(out_dir, names[i])
                 image = out.images[k]
                 _atomic_write(f"{base}.{image_format}", lambda tmp, image=image: image.save(tmp, format=image_format))
                 size, digest = _file_digest(f"{base}.{image_format}")
-                record = {"index": i, "prompt": prompts[i], "seed": seed + i, "image": f"{names[i]}.{image_format}",
-                          "bytes": size, "sha256": digest,
-                          "reward": None if out.rewards is None else float(out.rewards[k]),
-                          "compute": {"nfe_per_image": compute["nfe"] / len(chunk),
-                                      "wall_time_s": compute["wall_time_s"], "batch": len(chunk)},
-                          "process": state.process_index}  # fmt: skip
+                record = {
+                    "index": i,
+                    "prompt": prompts[i],
+                    "seed": seed + i,
+                    "image": f"{names[i]}.{image_format}",
+                    "bytes": size,
+                    "sha256": digest,
+                    "reward": None if out.rewards is None else float(out.rewards[k]),
+                    "compute": {
+                        "nfe_per_image": compute["nfe"] / len(chunk),
+                        "wall_time_s": compute["wall_time_s"],
+                        "batch": len(chunk),
+                    },
+                    "process": state.process_index,
+                }
                 _atomic_write(f"{base}.json", lambda tmp, record=record: _write_json(tmp, record))
                 written += 1
             bar.update(len(chunk))

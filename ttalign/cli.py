@@ -50,8 +50,13 @@ def _call_settings(args) -> dict:
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8):
             raise ValueError(f"--{name} must be a positive multiple of 8, got {value}.")
-    settings = {"num_inference_steps": steps, "guidance_scale": guidance_scale, "height": args.height,
-                "width": args.width, "negative_prompt": args.negative_prompt}  # fmt: skip
+    settings = {
+        "num_inference_steps": steps,
+        "guidance_scale": guidance_scale,
+        "height": args.height,
+        "width": args.width,
+        "negative_prompt": args.negative_prompt,
+    }
     return {k: v for k, v in settings.items() if v is not None}
 
 
@@ -60,8 +65,9 @@ def _check_size(pipe, settings: dict):
     multiple = pipe.family.size_multiple
     for name in ("height", "width"):
         if name in settings and settings[name] % multiple:
-            raise ValueError(f"--{name} must be a multiple of {multiple} for {type(pipe).__name__}, got "
-                             f"{settings[name]}.")  # fmt: skip
+            raise ValueError(
+                f"--{name} must be a multiple of {multiple} for {type(pipe).__name__}, got {settings[name]}."
+            )
     return pipe
 
 
@@ -79,10 +85,13 @@ def cmd_generate(args) -> int:
 
         prompts = read_prompts(args.prompts)
         pipe = _check_size(load_pipeline(args.model, args.dtype, args.device), settings)
-        result = generate_batch(pipe, prompts, args.out, methods, seed=args.seed or 0, batch_size=args.batch_size,
-                                call_kwargs=settings)  # fmt: skip
-        print(f"wrote {result['written']} images to {args.out} ({result['skipped']} already there); "
-              f"manifest: {result['manifest']}")  # fmt: skip
+        result = generate_batch(
+            pipe, prompts, args.out, methods, seed=args.seed or 0, batch_size=args.batch_size, call_kwargs=settings
+        )
+        print(
+            f"wrote {result['written']} images to {args.out} ({result['skipped']} already there); "
+            f"manifest: {result['manifest']}"
+        )
         return 0
     pipe = _check_size(load_pipeline(args.model, args.dtype, args.device), settings)
     out = pipe(args.prompt, generator=_generator(args.seed), alignment=methods, **settings)
@@ -137,20 +146,41 @@ def serve_config(args):
     from ttalign.serve import Limits, ServeConfig, WorkerConfig, read_api_key
 
     api_key = read_api_key(args.api_key_env)
-    limits = Limits(max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_size_factor=args.max_size_factor,
-                    max_steps=args.max_steps, max_candidates=args.max_candidates,
-                    max_image_steps=args.max_image_steps)  # fmt: skip
-    worker = WorkerConfig(queue_size=args.queue_size, batch_window_s=args.batch_window,
-                          max_batch_images=args.max_batch_images, stuck_after_s=args.stuck_after)  # fmt: skip
-    name = args.model_name or (args.model if args.model in (SHAPES_MODEL, SHAPES_FLOW_MODEL, TINY_MODEL) else
-                               os.path.basename(os.path.normpath(args.model)))  # fmt: skip
+    limits = Limits(
+        max_prompt_chars=args.max_prompt_chars,
+        max_n=args.max_n,
+        max_size_factor=args.max_size_factor,
+        max_steps=args.max_steps,
+        max_candidates=args.max_candidates,
+        max_image_steps=args.max_image_steps,
+    )
+    worker = WorkerConfig(
+        queue_size=args.queue_size,
+        batch_window_s=args.batch_window,
+        max_batch_images=args.max_batch_images,
+        stuck_after_s=args.stuck_after,
+    )
+    name = args.model_name or (
+        args.model
+        if args.model in (SHAPES_MODEL, SHAPES_FLOW_MODEL, TINY_MODEL)
+        else os.path.basename(os.path.normpath(args.model))
+    )
     hosts = list(args.allowed_host)
     if args.host not in ("0.0.0.0", "::", ""):  # a wildcard bind names no host; the operator adds names
         hosts.append(args.host)
-    return ServeConfig(model_name=name, alignment=list(args.align), allow=list(args.allow), rewards=list(args.reward),
-                       api_key=api_key, limits=limits, worker=worker, request_timeout_s=args.request_timeout,
-                       body_timeout_s=args.body_timeout, allowed_hosts=hosts,
-                       cors_origins=list(args.cors_origin))  # fmt: skip
+    return ServeConfig(
+        model_name=name,
+        alignment=list(args.align),
+        allow=list(args.allow),
+        rewards=list(args.reward),
+        api_key=api_key,
+        limits=limits,
+        worker=worker,
+        request_timeout_s=args.request_timeout,
+        body_timeout_s=args.body_timeout,
+        allowed_hosts=hosts,
+        cors_origins=list(args.cors_origin),
+    )
 
 
 def cmd_serve(args) -> int:
@@ -171,10 +201,13 @@ def cmd_serve(args) -> int:
     pipe.set_progress_bar_config(disable=True)
     app = create_app(pipe, config)
     hosts = ", ".join(sorted({"localhost", "127.0.0.1", "::1", *config.allowed_hosts}))
-    print(f"serving {config.model_name} on http://{args.host}:{args.port} (API key "
-          f"{'required' if config.api_key else 'not required'}; methods allowed in requests: "
-          f"{', '.join(sorted(app.state.policy.allow)) or 'none'}; rewards: "
-          f"{', '.join(sorted(app.state.policy.rewards)) or 'none'}; Host names: {hosts})", flush=True)  # fmt: skip
+    print(
+        f"serving {config.model_name} on http://{args.host}:{args.port} (API key "
+        f"{'required' if config.api_key else 'not required'}; methods allowed in requests: "
+        f"{', '.join(sorted(app.state.policy.allow)) or 'none'}; rewards: "
+        f"{', '.join(sorted(app.state.policy.rewards)) or 'none'}; Host names: {hosts})",
+        flush=True,
+    )
     run(app, args.host, args.port, args.log_level, args.header_timeout, args.max_connections)
     return 0
 
@@ -204,8 +237,9 @@ def cmd_demo(args) -> int:
     method = BestOfN(reward=ShapesSoftVerifier(), n=args.n)
     runs = {}
     for name, alignment in (("baseline", []), (f"best-of-{args.n}", [method])):
-        out = pipe(prompts, generator=_generator(args.seed), output_type="pt", alignment=alignment,
-                   **SAMPLING_DEFAULTS)  # fmt: skip
+        out = pipe(
+            prompts, generator=_generator(args.seed), output_type="pt", alignment=alignment, **SAMPLING_DEFAULTS
+        )
         runs[name] = (out.images, verify(out.images, prompts), out.traces["compute"])
 
     size = 192  # the 32-px images, enlarged 6x
@@ -242,8 +276,10 @@ def cmd_eval_reward(args) -> int:
     if not os.path.exists(args.pairs):
         raise ValueError(f"No preference set at {args.pairs!r}.")
     result = pairwise_accuracy(reward, load_pairs(args.pairs, args.limit))
-    print(f"{args.reward}: accuracy {result['accuracy']:.4f} on {result['pairs']} pairs "
-          f"({result['ties_skipped']} ties skipped)")  # fmt: skip
+    print(
+        f"{args.reward}: accuracy {result['accuracy']:.4f} on {result['pairs']} pairs "
+        f"({result['ties_skipped']} ties skipped)"
+    )
     return 0
 
 
@@ -264,12 +300,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate one image, or a prompt file's images, with alignment methods")
     gen.add_argument("prompt", nargs="?", help="the prompt (or give --prompts FILE)")
-    gen.add_argument("--prompts", default=None, metavar="FILE",
-                     help="a prompt file (one per line, or JSONL with 'prompt'): writes images and "
-                     "manifest.jsonl to --out DIR; under `accelerate launch` or `torchrun`, sharded")  # fmt: skip
+    gen.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help="a prompt file (one per line, or JSONL with 'prompt'): writes images and "
+        "manifest.jsonl to --out DIR; under `accelerate launch` or `torchrun`, sharded",
+    )
     _model_arguments(gen)
-    gen.add_argument("--align", action="append", default=[], metavar="NAME[:key=value,...]",
-                     help="alignment method, repeatable, e.g. best_of_n:n=4,reward=shapes_soft")  # fmt: skip
+    gen.add_argument(
+        "--align",
+        action="append",
+        default=[],
+        metavar="NAME[:key=value,...]",
+        help="alignment method, repeatable, e.g. best_of_n:n=4,reward=shapes_soft",
+    )
     gen.add_argument("--seed", type=int, default=None, help="seed (with --prompts: item i uses seed + i; default 0)")
     gen.add_argument("--out", default="out.png", help="image file, or the folder with --prompts")
     gen.add_argument(
@@ -289,53 +334,108 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="serve aligned generation behind the OpenAI Images API")
     _model_arguments(srv)
-    srv.add_argument("--config", default=None, metavar="FILE",
-                     help="a JSON (or TOML) file of these options, e.g. {\"allow\": [...], \"reward\": [...]}; the "
-                     "command line wins")  # fmt: skip
+    srv.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help='a JSON (or TOML) file of these options, e.g. {"allow": [...], "reward": [...]}; the command line wins',
+    )
     srv.add_argument("--model-name", default=None, help="the model id the API reports (default: from --model)")
-    srv.add_argument("--align", action="append", default=[], metavar="SPEC",
-                     help="method applied to requests that name none, repeatable")  # fmt: skip
-    srv.add_argument("--allow", action="append", default=[], metavar="NAME[:key=value,...]",
-                     help="a method requests may ask for, repeatable; the spec's options are the server's (URLs, "
-                     "models, keys' variables), a request sets only the documented ones on top")  # fmt: skip
-    srv.add_argument("--reward", action="append", default=[], metavar="NAME",
-                     help="a reward to load at start-up that requests may name, repeatable")  # fmt: skip
+    srv.add_argument(
+        "--align",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="method applied to requests that name none, repeatable",
+    )
+    srv.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="NAME[:key=value,...]",
+        help="a method requests may ask for, repeatable; the spec's options are the server's (URLs, "
+        "models, keys' variables), a request sets only the documented ones on top",
+    )
+    srv.add_argument(
+        "--reward",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a reward to load at start-up that requests may name, repeatable",
+    )
     srv.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                     help="a Host name served besides this machine's and --host, repeatable ('*': any)")  # fmt: skip
-    srv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                     help="an origin (scheme://host:port) whose pages may call the API, repeatable")  # fmt: skip
-    srv.add_argument("--api-key-env", default="TTALIGN_API_KEY",
-                     help="environment variable holding the API key (required to bind beyond loopback)")  # fmt: skip
+    srv.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name served besides this machine's and --host, repeatable ('*': any)",
+    )
+    srv.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="an origin (scheme://host:port) whose pages may call the API, repeatable",
+    )
+    srv.add_argument(
+        "--api-key-env",
+        default="TTALIGN_API_KEY",
+        help="environment variable holding the API key (required to bind beyond loopback)",
+    )
     srv.add_argument("--queue-size", type=int, default=64)
     srv.add_argument("--batch-window", type=float, default=0.02, help="seconds a call waits for requests to merge")
     srv.add_argument("--max-batch-images", type=int, default=16, help="images per merged call (1: no merging)")
-    srv.add_argument("--request-timeout", type=float, default=600.0,
-                     help="seconds until a request is answered 504 and its call stopped")  # fmt: skip
-    srv.add_argument("--max-image-steps", type=float, default=2000.0,
-                     help="a request's compute budget: denoiser evaluations of one image at the native size, "
-                     "counting every image, candidate, particle and optimization pass")  # fmt: skip
+    srv.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds until a request is answered 504 and its call stopped",
+    )
+    srv.add_argument(
+        "--max-image-steps",
+        type=float,
+        default=2000.0,
+        help="a request's compute budget: denoiser evaluations of one image at the native size, "
+        "counting every image, candidate, particle and optimization pass",
+    )
     srv.add_argument("--max-n", type=int, default=10)
-    srv.add_argument("--max-size-factor", type=float, default=1.5,
-                     help="the largest image side, as a multiple of the model's native side")  # fmt: skip
+    srv.add_argument(
+        "--max-size-factor",
+        type=float,
+        default=1.5,
+        help="the largest image side, as a multiple of the model's native side",
+    )
     srv.add_argument("--max-steps", type=int, default=100)
     srv.add_argument("--max-prompt-chars", type=int, default=2000)
-    srv.add_argument("--max-candidates", type=int, default=16,
-                     help="largest count option of a requested method (n, particles, refinements)")  # fmt: skip
-    srv.add_argument("--header-timeout", type=float, default=10.0,
-                     help="seconds a connection has to send its request headers")  # fmt: skip
+    srv.add_argument(
+        "--max-candidates",
+        type=int,
+        default=16,
+        help="largest count option of a requested method (n, particles, refinements)",
+    )
+    srv.add_argument(
+        "--header-timeout", type=float, default=10.0, help="seconds a connection has to send its request headers"
+    )
     srv.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request has to send its body")
     srv.add_argument("--max-connections", type=int, default=256, help="concurrent connections (503 past them)")
-    srv.add_argument("--stuck-after", type=float, default=300.0,
-                     help="seconds without a denoiser step after which /health answers 503")  # fmt: skip
+    srv.add_argument(
+        "--stuck-after",
+        type=float,
+        default=300.0,
+        help="seconds without a denoiser step after which /health answers 503",
+    )
     srv.add_argument("--log-level", default="warning")
     srv.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment")
     srv.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (one per GPU)")
     srv.add_argument("--gpus-per-replica", type=float, default=1.0, help="with --ray: 0 for CPU replicas")
     srv.add_argument("--max-queued-requests", type=int, default=64, help="with --ray: Ray Serve's queue limit")
-    srv.add_argument("--ray-node-ip", default="127.0.0.1",
-                     help="with --ray: the address a local Ray cluster binds (default: loopback)")  # fmt: skip
+    srv.add_argument(
+        "--ray-node-ip",
+        default="127.0.0.1",
+        help="with --ray: the address a local Ray cluster binds (default: loopback)",
+    )
     srv.set_defaults(func=cmd_serve, parser=srv)
 
     demo = sub.add_parser("demo", help="the main job: baseline against an aligned generation, side by side")
@@ -349,8 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reward", required=True, help="a reward's short name, e.g. shapes_soft")
     ev.add_argument("--pairs", required=True, help="folder with pairs.jsonl, or a dataset saved with save_to_disk")
     ev.add_argument("--limit", type=int, default=None)
-    ev.add_argument("--make-shapes-pairs", type=int, default=0, metavar="N",
-                    help="first write N verifier-labelled shapes-world pairs to --pairs")  # fmt: skip
+    ev.add_argument(
+        "--make-shapes-pairs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first write N verifier-labelled shapes-world pairs to --pairs",
+    )
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(func=cmd_eval_reward)
     return parser

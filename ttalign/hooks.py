@@ -161,8 +161,9 @@ class GenerationState:
         if not finite.all():
             if not finite.any(dim=1).all():
                 raise ValueError(f"Reward {reward} returned no finite score for some image.")
-            warnings.warn(f"Reward {reward} returned {int((~finite).sum())} non-finite scores; ignoring them.",
-                          stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"Reward {reward} returned {int((~finite).sum())} non-finite scores; ignoring them.", stacklevel=3
+            )
         best = torch.where(finite, scores, torch.full_like(scores, float("-inf"))).argmax(dim=1)  # [N]
         selected = torch.arange(scores.shape[0], device=best.device) * k + best  # [N]
         self.latents = self.latents[selected.to(self.latents.device)]
@@ -190,8 +191,10 @@ class GenerationState:
     def check_generators(self) -> None:
         """Raises `ValueError` when diffusers' per-image generator list does not hold one generator per image."""
         if isinstance(self.generator, list) and len(self.generator) != self.batch_size:
-            raise ValueError(f"Got a list of {len(self.generator)} generators for {self.batch_size} images; pass one "
-                             "per image (len(prompt) * num_images_per_prompt).")  # fmt: skip
+            raise ValueError(
+                f"Got a list of {len(self.generator)} generators for {self.batch_size} images; pass one "
+                "per image (len(prompt) * num_images_per_prompt)."
+            )
 
     def expand_generators(self, k: int) -> None:
         """For a method that draws `k` consecutive samples per image: with diffusers' per-image generator list
@@ -366,8 +369,9 @@ class AlignmentRunner:
             raise ValueError(f"Only one method may enlarge the batch, got {batch_changers}.")
         noise_owners = [m.name for m in self.methods if m.owns_step_noise]
         if len(noise_owners) > 1:
-            raise ValueError(f"{' and '.join(noise_owners)} each draw the noise the sampler's steps inject; use one "
-                             "of them.")  # fmt: skip
+            raise ValueError(
+                f"{' and '.join(noise_owners)} each draw the noise the sampler's steps inject; use one of them."
+            )
         for method in self.methods:
             method.validate(self.methods)
 
@@ -392,8 +396,10 @@ class AlignmentRunner:
         for method in self.methods:
             missing = sorted(set(method.required_features) - set(features))
             if missing:
-                raise ValueError(f"{method.name} cannot run on the {state.family.name} family: it needs "
-                                 f"{', '.join(missing)}, which this family does not provide.")  # fmt: skip
+                raise ValueError(
+                    f"{method.name} cannot run on the {state.family.name} family: it needs "
+                    f"{', '.join(missing)}, which this family does not provide."
+                )
         state.runner = self
         snapshot = ComponentSnapshot(state.pipe)
         started: list[AlignmentMethod] = []

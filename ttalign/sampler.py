@@ -42,15 +42,24 @@ class DifferentiableSampler:
     the attention controls act at).
     """
 
-    def __init__(self, model, conditioning, negative_prompt_embeds=None, guidance_scale: float = 1.0,
-                 eta: float = 0.0, gradient_checkpointing: bool = True, timestep_cond=None,
-                 cross_attention_kwargs=None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        conditioning,
+        negative_prompt_embeds=None,
+        guidance_scale: float = 1.0,
+        eta: float = 0.0,
+        gradient_checkpointing: bool = True,
+        timestep_cond=None,
+        cross_attention_kwargs=None,
+    ):
         self.family = family_for(model)
         self.scheduler = self.family.scheduler
         self.kind = scheduler_kind(self.scheduler)
         if not isinstance(conditioning, Conditioning):
-            conditioning = Conditioning(conditioning, negative_prompt_embeds,
-                                        cross_attention_kwargs=cross_attention_kwargs)  # fmt: skip
+            conditioning = Conditioning(
+                conditioning, negative_prompt_embeds, cross_attention_kwargs=cross_attention_kwargs
+            )
             if timestep_cond is not None:
                 conditioning.added["timestep_cond"] = timestep_cond
                 if negative_prompt_embeds is not None:
@@ -65,8 +74,13 @@ class DifferentiableSampler:
     @classmethod
     def from_state(cls, state, eta: float | None = None, gradient_checkpointing: bool = True):
         """The sampler of a pipeline call in progress (from the `init_latents` stage on)."""
-        return cls(state.family, state.conditioning, guidance_scale=state.guidance_scale,
-                   eta=state.eta if eta is None else eta, gradient_checkpointing=gradient_checkpointing)  # fmt: skip
+        return cls(
+            state.family,
+            state.conditioning,
+            guidance_scale=state.guidance_scale,
+            eta=state.eta if eta is None else eta,
+            gradient_checkpointing=gradient_checkpointing,
+        )
 
     @property
     def num_steps(self) -> int:

@@ -99,8 +99,13 @@ def predict_x0(scheduler, model_output: torch.Tensor, timestep: torch.Tensor, sa
 # diffusers' update rules written out, tested step for step against `scheduler.step`.
 # ---------------------------------------------------------------------------------------------------------------------
 
-SUPPORTED_SCHEDULERS = ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler",
-                        "FlowMatchEulerDiscreteScheduler")  # fmt: skip
+SUPPORTED_SCHEDULERS = (
+    "DDIMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "LCMScheduler",
+    "FlowMatchEulerDiscreteScheduler",
+)
 
 
 def scheduler_kind(scheduler) -> str:
@@ -199,8 +204,14 @@ def step_noise_std(scheduler, index: int, eta: float = 0.0) -> float:
     return 0.0
 
 
-def scheduler_step(scheduler, index: int, model_output: torch.Tensor, sample: torch.Tensor, eta: float = 0.0,
-                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def scheduler_step(
+    scheduler,
+    index: int,
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One denoising step `x_t -> x_{t-1}` of the scheduler at step `index`, as a pure function.
 
     Args:
@@ -267,8 +278,13 @@ def flow_dynamic_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
     return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
 
 
-def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
-            max_shift: float = 1.15) -> float:  # fmt: skip
+def flux_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
     """FLUX.1's `mu`: linear in the packed image sequence length, `base_shift` at `base_seq_len` tokens and
     `max_shift` at `max_seq_len`."""
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
@@ -283,8 +299,14 @@ def flow_sde_std(scheduler, index: int, a: float) -> float:
     return a * (sigma / denominator) ** 0.5
 
 
-def flow_step(scheduler, index: int, model_output: torch.Tensor, sample: torch.Tensor, a: float = 0.0,
-              noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def flow_step(
+    scheduler,
+    index: int,
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    a: float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One flow-matching step as a pure function, in fp32 like diffusers' `FlowMatchEulerDiscreteScheduler.step`:
     the Euler ODE step `x' = x + (sigma' - sigma) v` (`a = 0`); Flow-GRPO's SDE with noise level `a > 0` (the last
     step, to sigma 0, stays the ODE step, so the image carries no injected noise); with `a = 0` and the scheduler's
@@ -302,10 +324,16 @@ def flow_step(scheduler, index: int, model_output: torch.Tensor, sample: torch.T
     return prev.to(model_output.dtype), x0.to(model_output.dtype)
 
 
-def flow_sde_step_with_logprob(scheduler, index: int, model_output: torch.Tensor, sample: torch.Tensor,
-                               a: float = 0.7, prev_sample: torch.Tensor | None = None,
-                               noise: torch.Tensor | None = None, variant: str = "sde",
-                               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def flow_sde_step_with_logprob(
+    scheduler,
+    index: int,
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    a: float = 0.7,
+    prev_sample: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    variant: str = "sde",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A stochastic flow-matching step and the Gaussian log-probability of its transition (Flow-GRPO, Liu et al. 2025,
     https://arxiv.org/abs/2505.05470), in fp32.
 
@@ -324,8 +352,9 @@ def flow_sde_step_with_logprob(scheduler, index: int, model_output: torch.Tensor
     return prev_sample, gaussian_log_prob(prev_sample.detach().float(), mean, std)
 
 
-def flow_sde_transition(scheduler, index: int, model_output: torch.Tensor, sample: torch.Tensor, a: float = 0.7,
-                        variant: str = "sde") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def flow_sde_transition(
+    scheduler, index: int, model_output: torch.Tensor, sample: torch.Tensor, a: float = 0.7, variant: str = "sde"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The Gaussian `N(mean, std^2)` of a stochastic flow-matching step (see :func:`flow_sde_step_with_logprob` for
     the formulas), in fp32: `(mean [N, ...], std)` with `std` a 0-d tensor, the whole step's standard deviation
     (for the SDE variant `std_t sqrt(-dt)`: the step size is kept)."""
@@ -368,9 +397,15 @@ def predict_x0_sigma(scheduler, model_output, sample, sigma):
     raise ValueError(f"Unsupported prediction_type {prediction_type!r}.")
 
 
-def ddim_step_with_logprob(scheduler, index: int, model_output: torch.Tensor, sample: torch.Tensor, eta: float = 1.0,
-                           prev_sample: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                           ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def ddim_step_with_logprob(
+    scheduler,
+    index: int,
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A DDIM step that also returns the log-probability of the transition (DDPO, Black et al. 2023,
     https://arxiv.org/abs/2305.13301).
 
@@ -396,8 +431,13 @@ def ddim_step_with_logprob(scheduler, index: int, model_output: torch.Tensor, sa
     return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
-def ddim_transition(scheduler, index: int, model_output: torch.Tensor, sample: torch.Tensor, eta: float = 1.0,
-                    ) -> tuple[torch.Tensor, float]:  # fmt: skip
+def ddim_transition(
+    scheduler,
+    index: int,
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+) -> tuple[torch.Tensor, float]:
     """The Gaussian `N(mean, std^2)` of a DDIM step with `eta > 0` (formulas in :func:`ddim_step_with_logprob`), in
     the sample's dtype: `(mean [N, C, h, w], std)`."""
     if scheduler_kind(scheduler) != "ddim":
@@ -411,8 +451,9 @@ def ddim_transition(scheduler, index: int, model_output: torch.Tensor, sample: t
     return alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2) ** 0.5 * eps, std  # [N, C, h, w]
 
 
-def stochastic_transition(scheduler, index: int, model_output: torch.Tensor, sample: torch.Tensor, eta: float,
-                          variant: str = "sde") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def stochastic_transition(
+    scheduler, index: int, model_output: torch.Tensor, sample: torch.Tensor, eta: float, variant: str = "sde"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The Gaussian of one stochastic step of a DDIM (`eta > 0`) or flow-matching (noise level `eta`, Flow-GRPO's
     `variant`) scheduler, in fp32: `(mean [N, ...], std)`, the policy of the RL trainers."""
     if scheduler_kind(scheduler) == "flow":

@@ -35,14 +35,80 @@ EOS_TOKEN = "<|endoftext|>"
 #: Whole-word tokens of the generated vocabulary: the shapes world's words plus a few common ones.
 DEFAULT_WORDS: tuple[str, ...] = (
     # shapes world
-    "a", "an", "the", "one", "two", "three", "red", "green", "blue", "yellow", "purple", "orange", "white",
-    "black", "circle", "circles", "square", "squares", "triangle", "triangles", "left", "right", "of", "above",
-    "below", "and", "photo", "image", "picture", "small", "large", "big", "on", "with", "next", "to", "is",
+    "a",
+    "an",
+    "the",
+    "one",
+    "two",
+    "three",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "white",
+    "black",
+    "circle",
+    "circles",
+    "square",
+    "squares",
+    "triangle",
+    "triangles",
+    "left",
+    "right",
+    "of",
+    "above",
+    "below",
+    "and",
+    "photo",
+    "image",
+    "picture",
+    "small",
+    "large",
+    "big",
+    "on",
+    "with",
+    "next",
+    "to",
+    "is",
     # common words used in tests and docs
-    "cat", "dog", "car", "tree", "house", "bird", "sitting", "bench", "park", "sky", "in", "at", "by", "man",
-    "woman", "painting", "sunset", "beach", "mountain", "city", "street", "night", "portrait", "astronaut",
-    "riding", "horse", "apple", "banana", "table", "chair", "flower", "garden", "river", "boat", "snow",
-)  # fmt: skip
+    "cat",
+    "dog",
+    "car",
+    "tree",
+    "house",
+    "bird",
+    "sitting",
+    "bench",
+    "park",
+    "sky",
+    "in",
+    "at",
+    "by",
+    "man",
+    "woman",
+    "painting",
+    "sunset",
+    "beach",
+    "mountain",
+    "city",
+    "street",
+    "night",
+    "portrait",
+    "astronaut",
+    "riding",
+    "horse",
+    "apple",
+    "banana",
+    "table",
+    "chair",
+    "flower",
+    "garden",
+    "river",
+    "boat",
+    "snow",
+)
 
 
 def _pieces(word: str) -> list[str]:
@@ -97,8 +163,9 @@ def build_clip_vocab(words: tuple[str, ...] | list[str] = DEFAULT_WORDS) -> tupl
     return vocab, [f"{a} {b}" for a, b in merges]
 
 
-def get_tiny_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS, model_max_length: int = 77,
-                       pad_token: str | None = None):  # fmt: skip
+def get_tiny_tokenizer(
+    words: tuple[str, ...] | list[str] = DEFAULT_WORDS, model_max_length: int = 77, pad_token: str | None = None
+):
     """A real `CLIPTokenizer` built from a generated vocabulary (see :func:`build_clip_vocab`). `pad_token` defaults to
     the end token, as SD's tokenizer; SDXL's second tokenizer pads with `"!"`."""
     from transformers import CLIPTokenizer
@@ -131,8 +198,13 @@ class Redness(Reward):
         return images[:, 0].mean((1, 2)) - images[:, 1].mean((1, 2))  # [B]
 
 
-def get_tiny_text_encoder(vocab_size: int = 1000, hidden_size: int = 32, seed: int = 0, projection: bool = False,
-                          hidden_act: str = "quick_gelu"):  # fmt: skip
+def get_tiny_text_encoder(
+    vocab_size: int = 1000,
+    hidden_size: int = 32,
+    seed: int = 0,
+    projection: bool = False,
+    hidden_act: str = "quick_gelu",
+):
     """A 5-layer `CLIPTextModel` with hidden size 32 (the size of diffusers' own pipeline tests); with `projection`, a
     `CLIPTextModelWithProjection` (SDXL's second text encoder, whose projected output is the pooled embedding)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -325,8 +397,9 @@ def get_tiny_sdxl_unet(layout: str = "tiny", time_cond_proj_dim: int | None = No
     raise ValueError(f"Unknown layout {layout!r}; expected 'tiny' or 'sdxl'.")
 
 
-def get_tiny_sdxl_components(scheduler: str = "ddim", seed: int = 0, layout: str = "tiny",
-                             time_cond_proj_dim: int | None = None) -> dict:  # fmt: skip
+def get_tiny_sdxl_components(
+    scheduler: str = "ddim", seed: int = 0, layout: str = "tiny", time_cond_proj_dim: int | None = None
+) -> dict:
     """All components of a tiny Stable Diffusion XL pipeline, seeded, as diffusers' own SDXL tests size them: two
     5-layer CLIP text encoders of width 32 (the second with projection), both tokenizers built locally (the second
     pads with `"!"`, as SDXL's), the UNet of :func:`get_tiny_sdxl_unet` and a 2x VAE (`layout="sdxl"`: 8x, 1024 px)."""
@@ -373,19 +446,36 @@ def get_tiny_t5_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS, mo
     tokenizer = Tokenizer(models.Unigram(list(scores.items()), unk_id=2))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=marker, prepend_scheme="always")
     tokenizer.decoder = decoders.Metaspace(replacement=marker, prepend_scheme="always")
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                             special_tokens=[("</s>", 1)])  # fmt: skip
-    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                           extra_ids=0, model_max_length=model_max_length)  # fmt: skip
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
+        model_max_length=model_max_length,
+    )
 
 
 def get_tiny_t5_encoder(vocab_size: int = 1000, seed: int = 0, d_model: int = 32):
     """A 2-layer `T5EncoderModel` (width 32 as diffusers' tiny test T5 by default), in eval mode (no dropout)."""
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                      relative_attention_num_buckets=8, dropout_rate=0.1, decoder_start_token_id=0,
-                      pad_token_id=0, eos_token_id=1)  # fmt: skip
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.1,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     torch.manual_seed(seed)
     return T5EncoderModel(config).eval()
 
@@ -397,15 +487,34 @@ def get_tiny_flow_vae(latent_channels: int = 4, seed: int = 0, layout: str = "ti
 
     torch.manual_seed(seed)
     if layout == "tiny":
-        return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
-                             layers_per_block=1, latent_channels=latent_channels, norm_num_groups=1,
-                             use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
-                             scaling_factor=1.5035).eval()  # fmt: skip
-    return AutoencoderKL(sample_size=512, in_channels=3, out_channels=3, block_out_channels=(16, 16, 32, 32),
-                         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                         layers_per_block=1, latent_channels=16, norm_num_groups=16, use_quant_conv=False,
-                         use_post_quant_conv=False, shift_factor=0.0609 if layout == "sd3" else 0.1159,
-                         scaling_factor=1.5305 if layout == "sd3" else 0.3611).eval()  # fmt: skip
+        return AutoencoderKL(
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(4,),
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=1,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.0609,
+            scaling_factor=1.5035,
+        ).eval()
+    return AutoencoderKL(
+        sample_size=512,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609 if layout == "sd3" else 0.1159,
+        scaling_factor=1.5305 if layout == "sd3" else 0.3611,
+    ).eval()
 
 
 def get_tiny_sd3_components(seed: int = 0, layout: str = "tiny", shift: float = 1.0) -> dict:
@@ -420,15 +529,32 @@ def get_tiny_sd3_components(seed: int = 0, layout: str = "tiny", shift: float = 
         raise ValueError(f"Unknown layout {layout!r}; expected 'tiny' or 'sd3'.")
     torch.manual_seed(seed)
     if layout == "tiny":
-        transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
-                                            attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
-                                            joint_attention_dim=96, pooled_projection_dim=64,
-                                            out_channels=4)  # fmt: skip
+        transformer = SD3Transformer2DModel(
+            sample_size=32,
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_projection_dim=32,
+            joint_attention_dim=96,
+            pooled_projection_dim=64,
+            out_channels=4,
+        )
     else:
-        transformer = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
-                                            attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
-                                            joint_attention_dim=96, pooled_projection_dim=64, out_channels=16,
-                                            pos_embed_max_size=192)  # fmt: skip
+        transformer = SD3Transformer2DModel(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            num_layers=24,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_projection_dim=32,
+            joint_attention_dim=96,
+            pooled_projection_dim=64,
+            out_channels=16,
+            pos_embed_max_size=192,
+        )
     return {
         "transformer": transformer.eval(),
         "scheduler": FlowMatchEulerDiscreteScheduler(shift=shift),
@@ -455,17 +581,34 @@ def get_tiny_flux_components(seed: int = 0, layout: str = "tiny", guidance_embed
         raise ValueError(f"Unknown layout {layout!r}; expected 'tiny' or 'flux'.")
     torch.manual_seed(seed)
     if layout == "tiny":
-        transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                             pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-                                             guidance_embeds=guidance_embeds)  # fmt: skip
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=[4, 4, 8],
+            guidance_embeds=guidance_embeds,
+        )
     else:
-        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
-                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                             pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-                                             guidance_embeds=guidance_embeds)  # fmt: skip
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=19,
+            num_single_layers=38,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=[4, 4, 8],
+            guidance_embeds=guidance_embeds,
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    )
     return {
         "transformer": transformer.eval(),
         "scheduler": scheduler,
@@ -573,12 +716,24 @@ def save_tiny_image_reward(folder: str, seed: int = 0, vision_width: int = 128, 
     for i, (n_in, n_out) in zip((0, 2, 4, 6, 7), ((t, 1024), (1024, 128), (128, 64), (64, 16), (16, 1))):
         state |= linear(f"mlp.layers.{i}", n_in, n_out)
     med_config = {
-        "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.1, "hidden_size": t, "initializer_range": 0.02, "intermediate_size": 2 * t,
-        "layer_norm_eps": 1e-12, "max_position_embeddings": 40, "model_type": "bert", "num_attention_heads": 2,
-        "num_hidden_layers": layers, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": len(vocab) + 2,
-        "encoder_width": 768, "add_cross_attention": True,
-    }  # fmt: skip
+        "architectures": ["BertModel"],
+        "attention_probs_dropout_prob": 0.1,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "hidden_size": t,
+        "initializer_range": 0.02,
+        "intermediate_size": 2 * t,
+        "layer_norm_eps": 1e-12,
+        "max_position_embeddings": 40,
+        "model_type": "bert",
+        "num_attention_heads": 2,
+        "num_hidden_layers": layers,
+        "pad_token_id": 0,
+        "type_vocab_size": 2,
+        "vocab_size": len(vocab) + 2,
+        "encoder_width": 768,
+        "add_cross_attention": True,
+    }
     os.makedirs(folder, exist_ok=True)
     torch.save(state, os.path.join(folder, "ImageReward.pt"))
     with open(os.path.join(folder, "med_config.json"), "w") as f:
@@ -615,11 +770,20 @@ def save_tiny_gpt2(folder: str, seed: int = 0) -> str:
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     eos = vocab["<|endoftext|>"]
-    config = GPT2Config(vocab_size=len(vocab), n_positions=128, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=eos, eos_token_id=eos)  # fmt: skip
+    config = GPT2Config(
+        vocab_size=len(vocab), n_positions=128, n_embd=32, n_layer=2, n_head=2, bos_token_id=eos, eos_token_id=eos
+    )
     torch.manual_seed(seed)
     GPT2LMHeadModel(config).save_pretrained(folder)
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "GPT2Tokenizer", "model_max_length": 128, "bos_token": "<|endoftext|>",
-                   "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)  # fmt: skip
+        json.dump(
+            {
+                "tokenizer_class": "GPT2Tokenizer",
+                "model_max_length": 128,
+                "bos_token": "<|endoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+            },
+            f,
+        )
     return folder

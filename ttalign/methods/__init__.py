@@ -85,8 +85,9 @@ def method_fields(name: str) -> set[str]:
     return {f.name for f in dataclasses.fields(METHODS[name]) if f.init}
 
 
-def parse_spec(spec: str, allowed: set[str] | None = None, allow_imports: bool = True,
-               rewards: dict | None = None) -> tuple[str, dict]:  # fmt: skip
+def parse_spec(
+    spec: str, allowed: set[str] | None = None, allow_imports: bool = True, rewards: dict | None = None
+) -> tuple[str, dict]:
     """Parses a spec `NAME[:key=value,...]` into `(name, options)` without building the method (see
     :func:`method_from_spec` for the value syntax). `rewards` maps reward names to loaded rewards: a name found there
     is reused, and one loaded is added to it, so each reward is loaded once."""
@@ -126,8 +127,9 @@ def build_method(name: str, options: dict) -> AlignmentMethod:
         ) from None
 
 
-def method_from_spec(spec: str, allowed: set[str] | None = None, allow_imports: bool = True,
-                     rewards: dict | None = None) -> AlignmentMethod:  # fmt: skip
+def method_from_spec(
+    spec: str, allowed: set[str] | None = None, allow_imports: bool = True, rewards: dict | None = None
+) -> AlignmentMethod:
     """Builds a method from a command-line spec `NAME[:key=value,...]`.
 
     Values are parsed by the option's type: numbers, booleans, `16x16` for tuples, `0:0.05;10:0.5` for dicts, a

@@ -160,18 +160,29 @@ class AttendAndExcite(AlignmentMethod):
         parts = set(self.from_where or family.attention_defaults["from_where"])
         unknown = parts - set(family.attention_defaults["parts"])
         if unknown:
-            raise ValueError(f"from_where names {sorted(unknown)}, which the {family.name} denoiser does not have; "
-                             f"its parts: {family.attention_defaults['parts']}.")  # fmt: skip
+            raise ValueError(
+                f"from_where names {sorted(unknown)}, which the {family.name} denoiser does not have; "
+                f"its parts: {family.attention_defaults['parts']}."
+            )
         if normalize_eot and state.prompt is None:
             raise ValueError("AttendAndExcite with `normalize_eot` needs `prompt` (not only `prompt_embeds`).")
         # per image: the text key positions its maps are normalized over (padding left out with normalize_eot)
         if state.prompt is None:  # explicit token indices on prompt_embeds: every position but the first and last
             positions = [family.attention_token_positions("", False)] * state.latents.shape[0]
         else:
-            positions = [family.attention_token_positions(p, normalize_eot) for p in state.prompt for _ in
-                         range(state.num_images_per_prompt)]  # fmt: skip
-        store: dict = {"maps": [], "groups": self._indices(state), "losses": [], "refinements": [], "res": res,
-                       "positions": positions}  # fmt: skip
+            positions = [
+                family.attention_token_positions(p, normalize_eot)
+                for p in state.prompt
+                for _ in range(state.num_images_per_prompt)
+            ]
+        store: dict = {
+            "maps": [],
+            "groups": self._indices(state),
+            "losses": [],
+            "refinements": [],
+            "res": res,
+            "positions": positions,
+        }
         state.scratch[self] = store
 
         class Recorder:
@@ -233,12 +244,15 @@ class AttendAndExcite(AlignmentMethod):
         control = state.scratch["attention_control"]
         family = state.family
         with control.record(cfg=False, rows=rows):
-            family.denoise(scale_model_input(family.scheduler, latents, index), t,
-                           state.conditioning.select(rows).positive())  # fmt: skip
+            family.denoise(
+                scale_model_input(family.scheduler, latents, index), t, state.conditioning.select(rows).positive()
+            )
         state.denoiser_calls += 1
         state.denoiser_evals += len(rows)
-        losses = [(1.0 - p).clamp(min=0).max() if len(p) else p.new_zeros(()) for p in
-                  self._max_attention(state.scratch[self], rows)]  # fmt: skip
+        losses = [
+            (1.0 - p).clamp(min=0).max() if len(p) else p.new_zeros(())
+            for p in self._max_attention(state.scratch[self], rows)
+        ]
         return torch.stack(losses)
 
     @staticmethod
@@ -281,8 +295,11 @@ class AttendAndExcite(AlignmentMethod):
                     current[active] = self._update(x, step_loss, step_size).detach()
                     for r in active:
                         iterations[r] += 1
-                    active = [r for k, r in enumerate(active)
-                              if step_loss[k] > target and iterations[r] < self.max_refinement_steps]  # fmt: skip
+                    active = [
+                        r
+                        for k, r in enumerate(active)
+                        if step_loss[k] > target and iterations[r] < self.max_refinement_steps
+                    ]
                 if any(iterations):
                     latents = current.requires_grad_()
                     loss = self._loss(state, latents, rows, t, i)
@@ -555,7 +572,7 @@ class RegionReweight(AlignmentMethod):
                 continue
             alone = family.encode_prompt(
                 phrases, state.device, clip_skip=state.clip_skip, **state.encode_options
-            ).prompt_embeds  # fmt: skip  [R, L, D]
+            ).prompt_embeds  # [R, L, D]
             for r, span in enumerate(spans):
                 # the phrase's own positions when it is encoded alone (after CLIP's start token; T5 has none)
                 own = family.token_spans(phrases[r], [phrases[r]])[0]

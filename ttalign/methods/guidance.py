@@ -81,8 +81,11 @@ class RewardGuidance(AlignmentMethod):
     def guided_steps(self, num_steps: int) -> list[int]:
         """The step indices this method guides at, of `num_steps`."""
         first = int(self.start * num_steps)
-        return [i for i in range(num_steps) if self.start * num_steps <= i < self.stop * num_steps
-                and (i - first) % self.every == 0]  # fmt: skip
+        return [
+            i
+            for i in range(num_steps)
+            if self.start * num_steps <= i < self.stop * num_steps and (i - first) % self.every == 0
+        ]
 
     def extra_evaluations_per_render(self, num_inference_steps: int) -> float:
         return float(len(self.guided_steps(num_inference_steps)))  # a decode and a reward gradient per guided step
@@ -100,8 +103,9 @@ class RewardGuidance(AlignmentMethod):
         sampler = DifferentiableSampler.from_state(state)
         with torch.enable_grad():
             x0 = state.family.predict_x0(state.noise_pred, state.timestep, state.latents).detach().requires_grad_()
-            rewards = check_scores(self.reward(sampler.decode(x0), state.image_prompts), len(x0),
-                                   reward_name(self.reward))  # fmt: skip
+            rewards = check_scores(
+                self.reward(sampler.decode(x0), state.image_prompts), len(x0), reward_name(self.reward)
+            )
             (grad,) = torch.autograd.grad(rewards.sum(), x0)
         state.reward_calls += 1
         sampler.account(state)
@@ -237,8 +241,9 @@ class ParticleSteering(AlignmentMethod):
     def _noise(self, state: GenerationState, store: dict, like: torch.Tensor) -> torch.Tensor:
         if store["generators"] is None:
             if isinstance(state.generator, list):  # one stream per particle, from the particle's own generator
-                store["generators"] = [state.derived_generator(salt=1000 + k % self.particles, row=k)
-                                       for k in range(like.shape[0])]  # fmt: skip
+                store["generators"] = [
+                    state.derived_generator(salt=1000 + k % self.particles, row=k) for k in range(like.shape[0])
+                ]
             else:
                 store["generators"] = [state.derived_generator(salt=1000 + k) for k in range(like.shape[0])]
         return torch.stack([torch.randn(like.shape[1:], generator=g) for g in store["generators"]]).to(like)

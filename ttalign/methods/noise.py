@@ -50,8 +50,9 @@ class _NoiseReplay:
     def replay(state: GenerationState, store: dict, eta: float) -> None:
         noise = store.get("noises", [None] * (state.step_index + 1))[state.step_index]
         if noise is not None:
-            prev, _ = scheduler_step(state.family.scheduler, state.step_index, state.noise_pred, store["x_t"], eta,
-                                     noise.to(store["x_t"]))  # fmt: skip
+            prev, _ = scheduler_step(
+                state.family.scheduler, state.step_index, state.noise_pred, store["x_t"], eta, noise.to(store["x_t"])
+            )
             state.latents = prev
 
 
@@ -330,8 +331,10 @@ class NoiseOptimization(AlignmentMethod):
         noises = sampler.draw_noises(state.latents.shape, generator, state.device, torch.float32)
         if self.optimize == "all-noises":
             if not sampler.stochastic:
-                raise ValueError("optimize='all-noises' needs a stochastic schedule (DDIM or flow matching with "
-                                 "eta > 0, Euler ancestral or LCM); this one injects no noise.")  # fmt: skip
+                raise ValueError(
+                    "optimize='all-noises' needs a stochastic schedule (DDIM or flow matching with "
+                    "eta > 0, Euler ancestral or LCM); this one injects no noise."
+                )
             noises = [None if e is None else e.clone().requires_grad_() for e in noises]
         params = [z] + [e for e in noises if e is not None and e.requires_grad]
         if self.optimizer == "sgd":

@@ -168,13 +168,21 @@ class PromptRewrite(AlignmentMethod):
     def _score(self, state: GenerationState, prompts: list[str]) -> torch.Tensor:
         """Renders every candidate prompt from the same initial noise with the call's settings, and scores it."""
         family = state.family
-        family.set_timesteps(state.num_inference_steps, state.device, state.height, state.width,
-                             **state.schedule_options)  # fmt: skip
+        family.set_timesteps(
+            state.num_inference_steps, state.device, state.height, state.width, **state.schedule_options
+        )
         negative = state.negative_prompt if isinstance(state.negative_prompt, str) else None  # one for all candidates
-        cond = family.encode_prompt(prompts, state.device, negative_prompt=negative,
-                                    do_cfg=state.do_classifier_free_guidance, height=state.height, width=state.width,
-                                    guidance_scale=state.guidance_scale, clip_skip=state.clip_skip,
-                                    **state.encode_options)  # fmt: skip
+        cond = family.encode_prompt(
+            prompts,
+            state.device,
+            negative_prompt=negative,
+            do_cfg=state.do_classifier_free_guidance,
+            height=state.height,
+            width=state.width,
+            guidance_scale=state.guidance_scale,
+            clip_skip=state.clip_skip,
+            **state.encode_options,
+        )
         sampler = DifferentiableSampler(family, cond, guidance_scale=state.guidance_scale, eta=state.eta)
         shape = family.latents_shape(1, state.height, state.width)
         generator = state.derived_generator(salt=3)
@@ -182,8 +190,9 @@ class PromptRewrite(AlignmentMethod):
         noise = torch.randn(shape, generator=generator).to(state.device, dtype) * init_noise_sigma(family.scheduler)
         rows = (len(prompts),) + shape[1:]
         latents = noise.expand(rows)
-        noises = [None if e is None else e.expand(rows) for e in sampler.draw_noises(shape, generator, state.device,
-                                                                                    dtype)]  # fmt: skip
+        noises = [
+            None if e is None else e.expand(rows) for e in sampler.draw_noises(shape, generator, state.device, dtype)
+        ]
         images = sampler.decode(sampler.sample(latents, noises))
         sampler.account(state)
         state.reward_calls += 1
@@ -275,9 +284,16 @@ class Promptist(AlignmentMethod):
         text = prompt.strip() + " Rephrase:"
         input_ids = tokenizer(text, return_tensors="pt").input_ids.to(model.device)
         eos = tokenizer.eos_token_id
-        outputs = model.generate(input_ids, do_sample=False, max_new_tokens=self.max_new_tokens,
-                                 num_beams=self.num_beams, num_return_sequences=1, eos_token_id=eos,
-                                 pad_token_id=eos, length_penalty=self.length_penalty)  # fmt: skip
+        outputs = model.generate(
+            input_ids,
+            do_sample=False,
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            num_return_sequences=1,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            length_penalty=self.length_penalty,
+        )
         decoded = tokenizer.decode(outputs[0], skip_special_tokens=True)
         return decoded.replace(text, "").strip() or prompt
 

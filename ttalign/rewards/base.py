@@ -42,10 +42,15 @@ def require_differentiable(reward, owner: str, otherwise: str = "") -> None:
     if is_differentiable(reward):
         return
     name = reward_name(reward)
-    how = ("set `differentiable = True` on the `Reward` subclass" if isinstance(reward, Reward) else
-           f"mark the function with `{getattr(reward, '__name__', 'reward')}.differentiable = True`")  # fmt: skip
-    raise ValueError(f"{owner} needs a differentiable reward, and {name} does not declare itself one: if gradients "
-                     f"reach the pixels through it, {how}{otherwise}.")  # fmt: skip
+    how = (
+        "set `differentiable = True` on the `Reward` subclass"
+        if isinstance(reward, Reward)
+        else f"mark the function with `{getattr(reward, '__name__', 'reward')}.differentiable = True`"
+    )
+    raise ValueError(
+        f"{owner} needs a differentiable reward, and {name} does not declare itself one: if gradients "
+        f"reach the pixels through it, {how}{otherwise}."
+    )
 
 
 def check_reward_prompts(reward, prompts: list[str]) -> None:

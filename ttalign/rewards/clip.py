@@ -30,8 +30,15 @@ def _image_settings(path: str) -> dict:
 class CLIPEmbedder(torch.nn.Module):
     """Normalized CLIP image and text embeddings from a `CLIPModel`, with text embeddings cached per prompt."""
 
-    def __init__(self, model, tokenizer, size: int = 224, crop_size: int | None = None,
-                 mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        size: int = 224,
+        crop_size: int | None = None,
+        mean=OPENAI_CLIP_MEAN,
+        std=OPENAI_CLIP_STD,
+    ):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -58,8 +65,9 @@ class CLIPEmbedder(torch.nn.Module):
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
             max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
-            ids = self.tokenizer(missing, padding="max_length", max_length=max_length, truncation=True,
-                                 return_tensors="pt").input_ids  # fmt: skip
+            ids = self.tokenizer(
+                missing, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+            ).input_ids
             with torch.no_grad():
                 out = self.model.text_model(input_ids=ids.to(next(self.model.parameters()).device))
                 embeds = F.normalize(self.model.text_projection(out.pooler_output).float(), dim=-1)
@@ -144,12 +152,15 @@ class AestheticMLP(torch.nn.Sequential):
     def __init__(self, input_size: int = 768):
         super().__init__()
         self.layers = torch.nn.Sequential(
-            torch.nn.Linear(input_size, 1024), torch.nn.Dropout(0.2),
-            torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+            torch.nn.Linear(input_size, 1024),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64),
+            torch.nn.Dropout(0.1),
             torch.nn.Linear(64, 16),
             torch.nn.Linear(16, 1),
-        )  # fmt: skip
+        )
 
     def forward(self, embeds: torch.Tensor) -> torch.Tensor:
         return self.layers(embeds)
@@ -174,8 +185,13 @@ class LaionAesthetic(Reward):
         self.embedder, self.mlp = embedder, mlp.eval().requires_grad_(False)
 
     @classmethod
-    def from_pretrained(cls, mlp_path: str | None = None, clip_path: str = "openai/clip-vit-large-patch14",
-                        repo_id: str | None = None, **kwargs):  # fmt: skip
+    def from_pretrained(
+        cls,
+        mlp_path: str | None = None,
+        clip_path: str = "openai/clip-vit-large-patch14",
+        repo_id: str | None = None,
+        **kwargs,
+    ):
         if mlp_path is None or not os.path.isfile(mlp_path):
             if repo_id is None:
                 raise FileNotFoundError(f"No aesthetic MLP file at {mlp_path!r}; pass a local path or `repo_id`.")

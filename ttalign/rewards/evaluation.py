@@ -91,8 +91,12 @@ def _from_pickapic(record: dict) -> dict:
     """Pick-a-Pic's own columns (`caption`, `jpg_0`, `jpg_1`, `label_0`: 1 when image 0 wins, 0.5 for a tie) ->
     `(prompt, image_0, image_1, label)`; other records are returned unchanged."""
     if isinstance(record, dict) and "caption" in record and "jpg_0" in record and "label_0" in record:
-        return {"prompt": record["caption"], "image_0": record["jpg_0"], "image_1": record["jpg_1"],
-                "label": 1 - record["label_0"]}  # fmt: skip
+        return {
+            "prompt": record["caption"],
+            "image_0": record["jpg_0"],
+            "image_1": record["jpg_1"],
+            "label": 1 - record["label_0"],
+        }
     return record
 
 

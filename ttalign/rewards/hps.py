@@ -42,8 +42,14 @@ class HPSv2(Reward):
         self._text_cache: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_pretrained(cls, version: str = "v2.1", checkpoint: str | None = None, repo_id: str = "xswu/HPSv2",
-                        arch: str = "ViT-H-14", device: str | None = None):  # fmt: skip
+    def from_pretrained(
+        cls,
+        version: str = "v2.1",
+        checkpoint: str | None = None,
+        repo_id: str = "xswu/HPSv2",
+        arch: str = "ViT-H-14",
+        device: str | None = None,
+    ):
         """Builds the open_clip `arch` without pretrained weights and loads the HPS state dict: from `checkpoint`
         (a local file) or from `repo_id` on the hub."""
         try:

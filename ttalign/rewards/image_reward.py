@@ -176,8 +176,13 @@ class ImageReward(Reward):
         self._token_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_pretrained(cls, path: str = REPO_ID, tokenizer: str | None = None, device: str | None = None,
-                        dtype: torch.dtype | None = None):  # fmt: skip
+    def from_pretrained(
+        cls,
+        path: str = REPO_ID,
+        tokenizer: str | None = None,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         """Loads `ImageReward.pt` and `med_config.json` from `path`: a local folder or a hub repository id.
 
         The tokenizer is BLIP's, BERT uncased with `[DEC]` and `[ENC]` added: read from `path` when the folder
@@ -212,8 +217,9 @@ class ImageReward(Reward):
         """Input ids and attention masks `[B, 35]`, tokenized once per distinct prompt."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._token_cache]
         if missing:
-            enc = self.tokenizer(missing, padding="max_length", truncation=True, max_length=self.max_length,
-                                 return_tensors="pt")  # fmt: skip
+            enc = self.tokenizer(
+                missing, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
             self._token_cache.update(zip(missing, zip(enc.input_ids, enc.attention_mask)))
         ids, mask = zip(*(self._token_cache[p] for p in prompts))
         return torch.stack(ids), torch.stack(mask)

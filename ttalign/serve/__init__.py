@@ -53,8 +53,10 @@ def read_api_key(env: str) -> str | None:
 def check_bind(host: str, api_key: str | None, env: str) -> None:
     """Refuses (`ValueError`) to listen beyond this machine without an API key."""
     if not is_loopback(host) and api_key is None:
-        raise ValueError(f"Refusing to listen on {host!r} without an API key: set the environment variable {env} "
-                         "(or bind to 127.0.0.1).")  # fmt: skip
+        raise ValueError(
+            f"Refusing to listen on {host!r} without an API key: set the environment variable {env} "
+            "(or bind to 127.0.0.1)."
+        )
 
 
 __all__ = [

@@ -128,8 +128,11 @@ class _Guard:
         host = headers.get("host", "")
         if not self.any_host and _host_name(host) not in self.hosts:
             self.metrics.rejected.labels("invalid_host").inc()
-            return APIError(400, f"The Host {quote(host)} is not served here; an operator adds names with "
-                            "--allowed-host.", code="invalid_host")  # fmt: skip
+            return APIError(
+                400,
+                f"The Host {quote(host)} is not served here; an operator adds names with --allowed-host.",
+                code="invalid_host",
+            )
         origin = headers.get("origin")
         if origin is None or "*" in self.origins or origin in self.origins:
             return None
@@ -137,8 +140,12 @@ class _Guard:
         if same is not None and same[1].lower() == host.strip().lower():
             return None
         self.metrics.rejected.labels("forbidden_origin").inc()
-        return APIError(403, f"Requests from the origin {quote(origin)} are not allowed; an operator allows origins "
-                        "with --cors-origin.", code="forbidden_origin")  # fmt: skip
+        return APIError(
+            403,
+            f"Requests from the origin {quote(origin)} are not allowed; an operator allows origins "
+            "with --cors-origin.",
+            code="forbidden_origin",
+        )
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -147,9 +154,17 @@ class _Guard:
         if error is None:
             return await self.app(scope, receive, send)
         body = json.dumps(error.body()).encode()
-        await send({"type": "http.response.start", "status": error.status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": error.status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -237,8 +252,12 @@ def create_app(pipe, config: ServeConfig | None = None):
     if config.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     app.add_middleware(_Guard, hosts=list(config.allowed_hosts), origins=list(config.cors_origins), metrics=metrics)
 
     def error_response(err: APIError) -> JSONResponse:
@@ -278,8 +297,11 @@ def create_app(pipe, config: ServeConfig | None = None):
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media != "application/json":
             metrics.rejected.labels("unsupported_media_type").inc()
-            raise APIError(415, f"The body must be JSON with `Content-Type: application/json`, got {quote(media)}.",
-                           code="unsupported_media_type")  # fmt: skip
+            raise APIError(
+                415,
+                f"The body must be JSON with `Content-Type: application/json`, got {quote(media)}.",
+                code="unsupported_media_type",
+            )
         limit = config.max_body_bytes
         too_large = APIError(413, f"The request body is over {limit} bytes.", code="body_too_large")
         length = request.headers.get("content-length")
@@ -300,8 +322,9 @@ def create_app(pipe, config: ServeConfig | None = None):
         try:
             return await asyncio.wait_for(read(), timeout=config.body_timeout_s)
         except asyncio.TimeoutError:
-            raise APIError(408, f"The request body did not arrive within {config.body_timeout_s:g} s.",
-                           code="body_timeout") from None  # fmt: skip
+            raise APIError(
+                408, f"The request body did not arrive within {config.body_timeout_s:g} s.", code="body_timeout"
+            ) from None
 
     @app.get("/health")
     async def health():
@@ -312,8 +335,10 @@ def create_app(pipe, config: ServeConfig | None = None):
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
-                                             "owned_by": "ttalign"}]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [{"id": config.model_name, "object": "model", "created": 0, "owned_by": "ttalign"}],
+        }
 
     @app.get("/v1/ttalign/methods")
     async def allowed_methods(request: Request):
@@ -366,8 +391,12 @@ def create_app(pipe, config: ServeConfig | None = None):
                 raise APIError(500, "The pipeline returned no image.", code="no_image")
             data = []
             for i, image in enumerate(result["images"]):
-                item = {"b64_json": _encode(image, req.output_format), "revised_prompt": None,
-                        "seed": result["seeds"][i], "compute": result["compute"]}  # fmt: skip
+                item = {
+                    "b64_json": _encode(image, req.output_format),
+                    "revised_prompt": None,
+                    "seed": result["seeds"][i],
+                    "compute": result["compute"],
+                }
                 if result["rewards"] is not None:
                     item["reward"] = result["rewards"][i]
                 data.append(item)
@@ -378,8 +407,12 @@ def create_app(pipe, config: ServeConfig | None = None):
         _count(result)
         answered(200, start)
         width, height = result["images"][0].size
-        return {"created": int(time.time()), "data": data, "output_format": req.output_format,
-                "size": f"{width}x{height}"}  # fmt: skip
+        return {
+            "created": int(time.time()),
+            "data": data,
+            "output_format": req.output_format,
+            "size": f"{width}x{height}",
+        }
 
     def _count(result: dict) -> None:
         metrics.images.inc(len(result["images"]))
@@ -416,26 +449,47 @@ def create_app(pipe, config: ServeConfig | None = None):
                 done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
                     _, image = getter.result()
-                    event = {"type": "image_generation.partial_image", "b64_json": _encode(image, req.output_format),
-                             "partial_image_index": index, "created_at": int(time.time()), **common}  # fmt: skip
+                    event = {
+                        "type": "image_generation.partial_image",
+                        "b64_json": _encode(image, req.output_format),
+                        "partial_image_index": index,
+                        "created_at": int(time.time()),
+                        **common,
+                    }
                     index += 1
                     yield f"data: {json.dumps(event)}\n\n"
                     continue
                 getter.cancel()
                 while not events.empty():  # previews that arrived with the final image
                     _, image = events.get_nowait()
-                    event = {"type": "image_generation.partial_image", "b64_json": _encode(image, req.output_format),
-                             "partial_image_index": index, "created_at": int(time.time()), **common}  # fmt: skip
+                    event = {
+                        "type": "image_generation.partial_image",
+                        "b64_json": _encode(image, req.output_format),
+                        "partial_image_index": index,
+                        "created_at": int(time.time()),
+                        **common,
+                    }
                     index += 1
                     yield f"data: {json.dumps(event)}\n\n"
                 result = waiter.result()
                 image = result["images"][0]
-                usage = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
-                         "output_tokens": 0, "total_tokens": 0}  # fmt: skip
-                event = {"type": "image_generation.completed", "b64_json": _encode(image, req.output_format),
-                         "created_at": int(time.time()), "usage": usage, "seed": result["seeds"][0],
-                         "reward": None if result["rewards"] is None else result["rewards"][0],
-                         "compute": result["compute"], **common, "size": "{}x{}".format(*image.size)}  # fmt: skip
+                usage = {
+                    "input_tokens": 0,
+                    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                    "output_tokens": 0,
+                    "total_tokens": 0,
+                }
+                event = {
+                    "type": "image_generation.completed",
+                    "b64_json": _encode(image, req.output_format),
+                    "created_at": int(time.time()),
+                    "usage": usage,
+                    "seed": result["seeds"][0],
+                    "reward": None if result["rewards"] is None else result["rewards"][0],
+                    "compute": result["compute"],
+                    **common,
+                    "size": "{}x{}".format(*image.size),
+                }
                 _count(result)
                 answered(200, start)
                 yield f"data: {json.dumps(event)}\n\n"

@@ -42,8 +42,9 @@ def header_deadline_protocol(seconds: float, base=None):
     return HeaderDeadline
 
 
-def run(app, host: str, port: int, log_level: str = "warning", header_timeout_s: float = 10.0,
-        max_connections: int = 256) -> None:  # fmt: skip
+def run(
+    app, host: str, port: int, log_level: str = "warning", header_timeout_s: float = 10.0, max_connections: int = 256
+) -> None:
     """Serves `app` with uvicorn: headers due within `header_timeout_s`, at most `max_connections` at once."""
     import uvicorn
 
@@ -51,5 +52,12 @@ def run(app, host: str, port: int, log_level: str = "warning", header_timeout_s:
         raise ValueError(f"--header-timeout must be > 0, got {header_timeout_s!r}.")
     if not isinstance(max_connections, int) or max_connections < 1:
         raise ValueError(f"--max-connections must be >= 1, got {max_connections!r}.")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, http=header_deadline_protocol(header_timeout_s),
-                limit_concurrency=max_connections, timeout_keep_alive=5)  # fmt: skip
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=header_deadline_protocol(header_timeout_s),
+        limit_concurrency=max_connections,
+        timeout_keep_alive=5,
+    )

@@ -16,9 +16,26 @@ import re
 from dataclasses import dataclass
 
 #: Top-level fields of the client's request body that the server accepts (and ignores where they do not apply).
-OPENAI_FIELDS = frozenset({"prompt", "model", "n", "size", "response_format", "stream", "partial_images", "quality",
-                           "style", "background", "moderation", "output_format", "output_compression", "user",
-                           "safety_identifier", "ttalign"})  # fmt: skip
+OPENAI_FIELDS = frozenset(
+    {
+        "prompt",
+        "model",
+        "n",
+        "size",
+        "response_format",
+        "stream",
+        "partial_images",
+        "quality",
+        "style",
+        "background",
+        "moderation",
+        "output_format",
+        "output_compression",
+        "user",
+        "safety_identifier",
+        "ttalign",
+    }
+)
 #: Fields of the `ttalign` object.
 TTALIGN_FIELDS = frozenset({"alignment", "seed", "steps", "guidance_scale", "negative_prompt", "eta"})
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -45,12 +62,27 @@ class APIError(Exception):
     """An error answered as `{"error": {"message", "type", "param", "code"}}` with HTTP `status`; the message is cut
     to `MAX_MESSAGE_CHARS` and made one line, so no value of a request comes back whole."""
 
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-             404: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-             429: "rate_limit_error", 500: "server_error", 503: "server_error", 504: "timeout"}  # fmt: skip
+    TYPES = {
+        400: "invalid_request_error",
+        401: "invalid_request_error",
+        403: "invalid_request_error",
+        404: "invalid_request_error",
+        413: "invalid_request_error",
+        415: "invalid_request_error",
+        429: "rate_limit_error",
+        500: "server_error",
+        503: "server_error",
+        504: "timeout",
+    }
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         message = _printable(" ".join(str(message).split()))
         if len(message) > MAX_MESSAGE_CHARS:
             message = message[: MAX_MESSAGE_CHARS - 3] + "..."
@@ -60,8 +92,14 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}  # fmt: skip
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.TYPES.get(self.status, "invalid_request_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 @dataclass
@@ -126,8 +164,15 @@ class ImageRequest:
 
     def merge_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call (each image keeps its own generator)."""
-        return (self.width, self.height, self.steps, self.guidance_scale, self.negative_prompt, self.eta,
-                self.alignment)  # fmt: skip
+        return (
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance_scale,
+            self.negative_prompt,
+            self.eta,
+            self.alignment,
+        )
 
 
 def _bad(name: str, message: str, code: str = "invalid_value") -> APIError:
@@ -156,8 +201,11 @@ def _text(value, name: str, limits: Limits, required: bool = False) -> str | Non
     if not isinstance(value, str) or (required and not value.strip()):
         raise _bad(name, f"`{name}` must be a non-empty string.")
     if len(value) > limits.max_prompt_chars:
-        raise _bad(name, f"`{name}` has {len(value)} characters; the limit is {limits.max_prompt_chars}.",
-                   code="string_above_max_length")  # fmt: skip
+        raise _bad(
+            name,
+            f"`{name}` has {len(value)} characters; the limit is {limits.max_prompt_chars}.",
+            code="string_above_max_length",
+        )
     return value
 
 
@@ -173,8 +221,12 @@ def load_json(raw: bytes):
     while stack:
         value, path, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
-            raise APIError(400, f"The request body is nested deeper than {MAX_JSON_DEPTH} levels.",
-                           param=path or None, code="invalid_json")  # fmt: skip
+            raise APIError(
+                400,
+                f"The request body is nested deeper than {MAX_JSON_DEPTH} levels.",
+                param=path or None,
+                code="invalid_json",
+            )
         if isinstance(value, dict):
             for key, item in value.items():
                 _check_text(key, path or "body")
@@ -194,8 +246,9 @@ def _check_text(text: str, path: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise APIError(400, f"`{path}` holds a lone surrogate (not valid Unicode text).", param=path,
-                       code="invalid_json") from None  # fmt: skip
+        raise APIError(
+            400, f"`{path}` holds a lone surrogate (not valid Unicode text).", param=path, code="invalid_json"
+        ) from None
 
 
 def parse_size(size, limits: Limits, multiple: int = 8, max_side: int = 1024) -> tuple[int | None, int | None]:
@@ -209,13 +262,17 @@ def parse_size(size, limits: Limits, multiple: int = 8, max_side: int = 1024) ->
     width, height = int(match[1]), int(match[2])
     for side in (width, height):
         if not multiple <= side <= max_side or side % multiple:
-            raise _bad("size", f"`size` sides must be multiples of {multiple} between {multiple} and {max_side} "
-                       f"({limits.max_size_factor:g} x the model's native side), got {size}.")  # fmt: skip
+            raise _bad(
+                "size",
+                f"`size` sides must be multiples of {multiple} between {multiple} and {max_side} "
+                f"({limits.max_size_factor:g} x the model's native side), got {size}.",
+            )
     return width, height
 
 
-def parse_request(body, limits: Limits, served_model: str, size_multiple: int = 8,
-                  max_side: int = 1024) -> ImageRequest:  # fmt: skip
+def parse_request(
+    body, limits: Limits, served_model: str, size_multiple: int = 8, max_side: int = 1024
+) -> ImageRequest:
     """Validates a request body; raises :class:`APIError` (400 / 404) naming the bad field."""
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
@@ -225,20 +282,28 @@ def parse_request(body, limits: Limits, served_model: str, size_multiple: int = 
     prompt = _text(body.get("prompt"), "prompt", limits, required=True)
     model = body.get("model")
     if model is not None and model != served_model:
-        raise APIError(404, f"The model {quote(model)} is not served here; this server serves {served_model!r}.",
-                       param="model", code="model_not_found")  # fmt: skip
+        raise APIError(
+            404,
+            f"The model {quote(model)} is not served here; this server serves {served_model!r}.",
+            param="model",
+            code="model_not_found",
+        )
     n = 1 if body.get("n") is None else _int(body["n"], "n", 1, limits.max_n)
     response_format = body.get("response_format")
     if response_format is not None and response_format != "b64_json":
         if response_format == "url":
-            raise _bad("response_format", "`response_format` 'url' is not supported: this server returns images "
-                       "inline; use 'b64_json'.", code="unsupported_value")  # fmt: skip
+            raise _bad(
+                "response_format",
+                "`response_format` 'url' is not supported: this server returns images inline; use 'b64_json'.",
+                code="unsupported_value",
+            )
         raise _bad("response_format", f"`response_format` must be 'b64_json', got {quote(response_format)}.")
     output_format = body.get("output_format")
     output_format = "png" if output_format is None else output_format
     if not isinstance(output_format, str) or output_format not in OUTPUT_FORMATS:
-        raise _bad("output_format", f"`output_format` must be one of {sorted(OUTPUT_FORMATS)}, got "
-                   f"{quote(output_format)}.")  # fmt: skip
+        raise _bad(
+            "output_format", f"`output_format` must be one of {sorted(OUTPUT_FORMATS)}, got {quote(output_format)}."
+        )
     stream = body.get("stream")
     stream = False if stream is None else stream
     if not isinstance(stream, bool):
@@ -255,8 +320,11 @@ def parse_request(body, limits: Limits, served_model: str, size_multiple: int = 
         raise _bad("ttalign", "`ttalign` must be an object.")
     unknown = sorted(set(options) - TTALIGN_FIELDS)
     if unknown:
-        raise _bad(f"ttalign.{unknown[0]}", f"Unknown field {quote(unknown[0])} in `ttalign`; fields: "
-                   f"{sorted(TTALIGN_FIELDS)}.", code="unknown_parameter")  # fmt: skip
+        raise _bad(
+            f"ttalign.{unknown[0]}",
+            f"Unknown field {quote(unknown[0])} in `ttalign`; fields: {sorted(TTALIGN_FIELDS)}.",
+            code="unknown_parameter",
+        )
     seed = options.get("seed")
     seed = None if seed is None else _int(seed, "ttalign.seed", 0, 2**63 - 1 - limits.max_n)
     steps = options.get("steps")
@@ -271,12 +339,29 @@ def parse_request(body, limits: Limits, served_model: str, size_multiple: int = 
         if isinstance(alignment, (str, dict)):
             alignment = [alignment]
         if not isinstance(alignment, list) or not all(isinstance(s, (str, dict)) for s in alignment):
-            raise _bad("ttalign.alignment", "`ttalign.alignment` must be a list of method specs "
-                       "'NAME[:key=value,...]' or objects {\"name\": NAME, key: value, ...}.")  # fmt: skip
+            raise _bad(
+                "ttalign.alignment",
+                "`ttalign.alignment` must be a list of method specs "
+                "'NAME[:key=value,...]' or objects {\"name\": NAME, key: value, ...}.",
+            )
         if len(alignment) > limits.max_methods:
-            raise _bad("ttalign.alignment", f"At most {limits.max_methods} alignment methods per request, got "
-                       f"{len(alignment)}.")  # fmt: skip
+            raise _bad(
+                "ttalign.alignment",
+                f"At most {limits.max_methods} alignment methods per request, got {len(alignment)}.",
+            )
         alignment = tuple(alignment)
-    return ImageRequest(prompt=prompt, n=n, width=width, height=height, stream=stream, partial_images=partial,
-                        output_format=output_format, seed=seed, steps=steps, guidance_scale=guidance,
-                        negative_prompt=negative, eta=eta, alignment=alignment)  # fmt: skip
+    return ImageRequest(
+        prompt=prompt,
+        n=n,
+        width=width,
+        height=height,
+        stream=stream,
+        partial_images=partial,
+        output_format=output_format,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance,
+        negative_prompt=negative,
+        eta=eta,
+        alignment=alignment,
+    )

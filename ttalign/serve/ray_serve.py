@@ -14,9 +14,16 @@ from __future__ import annotations
 import time
 
 
-def build_application(model: str, config, dtype: str = "float32", device: str | None = None, replicas: int = 1,
-                      gpus_per_replica: float = 1.0, cpus_per_replica: float = 1.0,
-                      max_queued_requests: int = 64):  # fmt: skip
+def build_application(
+    model: str,
+    config,
+    dtype: str = "float32",
+    device: str | None = None,
+    replicas: int = 1,
+    gpus_per_replica: float = 1.0,
+    cpus_per_replica: float = 1.0,
+    max_queued_requests: int = 64,
+):
     """The Ray Serve application: `replicas` copies of the server app over `model`."""
     from ray import serve
     from ray.serve.config import BackpressureConfig
@@ -61,18 +68,32 @@ def run_ray(args, config) -> int:
     def stop(*_):
         raise KeyboardInterrupt
 
-    app = build_application(args.model, config, args.dtype, args.device, args.replicas, args.gpus_per_replica,
-                            max_queued_requests=args.max_queued_requests)  # fmt: skip
+    app = build_application(
+        args.model,
+        config,
+        args.dtype,
+        args.device,
+        args.replicas,
+        args.gpus_per_replica,
+        max_queued_requests=args.max_queued_requests,
+    )
     if os.environ.get("RAY_ADDRESS"):  # joins a cluster its operator set up
         ray.init(include_dashboard=False, ignore_reinit_error=True)
     else:  # a local cluster: its processes, the dashboard's agents included, bind the loopback unless told otherwise
-        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", _node_ip_address=args.ray_node_ip,
-                 ignore_reinit_error=True)  # fmt: skip
+        ray.init(
+            include_dashboard=False,
+            dashboard_host="127.0.0.1",
+            _node_ip_address=args.ray_node_ip,
+            ignore_reinit_error=True,
+        )
     serve.start(http_options=HTTPOptions(host=args.host, port=args.port))
     serve.run(app, name="ttalign", route_prefix="/")
     signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs handlers of its own: stop Serve cleanly
-    print(f"serving {config.model_name} with Ray Serve on http://{args.host}:{args.port} ({args.replicas} replicas, "
-          f"{args.gpus_per_replica:g} GPU each)", flush=True)  # fmt: skip
+    print(
+        f"serving {config.model_name} with Ray Serve on http://{args.host}:{args.port} ({args.replicas} replicas, "
+        f"{args.gpus_per_replica:g} GPU each)",
+        flush=True,
+    )
     try:
         while True:
             time.sleep(1)

@@ -102,8 +102,12 @@ class Job:
         """The answer of a cancelled job, whichever side noticed first: 504 past its deadline, 499 when its client
         left, 503 when the server shuts down."""
         if self.cancelled == "timeout":
-            return APIError(504, f"The request was not answered within {self.timeout_s:g} s.", code="timeout",
-                            headers={"x-should-retry": "false"})  # fmt: skip
+            return APIError(
+                504,
+                f"The request was not answered within {self.timeout_s:g} s.",
+                code="timeout",
+                headers={"x-should-retry": "false"},
+            )
         if self.cancelled == "shutdown":
             return APIError(503, "The server is shutting down.", code="shutting_down")
         return APIError(499, "The client closed the request.", code="client_closed")
@@ -196,21 +200,29 @@ class PipelineWorker:
     def stuck(self) -> bool:
         """True when a call has run for `stuck_after_s` without a denoiser evaluation."""
         progress = self.progress_at
-        return (self.busy_since is not None and progress is not None
-                and time.monotonic() - progress > self.config.stuck_after_s)  # fmt: skip
+        return (
+            self.busy_since is not None
+            and progress is not None
+            and time.monotonic() - progress > self.config.stuck_after_s
+        )
 
     def submit(self, job: Job) -> Job:
         """Queues a job; raises `APIError(429)` with `Retry-After` when the queue is full, 503 when the worker died."""
         self.start()  # the app's lifespan starts the worker; an ASGI host that skips lifespan events still works
         with self._cond:
             if not self.alive:
-                raise APIError(503, "The pipeline worker has stopped; the server must be restarted.",
-                               code="worker_dead")  # fmt: skip
+                raise APIError(
+                    503, "The pipeline worker has stopped; the server must be restarted.", code="worker_dead"
+                )
             if len(self.jobs) >= self.config.queue_size:
                 if self.metrics is not None:
                     self.metrics.rejected.labels("queue_full").inc()
-                raise APIError(429, f"The queue is full ({self.config.queue_size} requests waiting); retry shortly.",
-                               code="queue_full", headers={"Retry-After": str(self.config.retry_after_s)})  # fmt: skip
+                raise APIError(
+                    429,
+                    f"The queue is full ({self.config.queue_size} requests waiting); retry shortly.",
+                    code="queue_full",
+                    headers={"Retry-After": str(self.config.retry_after_s)},
+                )
             self.jobs.append(job)
             self._gauge()
             self._cond.notify_all()
@@ -250,8 +262,12 @@ class PipelineWorker:
                 key = first.request.merge_key()
                 while True:
                     for job in list(self.jobs):
-                        if (job.mergeable and job.request.merge_key() == key and images + job.request.n <= limit
-                                and job.methods == first.methods):  # fmt: skip
+                        if (
+                            job.mergeable
+                            and job.request.merge_key() == key
+                            and images + job.request.n <= limit
+                            and job.methods == first.methods
+                        ):
                             self.jobs.remove(job)
                             batch.append(job)
                             images += job.request.n
@@ -278,8 +294,11 @@ class PipelineWorker:
                     self._run(batch)
         except BaseException as err:  # the thread dies: nobody may wait for it
             self.died = err
-            dead = APIError(503, f"The pipeline worker stopped ({type(err).__name__}); the server must be restarted.",
-                            code="worker_dead")  # fmt: skip
+            dead = APIError(
+                503,
+                f"The pipeline worker stopped ({type(err).__name__}); the server must be restarted.",
+                code="worker_dead",
+            )
             with self._cond:
                 waiting, self.jobs = self.jobs + (batch or []), []
             for job in waiting:
@@ -307,9 +326,13 @@ class PipelineWorker:
             self._count_call("out_of_memory" if oom else "failed")
             if oom:
                 release_memory(err)  # the failed call's tensors go before anything runs again
-                failure = APIError(503, "The server ran out of memory for this request: ask for fewer images, "
-                                   "candidates or a smaller size.", code="out_of_memory",
-                                   headers={"x-should-retry": "false"})  # fmt: skip
+                failure = APIError(
+                    503,
+                    "The server ran out of memory for this request: ask for fewer images, "
+                    "candidates or a smaller size.",
+                    code="out_of_memory",
+                    headers={"x-should-retry": "false"},
+                )
             else:
                 failure = err
         else:
@@ -364,9 +387,14 @@ class PipelineWorker:
         prompts = [job.request.prompt for job in batch for _ in range(job.request.n)]
         seeds = [s for job in batch for s in job.seeds]
         kwargs = dict(self.call_defaults)
-        for key, value in (("num_inference_steps", request.steps), ("guidance_scale", request.guidance_scale),
-                           ("negative_prompt", request.negative_prompt), ("eta", request.eta),
-                           ("width", request.width), ("height", request.height)):  # fmt: skip
+        for key, value in (
+            ("num_inference_steps", request.steps),
+            ("guidance_scale", request.guidance_scale),
+            ("negative_prompt", request.negative_prompt),
+            ("eta", request.eta),
+            ("width", request.width),
+            ("height", request.height),
+        ):
             if value is not None:
                 kwargs[key] = value
         methods = list(batch[0].methods)
@@ -384,8 +412,9 @@ class PipelineWorker:
         handle = self.pipe.family.denoiser.register_forward_pre_hook(self._interrupt_hook(batch))
         start = time.perf_counter()
         try:
-            out = self.pipe(prompts, num_images_per_prompt=1, generator=generators, output_type="pil",
-                            alignment=methods, **kwargs)  # fmt: skip
+            out = self.pipe(
+                prompts, num_images_per_prompt=1, generator=generators, output_type="pil", alignment=methods, **kwargs
+            )
         finally:
             handle.remove()
             self._running, self.busy_since = [], None

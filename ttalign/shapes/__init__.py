@@ -62,8 +62,9 @@ def load_pipeline(model: str = "sd", device: str | None = None, path: str | None
     default, family = _MODELS[model]
     path = path or default
     if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise FileNotFoundError(f"No shapes-world model at {path!r}; train one with "
-                                f"`python -m ttalign.shapes.train{family} --out {path}`.")  # fmt: skip
+        raise FileNotFoundError(
+            f"No shapes-world model at {path!r}; train one with `python -m ttalign.shapes.train{family} --out {path}`."
+        )
     pipe = aligned_class_for(path).from_pretrained(path)
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 

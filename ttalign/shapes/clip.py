@@ -41,13 +41,27 @@ def build_clip(vocab_size: int):
     from transformers import CLIPConfig, CLIPModel
 
     config = CLIPConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(image_size=IMAGE_SIZE, patch_size=4, hidden_size=96, intermediate_size=192,
-                           num_hidden_layers=3, num_attention_heads=4),
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            image_size=IMAGE_SIZE,
+            patch_size=4,
+            hidden_size=96,
+            intermediate_size=192,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+        ),
         projection_dim=64,
-    )  # fmt: skip
+    )
     return CLIPModel(config)
 
 
@@ -151,9 +165,11 @@ def train(args) -> None:
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_mean=list(MEAN), image_std=list(STD),
-    ).save_pretrained(staging)  # fmt: skip
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=list(MEAN),
+        image_std=list(STD),
+    ).save_pretrained(staging)
     with open(os.path.join(staging, "training_args.json"), "w", encoding="utf-8") as f:
         json.dump(vars(args), f, indent=2)
     log(f"done: saved to {args.out}")

@@ -86,8 +86,10 @@ def diversity(embeds: torch.Tensor, verification: Verification, images_per_promp
     """
     verdicts = verification.verdicts
     if len(embeds) != len(verdicts) or len(verdicts) % images_per_prompt:
-        raise ValueError(f"diversity needs one embedding per verdict in blocks of images_per_prompt="
-                         f"{images_per_prompt}, got {len(embeds)} embeddings, {len(verdicts)} verdicts.")  # fmt: skip
+        raise ValueError(
+            f"diversity needs one embedding per verdict in blocks of images_per_prompt="
+            f"{images_per_prompt}, got {len(embeds)} embeddings, {len(verdicts)} verdicts."
+        )
     groups = [list(range(i, i + images_per_prompt)) for i in range(0, len(verdicts), images_per_prompt)]
     if any(len({verdicts[i].prompt for i in group}) > 1 for group in groups):
         raise ValueError(f"diversity: the blocks of {images_per_prompt} images do not each share one prompt.")
@@ -104,8 +106,12 @@ def diversity(embeds: torch.Tensor, verification: Verification, images_per_promp
         if len(centres) >= 2:
             positions.append(float(np.sqrt(centres.var(0).sum())))
             sizes.append(float(areas.std()))
-    return {"clip_distance": _mean(distances), "position_spread": _mean(positions), "size_spread": _mean(sizes),
-            "prompts": len(distances)}  # fmt: skip
+    return {
+        "clip_distance": _mean(distances),
+        "position_spread": _mean(positions),
+        "size_spread": _mean(sizes),
+        "prompts": len(distances),
+    }
 
 
 @dataclasses.dataclass
@@ -194,8 +200,9 @@ def evaluate(
 
     embedder = ShapesCLIPScore().embedder
     with torch.no_grad():
-        soft = torch.cat([ShapesSoftVerifier()(samples[i : i + 256], texts[i : i + 256])
-                          for i in range(0, len(texts), 256)])  # fmt: skip
+        soft = torch.cat(
+            [ShapesSoftVerifier()(samples[i : i + 256], texts[i : i + 256]) for i in range(0, len(texts), 256)]
+        )
         # shapes-CLIP image embeddings once, for CLIPScore (100 cos) and diversity: [N, D]
         embeds = torch.cat([embedder.image_embeds(samples[i : i + 256]) for i in range(0, len(texts), 256)])
         clip_scores = 100 * (embeds * embedder.text_embeds(texts)).sum(-1)
@@ -242,8 +249,14 @@ def markdown_table(results: list[EvalResult], baseline: list | None = None) -> s
     head = ["run", *categories, "overall"]
     if baseline is not None:
         head.append("vs baseline: won / lost, p")
-    head += ["soft reward", "CLIP reward", "diversity: CLIP distance / position spread", "NFE / image", "time (s)",
-             "peak mem (MB)"]  # fmt: skip
+    head += [
+        "soft reward",
+        "CLIP reward",
+        "diversity: CLIP distance / position spread",
+        "NFE / image",
+        "time (s)",
+        "peak mem (MB)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         cells = [r.name] + [
@@ -254,9 +267,14 @@ def markdown_table(results: list[EvalResult], baseline: list | None = None) -> s
         if baseline is not None:
             p = paired(baseline, [[v.category, bool(v.passed)] for v in r.verification.verdicts])
             cells.append("-" if p["wins"] == p["losses"] == 0 else f"{p['wins']} / {p['losses']}, {p['p_value']:.2g}")
-        cells += [f"{r.soft_reward:.3f}", f"{r.clip_reward:.1f}",
-                  f"{r.diversity['clip_distance']:.3f} / {r.diversity['position_spread']:.1f}",
-                  f"{r.nfe_per_image:.0f}", f"{r.wall_time_s:.0f}", f"{r.peak_memory_mb:.0f}"]  # fmt: skip
+        cells += [
+            f"{r.soft_reward:.3f}",
+            f"{r.clip_reward:.1f}",
+            f"{r.diversity['clip_distance']:.3f} / {r.diversity['position_spread']:.1f}",
+            f"{r.nfe_per_image:.0f}",
+            f"{r.wall_time_s:.0f}",
+            f"{r.peak_memory_mb:.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

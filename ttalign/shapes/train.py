@@ -300,7 +300,7 @@ def build_flow_models(tokenizers: dict, layers: int) -> dict:
                 eos_token_id=1,
                 pad_token_id=tokenizer.pad_token_id,
                 hidden_act="gelu",
-            )  # fmt: skip
+            )
         )
 
     t5 = T5EncoderModel(
@@ -317,13 +317,22 @@ def build_flow_models(tokenizers: dict, layers: int) -> dict:
             pad_token_id=0,
             eos_token_id=1,
             decoder_start_token_id=0,
-        )  # fmt: skip
+        )
     )
     transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=layers, attention_head_dim=32,
-        num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128, pooled_projection_dim=64,
-        pos_embed_max_size=16, qk_norm="rms_norm",
-    )  # fmt: skip
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=layers,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=128,
+        caption_projection_dim=128,
+        pooled_projection_dim=64,
+        pos_embed_max_size=16,
+        qk_norm="rms_norm",
+    )
     return {
         "text_encoder": clip(tokenizers["tokenizer"]),
         "text_encoder_2": clip(tokenizers["tokenizer_2"]),
@@ -353,10 +362,11 @@ def encode_flow_text(models: dict, ids: dict) -> tuple[torch.Tensor, torch.Tenso
 
 def _tokenize_all(tokenizers: dict, captions: list[str]) -> dict:
     return {
-        name: tok(captions, padding="max_length", max_length=FLOW_TEXT_LENGTH, truncation=True,
-                  return_tensors="pt").input_ids
+        name: tok(
+            captions, padding="max_length", max_length=FLOW_TEXT_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
         for name, tok in tokenizers.items()
-    }  # fmt: skip
+    }
 
 
 def train_flow(args) -> None:
@@ -416,9 +426,12 @@ def train_flow(args) -> None:
         xt = (1 - s) * x0 + s * noise  # [B, 4, 16, 16]
         prompt_embeds, pooled = encode_flow_text(models, batch_ids)
         pred = models["transformer"](
-            hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=prompt_embeds,
-            pooled_projections=pooled, return_dict=False,
-        )[0]  # fmt: skip
+            hidden_states=xt,
+            timestep=sigma * 1000,
+            encoder_hidden_states=prompt_embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
         loss = F.mse_loss(pred, noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -441,8 +454,9 @@ def train_flow(args) -> None:
     with torch.no_grad():
         check = ["a red circle left of a blue square", ""]
         ours = encode_flow_text(ema, _tokenize_all(tokenizers, check))
-        theirs = pipe.encode_prompt(check, None, None, do_classifier_free_guidance=False,
-                                    max_sequence_length=FLOW_TEXT_LENGTH)  # fmt: skip
+        theirs = pipe.encode_prompt(
+            check, None, None, do_classifier_free_guidance=False, max_sequence_length=FLOW_TEXT_LENGTH
+        )
         if not (torch.allclose(ours[0], theirs[0], atol=1e-5) and torch.allclose(ours[1], theirs[2], atol=1e-5)):
             raise RuntimeError("The training text encoding differs from StableDiffusion3Pipeline.encode_prompt.")
     _save(

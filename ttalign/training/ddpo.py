@@ -74,8 +74,9 @@ class TrajectoryRecorder(AlignmentMethod):
 
     def on_step_end(self, state: GenerationState) -> None:
         x_t = state.scratch[self]
-        _, log_prob = ddim_step_with_logprob(state.family.scheduler, state.step_index, state.noise_pred, x_t, self.eta,
-                                             prev_sample=state.latents)  # fmt: skip
+        _, log_prob = ddim_step_with_logprob(
+            state.family.scheduler, state.step_index, state.noise_pred, x_t, self.eta, prev_sample=state.latents
+        )
         trace = state.traces["trajectory"]
         trace["latents"].append(x_t)
         trace["next_latents"].append(state.latents)
@@ -124,8 +125,9 @@ class DDPOTrainer(LoRATrainer):
 
         scheduler = family_for(pipe).scheduler
         if scheduler_kind(scheduler) == "flow":
-            raise ValueError("DDPO samples with DDIM; for flow-matching pipelines (SD3, FLUX) use FlowGRPOTrainer, "
-                             "its counterpart.")  # fmt: skip
+            raise ValueError(
+                "DDPO samples with DDIM; for flow-matching pipelines (SD3, FLUX) use FlowGRPOTrainer, its counterpart."
+            )
         if scheduler_kind(scheduler) != "ddim":
             raise ValueError(f"DDPO samples with DDIM; the pipeline has {type(scheduler).__name__}.")
         if not prompts:
@@ -143,17 +145,30 @@ class DDPOTrainer(LoRATrainer):
         prompts = [self.prompts[i] for i in picks]
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         self.denoiser.eval()
-        out = self.sampler_pipe(prompts, num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
-                                eta=c.eta, height=self.size, width=self.size, output_type="pt",
-                                generator=torch.Generator().manual_seed(seed),
-                                alignment=[TrajectoryRecorder(c.eta)], **c.encode_options)  # fmt: skip
+        out = self.sampler_pipe(
+            prompts,
+            num_inference_steps=c.num_inference_steps,
+            guidance_scale=c.guidance_scale,
+            eta=c.eta,
+            height=self.size,
+            width=self.size,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(seed),
+            alignment=[TrajectoryRecorder(c.eta)],
+            **c.encode_options,
+        )
         self.denoiser.train()
         trace = out.traces["trajectory"]
         rewards = check_scores(self.reward(out.images.float(), prompts), len(prompts), reward_name(self.reward))
         rewards = rewards.float().cpu()
-        return Trajectories(torch.stack(trace["latents"]), torch.stack(trace["next_latents"]),
-                            torch.stack(trace["log_probs"]), rewards,
-                            normalize_advantages(rewards, prompts, c.adv_clip_max), prompts)  # fmt: skip
+        return Trajectories(
+            torch.stack(trace["latents"]),
+            torch.stack(trace["next_latents"]),
+            torch.stack(trace["log_probs"]),
+            rewards,
+            normalize_advantages(rewards, prompts, c.adv_clip_max),
+            prompts,
+        )
 
     def policy_loss(self, traj: Trajectories, steps: list[int]) -> tuple[torch.Tensor, dict]:
         """The DDPO (+ DPOK KL) loss of the recorded transitions at `steps`, under the current weights."""
@@ -161,9 +176,15 @@ class DDPOTrainer(LoRATrainer):
         scheduler = self.sampler_pipe.scheduler
         model = self.model.replace(scheduler=scheduler)
         with torch.no_grad():  # the conditioning the sampling call used
-            cond = model.encode_prompt(traj.prompts, device, do_cfg=c.guidance_scale > 1, height=self.size,
-                                       width=self.size, guidance_scale=c.guidance_scale,
-                                       **c.encode_options)  # fmt: skip
+            cond = model.encode_prompt(
+                traj.prompts,
+                device,
+                do_cfg=c.guidance_scale > 1,
+                height=self.size,
+                width=self.size,
+                guidance_scale=c.guidance_scale,
+                **c.encode_options,
+            )
         advantages = traj.advantages.to(device)
         losses, clip_fracs, kls = [], [], []
         for j in steps:

@@ -57,8 +57,9 @@ class KTOConfig(TrainingConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.beta <= 0 or self.lambda_desirable < 0 or self.lambda_undesirable < 0:
-            raise ValueError(f"Bad KTO weights: beta={self.beta}, lambdas {self.lambda_desirable}, "
-                             f"{self.lambda_undesirable}.")  # fmt: skip
+            raise ValueError(
+                f"Bad KTO weights: beta={self.beta}, lambdas {self.lambda_desirable}, {self.lambda_undesirable}."
+            )
 
 
 def load_feedback(path: str) -> list[tuple[str, object, bool]]:
@@ -106,10 +107,16 @@ class _OfflineTrainer(LoRATrainer):
         device, parts = self.accelerator.device, []
         for start in range(0, len(prompts), 16):
             geometry = [crop_geometry(im, self.size) for im in images[start : start + 16]]
-            parts.append(self.model.training_conditioning(prompts[start : start + 16], device,
-                                                          image_sizes=[g[0] for g in geometry],
-                                                          crops=[g[1] for g in geometry], size=self.size,
-                                                          **self.config.encode_options))  # fmt: skip
+            parts.append(
+                self.model.training_conditioning(
+                    prompts[start : start + 16],
+                    device,
+                    image_sizes=[g[0] for g in geometry],
+                    crops=[g[1] for g in geometry],
+                    size=self.size,
+                    **self.config.encode_options,
+                )
+            )
         return Conditioning.cat(parts)
 
     def _mse(self, latents, cond, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,8 +134,9 @@ class _OfflineTrainer(LoRATrainer):
 
     def _noise_and_timesteps(self, like: torch.Tensor, generator: torch.Generator):
         noise = torch.randn(like.shape, generator=generator).to(like)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(like),),
-                                  generator=generator).to(like.device)  # fmt: skip
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (len(like),), generator=generator
+        ).to(like.device)
         return noise, timesteps
 
 
@@ -199,15 +207,21 @@ class DiffusionDPOTrainer(_OfflineTrainer):
 
     def _check_pipeline(self, pipe) -> None:
         if _is_flow(pipe):
-            raise ValueError("DiffusionDPOTrainer trains on noise targets; for a flow-matching pipeline (SD3, FLUX) "
-                             "use FlowDPOTrainer, its velocity form.")  # fmt: skip
+            raise ValueError(
+                "DiffusionDPOTrainer trains on noise targets; for a flow-matching pipeline (SD3, FLUX) "
+                "use FlowDPOTrainer, its velocity form."
+            )
 
     def training_step(self, generator):
         indices = torch.randint(0, len(self.pairs), (self.config.train_batch_size,), generator=generator)
         winners, losers = self.winners[indices], self.losers[indices]
         noise, timesteps = self._noise_and_timesteps(winners, generator)  # shared by winner and loser
-        model_mse, ref_mse = self._mse(torch.cat([winners, losers]), self.cond.select(indices.repeat(2)),
-                                       torch.cat([noise, noise]), timesteps.repeat(2))  # fmt: skip
+        model_mse, ref_mse = self._mse(
+            torch.cat([winners, losers]),
+            self.cond.select(indices.repeat(2)),
+            torch.cat([noise, noise]),
+            timesteps.repeat(2),
+        )
         n = len(indices)
         loss, accuracy = diffusion_dpo_loss(model_mse[:n], model_mse[n:], ref_mse[:n], ref_mse[n:], self.config.beta)
         return loss, {"implicit_accuracy": accuracy.item()}
@@ -237,8 +251,10 @@ class DiffusionKTOTrainer(_OfflineTrainer):
         from ttalign.rewards.evaluation import PreferencePair, load_pairs
 
         if _is_flow(pipe):
-            raise NotImplementedError("DiffusionKTOTrainer trains on noise targets; its velocity form for "
-                                      "flow-matching pipelines (SD3, FLUX) is not implemented.")  # fmt: skip
+            raise NotImplementedError(
+                "DiffusionKTOTrainer trains on noise targets; its velocity form for "
+                "flow-matching pipelines (SD3, FLUX) is not implemented."
+            )
         if isinstance(train_dataset, str):
             if os.path.isfile(os.path.join(train_dataset, "feedback.jsonl")):
                 train_dataset = load_feedback(train_dataset)
@@ -267,8 +283,14 @@ class DiffusionKTOTrainer(_OfflineTrainer):
         noise, timesteps = self._noise_and_timesteps(latents, generator)
         model_mse, ref_mse = self._mse(latents, self.cond.select(indices), noise, timesteps)
         c = self.config
-        loss = diffusion_kto_loss(model_mse, ref_mse, self.desirable[indices].to(latents.device), c.beta,
-                                  c.lambda_desirable, c.lambda_undesirable)  # fmt: skip
+        loss = diffusion_kto_loss(
+            model_mse,
+            ref_mse,
+            self.desirable[indices].to(latents.device),
+            c.beta,
+            c.lambda_desirable,
+            c.lambda_undesirable,
+        )
         return loss, {"desirable_share": self.desirable[indices].float().mean().item()}
 
 
@@ -304,8 +326,10 @@ class FlowDPOTrainer(DiffusionDPOTrainer):
 
     def _check_pipeline(self, pipe) -> None:
         if not _is_flow(pipe):
-            raise ValueError("FlowDPOTrainer trains flow-matching pipelines (SD3, FLUX); use DiffusionDPOTrainer for "
-                             f"{type(pipe).__name__}.")  # fmt: skip
+            raise ValueError(
+                "FlowDPOTrainer trains flow-matching pipelines (SD3, FLUX); use DiffusionDPOTrainer for "
+                f"{type(pipe).__name__}."
+            )
 
     def _noise_and_timesteps(self, like: torch.Tensor, generator: torch.Generator):
         """Standard normal noise and sigma `[B]` drawn logit-normal, as the scheduler's timesteps (`1000 sigma`)."""

@@ -72,18 +72,22 @@ class GRPOConfig(TrainingConfig):
     def __post_init__(self):
         super().__post_init__()
         if not isinstance(self.group_size, int) or self.group_size < 2:
-            raise ValueError(f"group_size must be an integer >= 2 (advantages are relative to the group), "
-                             f"got {self.group_size!r}.")  # fmt: skip
+            raise ValueError(
+                f"group_size must be an integer >= 2 (advantages are relative to the group), got {self.group_size!r}."
+            )
         if self.train_batch_size % self.group_size:
-            raise ValueError(f"train_batch_size ({self.train_batch_size}) must be a multiple of group_size "
-                             f"({self.group_size}).")  # fmt: skip
+            raise ValueError(
+                f"train_batch_size ({self.train_batch_size}) must be a multiple of group_size ({self.group_size})."
+            )
         if not self.noise_level > 0:
             raise ValueError(f"noise_level must be > 0 (a stochastic step), got {self.noise_level!r}.")
         if self.sde_variant not in ("sde", "cps"):
             raise ValueError(f"sde_variant must be 'sde' or 'cps', got {self.sde_variant!r}.")
         if self.clip_range <= 0 or self.adv_clip_max <= 0 or self.kl_weight < 0:
-            raise ValueError(f"Bad GRPO weights: clip_range={self.clip_range}, adv_clip_max={self.adv_clip_max}, "
-                             f"kl_weight={self.kl_weight}.")  # fmt: skip
+            raise ValueError(
+                f"Bad GRPO weights: clip_range={self.clip_range}, adv_clip_max={self.adv_clip_max}, "
+                f"kl_weight={self.kl_weight}."
+            )
         if self.sde_window is not None and (not isinstance(self.sde_window, int) or self.sde_window < 1):
             raise ValueError(f"sde_window must be an integer >= 1 or None, got {self.sde_window!r}.")
         lo, hi = self.sde_window_range
@@ -107,8 +111,13 @@ class StochasticTrajectory(AlignmentMethod):
         self.generator = generator
 
     def setup(self, state: GenerationState) -> None:
-        state.traces["trajectory"] = {"steps": [], "latents": [], "next_latents": [], "log_probs": [],
-                                      "conditioning": None}  # fmt: skip
+        state.traces["trajectory"] = {
+            "steps": [],
+            "latents": [],
+            "next_latents": [],
+            "log_probs": [],
+            "conditioning": None,
+        }
 
     def stochastic(self, scheduler, index: int) -> bool:
         if self.steps is not None and index not in self.steps:
@@ -179,8 +188,9 @@ class GRPOTrainer(LoRATrainer):
 
         scheduler = family_for(pipe).scheduler
         if scheduler_kind(scheduler) not in ("flow", "ddim"):
-            raise ValueError(f"GRPO samples with a flow-matching or DDIM scheduler; the pipeline has "
-                             f"{type(scheduler).__name__}.")  # fmt: skip
+            raise ValueError(
+                f"GRPO samples with a flow-matching or DDIM scheduler; the pipeline has {type(scheduler).__name__}."
+            )
         if not prompts:
             raise ValueError("GRPOTrainer needs at least one prompt.")
         super().__init__(pipe, config)
@@ -207,21 +217,35 @@ class GRPOTrainer(LoRATrainer):
         picks = torch.randint(0, len(self.prompts), (groups,), generator=generator).tolist()
         prompts = [self.prompts[i] for i in picks for _ in range(c.group_size)]
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        recorder = StochasticTrajectory(c.noise_level, c.sde_variant, self.stochastic_steps(generator),
-                                        torch.Generator().manual_seed(seed + 1))  # fmt: skip
+        recorder = StochasticTrajectory(
+            c.noise_level, c.sde_variant, self.stochastic_steps(generator), torch.Generator().manual_seed(seed + 1)
+        )
         self.denoiser.eval()
-        out = self.sampler_pipe(prompts, num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
-                                height=self.size, width=self.size, output_type="pt",
-                                generator=torch.Generator().manual_seed(seed), alignment=[recorder],
-                                **c.encode_options)  # fmt: skip
+        out = self.sampler_pipe(
+            prompts,
+            num_inference_steps=c.num_inference_steps,
+            guidance_scale=c.guidance_scale,
+            height=self.size,
+            width=self.size,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(seed),
+            alignment=[recorder],
+            **c.encode_options,
+        )
         self.denoiser.train()
         trace = out.traces["trajectory"]
         rewards = check_scores(self.reward(out.images.float(), prompts), len(prompts), reward_name(self.reward))
         rewards = rewards.float().cpu()
-        return GroupTrajectories(trace["steps"], torch.stack(trace["latents"]), torch.stack(trace["next_latents"]),
-                                 torch.stack(trace["log_probs"]), rewards,
-                                 group_advantages(rewards, prompts, c.adv_clip_max), prompts,
-                                 trace["conditioning"])  # fmt: skip
+        return GroupTrajectories(
+            trace["steps"],
+            torch.stack(trace["latents"]),
+            torch.stack(trace["next_latents"]),
+            torch.stack(trace["log_probs"]),
+            rewards,
+            group_advantages(rewards, prompts, c.adv_clip_max),
+            prompts,
+            trace["conditioning"],
+        )
 
     def policy_loss(self, traj: GroupTrajectories, rows: list[int]) -> tuple[torch.Tensor, dict]:
         """PPO-clip (+ KL) on the recorded transitions `rows` (positions in `traj.steps`), under the current
@@ -252,8 +276,11 @@ class GRPOTrainer(LoRATrainer):
                 kls.append(kl.item())
                 loss = loss + c.kl_weight * kl
             losses.append(loss)
-        metrics = {"reward": traj.rewards.mean().item(), "clip_fraction": sum(clip_fracs) / len(clip_fracs),
-                   "ratio": sum(ratios) / len(ratios)}  # fmt: skip
+        metrics = {
+            "reward": traj.rewards.mean().item(),
+            "clip_fraction": sum(clip_fracs) / len(clip_fracs),
+            "ratio": sum(ratios) / len(ratios),
+        }
         if kls:
             metrics["kl"] = sum(kls) / len(kls)
         return torch.stack(losses).mean(), metrics

@@ -29,8 +29,9 @@ def diffusion_dpo_loss(model_mse_w, model_mse_l, ref_mse_w, ref_mse_l, beta: flo
     return -F.logsigmoid(inside).mean(), (inside > 0).float().mean()
 
 
-def diffusion_kto_loss(model_mse, ref_mse, desirable, beta: float = 5000.0, lambda_desirable: float = 1.0,
-                       lambda_undesirable: float = 1.0):  # fmt: skip
+def diffusion_kto_loss(
+    model_mse, ref_mse, desirable, beta: float = 5000.0, lambda_desirable: float = 1.0, lambda_undesirable: float = 1.0
+):
     """Diffusion-KTO (Li et al. 2024, https://arxiv.org/abs/2404.04465) on binary feedback:
     `g = ref_mse - model_mse`, `kl = clamp(mean(g), 0)` (detached), `h = sigmoid(sign * beta * (g - kl))` with
     `sign = +1` for desirable and `-1` for undesirable samples, `loss = mean(lambda_y * (1 - h))`."""
@@ -57,8 +58,17 @@ def reinforce_loss(log_prob, advantages):
     return -(advantages * log_prob).mean()
 
 
-def dpok_loss(log_prob, old_log_prob, rewards, values, eps_model, eps_ref, reward_weight: float = 10.0,
-              kl_weight: float = 0.01, clip_range: float = 1e-4):  # fmt: skip
+def dpok_loss(
+    log_prob,
+    old_log_prob,
+    rewards,
+    values,
+    eps_model,
+    eps_ref,
+    reward_weight: float = 10.0,
+    kl_weight: float = 0.01,
+    clip_range: float = 1e-4,
+):
     """DPOK (Fan et al. 2023, https://arxiv.org/abs/2305.16381), as its code: a plain clamp of the ratio (not PPO's
     min) and a KL term on the guided noise predictions:
     `-w_R * (R - V) * clamp(ratio, 1 +- e) + w_KL * mean((eps_theta - eps_ref)^2)`."""

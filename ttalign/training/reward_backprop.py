@@ -99,12 +99,19 @@ class RewardBackpropTrainer(LoRATrainer):
         # the trainer's own scheduler and the accelerate-prepared denoiser (gradients synchronized across processes)
         model = self.model.replace(scheduler=self.scheduler)
         with torch.no_grad():
-            cond = model.encode_prompt(prompts, device, do_cfg=c.guidance_scale > 1, height=self.size,
-                                       width=self.size, guidance_scale=c.guidance_scale,
-                                       **c.encode_options)  # fmt: skip
+            cond = model.encode_prompt(
+                prompts,
+                device,
+                do_cfg=c.guidance_scale > 1,
+                height=self.size,
+                width=self.size,
+                guidance_scale=c.guidance_scale,
+                **c.encode_options,
+            )
         model.set_timesteps(c.num_inference_steps, device, self.size, self.size)
-        sampler = DifferentiableSampler(model, cond, guidance_scale=c.guidance_scale, eta=c.eta,
-                                        gradient_checkpointing=True)  # fmt: skip
+        sampler = DifferentiableSampler(
+            model, cond, guidance_scale=c.guidance_scale, eta=c.eta, gradient_checkpointing=True
+        )
         shape = model.latents_shape(len(prompts), self.size, self.size)
         latents = torch.randn(shape, generator=generator).to(device) * init_noise_sigma(self.scheduler)
         noises = sampler.draw_noises(shape, generator, device)

@@ -62,8 +62,14 @@ class TrainingConfig:
     encode_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for key in ("lora_rank", "train_batch_size", "gradient_accumulation_steps", "max_steps", "checkpointing_steps",
-                    "checkpoints_total_limit"):  # fmt: skip
+        for key in (
+            "lora_rank",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_steps",
+            "checkpointing_steps",
+            "checkpoints_total_limit",
+        ):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{type(self).__name__}.{key} must be an integer >= 1, got {getattr(self, key)!r}.")
         if self.learning_rate <= 0:
@@ -122,9 +128,14 @@ class LoRATrainer:
         denoiser = family.base_denoiser
         for module in (denoiser, family.vae, *family.text_encoders):
             module.requires_grad_(False)
-        denoiser.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
-                                        init_lora_weights="gaussian",
-                                        target_modules=list(family.lora_target_modules)))  # fmt: skip
+        denoiser.add_adapter(
+            LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_alpha or config.lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=list(family.lora_target_modules),
+            )
+        )
         if config.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
         self.params = [p for p in denoiser.parameters() if p.requires_grad]
@@ -175,8 +186,15 @@ class LoRATrainer:
             tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-checkpoint-")
             lora = {k: v.detach().cpu().contiguous() for k, v in self.lora_state().items()}
             save_file(lora, os.path.join(tmp, "lora.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step, "rng": self._rng.get_state(),
-                        "python_rng": random.getstate()}, os.path.join(tmp, "state.pt"))  # fmt: skip
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "step": self.step,
+                    "rng": self._rng.get_state(),
+                    "python_rng": random.getstate(),
+                },
+                os.path.join(tmp, "state.pt"),
+            )
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump({k: v for k, v in asdict(self.config).items() if not callable(v)}, f, indent=2, default=str)
             if os.path.isdir(final):
@@ -231,8 +249,9 @@ class LoRATrainer:
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
         metrics: dict = {}
         self.denoiser.train()
-        bar = tqdm(total=config.max_steps, initial=self.step, desc=self.name,
-                   disable=not self.accelerator.is_main_process)  # fmt: skip
+        bar = tqdm(
+            total=config.max_steps, initial=self.step, desc=self.name, disable=not self.accelerator.is_main_process
+        )
         while self.step < config.max_steps:
             for _ in range(config.gradient_accumulation_steps):
                 with self.accelerator.accumulate(self.denoiser):

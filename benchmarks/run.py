@@ -1,0 +1,604 @@
+"""Runs a named benchmark suite and records how: `python benchmarks/run.py SUITE [--only STEP ...]`.
+
+Each suite is a list of steps, each one script with its exact arguments. The suite's results (JSON, Markdown, PNG)
+go to `benchmarks/results/SUITE/`; beside them `runs.json` records every step run: its command, seeds (in the
+command), wall time, the files it wrote, the git commit and the library versions. `INDEX.md` in
+`benchmarks/results/` maps every table and plot to the command that made it; it is rewritten after every run (and by
+`python benchmarks/run.py --index`).
+
+    python benchmarks/run.py --list                      # the suites and their steps
+    python benchmarks/run.py headline                    # the README's efficacy table (about an hour)
+    python benchmarks/run.py training --only dpo_guided  # one step of a suite
+
+Timing suites (`overhead`, `attend_excite`, `sampler_memory`, `serving`, `rewards`) must run alone on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from common import RESULTS_ROOT  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Step:
+    """One script run: `python benchmarks/SCRIPT ARGS`, known in its suite as `name`."""
+
+    name: str
+    script: str
+    args: tuple[str, ...] = ()
+
+    @property
+    def command(self) -> str:
+        return shlex.join(["python", f"benchmarks/{self.script}", *self.args])
+
+
+@dataclass(frozen=True)
+class Suite:
+    description: str
+    steps: tuple[Step, ...]
+    #: Timings are the point: run it alone on the machine.
+    timing: bool = False
+    #: What the suite's figures are quoted in.
+    quoted_in: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _shapes(name: str, common: tuple[str, ...], *args: str, prefix: str = "") -> Step:
+    """A `shapes_eval.py` run named `prefix + name` on the suite's common prompt set."""
+    return Step(name, "shapes_eval.py", ("--name", prefix + name, *common, *args))
+
+
+_AE_SD = "attend_and_excite:tokens=@ttalign.shapes.world:subject_words,attn_res=8x8,max_iter_to_alter=12,thresholds=0:0.05;5:0.5;10:0.8"  # noqa: E501
+_AE_FLOW = "attend_and_excite:tokens=@ttalign.shapes.world:subject_words,attn_res=8x8,max_iter_to_alter=10,thresholds=0:0.05;4:0.5;8:0.8"  # noqa: E501
+_REGIONS = "region_reweight:regions=@ttalign.shapes.world:layout_regions"
+_NOISE = "noise_optimization:reward=shapes_soft,steps=3,optimizer=adamw,lr=0.3,grad_clip=10"
+_METHODS = ("--per-category", "20", "--seeds", "2")
+_FLOW_METHODS = ("--model", "flow", *_METHODS)
+_ATTENTION = ("--categories", "two_objects,position,color_attribution", "--per-category", "40", "--seeds", "4")
+_FLOW_ATTENTION = ("--model", "flow", *_ATTENTION)
+_CONFIRM = ("--categories", "position", "--per-category", "200", "--seeds", "4", "--prompt-seed", "99")
+_HEADLINE = ("--per-category", "40", "--seeds", "4")
+_VS_BASELINE = ("--baseline", "headline_baseline")
+_COMPOSITE = "counting,two_objects,position,color_attribution"
+_WHOLE_SET = ("--eval-per-category", "40", "--eval-seeds", "4")
+
+SUITES: dict[str, Suite] = {
+    "overhead": Suite(
+        "No-method overhead of each aligned pipeline against its diffusers parent, interleaved rounds.",
+        tuple(
+            Step(f"overhead_{family}", "overhead.py", ("--rounds", "60", "--steps", "10", "--family", family))
+            for family in ("sd", "sdxl", "sd3", "flux")
+        ),
+        timing=True,
+        quoted_in=("README.md", "docs/benchmarks.md"),
+    ),
+    "attend_excite": Suite(
+        "Attend-and-Excite against diffusers' deprecated pipeline (same images), and its cost on SDXL's and the "
+        "joint-attention layouts; three repeats where the sides are timed against each other.",
+        (
+            Step(
+                "test_sizes", "attend_excite.py", ("--size", "128", "--steps", "8", "--prompts", "4", "--repeat", "3")
+            ),
+            Step(
+                "sd_layout",
+                "attend_excite.py",
+                (
+                    "--layout",
+                    "sd",
+                    "--size",
+                    "512",
+                    "--steps",
+                    "8",
+                    "--prompts",
+                    "2",
+                    "--repeat",
+                    "3",
+                    "--name",
+                    "attend_excite_sd",
+                ),
+            ),
+            Step("sdxl_layout", "attend_excite_sdxl.py", ("--size", "1024", "--steps", "4", "--prompts", "2")),
+            Step(
+                "sd3", "attend_excite_flow.py", ("--family", "sd3", "--size", "512", "--steps", "4", "--prompts", "2")
+            ),
+            Step(
+                "flux",
+                "attend_excite_flow.py",
+                ("--family", "flux", "--size", "512", "--steps", "4", "--prompts", "2"),
+            ),
+        ),
+        timing=True,
+        quoted_in=("README.md", "docs/benchmarks.md"),
+    ),
+    "shapes": Suite(
+        "The SD shapes model on the whole evaluation set: plain and best-of-4 by the soft verifier.",
+        (
+            Step("baseline", "shapes_eval.py", ("--name", "baseline")),
+            Step(
+                "best_of_4", "shapes_eval.py", ("--name", "best_of_4", "--align", "best_of_n:n=4,reward=shapes_soft")
+            ),
+        ),
+        quoted_in=("docs/shapes.md",),
+    ),
+    "methods": Suite(
+        "Every inference-time method on the SD shapes model against the baseline (20 prompts per category x 2 "
+        "images, the same seeds), then the equal-compute table and plot.",
+        (
+            _shapes("baseline", _METHODS, prefix="methods_"),
+            _shapes("best_of_2", _METHODS, "--align", "best_of_n:n=2,reward=shapes_soft", prefix="methods_"),
+            _shapes("best_of_4", _METHODS, "--align", "best_of_n:n=4,reward=shapes_soft", prefix="methods_"),
+            _shapes(
+                "particle_steering_2",
+                _METHODS,
+                "--align",
+                "particle_steering:particles=2,reward=shapes_soft",
+                prefix="methods_",
+            ),
+            _shapes(
+                "particle_steering_4",
+                _METHODS,
+                "--align",
+                "particle_steering:particles=4,reward=shapes_soft",
+                prefix="methods_",
+            ),
+            _shapes("seed_search_4", _METHODS, "--align", "seed_search:n=4,reward=shapes_soft", prefix="methods_"),
+            _shapes(
+                "reward_guidance", _METHODS, "--align", "reward_guidance:reward=shapes_soft,scale=5", prefix="methods_"
+            ),
+            _shapes("noise_optimization_3", _METHODS, "--align", _NOISE, prefix="methods_"),
+            _shapes("attend_and_excite", _METHODS, "--align", _AE_SD, prefix="methods_"),
+            _shapes("region_reweight", _METHODS, "--align", _REGIONS, prefix="methods_"),
+            Step("table", "equal_compute.py"),
+        ),
+        quoted_in=("docs/benchmarks.md",),
+    ),
+    "methods_flow": Suite(
+        "The flow shapes model (SD3's layout): its baseline on the whole evaluation set, its attention maps, then "
+        "every method against the baseline on the SD model's method prompts and seeds, and the equal-compute table.",
+        (
+            Step("baseline_whole_set", "shapes_eval.py", ("--model", "flow", "--name", "baseline")),
+            Step("attention_maps", "attention_maps.py", ("--model", "flow", "--per-category", "40", "--seeds", "2")),
+            _shapes("baseline", _FLOW_METHODS, prefix="methods_"),
+            _shapes("best_of_2", _FLOW_METHODS, "--align", "best_of_n:n=2,reward=shapes_soft", prefix="methods_"),
+            _shapes("best_of_4", _FLOW_METHODS, "--align", "best_of_n:n=4,reward=shapes_soft", prefix="methods_"),
+            _shapes(
+                "particle_steering_2",
+                _FLOW_METHODS,
+                "--align",
+                "particle_steering:particles=2,reward=shapes_soft,eta=0.7",
+                prefix="methods_",
+            ),
+            _shapes(
+                "particle_steering_4",
+                _FLOW_METHODS,
+                "--align",
+                "particle_steering:particles=4,reward=shapes_soft,eta=0.7",
+                prefix="methods_",
+            ),
+            _shapes(
+                "seed_search_4", _FLOW_METHODS, "--align", "seed_search:n=4,reward=shapes_soft", prefix="methods_"
+            ),
+            _shapes(
+                "reward_guidance",
+                _FLOW_METHODS,
+                "--align",
+                "reward_guidance:reward=shapes_soft,scale=5",
+                prefix="methods_",
+            ),
+            _shapes("noise_optimization_3", _FLOW_METHODS, "--align", _NOISE, prefix="methods_"),
+            _shapes("attend_and_excite", _FLOW_METHODS, "--align", _AE_FLOW, prefix="methods_"),
+            _shapes("region_reweight", _FLOW_METHODS, "--align", _REGIONS, prefix="methods_"),
+            Step("table", "equal_compute.py", ("--model", "flow")),
+        ),
+        quoted_in=("README.md", "docs/benchmarks.md"),
+    ),
+    "attention": Suite(
+        "Attention control on the SD shapes model: Attend-and-Excite and region re-weighting against the baseline on "
+        "the categories they address (40 prompts per category x 4 images), paired; what its attention maps look "
+        "like.",
+        (
+            Step("attention_maps", "attention_maps.py", ("--per-category", "40", "--seeds", "2")),
+            _shapes("baseline", _ATTENTION, prefix="attention_"),
+            _shapes("attend_and_excite", _ATTENTION, "--align", _AE_SD, prefix="attention_"),
+            _shapes("region_reweight", _ATTENTION, "--align", _REGIONS, prefix="attention_"),
+            _shapes(
+                "region_reweight_in_context",
+                _ATTENTION,
+                "--align",
+                _REGIONS + ",encode_phrases=false",
+                prefix="attention_",
+            ),
+            _shapes(
+                "region_reweight_cross3", _ATTENTION, "--align", _REGIONS + ",cross_weight=3", prefix="attention_"
+            ),
+            _shapes(
+                "attend_and_excite_region_reweight",
+                _ATTENTION,
+                "--align",
+                _AE_SD,
+                "--align",
+                _REGIONS,
+                prefix="attention_",
+            ),
+            Step("table", "attention_table.py"),
+        ),
+        quoted_in=("docs/benchmarks.md",),
+    ),
+    "attention_flow": Suite(
+        "Attention control on the flow shapes model's joint attention, as the `attention` suite for the SD model.",
+        (
+            _shapes("baseline", _FLOW_ATTENTION, prefix="attention_"),
+            _shapes("attend_and_excite", _FLOW_ATTENTION, "--align", _AE_FLOW, prefix="attention_"),
+            _shapes("region_reweight", _FLOW_ATTENTION, "--align", _REGIONS, prefix="attention_"),
+            _shapes(
+                "region_reweight_cross3", _FLOW_ATTENTION, "--align", _REGIONS + ",cross_weight=3", prefix="attention_"
+            ),
+            Step("table", "attention_table.py", ("--prefix", "flow_attention")),
+        ),
+        quoted_in=("README.md", "docs/benchmarks.md", "docs/efficacy.md"),
+    ),
+    "region_confirm": Suite(
+        "Region re-weighting on 200 fresh position captions (prompt seed 99) x 4 images against the baseline.",
+        (
+            _shapes("baseline", _CONFIRM, prefix="confirm_"),
+            _shapes("region_reweight", _CONFIRM, "--align", _REGIONS, prefix="confirm_"),
+            _shapes(
+                "region_reweight_in_context",
+                _CONFIRM,
+                "--align",
+                _REGIONS + ",encode_phrases=false",
+                prefix="confirm_",
+            ),
+            Step("table", "attention_table.py", ("--prefix", "confirm")),
+        ),
+        quoted_in=("docs/benchmarks.md",),
+    ),
+    "headline": Suite(
+        "The README's efficacy table: the strongest methods on the whole evaluation set of the SD shapes model (960 "
+        "images per run), with the soft verifier (best case) and the shapes CLIP (honest case), paired with the plain "
+        "run.",
+        (
+            _shapes("baseline", _HEADLINE, prefix="headline_"),
+            _shapes(
+                "best_of_4_soft",
+                _HEADLINE,
+                *_VS_BASELINE,
+                "--align",
+                "best_of_n:n=4,reward=shapes_soft",
+                prefix="headline_",
+            ),
+            _shapes(
+                "best_of_4_clip",
+                _HEADLINE,
+                *_VS_BASELINE,
+                "--align",
+                "best_of_n:n=4,reward=shapes_clip",
+                prefix="headline_",
+            ),
+            _shapes(
+                "particle_steering_4_soft",
+                _HEADLINE,
+                *_VS_BASELINE,
+                "--align",
+                "particle_steering:particles=4,reward=shapes_soft,lmbda=10",
+                prefix="headline_",
+            ),
+            _shapes(
+                "particle_steering_4_clip",
+                _HEADLINE,
+                *_VS_BASELINE,
+                "--align",
+                "particle_steering:particles=4,reward=shapes_clip,lmbda=0.1",
+                prefix="headline_",
+            ),
+            _shapes(
+                "reward_guidance_soft",
+                _HEADLINE,
+                *_VS_BASELINE,
+                "--align",
+                "reward_guidance:reward=shapes_soft,scale=5",
+                prefix="headline_",
+            ),
+            Step("table", "equal_compute.py", ("--set", "headline")),
+        ),
+        quoted_in=("README.md", "docs/efficacy.md"),
+    ),
+    "scaling": Suite(
+        "Compute scaling and over-optimization on the SD shapes model: noise optimization's per-iteration record on "
+        "both rewards, then verified success against NFE for every reward-driven method.",
+        (
+            *(
+                Step(
+                    f"overoptimization_{reward}",
+                    "overoptimization.py",
+                    ("--reward", reward, "--iterations", "15", "--batch-prompts", "16", "--categories", _COMPOSITE),
+                )
+                for reward in ("shapes_soft", "shapes_clip")
+            ),
+            Step("compute_scaling", "compute_scaling.py"),
+        ),
+        quoted_in=("README.md", "docs/efficacy.md"),
+    ),
+    "training": Suite(
+        "LoRA training on the SD shapes model (captions disjoint from the evaluation set), each LoRA evaluated at 1x "
+        "NFE and paired with the base model.",
+        (
+            Step(
+                "dpo_guided",
+                "train_shapes.py",
+                (
+                    "--trainers",
+                    "dpo,dpo_guided",
+                    "--prompts",
+                    "1200",
+                    "--dpo-steps",
+                    "2000",
+                    "--lr",
+                    "1e-3",
+                    *_WHOLE_SET,
+                    "--name",
+                    "training_guided",
+                ),
+            ),
+            Step(
+                "dpo_4000",
+                "train_shapes.py",
+                (
+                    "--trainers",
+                    "dpo",
+                    "--prompts",
+                    "2400",
+                    "--dpo-steps",
+                    "4000",
+                    "--lr",
+                    "1e-3",
+                    *_WHOLE_SET,
+                    "--name",
+                    "training_dpo_4000",
+                ),
+            ),
+            Step(
+                "dpo_draft",
+                "train_shapes.py",
+                ("--prompts", "400", "--dpo-steps", "1000", "--draft-steps", "60", "--lr", "1e-3"),
+            ),
+            Step(
+                "ddpo",
+                "train_shapes.py",
+                (
+                    "--prompts",
+                    "400",
+                    "--trainers",
+                    "ddpo",
+                    "--ddpo-steps",
+                    "40",
+                    "--lr",
+                    "1e-3",
+                    "--name",
+                    "training_ddpo",
+                ),
+            ),
+        ),
+        quoted_in=("README.md", "docs/benchmarks.md", "docs/efficacy.md", "docs/training.md"),
+    ),
+    "training_flow": Suite(
+        "Flow-GRPO and Flow-DPO on the flow shapes model (captions disjoint from the evaluation set), with their "
+        "over-optimization monitors, and Flow-GRPO's learning signal on one caption.",
+        (
+            Step(
+                "grpo_exact",
+                "train_shapes_flow.py",
+                (
+                    "--trainers",
+                    "grpo",
+                    "--minutes",
+                    "30",
+                    "--reward",
+                    "shapes_exact",
+                    "--sde-window",
+                    "3",
+                    "--group-size",
+                    "8",
+                    "--groups",
+                    "3",
+                    "--grpo-lr",
+                    "3e-4",
+                    "--kl-weight",
+                    "0.01",
+                    "--prompts",
+                    "400",
+                    "--monitor-every",
+                    "40",
+                    "--name",
+                    "training_flow_grpo_exact",
+                ),
+            ),
+            Step(
+                "dpo",
+                "train_shapes_flow.py",
+                (
+                    "--trainers",
+                    "dpo",
+                    "--minutes",
+                    "30",
+                    "--prompts",
+                    "600",
+                    "--max-steps",
+                    "20000",
+                    "--monitor-every",
+                    "300",
+                    "--name",
+                    "training_flow_dpo",
+                ),
+            ),
+            Step("grpo_one_caption", "grpo_one_caption.py", ("--lrs", "3e-4,1e-3,5e-3", "--steps", "40")),
+        ),
+        quoted_in=("docs/benchmarks.md", "docs/training.md"),
+    ),
+    "serving": Suite(
+        "The server under load: 200 concurrent clients, merged batches.",
+        (Step("load", "serve_load.py", ("--clients", "200", "--requests", "1", "--steps", "10")),),
+        timing=True,
+        quoted_in=("docs/benchmarks.md", "docs/serving.md"),
+    ),
+    "rewards": Suite(
+        "The built-in rewards' speed and memory.",
+        (Step("rewards", "rewards.py", ("--images", "64", "--rounds", "5")),),
+        timing=True,
+        quoted_in=("docs/benchmarks.md",),
+    ),
+    "sampler_memory": Suite(
+        "The differentiable sampler's memory with and without gradient checkpointing.",
+        (Step("sampler_memory", "sampler_memory.py", ("--steps", "10", "25", "--batch", "64")),),
+        timing=True,
+        quoted_in=("docs/benchmarks.md",),
+    ),
+}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _snapshot(folder: str) -> dict[str, float]:
+    if not os.path.isdir(folder):
+        return {}
+    return {name: os.path.getmtime(os.path.join(folder, name)) for name in os.listdir(folder)}
+
+
+def run_suite(name: str, only: list[str] | None = None, python: str = sys.executable) -> list[dict]:
+    """Runs the suite's steps (those named in `only`), each as a fresh process, and appends each to `runs.json`."""
+    from common import environment
+
+    suite = SUITES[name]
+    steps = [s for s in suite.steps if not only or s.name in only]
+    unknown = sorted(set(only or ()) - {s.name for s in suite.steps})
+    if unknown:
+        raise SystemExit(f"{name} has no steps {unknown}; its steps: {[s.name for s in suite.steps]}")
+    folder = os.path.join(RESULTS_ROOT, name)
+    os.makedirs(folder, exist_ok=True)
+    env = dict(os.environ, TTALIGN_RESULTS=folder, TTALIGN_QUIET="1")
+    records = []
+    for step in steps:
+        before = _snapshot(folder)
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        print(f"== {name}/{step.name}: {step.command}", flush=True)
+        start = time.perf_counter()
+        subprocess.run([python, os.path.join(HERE, step.script), *step.args], cwd=ROOT, env=env, check=True)
+        after = _snapshot(folder)
+        wrote = sorted(f for f, t in after.items() if before.get(f) != t and f != "runs.json")
+        records.append(
+            {
+                "step": step.name,
+                "command": step.command,
+                "started": started,
+                "wall_s": round(time.perf_counter() - start, 1),
+                "wrote": wrote,
+            }
+        )
+        log_path = os.path.join(folder, "runs.json")
+        log = json.load(open(log_path)) if os.path.isfile(log_path) else {"suite": name, "runs": []}
+        log["description"] = suite.description
+        log["runs"].append({**records[-1], "git_commit": _git_commit(), "environment": environment()})
+        with open(log_path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(log, f, indent=2)
+            f.write("\n")
+        os.replace(log_path + ".tmp", log_path)
+    write_index()
+    return records
+
+
+def _made_by(folder: str) -> dict[str, str]:
+    """File -> the command that last wrote it: from the suite's `runs.json`, else from a results JSON's `command`."""
+    made = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".json") and name != "runs.json":
+            try:
+                command = json.load(open(os.path.join(folder, name))).get("command")
+            except (ValueError, AttributeError):
+                command = None
+            if command:
+                stem = name[: -len(".json")]
+                for other in os.listdir(folder):
+                    if other.rsplit(".", 1)[0] == stem:
+                        made[other] = command.strip()
+    log_path = os.path.join(folder, "runs.json")
+    if os.path.isfile(log_path):
+        for run in json.load(open(log_path))["runs"]:
+            for file in run["wrote"]:
+                made[file] = run["command"]
+    return made
+
+
+def write_index() -> str:
+    """Writes `benchmarks/results/INDEX.md`: per suite, its command and every table and plot with what made it."""
+    lines = [
+        "# Benchmark results",
+        "",
+        "Every table (`.md`) and plot (`.png`) below, by suite, with the command that made it. Rerun a suite with "
+        "`python benchmarks/run.py SUITE` (or one step with `--only STEP`); each suite's `runs.json` records its runs "
+        "(commit, library versions, wall time). This file is written by `python benchmarks/run.py --index`.",
+        "",
+    ]
+    for name, suite in SUITES.items():
+        folder = os.path.join(RESULTS_ROOT, name)
+        lines += [f"## {name}", "", suite.description + (" Timings: run alone." if suite.timing else ""), ""]
+        lines += [
+            f"`python benchmarks/run.py {name}`"
+            + (f"; quoted in {', '.join(suite.quoted_in)}" if suite.quoted_in else ""),
+            "",
+        ]
+        if not os.path.isdir(folder):
+            lines += ["(not run yet)", ""]
+            continue
+        made = _made_by(folder)
+        shown = [f for f in sorted(os.listdir(folder)) if f.endswith((".md", ".png"))]
+        lines += ["| file | made by |", "|---|---|"]
+        lines += [f"| [{f}]({name}/{f}) | `{made.get(f, 'this suite (command not recorded)')}` |" for f in shown]
+        lines.append("")
+    text = "\n".join(lines)
+    path = os.path.join(RESULTS_ROOT, "INDEX.md")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("suite", nargs="?", choices=sorted(SUITES))
+    parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps of the suite")
+    parser.add_argument("--list", action="store_true", help="list the suites and their steps")
+    parser.add_argument("--index", action="store_true", help="rewrite results/INDEX.md and stop")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, suite in SUITES.items():
+            print(f"{name}{' (timing: run alone)' if suite.timing else ''}: {suite.description}")
+            for step in suite.steps:
+                print(f"  {step.name}: {step.command}")
+        return
+    if args.index:
+        print(write_index())
+        return
+    if args.suite is None:
+        parser.error("name a suite (--list shows them)")
+    run_suite(args.suite, args.only)
+
+
+if __name__ == "__main__":
+    main()
