@@ -15,7 +15,7 @@ keys (its two CLIPs' tokens, then its T5's) at the 8x8 grid of image tokens, in 
 attention on the text keys (the softmax also runs over the image keys: the share of the whole attention that goes to
 text is reported beside them). A subject word's map sums its CLIP token and its T5 piece.
 
-Writes `benchmarks/results/attention_maps.json` and `.md` (`attention_maps_flow` for the flow model).
+Writes `benchmarks/results/attention/attention_maps.json` and `.md` (`attention_maps_flow` for the flow model).
 
     python benchmarks/attention_maps.py --per-category 40 --seeds 2
     python benchmarks/attention_maps.py --model flow --per-category 40 --seeds 2

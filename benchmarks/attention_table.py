@@ -1,13 +1,13 @@
-"""The attention-control table: each run of `benchmarks/run_attention.sh` against the baseline, image by image.
+"""The attention-control table: each run of the `attention` suite against the baseline, image by image.
 
 Reads `benchmarks/results/shapes_<prefix>_*.json` (same prompts and seeds in every run) and writes
 `shapes_<prefix>.md` and `.json`: verified success per category, the change over the baseline, the images each run
 turns from failed to passed and back, and the two-sided sign-test p-value on those discordant images; for position
 captions, where each run drew the objects against their layout.
 
-    python benchmarks/attention_table.py                    # the runs of run_attention.sh
-    python benchmarks/attention_table.py --prefix confirm   # the runs of run_region_confirm.sh
-    python benchmarks/attention_table.py --prefix flow_attention   # the flow model's, run_attention_flow.sh
+    python benchmarks/attention_table.py                    # the runs of the attention suite
+    python benchmarks/attention_table.py --prefix confirm   # the runs of the region_confirm suite
+    python benchmarks/attention_table.py --prefix flow_attention   # the flow model's, the attention_flow suite
 """
 
 from __future__ import annotations
@@ -56,16 +56,13 @@ def placement(base: dict, run: dict) -> dict:
     }
 
 
-SCRIPTS = {
-    "attention": "run_attention.sh",
-    "confirm": "run_region_confirm.sh",
-    "flow_attention": "run_attention_flow.sh",
-}
+#: The suite (`benchmarks/run.py SUITE`) whose runs each prefix names.
+SUITES = {"attention": "attention", "confirm": "region_confirm", "flow_attention": "attention_flow"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prefix", default="attention", choices=sorted(SCRIPTS), help="which set of runs")
+    parser.add_argument("--prefix", default="attention", choices=sorted(SUITES), help="which set of runs")
     prefix = parser.parse_args().prefix
     runs = {}
     for path in sorted(glob.glob(os.path.join(RESULTS, f"shapes_{prefix}_*.json"))):
@@ -74,7 +71,7 @@ def main() -> None:
         data["name"] = os.path.basename(path)[len("shapes_") : -len(".json")]  # the flow model's carry "flow_"
         runs[data["name"]] = data
     if f"{prefix}_baseline" not in runs:
-        raise SystemExit(f"no shapes_{prefix}_baseline.json: run benchmarks/{SCRIPTS[prefix]} first")
+        raise SystemExit(f"no shapes_{prefix}_baseline.json: run `python benchmarks/run.py {SUITES[prefix]}` first")
     base = runs.pop(f"{prefix}_baseline")
     categories = list(base["category_accuracy"])
     seeds = base["settings"]["seeds"]
@@ -142,7 +139,7 @@ def main() -> None:
     sampling = f"{settings.get('num_inference_steps', 25)} {'flow-matching Euler' if flow else 'DDIM'} steps"
     title = "Shapes world (flow model)" if flow else "Shapes world"
     markdown = (
-        f"# {title}: attention control\n\n`bash benchmarks/{SCRIPTS[prefix]}`\n\n"
+        f"# {title}: attention control\n\n`python benchmarks/run.py {SUITES[prefix]}`\n\n"
         f"{base['images']} images per run ({len(categories)} categor{'y' if len(categories) == 1 else 'ies'} x "
         f"{prompts_each} prompts x {seeds} seeds, "
         f"the same for every run), {sampling}, guidance {settings.get('guidance_scale', 3.0)}. "

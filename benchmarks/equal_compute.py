@@ -1,10 +1,10 @@
-"""Verified success against compute (NFE per image) for the method runs of `benchmarks/run_methods.sh`.
+"""Verified success against compute (NFE per image) for the method runs of the `methods` suite.
 
 Reads `benchmarks/results/shapes_methods_*.json` (written by `shapes_eval.py`), groups them into series by method,
 and writes `shapes_equal_compute.md` (a table per category), `.json` and `.png` (overall verified success against
-NFE per image, one line per method). With `--model flow`, the runs of `run_methods_flow.sh`
+NFE per image, one line per method). With `--model flow`, the runs of the `methods_flow` suite
 (`shapes_flow_methods_*` -> `shapes_flow_equal_compute`); with `--set headline`, the whole-set runs of
-`run_headline.sh` (`shapes_headline_*` -> `shapes_headline`), whose names end in the optimized reward.
+the `headline` suite (`shapes_headline_*` -> `shapes_headline`), whose names end in the optimized reward.
 
     python benchmarks/equal_compute.py
     python benchmarks/equal_compute.py --model flow
@@ -100,13 +100,13 @@ def main() -> None:
     flow = args.model == "flow"
     headline = args.set == "headline"
     if headline and flow:
-        parser.error("--set headline is a run of the SD shapes model (benchmarks/run_headline.sh)")
-    stem, script = ("shapes_flow_", "run_methods_flow.sh") if flow else ("shapes_", "run_methods.sh")
+        parser.error("--set headline is a run of the SD shapes model (the headline suite)")
+    stem, suite = ("shapes_flow_", "methods_flow") if flow else ("shapes_", "methods")
     if headline:
-        script = "run_headline.sh"
+        suite = "headline"
     runs = load_runs(f"{stem}{args.set}_")
     if not runs:
-        raise SystemExit(f"No {stem}{args.set}_*.json results: run benchmarks/{script} first.")
+        raise SystemExit(f"No {stem}{args.set}_*.json results: run `python benchmarks/run.py {suite}` first.")
     header = (
         "| run | NFE / image | " + " | ".join(CATEGORIES) + " | overall (95% interval) | vs baseline: "
         "fail->pass / pass->fail, sign test p | soft reward | CLIP reward | diversity: CLIP distance / "
@@ -152,8 +152,8 @@ def main() -> None:
         else "soft verifier as the reward"
     )
     markdown = (
-        f"# Shapes world{' (flow model)' if flow else ''}: {title}\n\n`bash benchmarks/{script}` "
-        f"then `python benchmarks/equal_compute.py{option}`\n\n"
+        f"# Shapes world{' (flow model)' if flow else ''}: {title}\n\n`python benchmarks/run.py {suite}` "
+        f"(its last step: `python benchmarks/equal_compute.py{option}`)\n\n"
         f"{first['images']} images per run ({first['command'].split('--per-category ')[-1].split()[0]} prompts per "
         f"category, see each run's command in its JSON), {sampling}, guidance 3.0, {reward}. "
         "NFE counts denoiser forward passes per returned image (a CFG pair counts once; backward passes of the "

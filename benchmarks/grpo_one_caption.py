@@ -4,7 +4,7 @@ cannot raise a whole evaluation set's; this measures how many samples the signal
 
     python benchmarks/grpo_one_caption.py --lrs 1e-3,5e-3 --steps 40
 
-Writes `benchmarks/results/grpo_one_caption.json`, `.md` and `.png`.
+Writes `benchmarks/results/training_flow/grpo_one_caption.json`, `.md` and `.png`.
 """
 
 from __future__ import annotations

@@ -569,7 +569,8 @@ def write_index() -> str:
         made = _made_by(folder)
         shown = [f for f in sorted(os.listdir(folder)) if f.endswith((".md", ".png"))]
         lines += ["| file | made by |", "|---|---|"]
-        lines += [f"| [{f}]({name}/{f}) | `{made.get(f, 'this suite (command not recorded)')}` |" for f in shown]
+        suite_command = f"python benchmarks/run.py {name}"
+        lines += [f"| [{f}]({name}/{f}) | `{made.get(f, suite_command)}` |" for f in shown]
         lines.append("")
     text = "\n".join(lines)
     path = os.path.join(RESULTS_ROOT, "INDEX.md")

@@ -3,7 +3,7 @@ checkpointing, on the shapes model.
 
 Each configuration runs in a fresh process. On CUDA the figure is `torch.cuda.max_memory_allocated`; on CPU it is
 the growth of the process's peak resident memory over the loaded, warmed-up pipeline (what the backward pass
-added). Writes `benchmarks/results/sampler_memory.json` and `.md`.
+added). Writes `benchmarks/results/sampler_memory/sampler_memory.json` and `.md`.
 
     python benchmarks/sampler_memory.py --steps 10 25 --batch 64
 """

@@ -5,7 +5,7 @@ clients (a bounded asyncio + httpx loop, loopback only) each send `--requests` g
 retrying a 429 after its `Retry-After` (as the OpenAI client does). Reported: answered requests, 429s seen, 5xx
 (must be 0), throughput (images/s), latency percentiles of the answered requests (from the first attempt, waits
 included), pipeline calls and the largest merged batch (from `/metrics`), and the server's peak resident memory
-(sampled from `/metrics` during the run). Writes `benchmarks/results/serve_load.json` and `.md`.
+(sampled from `/metrics` during the run). Writes `benchmarks/results/serving/serve_load.json` and `.md`.
 
     python benchmarks/serve_load.py --clients 200 --requests 1 --steps 10
 """

@@ -223,7 +223,7 @@ def main() -> None:
         f"{args.prompts} captions drawn with their own seed, LoRA rank {args.lora_rank}, at most {args.minutes:g} "
         f"minutes of training each, {env['device']}. Evaluated on the method benchmark's 120 prompts x 2 images (20 "
         "steps, guidance 3.0) with the paired sign test against the base model; the guided rows are the "
-        "inference-time methods on the same prompts and seeds (`run_methods_flow.sh`).\n\n"
+        "inference-time methods on the same prompts and seeds (the `methods_flow` suite).\n\n"
         + "\n".join(lines)
         + f"\n\nOver-optimization monitor (`{args.name}_monitor.png`):\n\n"
         + "\n".join(monitor_lines)

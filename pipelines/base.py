@@ -112,6 +112,14 @@ class AlignedPipelineMixin:
     #: The parent `__call__` this class's `__call__` mirrors (set by each family).
     parent_call: ParentCall | None = None
 
+    @property
+    def family(self):
+        """This pipeline's [`~ttalign.pipelines.family.ModelFamily`], from the registry: what alignment methods know of
+        the model."""
+        from .family import family_entry
+
+        return family_entry(self).family(self)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)

@@ -57,11 +57,6 @@ class AlignedFluxPipeline(AlignedPipelineMixin, FluxPipeline):
     ```
     """
 
-    @property
-    def family(self) -> FluxFamily:
-        """This pipeline's [`~ttalign.pipelines.family.ModelFamily`]: what alignment methods know of the model."""
-        return FluxFamily(self)
-
     # A copy of diffusers 0.42.1's `FluxPipeline.__call__`, with the stages added;
     # `parent_call` records the parent's fingerprint (tests/test_parent_calls.py fails when it differs).
     parent_call = ParentCall("0.42.1", "26d9b658a88b6b3be4097668709c17c3f9050431d3a32ca8977fa0c07cb5cbf2")

@@ -78,11 +78,6 @@ class AlignedStableDiffusionPipeline(AlignedPipelineMixin, StableDiffusionPipeli
     ```
     """
 
-    @property
-    def family(self) -> StableDiffusionFamily:
-        """This pipeline's [`~ttalign.pipelines.family.ModelFamily`]: what alignment methods know of the model."""
-        return StableDiffusionFamily(self)
-
     # A copy of diffusers 0.42.1's `StableDiffusionPipeline.__call__`, with the stages added;
     # `parent_call` records the parent's fingerprint (tests/test_parent_calls.py fails when it differs).
     parent_call = ParentCall("0.42.1", "35adac16365e855fe0e14894929ded8660da4339907144fc09f07b5b9d91bf11")

@@ -51,11 +51,6 @@ class AlignedStableDiffusion3Pipeline(AlignedPipelineMixin, StableDiffusion3Pipe
     ```
     """
 
-    @property
-    def family(self) -> StableDiffusion3Family:
-        """This pipeline's [`~ttalign.pipelines.family.ModelFamily`]: what alignment methods know of the model."""
-        return StableDiffusion3Family(self)
-
     # A copy of diffusers 0.42.1's `StableDiffusion3Pipeline.__call__`, with the stages added;
     # `parent_call` records the parent's fingerprint (tests/test_parent_calls.py fails when it differs).
     parent_call = ParentCall("0.42.1", "890bad35b5680895f3b44cda094742e3609379bdb22d08eeab9c250705199b29")

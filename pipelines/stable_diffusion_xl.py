@@ -59,11 +59,6 @@ class AlignedStableDiffusionXLPipeline(AlignedPipelineMixin, StableDiffusionXLPi
     ```
     """
 
-    @property
-    def family(self) -> StableDiffusionXLFamily:
-        """This pipeline's [`~ttalign.pipelines.family.ModelFamily`]: what alignment methods know of the model."""
-        return StableDiffusionXLFamily(self)
-
     # A copy of diffusers 0.42.1's `StableDiffusionXLPipeline.__call__`, with the stages added;
     # `parent_call` records the parent's fingerprint (tests/test_parent_calls.py fails when it differs).
     parent_call = ParentCall("0.42.1", "4d58fbfc599e50c2dead3d62e07d7d09d34f9cfa9a1997ebf61086f1303fe358")

@@ -1,5 +1,11 @@
-"""Runs a small DPO training on the tiny components: `python tests/dpo_run.py PAIRS OUTPUT_DIR MAX_STEPS`."""
+"""Runs a small DPO training on the tiny components: `python tests/dpo_run.py PAIRS OUTPUT_DIR MAX_STEPS [KILL_AT]`.
 
+With `KILL_AT`, the process kills itself (SIGKILL) while it writes checkpoint `KILL_AT`, after its files are written
+and before the folder is renamed into place: the moment a crash could leave a half-written checkpoint.
+"""
+
+import os
+import signal
 import sys
 
 import torch
@@ -27,5 +33,18 @@ def run(pairs: str, output_dir: str, max_steps: int):
     return trainer
 
 
+def kill_while_saving(step: int) -> None:
+    replace = os.replace
+
+    def replace_or_die(src, dst):
+        if os.path.basename(dst) == f"checkpoint-{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        replace(src, dst)
+
+    os.replace = replace_or_die
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 4:
+        kill_while_saving(int(sys.argv[4]))
     run(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -190,3 +190,34 @@ def test_canonical_keys_leave_out_the_servers_values():
     policy = RequestPolicy(Limits(), "m", {"noise_optimization": {}}, [], {"r": brightness}, native_side=32)
     with pytest.raises(APIError, match="'gradient_checkpointing' of method 'noise_optimization' is set by the server"):
         policy.methods(["noise_optimization:reward=r,gradient_checkpointing=true"])
+
+
+def test_a_cancelled_job_is_answered_with_why_whichever_side_notices(pipes):
+    """The worker's own deadline check (in its denoiser hook) and the server's both cancel a job; either way the job's
+    answer says why: 504 past its deadline, 499 when its client left, each exactly once."""
+    from ttalign.serve.protocol import APIError, ImageRequest
+    from ttalign.serve.worker import Job, PipelineWorker, new_seeds
+
+    _, aligned = pipes
+    worker = PipelineWorker(aligned)
+    try:
+        slow = ImageRequest(prompt="a cat", steps=400)
+        timed = worker.submit(Job(slow, [], new_seeds(slow), timeout_s=0.5))  # expires while its call runs
+        with pytest.raises(APIError) as error:
+            timed.done.result(timeout=60)
+        assert error.value.status == 504 and "within 0.5 s" in str(error.value) and timed.cancelled == "timeout"
+
+        blocker = worker.submit(Job(slow, [], new_seeds(slow), timeout_s=1.0))
+        queued = worker.submit(Job(ImageRequest(prompt="a dog", steps=2), [], [0]))
+        worker.cancel(queued, "disconnected")  # still queued behind the blocker: answered at once
+        with pytest.raises(APIError) as error:
+            queued.done.result(timeout=1)
+        assert error.value.status == 499
+        worker.cancel(queued, "timeout")  # a second cancellation changes nothing
+        assert queued.cancelled == "disconnected"
+        with pytest.raises(APIError):
+            blocker.done.result(timeout=60)
+        quick = worker.submit(Job(ImageRequest(prompt="a dog", steps=2), [], [0]))
+        assert len(quick.done.result(timeout=60)["images"]) == 1  # the worker goes on
+    finally:
+        worker.stop()

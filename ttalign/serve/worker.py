@@ -178,7 +178,7 @@ class PipelineWorker:
                 return
             self._stopping = True
             for job in self.jobs:
-                job.done.set_exception(APIError(503, "The server is shutting down.", code="shutting_down"))
+                self._settle(job, error=APIError(503, "The server is shutting down.", code="shutting_down"))
             self.jobs.clear()
             for job in self._running:
                 job.cancelled = job.cancelled or "shutdown"
@@ -229,8 +229,9 @@ class PipelineWorker:
         return job
 
     def cancel(self, job: Job, reason: str) -> None:
-        """Cancels a job (its client left, or it timed out): dropped if queued; if running, its call stops at the
-        next denoiser evaluation once every job of the call is cancelled."""
+        """Cancels a job (its client left, or it timed out): dropped if queued, and answered at once with its
+        cancellation error; if running, its call stops at the next denoiser evaluation once every job of the call is
+        cancelled, and the call answers it."""
         with self._cond:
             if job.cancelled is not None or job.done.done():
                 return
@@ -238,8 +239,21 @@ class PipelineWorker:
             if job in self.jobs:
                 self.jobs.remove(job)
                 self._gauge()
+            if job not in self._running:
+                self._settle(job, error=job.cancellation_error())
             if self.metrics is not None:
                 self.metrics.cancelled.labels(reason).inc()
+
+    def _settle(self, job: Job, result=None, error: BaseException | None = None) -> bool:
+        """Answers a job once: the worker's thread and the server's (cancelling) may both try; the first wins."""
+        with self._cond:
+            if job.done.done():
+                return False
+            if error is not None:
+                job.done.set_exception(error)
+            else:
+                job.done.set_result(result)
+            return True
 
     def _gauge(self) -> None:
         if self.metrics is not None:
@@ -289,7 +303,8 @@ class PipelineWorker:
                 for job in batch:
                     if job.cancelled is None and job.expired(now):
                         self.cancel(job, "timeout")
-                batch = [job for job in batch if job.cancelled is None and job.done.set_running_or_notify_cancel()]
+                with self._cond:  # atomic with `cancel`, which may answer a job from the server's thread
+                    batch = [job for job in batch if job.cancelled is None and job.done.set_running_or_notify_cancel()]
                 if batch:
                     self._run(batch)
         except BaseException as err:  # the thread dies: nobody may wait for it
@@ -302,8 +317,7 @@ class PipelineWorker:
             with self._cond:
                 waiting, self.jobs = self.jobs + (batch or []), []
             for job in waiting:
-                if not job.done.done():
-                    job.done.set_exception(dead)
+                self._settle(job, error=dead)
             if self.metrics is not None:
                 self.metrics.failed.labels("worker_dead").inc(len(waiting))
             raise
@@ -319,7 +333,7 @@ class PipelineWorker:
         except CallCancelled:
             self._count_call("cancelled")
             for job in batch:
-                job.done.set_exception(job.cancellation_error())
+                self._settle(job, error=job.cancellation_error())
             return
         except Exception as err:  # noqa: BLE001 - the failure belongs to the requests, the worker goes on
             oom = is_out_of_memory(err)
@@ -341,7 +355,7 @@ class PipelineWorker:
                 if isinstance(result, BaseException):
                     self._fail(job, result)
                 else:
-                    job.done.set_result(result)
+                    self._settle(job, result=result)
             return
         if oom:
             gc.collect()
@@ -358,7 +372,7 @@ class PipelineWorker:
         if self.metrics is not None:
             code = getattr(err, "code", None) or ("invalid_value" if isinstance(err, ValueError) else "method_failed")
             self.metrics.failed.labels(code).inc()
-        job.done.set_exception(err)
+        self._settle(job, error=err)
 
     def _count_call(self, outcome: str) -> None:
         if self.metrics is not None:

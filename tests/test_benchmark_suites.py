@@ -1,0 +1,58 @@
+"""The benchmark suites and the figures the docs quote: every step names a script that exists, every results file the
+README and docs link to is committed, and the index lists every table and plot with the command that made it."""
+
+import importlib.util
+import pathlib
+import re
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _runner():
+    spec = importlib.util.spec_from_file_location("benchmark_runner", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_step_runs_a_script_that_exists():
+    runner = _runner()
+    assert {"headline", "overhead", "attend_excite", "training", "scaling"} <= set(runner.SUITES)
+    for name, suite in runner.SUITES.items():
+        names = [step.name for step in suite.steps]
+        assert len(names) == len(set(names)), f"{name}: step names repeat"
+        for step in suite.steps:
+            assert (ROOT / "benchmarks" / step.script).is_file(), f"{name}/{step.name}: no {step.script}"
+            assert step.command.startswith(f"python benchmarks/{step.script}")
+        for doc in suite.quoted_in:
+            assert (ROOT / doc).is_file(), doc
+    assert not list((ROOT / "benchmarks").glob("*.sh")), "shell wrappers retire into suites"
+
+
+def test_results_live_in_suite_folders_and_the_docs_links_resolve():
+    runner = _runner()
+    results = ROOT / "benchmarks" / "results"
+    loose = [p.name for p in results.iterdir() if p.is_file() and p.name != "INDEX.md"]
+    assert loose == []
+    assert {p.name for p in results.iterdir() if p.is_dir() and p.name != "unsorted"} <= set(runner.SUITES)
+    texts = {p: p.read_text() for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]}
+    missing = []
+    for path, text in texts.items():
+        for link in re.findall(r"results/([a-z_]+/[A-Za-z0-9_.\-]+\.(?:md|json|png))", text):
+            if not (results / link).is_file():
+                missing.append(f"{path.name}: {link}")
+    assert missing == []
+
+
+def test_the_index_maps_every_table_and_plot_to_a_command():
+    runner = _runner()
+    index = (ROOT / "benchmarks" / "results" / "INDEX.md").read_text()
+    for suite in runner.SUITES:
+        folder = ROOT / "benchmarks" / "results" / suite
+        for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+            if path.suffix in (".md", ".png"):
+                row = next((line for line in index.splitlines() if f"]({suite}/{path.name})" in line), None)
+                assert row is not None, f"INDEX.md lacks {suite}/{path.name}: rerun `python benchmarks/run.py --index`"
+                assert "`python benchmarks/" in row
