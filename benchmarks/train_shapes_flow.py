@@ -84,10 +84,16 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=100.0)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--name", default="training_flow")
+    parser.add_argument(
+        "--captions",
+        choices=("disjoint", "any"),
+        default="disjoint",
+        help="training captions: none of the evaluation set's (default), or any of the grammar's",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     held_out = {p for per in (20, 40) for p, _ in evaluation_prompts(per)}  # training never sees an evaluated caption
-    captions = training_captions(args.prompts, exclude=held_out)
+    captions = training_captions(args.prompts, exclude=held_out if args.captions == "disjoint" else frozenset())
     base = load_pipeline("flow")
     base.set_progress_bar_config(disable=True)
     rows = [{"run": "base model", **run_eval(base, "base"), "train_s": 0.0, "steps": 0}]

@@ -178,3 +178,29 @@ def test_no_modules_import_each_other_in_a_circle():
         if path:
             cycles.append(" -> ".join([name, *path]))
     assert cycles == []
+
+
+def test_methods_needing_stochastic_steps_are_refused_on_a_family_without_them():
+    """What a method needs is read from the family's declared capabilities, before any compute."""
+    from ttalign.methods import NoiseOptimization, ParticleSteering
+    from ttalign.testing import Redness
+
+    pipe = get_tiny_family_pipeline("sd")
+
+    class Deterministic(FAMILIES["sd"].family):
+        name = "Deterministic"
+        features = frozenset({"cross_attention"})
+
+    class Pipe(type(pipe)):
+        @property
+        def family(self):
+            return Deterministic(self)
+
+    limited = Pipe.from_pipe(pipe)
+    kwargs = {"num_inference_steps": 2, "output_type": "pt", "eta": 1.0}
+    for method in (ParticleSteering(reward=Redness()), NoiseOptimization(reward=Redness(), optimize="all-noises")):
+        assert "stochastic_steps" in method.required_features
+        with pytest.raises(ValueError, match=f"{method.name} cannot run on the Deterministic family"):
+            limited("a cat", alignment=[method], **kwargs)
+    assert NoiseOptimization(reward=Redness()).required_features == frozenset()
+    assert limited("a cat", alignment=[NoiseOptimization(reward=Redness(), steps=1)], **kwargs).images.shape[0] == 1

@@ -191,6 +191,7 @@ class ParticleSteering(AlignmentMethod):
     changes_batch = True
     costly_options = ("particles",)
     owns_step_noise = True
+    required_features = frozenset({"stochastic_steps"})
 
     def __post_init__(self):
         if not callable(self.reward):

@@ -311,6 +311,10 @@ class NoiseOptimization(AlignmentMethod):
     def owns_step_noise(self) -> bool:
         return self.optimize == "all-noises"  # DNO optimizes every injected noise
 
+    @property
+    def required_features(self) -> frozenset[str]:
+        return frozenset({"stochastic_steps"}) if self.optimize == "all-noises" else frozenset()
+
     def renders_per_image(self, num_inference_steps: int) -> float:
         # each iteration: a forward render, its backward (two), and with checkpointing the replayed forward; then the
         # kept iterate's render (early stopping by `patience` / `target` only spends less)
