@@ -524,8 +524,14 @@ def run_suite(name: str, only: list[str] | None = None, python: str = sys.execut
 
 
 def _made_by(folder: str) -> dict[str, str]:
-    """File -> the command that last wrote it: from the suite's `runs.json`, else from a results JSON's `command`."""
+    """File -> the command that made it: a results JSON's own `command` (for it and its same-named `.md` / `.png`),
+    else the step of the suite's `runs.json` that last wrote it."""
     made = {}
+    log_path = os.path.join(folder, "runs.json")
+    if os.path.isfile(log_path):
+        for run in json.load(open(log_path))["runs"]:
+            for file in run["wrote"]:
+                made[file] = run["command"]
     for name in sorted(os.listdir(folder)):
         if name.endswith(".json") and name != "runs.json":
             try:
@@ -537,11 +543,6 @@ def _made_by(folder: str) -> dict[str, str]:
                 for other in os.listdir(folder):
                     if other.rsplit(".", 1)[0] == stem:
                         made[other] = command.strip()
-    log_path = os.path.join(folder, "runs.json")
-    if os.path.isfile(log_path):
-        for run in json.load(open(log_path))["runs"]:
-            for file in run["wrote"]:
-                made[file] = run["command"]
     return made
 
 
