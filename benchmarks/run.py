@@ -33,15 +33,20 @@ from common import RESULTS_ROOT  # noqa: E402
 
 @dataclass(frozen=True)
 class Step:
-    """One script run: `python benchmarks/SCRIPT ARGS`, known in its suite as `name`."""
+    """One script run: `python benchmarks/SCRIPT ARGS` (`args` split as a shell splits them), known in its suite as
+    `name`."""
 
     name: str
     script: str
-    args: tuple[str, ...] = ()
+    args: str = ""
+
+    @property
+    def argv(self) -> list[str]:
+        return shlex.split(self.args)
 
     @property
     def command(self) -> str:
-        return shlex.join(["python", f"benchmarks/{self.script}", *self.args])
+        return shlex.join(["python", f"benchmarks/{self.script}", *self.argv])
 
 
 @dataclass(frozen=True)
@@ -54,30 +59,52 @@ class Suite:
     quoted_in: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _shapes(name: str, common: tuple[str, ...], *args: str, prefix: str = "") -> Step:
-    """A `shapes_eval.py` run named `prefix + name` on the suite's common prompt set."""
-    return Step(name, "shapes_eval.py", ("--name", prefix + name, *common, *args))
+def _shapes(name: str, common: str, align: tuple[str, ...] = (), prefix: str = "") -> Step:
+    """A `shapes_eval.py` run named `prefix + name` on the suite's common prompt set, with the methods `align`."""
+    methods = "".join(f" --align {shlex.quote(spec)}" for spec in align)
+    return Step(name, "shapes_eval.py", f"--name {prefix}{name} {common}{methods}")
 
 
-_AE_SD = "attend_and_excite:tokens=@ttalign.shapes.world:subject_words,attn_res=8x8,max_iter_to_alter=12,thresholds=0:0.05;5:0.5;10:0.8"  # noqa: E501
-_AE_FLOW = "attend_and_excite:tokens=@ttalign.shapes.world:subject_words,attn_res=8x8,max_iter_to_alter=10,thresholds=0:0.05;4:0.5;8:0.8"  # noqa: E501
-_REGIONS = "region_reweight:regions=@ttalign.shapes.world:layout_regions"
-_NOISE = "noise_optimization:reward=shapes_soft,steps=3,optimizer=adamw,lr=0.3,grad_clip=10"
-_METHODS = ("--per-category", "20", "--seeds", "2")
-_FLOW_METHODS = ("--model", "flow", *_METHODS)
-_ATTENTION = ("--categories", "two_objects,position,color_attribution", "--per-category", "40", "--seeds", "4")
-_FLOW_ATTENTION = ("--model", "flow", *_ATTENTION)
-_CONFIRM = ("--categories", "position", "--per-category", "200", "--seeds", "4", "--prompt-seed", "99")
-_HEADLINE = ("--per-category", "40", "--seeds", "4")
-_VS_BASELINE = ("--baseline", "headline_baseline")
-_COMPOSITE = "counting,two_objects,position,color_attribution"
-_WHOLE_SET = ("--eval-per-category", "40", "--eval-seeds", "4")
+AE_SD = "attend_and_excite:tokens=@ttalign.shapes.world:subject_words,attn_res=8x8,max_iter_to_alter=12,"
+AE_SD += "thresholds=0:0.05;5:0.5;10:0.8"
+AE_FLOW = "attend_and_excite:tokens=@ttalign.shapes.world:subject_words,attn_res=8x8,max_iter_to_alter=10,"
+AE_FLOW += "thresholds=0:0.05;4:0.5;8:0.8"
+REGIONS = "region_reweight:regions=@ttalign.shapes.world:layout_regions"
+NOISE = "noise_optimization:reward=shapes_soft,steps=3,optimizer=adamw,lr=0.3,grad_clip=10"
+METHODS = "--per-category 20 --seeds 2"
+FLOW_METHODS = "--model flow " + METHODS
+ATTENTION = "--categories two_objects,position,color_attribution --per-category 40 --seeds 4"
+FLOW_ATTENTION = "--model flow " + ATTENTION
+CONFIRM = "--categories position --per-category 200 --seeds 4 --prompt-seed 99"
+HEADLINE = "--per-category 40 --seeds 4"
+VS_BASELINE = HEADLINE + " --baseline headline_baseline"
+COMPOSITE = "counting,two_objects,position,color_attribution"
+WHOLE_SET = "--eval-per-category 40 --eval-seeds 4"
+
+
+def _method_runs(common: str, eta: str = "") -> tuple[Step, ...]:
+    """Every inference-time method on the shapes world against the baseline (the method benchmark)."""
+    ae = AE_FLOW if "--model flow" in common else AE_SD
+    runs = [
+        ("baseline", ()),
+        ("best_of_2", ("best_of_n:n=2,reward=shapes_soft",)),
+        ("best_of_4", ("best_of_n:n=4,reward=shapes_soft",)),
+        ("particle_steering_2", (f"particle_steering:particles=2,reward=shapes_soft{eta}",)),
+        ("particle_steering_4", (f"particle_steering:particles=4,reward=shapes_soft{eta}",)),
+        ("seed_search_4", ("seed_search:n=4,reward=shapes_soft",)),
+        ("reward_guidance", ("reward_guidance:reward=shapes_soft,scale=5",)),
+        ("noise_optimization_3", (NOISE,)),
+        ("attend_and_excite", (ae,)),
+        ("region_reweight", (REGIONS,)),
+    ]
+    return tuple(_shapes(name, common, align, prefix="methods_") for name, align in runs)
+
 
 SUITES: dict[str, Suite] = {
     "overhead": Suite(
         "No-method overhead of each aligned pipeline against its diffusers parent, interleaved rounds.",
         tuple(
-            Step(f"overhead_{family}", "overhead.py", ("--rounds", "60", "--steps", "10", "--family", family))
+            Step(f"overhead_{family}", "overhead.py", f"--rounds 60 --steps 10 --family {family}")
             for family in ("sd", "sdxl", "sd3", "flux")
         ),
         timing=True,
@@ -87,36 +114,15 @@ SUITES: dict[str, Suite] = {
         "Attend-and-Excite against diffusers' deprecated pipeline (same images), and its cost on SDXL's and the "
         "joint-attention layouts; three repeats where the sides are timed against each other.",
         (
-            Step(
-                "test_sizes", "attend_excite.py", ("--size", "128", "--steps", "8", "--prompts", "4", "--repeat", "3")
-            ),
+            Step("test_sizes", "attend_excite.py", "--size 128 --steps 8 --prompts 4 --repeat 3"),
             Step(
                 "sd_layout",
                 "attend_excite.py",
-                (
-                    "--layout",
-                    "sd",
-                    "--size",
-                    "512",
-                    "--steps",
-                    "8",
-                    "--prompts",
-                    "2",
-                    "--repeat",
-                    "3",
-                    "--name",
-                    "attend_excite_sd",
-                ),
+                "--layout sd --size 512 --steps 8 --prompts 2 --repeat 3 --name attend_excite_sd",
             ),
-            Step("sdxl_layout", "attend_excite_sdxl.py", ("--size", "1024", "--steps", "4", "--prompts", "2")),
-            Step(
-                "sd3", "attend_excite_flow.py", ("--family", "sd3", "--size", "512", "--steps", "4", "--prompts", "2")
-            ),
-            Step(
-                "flux",
-                "attend_excite_flow.py",
-                ("--family", "flux", "--size", "512", "--steps", "4", "--prompts", "2"),
-            ),
+            Step("sdxl_layout", "attend_excite_sdxl.py", "--size 1024 --steps 4 --prompts 2"),
+            Step("sd3", "attend_excite_flow.py", "--family sd3 --size 512 --steps 4 --prompts 2"),
+            Step("flux", "attend_excite_flow.py", "--family flux --size 512 --steps 4 --prompts 2"),
         ),
         timing=True,
         quoted_in=("README.md", "docs/benchmarks.md"),
@@ -124,82 +130,25 @@ SUITES: dict[str, Suite] = {
     "shapes": Suite(
         "The SD shapes model on the whole evaluation set: plain and best-of-4 by the soft verifier.",
         (
-            Step("baseline", "shapes_eval.py", ("--name", "baseline")),
-            Step(
-                "best_of_4", "shapes_eval.py", ("--name", "best_of_4", "--align", "best_of_n:n=4,reward=shapes_soft")
-            ),
+            Step("baseline", "shapes_eval.py", "--name baseline"),
+            Step("best_of_4", "shapes_eval.py", "--name best_of_4 --align best_of_n:n=4,reward=shapes_soft"),
         ),
         quoted_in=("docs/shapes.md",),
     ),
     "methods": Suite(
         "Every inference-time method on the SD shapes model against the baseline (20 prompts per category x 2 "
         "images, the same seeds), then the equal-compute table and plot.",
-        (
-            _shapes("baseline", _METHODS, prefix="methods_"),
-            _shapes("best_of_2", _METHODS, "--align", "best_of_n:n=2,reward=shapes_soft", prefix="methods_"),
-            _shapes("best_of_4", _METHODS, "--align", "best_of_n:n=4,reward=shapes_soft", prefix="methods_"),
-            _shapes(
-                "particle_steering_2",
-                _METHODS,
-                "--align",
-                "particle_steering:particles=2,reward=shapes_soft",
-                prefix="methods_",
-            ),
-            _shapes(
-                "particle_steering_4",
-                _METHODS,
-                "--align",
-                "particle_steering:particles=4,reward=shapes_soft",
-                prefix="methods_",
-            ),
-            _shapes("seed_search_4", _METHODS, "--align", "seed_search:n=4,reward=shapes_soft", prefix="methods_"),
-            _shapes(
-                "reward_guidance", _METHODS, "--align", "reward_guidance:reward=shapes_soft,scale=5", prefix="methods_"
-            ),
-            _shapes("noise_optimization_3", _METHODS, "--align", _NOISE, prefix="methods_"),
-            _shapes("attend_and_excite", _METHODS, "--align", _AE_SD, prefix="methods_"),
-            _shapes("region_reweight", _METHODS, "--align", _REGIONS, prefix="methods_"),
-            Step("table", "equal_compute.py"),
-        ),
+        (*_method_runs(METHODS), Step("table", "equal_compute.py")),
         quoted_in=("docs/benchmarks.md",),
     ),
     "methods_flow": Suite(
         "The flow shapes model (SD3's layout): its baseline on the whole evaluation set, its attention maps, then "
         "every method against the baseline on the SD model's method prompts and seeds, and the equal-compute table.",
         (
-            Step("baseline_whole_set", "shapes_eval.py", ("--model", "flow", "--name", "baseline")),
-            Step("attention_maps", "attention_maps.py", ("--model", "flow", "--per-category", "40", "--seeds", "2")),
-            _shapes("baseline", _FLOW_METHODS, prefix="methods_"),
-            _shapes("best_of_2", _FLOW_METHODS, "--align", "best_of_n:n=2,reward=shapes_soft", prefix="methods_"),
-            _shapes("best_of_4", _FLOW_METHODS, "--align", "best_of_n:n=4,reward=shapes_soft", prefix="methods_"),
-            _shapes(
-                "particle_steering_2",
-                _FLOW_METHODS,
-                "--align",
-                "particle_steering:particles=2,reward=shapes_soft,eta=0.7",
-                prefix="methods_",
-            ),
-            _shapes(
-                "particle_steering_4",
-                _FLOW_METHODS,
-                "--align",
-                "particle_steering:particles=4,reward=shapes_soft,eta=0.7",
-                prefix="methods_",
-            ),
-            _shapes(
-                "seed_search_4", _FLOW_METHODS, "--align", "seed_search:n=4,reward=shapes_soft", prefix="methods_"
-            ),
-            _shapes(
-                "reward_guidance",
-                _FLOW_METHODS,
-                "--align",
-                "reward_guidance:reward=shapes_soft,scale=5",
-                prefix="methods_",
-            ),
-            _shapes("noise_optimization_3", _FLOW_METHODS, "--align", _NOISE, prefix="methods_"),
-            _shapes("attend_and_excite", _FLOW_METHODS, "--align", _AE_FLOW, prefix="methods_"),
-            _shapes("region_reweight", _FLOW_METHODS, "--align", _REGIONS, prefix="methods_"),
-            Step("table", "equal_compute.py", ("--model", "flow")),
+            Step("baseline_whole_set", "shapes_eval.py", "--model flow --name baseline"),
+            Step("attention_maps", "attention_maps.py", "--model flow --per-category 40 --seeds 2"),
+            *_method_runs(FLOW_METHODS, eta=",eta=0.7"),
+            Step("table", "equal_compute.py", "--model flow"),
         ),
         quoted_in=("README.md", "docs/benchmarks.md"),
     ),
@@ -208,29 +157,15 @@ SUITES: dict[str, Suite] = {
         "the categories they address (40 prompts per category x 4 images), paired; what its attention maps look "
         "like.",
         (
-            Step("attention_maps", "attention_maps.py", ("--per-category", "40", "--seeds", "2")),
-            _shapes("baseline", _ATTENTION, prefix="attention_"),
-            _shapes("attend_and_excite", _ATTENTION, "--align", _AE_SD, prefix="attention_"),
-            _shapes("region_reweight", _ATTENTION, "--align", _REGIONS, prefix="attention_"),
+            Step("attention_maps", "attention_maps.py", "--per-category 40 --seeds 2"),
+            _shapes("baseline", ATTENTION, prefix="attention_"),
+            _shapes("attend_and_excite", ATTENTION, (AE_SD,), prefix="attention_"),
+            _shapes("region_reweight", ATTENTION, (REGIONS,), prefix="attention_"),
             _shapes(
-                "region_reweight_in_context",
-                _ATTENTION,
-                "--align",
-                _REGIONS + ",encode_phrases=false",
-                prefix="attention_",
+                "region_reweight_in_context", ATTENTION, (REGIONS + ",encode_phrases=false",), prefix="attention_"
             ),
-            _shapes(
-                "region_reweight_cross3", _ATTENTION, "--align", _REGIONS + ",cross_weight=3", prefix="attention_"
-            ),
-            _shapes(
-                "attend_and_excite_region_reweight",
-                _ATTENTION,
-                "--align",
-                _AE_SD,
-                "--align",
-                _REGIONS,
-                prefix="attention_",
-            ),
+            _shapes("region_reweight_cross3", ATTENTION, (REGIONS + ",cross_weight=3",), prefix="attention_"),
+            _shapes("attend_and_excite_region_reweight", ATTENTION, (AE_SD, REGIONS), prefix="attention_"),
             Step("table", "attention_table.py"),
         ),
         quoted_in=("docs/benchmarks.md",),
@@ -238,29 +173,21 @@ SUITES: dict[str, Suite] = {
     "attention_flow": Suite(
         "Attention control on the flow shapes model's joint attention, as the `attention` suite for the SD model.",
         (
-            _shapes("baseline", _FLOW_ATTENTION, prefix="attention_"),
-            _shapes("attend_and_excite", _FLOW_ATTENTION, "--align", _AE_FLOW, prefix="attention_"),
-            _shapes("region_reweight", _FLOW_ATTENTION, "--align", _REGIONS, prefix="attention_"),
-            _shapes(
-                "region_reweight_cross3", _FLOW_ATTENTION, "--align", _REGIONS + ",cross_weight=3", prefix="attention_"
-            ),
-            Step("table", "attention_table.py", ("--prefix", "flow_attention")),
+            _shapes("baseline", FLOW_ATTENTION, prefix="attention_"),
+            _shapes("attend_and_excite", FLOW_ATTENTION, (AE_FLOW,), prefix="attention_"),
+            _shapes("region_reweight", FLOW_ATTENTION, (REGIONS,), prefix="attention_"),
+            _shapes("region_reweight_cross3", FLOW_ATTENTION, (REGIONS + ",cross_weight=3",), prefix="attention_"),
+            Step("table", "attention_table.py", "--prefix flow_attention"),
         ),
         quoted_in=("README.md", "docs/benchmarks.md", "docs/efficacy.md"),
     ),
     "region_confirm": Suite(
         "Region re-weighting on 200 fresh position captions (prompt seed 99) x 4 images against the baseline.",
         (
-            _shapes("baseline", _CONFIRM, prefix="confirm_"),
-            _shapes("region_reweight", _CONFIRM, "--align", _REGIONS, prefix="confirm_"),
-            _shapes(
-                "region_reweight_in_context",
-                _CONFIRM,
-                "--align",
-                _REGIONS + ",encode_phrases=false",
-                prefix="confirm_",
-            ),
-            Step("table", "attention_table.py", ("--prefix", "confirm")),
+            _shapes("baseline", CONFIRM, prefix="confirm_"),
+            _shapes("region_reweight", CONFIRM, (REGIONS,), prefix="confirm_"),
+            _shapes("region_reweight_in_context", CONFIRM, (REGIONS + ",encode_phrases=false",), prefix="confirm_"),
+            Step("table", "attention_table.py", "--prefix confirm"),
         ),
         quoted_in=("docs/benchmarks.md",),
     ),
@@ -269,48 +196,28 @@ SUITES: dict[str, Suite] = {
         "images per run), with the soft verifier (best case) and the shapes CLIP (honest case), paired with the plain "
         "run.",
         (
-            _shapes("baseline", _HEADLINE, prefix="headline_"),
-            _shapes(
-                "best_of_4_soft",
-                _HEADLINE,
-                *_VS_BASELINE,
-                "--align",
-                "best_of_n:n=4,reward=shapes_soft",
-                prefix="headline_",
-            ),
-            _shapes(
-                "best_of_4_clip",
-                _HEADLINE,
-                *_VS_BASELINE,
-                "--align",
-                "best_of_n:n=4,reward=shapes_clip",
-                prefix="headline_",
-            ),
+            _shapes("baseline", HEADLINE, prefix="headline_"),
+            _shapes("best_of_4_soft", VS_BASELINE, ("best_of_n:n=4,reward=shapes_soft",), prefix="headline_"),
+            _shapes("best_of_4_clip", VS_BASELINE, ("best_of_n:n=4,reward=shapes_clip",), prefix="headline_"),
             _shapes(
                 "particle_steering_4_soft",
-                _HEADLINE,
-                *_VS_BASELINE,
-                "--align",
-                "particle_steering:particles=4,reward=shapes_soft,lmbda=10",
+                VS_BASELINE,
+                ("particle_steering:particles=4,reward=shapes_soft,lmbda=10",),
                 prefix="headline_",
             ),
             _shapes(
                 "particle_steering_4_clip",
-                _HEADLINE,
-                *_VS_BASELINE,
-                "--align",
-                "particle_steering:particles=4,reward=shapes_clip,lmbda=0.1",
+                VS_BASELINE,
+                ("particle_steering:particles=4,reward=shapes_clip,lmbda=0.1",),
                 prefix="headline_",
             ),
             _shapes(
                 "reward_guidance_soft",
-                _HEADLINE,
-                *_VS_BASELINE,
-                "--align",
-                "reward_guidance:reward=shapes_soft,scale=5",
+                VS_BASELINE,
+                ("reward_guidance:reward=shapes_soft,scale=5",),
                 prefix="headline_",
             ),
-            Step("table", "equal_compute.py", ("--set", "headline")),
+            Step("table", "equal_compute.py", "--set headline"),
         ),
         quoted_in=("README.md", "docs/efficacy.md"),
     ),
@@ -322,7 +229,7 @@ SUITES: dict[str, Suite] = {
                 Step(
                     f"overoptimization_{reward}",
                     "overoptimization.py",
-                    ("--reward", reward, "--iterations", "15", "--batch-prompts", "16", "--categories", _COMPOSITE),
+                    f"--reward {reward} --iterations 15 --batch-prompts 16 --categories {COMPOSITE}",
                 )
                 for reward in ("shapes_soft", "shapes_clip")
             ),
@@ -337,57 +244,19 @@ SUITES: dict[str, Suite] = {
             Step(
                 "dpo_guided",
                 "train_shapes.py",
-                (
-                    "--trainers",
-                    "dpo,dpo_guided",
-                    "--prompts",
-                    "1200",
-                    "--dpo-steps",
-                    "2000",
-                    "--lr",
-                    "1e-3",
-                    *_WHOLE_SET,
-                    "--name",
-                    "training_guided",
-                ),
+                f"--trainers dpo,dpo_guided --prompts 1200 --dpo-steps 2000 --lr 1e-3 {WHOLE_SET} "
+                "--name training_guided",
             ),
             Step(
                 "dpo_4000",
                 "train_shapes.py",
-                (
-                    "--trainers",
-                    "dpo",
-                    "--prompts",
-                    "2400",
-                    "--dpo-steps",
-                    "4000",
-                    "--lr",
-                    "1e-3",
-                    *_WHOLE_SET,
-                    "--name",
-                    "training_dpo_4000",
-                ),
+                f"--trainers dpo --prompts 2400 --dpo-steps 4000 --lr 1e-3 {WHOLE_SET} --name training_dpo_4000",
             ),
-            Step(
-                "dpo_draft",
-                "train_shapes.py",
-                ("--prompts", "400", "--dpo-steps", "1000", "--draft-steps", "60", "--lr", "1e-3"),
-            ),
+            Step("dpo_draft", "train_shapes.py", "--prompts 400 --dpo-steps 1000 --draft-steps 60 --lr 1e-3"),
             Step(
                 "ddpo",
                 "train_shapes.py",
-                (
-                    "--prompts",
-                    "400",
-                    "--trainers",
-                    "ddpo",
-                    "--ddpo-steps",
-                    "40",
-                    "--lr",
-                    "1e-3",
-                    "--name",
-                    "training_ddpo",
-                ),
+                "--prompts 400 --trainers ddpo --ddpo-steps 40 --lr 1e-3 --name training_ddpo",
             ),
         ),
         quoted_in=("README.md", "docs/benchmarks.md", "docs/efficacy.md", "docs/training.md"),
@@ -399,68 +268,34 @@ SUITES: dict[str, Suite] = {
             Step(
                 "grpo_exact",
                 "train_shapes_flow.py",
-                (
-                    "--trainers",
-                    "grpo",
-                    "--minutes",
-                    "30",
-                    "--reward",
-                    "shapes_exact",
-                    "--sde-window",
-                    "3",
-                    "--group-size",
-                    "8",
-                    "--groups",
-                    "3",
-                    "--grpo-lr",
-                    "3e-4",
-                    "--kl-weight",
-                    "0.01",
-                    "--prompts",
-                    "400",
-                    "--monitor-every",
-                    "40",
-                    "--name",
-                    "training_flow_grpo_exact",
-                ),
+                "--trainers grpo --minutes 30 --reward shapes_exact --sde-window 3 --group-size 8 --groups 3 "
+                "--grpo-lr 3e-4 --kl-weight 0.01 --prompts 400 --monitor-every 40 --name training_flow_grpo_exact",
             ),
             Step(
                 "dpo",
                 "train_shapes_flow.py",
-                (
-                    "--trainers",
-                    "dpo",
-                    "--minutes",
-                    "30",
-                    "--prompts",
-                    "600",
-                    "--max-steps",
-                    "20000",
-                    "--monitor-every",
-                    "300",
-                    "--name",
-                    "training_flow_dpo",
-                ),
+                "--trainers dpo --minutes 30 --prompts 600 --max-steps 20000 --monitor-every 300 "
+                "--name training_flow_dpo",
             ),
-            Step("grpo_one_caption", "grpo_one_caption.py", ("--lrs", "3e-4,1e-3,5e-3", "--steps", "40")),
+            Step("grpo_one_caption", "grpo_one_caption.py", "--lrs 3e-4,1e-3,5e-3 --steps 40"),
         ),
         quoted_in=("docs/benchmarks.md", "docs/training.md"),
     ),
     "serving": Suite(
         "The server under load: 200 concurrent clients, merged batches.",
-        (Step("load", "serve_load.py", ("--clients", "200", "--requests", "1", "--steps", "10")),),
+        (Step("load", "serve_load.py", "--clients 200 --requests 1 --steps 10"),),
         timing=True,
         quoted_in=("docs/benchmarks.md", "docs/serving.md"),
     ),
     "rewards": Suite(
         "The built-in rewards' speed and memory.",
-        (Step("rewards", "rewards.py", ("--images", "64", "--rounds", "5")),),
+        (Step("rewards", "rewards.py", "--images 64 --rounds 5"),),
         timing=True,
         quoted_in=("docs/benchmarks.md",),
     ),
     "sampler_memory": Suite(
         "The differentiable sampler's memory with and without gradient checkpointing.",
-        (Step("sampler_memory", "sampler_memory.py", ("--steps", "10", "25", "--batch", "64")),),
+        (Step("sampler_memory", "sampler_memory.py", "--steps 10 25 --batch 64"),),
         timing=True,
         quoted_in=("docs/benchmarks.md",),
     ),
@@ -499,7 +334,7 @@ def run_suite(name: str, only: list[str] | None = None, python: str = sys.execut
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         print(f"== {name}/{step.name}: {step.command}", flush=True)
         start = time.perf_counter()
-        subprocess.run([python, os.path.join(HERE, step.script), *step.args], cwd=ROOT, env=env, check=True)
+        subprocess.run([python, os.path.join(HERE, step.script), *step.argv], cwd=ROOT, env=env, check=True)
         after = _snapshot(folder)
         wrote = sorted(f for f, t in after.items() if before.get(f) != t and f != "runs.json")
         records.append(
