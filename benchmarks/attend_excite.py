@@ -109,7 +109,10 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one[0], args, args.one[1])))
         return
-    argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--repeat" and sys.argv[i] != "--repeat"]
+    argv = sys.argv[1:]
+    if "--repeat" in argv:  # each side runs once per repeat
+        at = argv.index("--repeat")
+        argv = argv[:at] + argv[at + 2 :]
     runs, diff = [], 0.0
     for _ in range(args.repeat):  # each repeat runs both sides, each in a fresh process
         rows, images = run_sides(__file__, ("reference", "ttalign"), argv)

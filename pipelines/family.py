@@ -146,8 +146,6 @@ class ModelFamily:
     denoiser_attribute: ClassVar[str] = "unet"
     #: Modules of the denoiser that get LoRA adapters.
     lora_target_modules: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
-    #: `"unet"` or `"transformer"`.
-    denoiser_kind: ClassVar[str] = "unet"
     #: The family's capabilities, which methods (`required_features`), trainers and the server read:
     #: `"cross_attention"` (image queries attend to text keys whose maps and logits the attention control reaches: a
     #: UNet's cross-attention, or the text view of joint attention), `"joint_attention"` (one attention over the
@@ -380,7 +378,8 @@ class FamilyEntry:
 
     @property
     def denoiser_kind(self) -> str:
-        return self.family.denoiser_kind
+        """`"unet"` or `"transformer"`: diffusers names a pipeline's denoiser by its kind."""
+        return self.family.denoiser_attribute
 
     @property
     def capabilities(self) -> frozenset[str]:

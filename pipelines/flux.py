@@ -462,7 +462,6 @@ class FluxFamily(ModelFamily):
     name = "FLUX"
     pipeline_class = FluxPipeline
     denoiser_attribute = "transformer"
-    denoiser_kind = "transformer"
     # cross_attention: the text view of joint attention
     features = frozenset({"cross_attention", "joint_attention", "flow_matching", "stochastic_steps", "packed_latents"})
     attention_defaults = {"normalize_eot": True, "from_where": ("double",), "parts": ("double", "single")}

@@ -434,7 +434,6 @@ class StableDiffusion3Family(ModelFamily):
     name = "Stable Diffusion 3"
     pipeline_class = StableDiffusion3Pipeline
     denoiser_attribute = "transformer"
-    denoiser_kind = "transformer"
     # cross_attention: the text view of joint attention
     features = frozenset({"cross_attention", "joint_attention", "flow_matching", "stochastic_steps"})
     attention_defaults = {"normalize_eot": True, "from_where": ("joint",), "parts": ("joint",)}

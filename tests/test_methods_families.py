@@ -20,15 +20,12 @@ from ttalign.pipelines import FAMILIES
 from ttalign.testing import Redness, get_tiny_family_pipeline
 
 PROMPTS = ["a cat and a dog", "a red car and a tree"]
-_PIPES = {}
 
 
-@pytest.fixture(params=list(FAMILIES))
+@pytest.fixture(scope="module", params=list(FAMILIES))
 def pipe(request):
-    """The tiny aligned pipeline of each registered family, built once per test session."""
-    if request.param not in _PIPES:
-        _PIPES[request.param] = get_tiny_family_pipeline(request.param)
-    return _PIPES[request.param]
+    """The tiny aligned pipeline of each registered family, built once for this module."""
+    return get_tiny_family_pipeline(request.param)
 
 
 def _flow(pipe) -> bool:

@@ -6,11 +6,13 @@ only read its noise schedule.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 
+@functools.cache
 def _sigma_space_schedulers() -> tuple[type, ...]:
     """Schedulers whose latents live in k-diffusion's sigma space (`scale_model_input` divides by
     sqrt(sigma^2 + 1))."""
