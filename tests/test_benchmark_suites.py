@@ -56,3 +56,21 @@ def test_the_index_maps_every_table_and_plot_to_a_command():
                 row = next((line for line in index.splitlines() if f"]({suite}/{path.name})" in line), None)
                 assert row is not None, f"INDEX.md lacks {suite}/{path.name}: rerun `python benchmarks/run.py --index`"
                 assert "`python benchmarks/" in row
+
+
+def test_the_verifier_quality_auc_is_the_pairwise_ranking_probability():
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("verifier_quality", ROOT / "benchmarks" / "verifier_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, 300).astype(float)  # many ties
+    positive = rng.random(300) < 0.2 + 0.1 * scores
+    pos, neg = scores[positive], scores[~positive]
+    pairwise = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
+    assert abs(module.roc_auc(scores, positive) - pairwise) < 1e-12
+    assert np.isnan(module.roc_auc(scores, np.zeros(300, bool)))
+    low, high = module.bootstrap_auc(scores.reshape(60, 5), positive.reshape(60, 5), rounds=200, seed=0)
+    assert low < pairwise < high

@@ -181,3 +181,36 @@ def test_components_restored_when_a_method_raises(pipe):
         _call(pipe, [AttendAndExcite(tokens=["a"], max_iter_to_alter=1, thresholds={}), Breaker()])
     assert all(denoiser.attn_processors[k] is v for k, v in processors.items()) and not denoiser.training
     assert np.isfinite(_call(pipe).images.numpy()).all()
+
+
+@pytest.fixture(scope="module")
+def vqa(tmp_path_factory):
+    """VQAScore on a tiny Qwen2.5-VL (differentiable) and the question-decomposed score on it."""
+    from ttalign.rewards import QuestionScore, VQAScore
+    from ttalign.testing import save_tiny_vlm
+
+    score = VQAScore.from_pretrained(save_tiny_vlm(str(tmp_path_factory.mktemp("vlm")), "qwen2_5_vl"))
+    return score, QuestionScore(score, lambda prompt: [f"Is there {part}?" for part in prompt.split(" and ")])
+
+
+@pytest.mark.parametrize("which", ["vqascore", "questions"])
+def test_reward_driven_methods_take_vision_language_rewards(pipe, vqa, which):
+    """Every reward-driven method runs with VQAScore and its question-decomposed form, the gradient methods through
+    the model's own processor: each returns the rewards it selected by or raised."""
+    reward = vqa[0] if which == "vqascore" else vqa[1]
+    methods = [
+        BestOfN(reward=reward, n=2),
+        SeedSearch(reward=reward, n=2, rounds=1, neighbors=1),
+        ParticleSteering(reward=reward, particles=2, resample_every=1, resample_start=0.0),
+        NoiseOptimization(reward=reward, steps=2),
+        RewardGuidance(reward=reward, scale=1.0),
+    ]
+    for method in methods:
+        kwargs = _stochastic(pipe) if isinstance(method, ParticleSteering) else {}
+        out = _call(pipe, [method], **kwargs)
+        assert out.images.shape[0] == 2 and torch.isfinite(out.images).all(), type(method).__name__
+        if not isinstance(method, RewardGuidance):
+            assert out.rewards.shape == (2,) and ((out.rewards >= 0) & (out.rewards <= 1)).all()
+    if which == "questions":  # the winners' answers reach the trace
+        best = _call(pipe, [BestOfN(reward=reward, n=2)]).traces["best_of_n"]["reward_details"]
+        assert [q["question"] for q in best[0]["questions"]] == ["Is there a cat?", "Is there a dog?"]

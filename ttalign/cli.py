@@ -360,8 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--reward",
         action="append",
         default=[],
-        metavar="NAME",
-        help="a reward to load at start-up that requests may name, repeatable",
+        metavar="NAME[:key=value,...]",
+        help="a reward to load at start-up that requests may name (by NAME), repeatable; its options are the "
+        "server's, e.g. vlm_judge:model=qwen2.5-vl-7b,base_url=http://127.0.0.1:8001/v1",
     )
     srv.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     srv.add_argument("--port", type=int, default=8000)

@@ -787,3 +787,203 @@ def save_tiny_gpt2(folder: str, seed: int = 0) -> str:
             f,
         )
     return folder
+
+
+#: Chat templates in the layout of the real checkpoints' (Qwen2.5-VL's turns; LLaVA-1.5's `USER: ... ASSISTANT:`), for
+#: the tiny vision-language models and the shapes VQA model.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% if message['role'] != 'user' %}</s>{% else %} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+#: Words of the tiny vision-language models' vocabulary (beyond :data:`DEFAULT_WORDS`).
+VLM_WORDS: tuple[str, ...] = (
+    "Does",
+    "this",
+    "figure",
+    "show",
+    "Please",
+    "answer",
+    "Yes",
+    "No",
+    "or",
+    "yes",
+    "no",
+    "Is",
+    "Are",
+    "there",
+    "exactly",
+    "user",
+    "assistant",
+    "system",
+    "USER",
+    "ASSISTANT",
+    "?",
+    ".",
+    ":",
+    '"',
+    ",",
+)
+TINY_VLM_ARCHITECTURES = ("qwen2_5_vl", "llava")
+
+
+def word_level_tokenizer(
+    words, specials: list[str], bos: str | None, eos: str, pad: str, unk: str, model_max_length: int = 512
+):
+    """A `PreTrainedTokenizerFast` over whole `words` and single punctuation marks (`<unk>` for anything else), with
+    `specials` as special tokens that are never split (the chat and image tokens); no tokens are added around the
+    text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for token in [unk, pad, eos, *([bos] if bos else []), *specials, *words, *string.punctuation]:
+        vocab.setdefault(token, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer.add_special_tokens([t for t in dict.fromkeys([unk, pad, eos, *([bos] if bos else []), *specials])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token=unk,
+        pad_token=pad,
+        eos_token=eos,
+        bos_token=bos,
+        model_max_length=model_max_length,
+    )
+
+
+def save_tiny_vlm(folder: str, architecture: str = "qwen2_5_vl", seed: int = 0, image_size: int = 56) -> str:
+    """Writes a randomly initialized tiny vision-language model and its processor to `folder`, in the layout of the
+    real checkpoints (`config.json`, `model.safetensors`, tokenizer, image processor, chat template), for
+    :class:`~ttalign.rewards.VQAScore` tests: `"qwen2_5_vl"` (`Qwen2_5_VLForConditionalGeneration`, its image and
+    video processors) or `"llava"` (`LlavaForConditionalGeneration`: a CLIP vision tower and a Llama language model,
+    `CLIPImageProcessor`). Images are resized to `image_size` px (a multiple of 28)."""
+    if architecture not in TINY_VLM_ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {TINY_VLM_ARCHITECTURES}, got {architecture!r}.")
+    if image_size % 28:
+        raise ValueError(f"image_size must be a multiple of 28, got {image_size}.")
+    torch.manual_seed(seed)
+    if architecture == "qwen2_5_vl":
+        from transformers import (
+            Qwen2_5_VLConfig,
+            Qwen2_5_VLForConditionalGeneration,
+            Qwen2_5_VLProcessor,
+            Qwen2VLImageProcessor,
+            Qwen2VLVideoProcessor,
+        )
+
+        specials = [
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+        ]
+        tokenizer = word_level_tokenizer(
+            VLM_WORDS + DEFAULT_WORDS, specials, None, "<|im_end|>", "<|endoftext|>", "<unk>"
+        )
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+        config = Qwen2_5_VLConfig(
+            text_config={
+                "vocab_size": len(tokenizer),
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 512,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+                "bos_token_id": None,
+                "eos_token_id": ids["<|im_end|>"],
+                "pad_token_id": tokenizer.pad_token_id,
+            },
+            vision_config={
+                "depth": 2,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_heads": 4,
+                "patch_size": 14,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+                "out_hidden_size": 32,
+                "window_size": 56,
+                "fullatt_block_indexes": [1],
+            },
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
+        model = Qwen2_5_VLForConditionalGeneration(config)
+        pixels = image_size * image_size
+        size = {"shortest_edge": pixels, "longest_edge": pixels}
+        processor = Qwen2_5_VLProcessor(
+            image_processor=Qwen2VLImageProcessor(size=size),
+            tokenizer=tokenizer,
+            video_processor=Qwen2VLVideoProcessor(size=size),
+            chat_template=QWEN_CHAT_TEMPLATE,
+        )
+    else:
+        from transformers import (
+            CLIPImageProcessor,
+            CLIPVisionConfig,
+            LlamaConfig,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+            LlavaProcessor,
+        )
+
+        tokenizer = word_level_tokenizer(VLM_WORDS + DEFAULT_WORDS, ["<image>"], "<s>", "</s>", "<pad>", "<unk>")
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=14,
+            projection_dim=32,
+        )
+        text = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            image_seq_length=(image_size // 14) ** 2,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+        )
+        model = LlavaForConditionalGeneration(config)
+        processor = LlavaProcessor(
+            image_processor=CLIPImageProcessor(
+                size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+            ),
+            tokenizer=tokenizer,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=LLAVA_CHAT_TEMPLATE,
+        )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage
-from ttalign.rewards.base import check_scores, require_differentiable, reward_name
+from ttalign.rewards.base import check_scores, last_details, require_differentiable, reward_name
 from ttalign.sampler import DifferentiableSampler
 from ttalign.sampling import is_flow, is_sigma_space, scheduler_kind, scheduler_step
 
@@ -166,7 +166,8 @@ class ParticleSteering(AlignmentMethod):
         reward_min (`float`, defaults to 0.0): the starting statistic of every particle.
 
     `out.traces["particle_steering"]` holds, per resampling step, its index, the particles' rewards `[N, P]`, the
-    effective sample size `[N]`, whether it resampled and the ancestry (`parents`, `[N, P]`); and the final rewards.
+    effective sample size `[N]`, whether it resampled and the ancestry (`parents`, `[N, P]`); and the final rewards,
+    with the returned images' explanations (`reward_details`) where the reward keeps them (`last_details`).
 
     Example:
 
@@ -316,6 +317,9 @@ class ParticleSteering(AlignmentMethod):
         images, prompts = state.images, state.image_prompts
         scores = check_scores(self.reward(images, prompts), len(prompts), reward_name(self.reward)).float()
         state.reward_calls += 1
+        details = last_details(self.reward, len(prompts))
         scores = scores.view(-1, self.particles)  # [N, P]
         state.keep_best(scores, reward_name(self.reward))
         state.traces["particle_steering"]["final_rewards"] = scores.cpu()
+        if details is not None:
+            state.traces["particle_steering"]["reward_details"] = [details[k] for k in state.selected.tolist()]

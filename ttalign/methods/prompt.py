@@ -11,7 +11,6 @@ Both act at the `prompt` stage and record the original and rewritten prompts in 
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage
+from ttalign.openai_compat import check_client_settings, openai_client, redact
 from ttalign.rewards.base import check_scores, reward_name
 from ttalign.sampler import DifferentiableSampler
 from ttalign.sampling import init_noise_sigma
@@ -31,9 +31,6 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
-#: Bounds of the LLM client's settings: a request to the model gives up within `timeout * (max_retries + 1)`.
-MAX_TIMEOUT_S = 600.0
-MAX_RETRIES = 10
 #: Replies kept in memory per method object with `cache=True` (the oldest is dropped first).
 CACHE_SIZE = 1024
 
@@ -104,21 +101,10 @@ class PromptRewrite(AlignmentMethod):
             raise ValueError(f"PromptRewrite needs rounds >= 1, got {self.rounds!r}.")
         if self.reward is not None and not callable(self.reward):
             raise ValueError(f"PromptRewrite's reward must be callable, got {self.reward!r}.")
-        if not (isinstance(self.timeout, (int, float)) and 0 < self.timeout <= MAX_TIMEOUT_S):
-            raise ValueError(f"PromptRewrite needs 0 < timeout <= {MAX_TIMEOUT_S:g} seconds, got {self.timeout!r}.")
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
-            raise ValueError(f"PromptRewrite needs an integer max_retries, got {self.max_retries!r}.")
-        if not 0 <= self.max_retries <= MAX_RETRIES:
-            raise ValueError(f"PromptRewrite needs 0 <= max_retries <= {MAX_RETRIES}, got {self.max_retries}.")
+        check_client_settings("PromptRewrite", self.timeout, self.max_retries)
 
     def _client(self):
-        try:
-            from openai import OpenAI
-        except ImportError:
-            raise ImportError("PromptRewrite needs the openai client: pip install 'ttalign[llm]'.") from None
-        base_url = self.base_url or os.environ.get("OPENAI_BASE_URL")
-        key = os.environ.get(self.api_key_env) or "not-needed"  # local servers accept any key
-        return OpenAI(base_url=base_url, api_key=key, timeout=self.timeout, max_retries=self.max_retries)
+        return openai_client(self.base_url, self.api_key_env, self.timeout, self.max_retries, "PromptRewrite")
 
     def _ask(self, user_message: str, n: int) -> list[str]:
         request = (self.base_url, self.model, self.system_prompt, user_message, n, self.temperature)
@@ -153,10 +139,7 @@ class PromptRewrite(AlignmentMethod):
         try:
             return self._ask(self._message(prompt, scored, self.candidates), self.candidates)
         except Exception as err:  # noqa: BLE001 - any server failure falls back to the user's prompt
-            message = str(err)
-            key = os.environ.get(self.api_key_env)
-            if key:
-                message = message.replace(key, "***")
+            message = redact(str(err), self.api_key_env)
             warnings.warn(
                 f"PromptRewrite: the server failed ({type(err).__name__}: {message[:200]}); keeping the prompt "
                 f"{prompt!r}.",

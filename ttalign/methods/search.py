@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage
-from ttalign.rewards.base import check_scores, reward_name
+from ttalign.rewards.base import check_scores, last_details, reward_name
 
 
 @dataclass(eq=False)
@@ -34,7 +34,8 @@ class BestOfN(AlignmentMethod):
 
     After the call, `out.rewards` holds the winners' rewards and `out.traces["best_of_n"]` the scores of all
     candidates (`scores`, `[N, n]`), the index of each winner among its candidates (`chosen`, `[N]`) and its index
-    in the sampled batch (`selected`, `[N]`).
+    in the sampled batch (`selected`, `[N]`); with a reward that explains its scores (`last_details`, e.g.
+    `QuestionScore`'s answer to each question), the winners' explanations (`reward_details`).
 
     Example:
 
@@ -75,13 +76,18 @@ class BestOfN(AlignmentMethod):
     def on_output(self, state: GenerationState) -> None:
         images, prompts = state.images, state.image_prompts  # [N * n, 3, H, W]
         step = self.reward_batch_size or len(prompts)
-        scores = []
+        scores, details = [], []
         for start in range(0, len(prompts), step):
+            size = len(prompts[start : start + step])
             chunk = self.reward(images[start : start + step], prompts[start : start + step])
-            scores.append(check_scores(chunk, len(prompts[start : start + step]), reward_name(self.reward)))
+            scores.append(check_scores(chunk, size, reward_name(self.reward)))
             state.reward_calls += 1
+            explained = last_details(self.reward, size)
+            details = None if details is None or explained is None else details + explained
         scores = torch.cat(scores).float().view(-1, self.n)  # [N, n]
 
         best = state.keep_best(scores, reward_name(self.reward))
         selected = state.selected
         state.traces["best_of_n"] = {"scores": scores.cpu(), "chosen": best.cpu(), "selected": selected.cpu()}
+        if details is not None:
+            state.traces["best_of_n"]["reward_details"] = [details[k] for k in selected.tolist()]

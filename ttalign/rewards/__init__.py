@@ -7,16 +7,22 @@ from .clip import AestheticMLP, CLIPEmbedder, CLIPScore, LaionAesthetic, PickSco
 from .hps import HPSv2
 from .image_reward import ImageReward
 from .jpeg import JpegCompressibility, JpegIncompressibility
+from .judge import VLMJudge
 from .preprocess import clip_preprocess
+from .questions import LLMQuestions, Question, QuestionScore
+from .vqa import VQAScore
 from .weighted import WeightedReward
 
 #: Rewards that can be named on the command line: short name -> "module:factory" (imported on use). The hub-backed
-#: ones download their default checkpoint on first use.
+#: ones download their default checkpoint on first use; options go to the factory (`vqascore:path=FOLDER`,
+#: `vlm_judge:model=NAME,base_url=URL`, see :func:`parse_reward_spec`).
 REWARDS: dict[str, str] = {
     "clip": "ttalign.rewards.clip:CLIPScore.from_pretrained",
     "pickscore": "ttalign.rewards.clip:PickScore.from_pretrained",
     "hpsv2.1": "ttalign.rewards.hps:HPSv2.from_pretrained",
     "image_reward": "ttalign.rewards.image_reward:ImageReward.from_pretrained",
+    "vqascore": "ttalign.rewards.vqa:VQAScore.from_pretrained",
+    "vlm_judge": "ttalign.rewards.judge:VLMJudge",
     "reno": "ttalign.rewards.weighted:WeightedReward.reno",
     "jpeg_compressibility": "ttalign.rewards.jpeg:JpegCompressibility",
     "jpeg_incompressibility": "ttalign.rewards.jpeg:JpegIncompressibility",
@@ -39,9 +45,47 @@ def reward_factory(name: str):
     return factory
 
 
-def load_reward(name: str) -> Reward:
-    """Instantiates a reward by its short name (see `REWARDS`)."""
-    return reward_factory(name)()
+def _reward_value(raw: str):
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def parse_reward_spec(spec: str) -> tuple[str, dict]:
+    """`NAME[:key=value,...]` -> `(name, options)`: a reward's short name (see `REWARDS`) and the keyword arguments of
+    its factory (numbers, `true` / `false`, or text), e.g. `vlm_judge:model=qwen2.5-vl-7b,base_url=http://h:8000/v1`.
+    Written by whoever configures the process (a command line, a server's configuration), never by a request."""
+    if not isinstance(spec, str):
+        raise ValueError(f"A reward spec must be a string NAME[:key=value,...], got {type(spec).__name__}.")
+    name, _, options = spec.partition(":")
+    name = name.strip()
+    if name not in REWARDS:
+        raise ValueError(f"Unknown reward {name[:80]!r}; available: {', '.join(sorted(REWARDS))}.")
+    kwargs = {}
+    for item in filter(None, (part.strip() for part in options.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"Option {item[:80]!r} of reward {name!r} must be written key=value.")
+        if key.strip() in kwargs:
+            raise ValueError(f"Option {key.strip()!r} of reward {name!r} is given twice.")
+        kwargs[key.strip()] = _reward_value(raw.strip())
+    return name, kwargs
+
+
+def load_reward(spec: str) -> Reward:
+    """Instantiates a reward by its short name (see `REWARDS`), with its factory's options where the spec names some
+    (`NAME[:key=value,...]`, see :func:`parse_reward_spec`); a bad option is a one-line `ValueError` naming it."""
+    name, kwargs = parse_reward_spec(spec)
+    try:
+        return reward_factory(name)(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"Reward {name!r}: {str(err).splitlines()[0]}") from None
 
 
 __all__ = [
@@ -52,7 +96,12 @@ __all__ = [
     "HPSv2",
     "ImageReward",
     "LaionAesthetic",
+    "LLMQuestions",
     "PickScore",
+    "Question",
+    "QuestionScore",
+    "VLMJudge",
+    "VQAScore",
     "WeightedReward",
     "clip_preprocess",
     "JpegCompressibility",
@@ -61,5 +110,6 @@ __all__ = [
     "check_images",
     "check_scores",
     "load_reward",
+    "parse_reward_spec",
     "reward_factory",
 ]

@@ -53,6 +53,14 @@ def require_differentiable(reward, owner: str, otherwise: str = "") -> None:
     )
 
 
+def last_details(reward, batch_size: int) -> list | None:
+    """What a reward that explains its scores (a `last_details` list, one entry per image, e.g.
+    :class:`~ttalign.rewards.QuestionScore`'s answers to each question) said about its last call of `batch_size`
+    images; `None` for a reward that keeps none."""
+    details = getattr(reward, "last_details", None)
+    return list(details) if isinstance(details, list) and len(details) == batch_size else None
+
+
 def check_reward_prompts(reward, prompts: list[str]) -> None:
     """Raises `ValueError` for a prompt `reward` cannot score (its `check_prompts`, where it has one), before any
     image is rendered for it."""

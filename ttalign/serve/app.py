@@ -48,8 +48,9 @@ class ServeConfig:
         allow (`list[str]`): the methods requests may ask for, each as a spec whose options the server fixes, e.g.
             `"prompt_rewrite:model=qwen2.5-7b-instruct,base_url=http://127.0.0.1:8001/v1"`; a request sets only the
             options in `ttalign.serve.policy.REQUEST_OPTIONS` on top.
-        rewards (`list[str]` or `dict`): rewards loaded at start-up that requests may name (short names, or a dict
-            of name -> reward); the rewards the server's own specs name are loaded and offered too.
+        rewards (`list[str]` or `dict`): rewards loaded at start-up that requests may name: specs
+            `NAME[:key=value,...]` (`"vlm_judge:model=qwen2.5-vl-7b,base_url=http://127.0.0.1:8001/v1"`, requests name
+            it `vlm_judge`), or a dict of name -> reward; the rewards the server's own specs name are loaded too.
         api_key (`str`, *optional*): when set, every `/v1` route and `/metrics` need `Authorization: Bearer <key>`.
         limits (`Limits`), worker (`WorkerConfig`).
         request_timeout_s (`float`, defaults to 600): a request not answered by then gets 504 and its call stops.
@@ -78,15 +79,14 @@ class ServeConfig:
 
     def __post_init__(self):
         from ttalign.methods import parse_spec
-        from ttalign.rewards import REWARDS
+        from ttalign.rewards import REWARDS, parse_reward_spec
 
         names = dict.fromkeys(REWARDS)  # resolves reward names without loading any: checked here, loaded by the app
         if isinstance(self.rewards, dict):
             names.update(self.rewards)
         else:
-            for name in self.rewards:
-                if name not in REWARDS:
-                    raise ValueError(f"Unknown reward {name!r}; available: {', '.join(sorted(REWARDS))}.")
+            for spec in self.rewards:
+                parse_reward_spec(spec)  # an unknown name or a malformed option fails now
         allowed = [parse_spec(spec, rewards=names)[0] for spec in self.allow]  # a bad spec fails now, in one line
         for spec in self.alignment:
             parse_spec(spec, rewards=names)

@@ -400,8 +400,8 @@ class RequestPolicy:
         from ttalign.rewards import load_reward
 
         rewards = dict(config.rewards) if isinstance(config.rewards, Mapping) else {}
-        for name in [] if isinstance(config.rewards, Mapping) else config.rewards:
-            rewards[name] = load_reward(name)
+        for spec in [] if isinstance(config.rewards, Mapping) else config.rewards:
+            rewards[spec.partition(":")[0].strip()] = load_reward(spec)  # requests name it; its options stay here
         allow = {}
         for spec in config.allow:
             name, options = parse_spec(spec, rewards=rewards)

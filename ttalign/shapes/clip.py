@@ -14,19 +14,17 @@ another scene) is written to the log.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import shutil
 import tempfile
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ttalign.rewards.clip import CLIPEmbedder, CLIPScore
+from ttalign.shapes.runs import TrainingLog, parse_training_args, publish, warmup_cosine
 from ttalign.shapes.world import IMAGE_SIZE, VOCABULARY, sample_batch
 
 #: Image normalization of the model (OpenAI CLIP's constants).
@@ -121,19 +119,12 @@ def train(args) -> None:
     tokenizer = get_tiny_tokenizer(VOCABULARY, model_max_length=16)
     model = build_clip(len(tokenizer))
     workdir = tempfile.mkdtemp(prefix="shapes-clip-")
-    log_lines, start = [], time.time()
-
-    def log(message: str) -> None:
-        line = f"[{time.time() - start:7.1f}s] {message}"
-        print(line, flush=True)
-        log_lines.append(line)
+    log = TrainingLog(os.path.join(workdir, "training_log.txt"))
 
     log(f"settings {json.dumps(vars(args))}")
     log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0)))
-    )
+    sched = warmup_cosine(opt, args.warmup, args.steps)
     all_images, all_captions = sample_batch(np.random.default_rng(args.seed), args.dataset_size)
     all_images = torch.from_numpy(all_images)
     all_ids = tokenizer(all_captions, padding="max_length", max_length=16, return_tensors="pt").input_ids
@@ -170,23 +161,11 @@ def train(args) -> None:
         image_mean=list(MEAN),
         image_std=list(STD),
     ).save_pretrained(staging)
-    with open(os.path.join(staging, "training_args.json"), "w", encoding="utf-8") as f:
-        json.dump(vars(args), f, indent=2)
-    log(f"done: saved to {args.out}")
-    with open(os.path.join(staging, "training_log.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(log_lines) + "\n")
-    if os.path.exists(args.out):  # replaced only once everything is written
-        shutil.rmtree(args.out)
-    shutil.move(staging, args.out)
-    shutil.rmtree(workdir, ignore_errors=True)
+    publish(staging, args.out, vars(args), log, workdir)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True)
-    for key, value in DEFAULTS.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
-    train(parser.parse_args(argv))
+    train(parse_training_args(__doc__.split("\n")[0], DEFAULTS, argv))
 
 
 if __name__ == "__main__":

@@ -29,14 +29,13 @@ import copy
 import json
 import math
 import os
-import shutil
 import tempfile
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ttalign.shapes.runs import TrainingLog, publish
 from ttalign.shapes.world import VOCABULARY, sample_batch
 
 DEFAULTS = dict(
@@ -118,18 +117,6 @@ def build_scheduler():
     )
 
 
-class Logger:
-    def __init__(self, path: str):
-        self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115
-        self.start = time.time()
-
-    def __call__(self, message: str) -> None:
-        line = f"[{time.time() - self.start:7.1f}s] {message}"
-        print(line, flush=True)
-        self.file.write(line + "\n")
-        self.file.flush()
-
-
 def train_vae(vae, images: torch.Tensor, args, log) -> float:
     """Trains the autoencoder; returns the latent scaling factor (1 / std of the latents)."""
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -172,7 +159,7 @@ def train(args) -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     workdir = tempfile.mkdtemp(prefix="shapes-train-")
-    log = Logger(os.path.join(workdir, "training_log.txt"))
+    log = TrainingLog(os.path.join(workdir, "training_log.txt"))
     log(f"settings {json.dumps(vars(args))}")
 
     rng = np.random.default_rng(args.seed)
@@ -378,7 +365,7 @@ def train_flow(args) -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     workdir = tempfile.mkdtemp(prefix="shapes-flow-train-")
-    log = Logger(os.path.join(workdir, "training_log.txt"))
+    log = TrainingLog(os.path.join(workdir, "training_log.txt"))
     log(f"settings {json.dumps(vars(args))}")
 
     rng = np.random.default_rng(args.seed)
@@ -468,7 +455,7 @@ def train_flow(args) -> None:
     )
 
 
-def _save(pipe, args, workdir: str, log: Logger, sampling: dict) -> None:
+def _save(pipe, args, workdir: str, log: TrainingLog, sampling: dict) -> None:
     """Saves the model with its sampling defaults (the settings it is evaluated with; its aligned pipeline loads
     them), its training arguments and log."""
     from ttalign.pipelines.base import write_sampling_defaults
@@ -476,16 +463,7 @@ def _save(pipe, args, workdir: str, log: Logger, sampling: dict) -> None:
     staging = os.path.join(workdir, "model")
     pipe.save_pretrained(staging, safe_serialization=True)
     write_sampling_defaults(staging, sampling)
-    with open(os.path.join(staging, "training_args.json"), "w", encoding="utf-8") as f:
-        json.dump(vars(args), f, indent=2)
-    log(f"done: saved to {args.out}")
-    log.file.close()
-    shutil.copy(os.path.join(workdir, "training_log.txt"), os.path.join(staging, "training_log.txt"))
-    # replace the output folder only once everything is written: no half-written model is ever left behind
-    if os.path.exists(args.out):
-        shutil.rmtree(args.out)
-    shutil.move(staging, args.out)
-    shutil.rmtree(workdir, ignore_errors=True)
+    publish(staging, args.out, vars(args), log, workdir)
 
 
 def main(argv=None) -> None:
