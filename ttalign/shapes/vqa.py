@@ -6,7 +6,9 @@ python -m ttalign.shapes.vqa --out ttalign/shapes/vqa_model --steps 3000 --seed 
 
 The model is transformers' `LlavaForConditionalGeneration` (a CLIP vision tower, a two-layer projector and a Llama
 language model) at a tiny width, saved with its `LlavaProcessor` in the standard layout, so `VQAScore` loads it as
-any LLaVA checkpoint. It is trained with the language-modelling loss on the answer token (" Yes" / " No") of:
+any LLaVA checkpoint. Its vision tower starts from the shapes CLIP's (`ttalign/shapes/clip`, the same
+`CLIPVisionModel` architecture; the projector and the language model start from random weights). It is trained with
+the language-modelling loss on the answer token (" Yes" / " No") of:
 
 - VQAScore's question about a whole caption (`Does this figure show "{caption}"? Please answer Yes or No.`), for the
   image's own caption and for perturbed captions (another colour, shape, count or relation, colours swapped between
@@ -72,6 +74,7 @@ DEFAULTS = dict(
     generated=1500,
     held_out=1000,
     threads=2,
+    init_vision="shapes_clip",
 )
 
 
@@ -350,6 +353,15 @@ def train(args) -> None:
     rng = np.random.default_rng(args.seed)
     processor = build_processor()
     model = build_model(processor.tokenizer)
+    if args.init_vision == "shapes_clip":  # the shapes CLIP's vision tower has this very architecture
+        from transformers import CLIPModel
+
+        from ttalign.shapes.clip import CLIP_DIR
+
+        clip = CLIPModel.from_pretrained(CLIP_DIR)
+        model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+    elif args.init_vision != "none":
+        raise SystemExit(f"--init-vision must be 'shapes_clip' or 'none', got {args.init_vision!r}")
     workdir = tempfile.mkdtemp(prefix="shapes-vqa-")
     log = TrainingLog(os.path.join(workdir, "training_log.txt"))
 
