@@ -101,9 +101,8 @@ class QuestionScore(Reward):
             scoring (not differentiable); by default the answer probabilities are used as they are.
 
     `last_details` holds, for every image of the last call, each question with its answer and its score after
-    dependencies, and the score; the methods that return scored images (best-of-N, seed search, particle steering)
-    copy the returned images' entries into `out.traces[...]["reward_details"]`, so a user sees which part of the
-    prompt failed.
+    dependencies, and the score; best-of-N and particle steering, which score the images they return, copy those
+    images' entries into `out.traces[...]["reward_details"]`, so a user sees which part of the prompt failed.
 
     Example:
 
