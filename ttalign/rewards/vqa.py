@@ -146,6 +146,8 @@ class VQAScore(Reward):
                     f"The answer {answer!r} does not tokenize apart from the text before it under "
                     f"{type(tok).__name__}; choose another answer or template."
                 )
+            if len(self._answer_ids) >= 1024:  # keys end with question text: bounded for a long-running server
+                self._answer_ids.clear()
             self._answer_ids[key] = whole[len(before) :]
         return self._answer_ids[key]
 
