@@ -72,3 +72,41 @@ def test_the_training_script_writes_a_model_that_vqascore_loads(tmp_path):
     questions = ShapesQuestionScore(out)
     questions(images.detach(), ["a red circle left of a square", "three yellow triangles"])
     assert [q["kind"] for q in questions.last_details[0]["questions"]] == ["entity", "attribute", "entity", "relation"]
+
+
+def test_packed_questions_compute_what_single_questions_do():
+    """The training layout (an image's questions behind one prefix, block mask, restarted positions) gives each
+    question the logits it has when asked alone in the scoring layout."""
+    from ttalign.shapes.vqa import Encoded, Packed, _pixels, build_model, build_processor
+
+    torch.manual_seed(0)
+    processor = build_processor()
+    model = build_model(processor.tokenizer).eval()
+    rng = np.random.default_rng(4)
+    images, rows = [], []
+    for i in range(3):
+        objects, caption = sample_scene(rng)
+        image = render(objects)
+        images.append(image)
+        rows += [(i, q, a) for _, q, a in image_queries(image, caption, rng)[: 2 + i]]
+    pixels = _pixels(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
+    packed = Packed(processor, *zip(*rows))
+    batch = packed.batch([0, 1, 2])
+    with torch.no_grad():
+        logits = model(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=pixels[batch["image_index"]],
+        ).logits[batch["answer_at"]]
+        single = Encoded(processor, *zip(*rows))
+        alone = model(
+            input_ids=single.ids[single.question_index],
+            attention_mask=single.mask[single.question_index],
+            pixel_values=pixels[single.image_index],
+            logits_to_keep=1,
+        ).logits[:, -1]
+    order = [k for i in range(3) for k, r in enumerate(rows) if r[0] == i]
+    assert len(logits) == len(rows) == 9
+    torch.testing.assert_close(logits, alone[order], atol=1e-4, rtol=1e-4)
+    assert torch.equal(batch["targets"], single.targets[order])

@@ -67,7 +67,7 @@ KINDS = ("caption", "entity", "attribute", "count", "relation")
 DEFAULTS = dict(
     seed=0,
     steps=3000,
-    batch_size=128,
+    batch_size=32,
     lr=1e-3,
     warmup=100,
     scenes=30000,
@@ -75,6 +75,7 @@ DEFAULTS = dict(
     held_out=1000,
     threads=2,
     init_vision="shapes_clip",
+    eval_every=500,
 )
 
 
@@ -210,12 +211,12 @@ def perturb(caption: str, rng: np.random.Generator) -> str:
 
 def image_queries(image: np.ndarray, caption: str, rng: np.random.Generator) -> list[tuple[str, str, bool]]:
     """Questions about one image (float `[H, W, 3]`), each `(kind, question, answer)`: VQAScore's question for the
-    image's caption, a perturbed caption and another scene's caption, and the decomposed questions of the first two;
-    every answer from the exact verifier's view of the image."""
+    image's caption, two perturbed captions and another scene's caption, and the decomposed questions of all but the
+    last; every answer from the exact verifier's view of the image."""
     objects = detect(image)
     other = sample_scene(rng)[1]
     out = []
-    for text in dict.fromkeys([caption, perturb(caption, rng), other]):
+    for text in dict.fromkeys([caption, perturb(caption, rng), perturb(caption, rng), other]):
         passed = all(judge(objects, parse_caption(text)).values())
         out.append(("caption", DEFAULT_TEMPLATE.format(text), passed))
         if text is other:
@@ -276,22 +277,14 @@ def generated_images(model: str, n: int, seed: int, batch: int = 64) -> tuple[np
 
 class Encoded:
     """Questions tokenized once per distinct text (left-padded ids and masks), with the image and the answer of each
-    row."""
+    row: the scoring layout, for the held-out report."""
 
     def __init__(self, processor, image_index, questions, answers):
         tok = processor.tokenizer
-        expanded = "<image>" * (IMAGE_SIZE // PATCH) ** 2
         distinct = list(dict.fromkeys(questions))
-        texts = [
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
-                add_generation_prompt=True,
-                tokenize=False,
-            ).replace("<image>", expanded)
-            for q in distinct
-        ]
         side, tok.padding_side = tok.padding_side, "left"
         try:
+            texts = _prompt_texts(processor, distinct)
             batch = tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
         finally:
             tok.padding_side = side
@@ -299,8 +292,97 @@ class Encoded:
         self.question_index = torch.tensor([position[q] for q in questions])
         self.ids, self.mask = batch.input_ids, batch.attention_mask  # [Q, L]
         self.image_index = torch.tensor(list(image_index))
-        yes, no = tok.convert_tokens_to_ids("Yes"), tok.convert_tokens_to_ids("No")
-        self.targets = torch.tensor([yes if a else no for a in answers])
+        self.targets = _targets(tok, answers)
+
+
+class Packed:
+    """Every image's questions packed behind one copy of its image prefix (`USER: <image>...`), for training.
+
+    Each question attends to the prefix and to itself only, at the positions it has when asked alone (a block mask and
+    position ids that restart after the prefix), so a packed sequence computes exactly its questions asked one by one
+    (the same logits), with the image and the prefix computed once and without one answer showing through to
+    another question.
+    """
+
+    def __init__(self, processor, image_index, questions, answers):
+        tok = processor.tokenizer
+        distinct = list(dict.fromkeys(questions))
+        ids = tok(_prompt_texts(processor, distinct), add_special_tokens=False).input_ids
+        image_token = tok.convert_tokens_to_ids("<image>")
+        prefix_len = max(k for k, t in enumerate(ids[0]) if t == image_token) + 1
+        prefix = ids[0][:prefix_len]
+        if any(q[:prefix_len] != prefix for q in ids):
+            raise ValueError("The questions do not share the image prefix of the chat template.")
+        suffix = {q: s[prefix_len:] for q, s in zip(distinct, ids)}
+        targets = _targets(tok, answers).tolist()
+        by_image: dict[int, list[tuple[str, int]]] = {}
+        for i, q, t in zip(image_index, questions, targets):
+            by_image.setdefault(int(i), []).append((q, t))
+        self.images, self.ids, self.positions, self.segments, self.answers = [], [], [], [], []
+        for i, rows in by_image.items():
+            seq, pos, seg, ends = list(prefix), list(range(prefix_len)), [0] * prefix_len, []
+            for k, (q, t) in enumerate(rows, start=1):
+                seq += suffix[q]
+                pos += range(prefix_len, prefix_len + len(suffix[q]))
+                seg += [k] * len(suffix[q])
+                ends.append((len(seq) - 1, t))  # the question's last token predicts its answer
+            self.images.append(i)
+            self.ids.append(seq)
+            self.positions.append(pos)
+            self.segments.append(seg)
+            self.answers.append(ends)
+        self.pad = tok.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, picked: list[int]) -> dict:
+        """Right-padded ids, position ids, the block mask (additive, `[B, 1, L, L]`), and the answer positions and
+        targets of the sequences `picked`."""
+        length = max(len(self.ids[k]) for k in picked)
+        ids = torch.full((len(picked), length), self.pad)
+        positions = torch.zeros(len(picked), length, dtype=torch.long)
+        segments = torch.full((len(picked), length), -1)
+        rows, cols, targets = [], [], []
+        for b, k in enumerate(picked):
+            n = len(self.ids[k])
+            ids[b, :n] = torch.tensor(self.ids[k])
+            positions[b, :n] = torch.tensor(self.positions[k])
+            segments[b, :n] = torch.tensor(self.segments[k])
+            for end, target in self.answers[k]:
+                rows.append(b)
+                cols.append(end)
+                targets.append(target)
+        query, key = segments[:, :, None], segments[:, None, :]  # [B, L, 1], [B, 1, L]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        allowed = causal & (key >= 0) & ((key == 0) | (key == query))  # [B, L, L]
+        allowed |= torch.eye(length, dtype=torch.bool) & (query < 0)  # padding attends to itself (no empty row)
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+        return dict(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=mask,
+            image_index=torch.tensor([self.images[k] for k in picked]),
+            answer_at=(torch.tensor(rows), torch.tensor(cols)),
+            targets=torch.tensor(targets),
+        )
+
+
+def _prompt_texts(processor, questions: list[str]) -> list[str]:
+    expanded = "<image>" * (IMAGE_SIZE // PATCH) ** 2
+    return [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        ).replace("<image>", expanded)
+        for q in questions
+    ]
+
+
+def _targets(tok, answers) -> torch.Tensor:
+    yes, no = tok.convert_tokens_to_ids("Yes"), tok.convert_tokens_to_ids("No")
+    return torch.tensor([yes if a else no for a in answers])
 
 
 def _pixels(images: torch.Tensor) -> torch.Tensor:
@@ -310,6 +392,7 @@ def _pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 def _loss(model, pixels: torch.Tensor, data: Encoded, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and correctness of single questions in the scoring layout."""
     questions = data.question_index[rows]
     logits = model(
         input_ids=data.ids[questions],
@@ -318,6 +401,18 @@ def _loss(model, pixels: torch.Tensor, data: Encoded, rows: torch.Tensor) -> tup
         logits_to_keep=1,
     ).logits[:, -1]  # [B, V]
     targets = data.targets[rows]
+    return F.cross_entropy(logits.float(), targets), (logits.argmax(-1) == targets)
+
+
+def _packed_loss(model, pixels: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and correctness of every question of a packed batch."""
+    logits = model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=pixels[batch["image_index"]],
+    ).logits[batch["answer_at"]]  # [N, V]
+    targets = batch["targets"]
     return F.cross_entropy(logits.float(), targets), (logits.argmax(-1) == targets)
 
 
@@ -381,17 +476,20 @@ def train(args) -> None:
         offset += len(captions)
     train_rows, test_rows = balance(train_rows, rng), balance(test_rows, rng)
     pixels = _pixels(torch.from_numpy(np.concatenate(all_images)).permute(0, 3, 1, 2).contiguous())
-    train_data = Encoded(processor, *zip(*[(i, q, a) for i, _, q, a in train_rows]))
+    train_data = Packed(processor, *zip(*[(i, q, a) for i, _, q, a in train_rows]))
     test_data = Encoded(processor, *zip(*[(i, q, a) for i, _, q, a in test_rows]))
-    log(f"{len(train_rows)} training and {len(test_rows)} held-out questions (yes and no balanced per kind)")
+    log(
+        f"{len(train_rows)} training questions on {len(train_data)} images and {len(test_rows)} held-out questions "
+        "(yes and no balanced per kind)"
+    )
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     sched = warmup_cosine(opt, args.warmup, args.steps)
     gen = torch.Generator().manual_seed(args.seed + 1)
     model.train()
     for step in range(1, args.steps + 1):
-        rows = torch.randint(0, len(train_rows), (args.batch_size,), generator=gen)
-        loss, correct = _loss(model, pixels, train_data, rows)
+        picked = torch.randint(0, len(train_data), (args.batch_size,), generator=gen).tolist()
+        loss, correct = _packed_loss(model, pixels, train_data.batch(picked))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -399,6 +497,10 @@ def train(args) -> None:
         sched.step()
         if step % 100 == 0 or step == 1:
             log(f"step {step}/{args.steps} loss {loss.item():.4f} accuracy {correct.float().mean().item():.3f}")
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            report = held_out_report(model, pixels, test_data, [k for _, k, _, _ in test_rows])
+            log(f"step {step} held-out accuracy {json.dumps(report)}")
+            model.train()
     report = held_out_report(model, pixels, test_data, [k for _, k, _, _ in test_rows])
     log(f"held-out accuracy {json.dumps(report)}")
 

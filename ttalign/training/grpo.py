@@ -6,11 +6,12 @@ pipeline itself, on the stochastic step of :func:`~ttalign.sampling.stochastic_t
 level `a`, or its coefficients-preserving variant; DDIM with `eta = a` on the UNet families), recorded by a
 :class:`StochasticTrajectory` method with every transition's log-probability, and scores the images. Advantages are
 relative to the group, `(r - mean_group) / (std_all + 1e-4)` (Flow-GRPO's per-prompt mean and global std, population
-std as its numpy code), clamped to `+-adv_clip_max`. The loss is PPO's clipped objective on the recorded transitions
-(one update per sampled batch: the ratio is 1 and the clip does not bind) plus
-`kl_weight` times the KL divergence between the step's Gaussian under the LoRA model and under the LoRA-free
-reference, `||mu_theta - mu_ref||^2 / (2 std^2)` averaged over the latent dimensions, where `std` is the whole step's
-standard deviation (the step size kept: flow_grpo's code divides by `std_t^2` without `dt`, its issue #78).
+std as its numpy code), clamped to `+-adv_clip_max`. Sampling runs in rounds with PPO's inner epochs
+(:mod:`~ttalign.training.rollout`: `rollout_batches`, `num_inner_epochs`). The loss is PPO's clipped objective on the
+recorded transitions plus `kl_weight` times the KL divergence between the step's Gaussian under the LoRA model and
+under the LoRA-free reference, `||mu_theta - mu_ref||^2 / (2 std^2)` averaged over the latent dimensions, where `std`
+is the whole step's standard deviation (the step size kept: flow_grpo's code divides by `std_t^2` without `dt`, its
+issue #78).
 
 `sde_window` gives Flow-GRPO-Fast: the trajectory is the ODE except in a window of `sde_window` consecutive steps
 starting at a random step of the first `sde_window_range` of the schedule (the high-noise steps), and only the
@@ -30,12 +31,21 @@ from ttalign.rewards.base import check_scores, reward_name
 from ttalign.sampling import gaussian_log_prob, scheduler_kind, stochastic_transition
 
 from .losses import gaussian_kl, group_advantages, ppo_clip_loss
-from .trainer import LoRATrainer, TrainingConfig
+from .rollout import (
+    Rollout,
+    RolloutConfig,
+    RolloutTrainer,
+    ratio_metrics,
+    record_transition,
+    rollout_from_trace,
+    start_trajectory,
+)
 
 
 @dataclass
-class GRPOConfig(TrainingConfig):
-    """Settings of :class:`GRPOTrainer`: those of :class:`TrainingConfig` (`train_batch_size` counts images: a
+class GRPOConfig(RolloutConfig):
+    """Settings of :class:`GRPOTrainer`: those of :class:`~ttalign.training.rollout.RolloutConfig` (rounds, inner
+    epochs, `clip_range` 1e-4 (Flow-GRPO-Fast uses 1e-5), `adv_clip_max` 5; `train_batch_size` counts images: a
     multiple of `group_size`), and
 
     Args:
@@ -45,16 +55,14 @@ class GRPOConfig(TrainingConfig):
         noise_level (`float`, defaults to 0.7): Flow-GRPO's `a` (0.7 for SD3, 0.9 for FLUX); DDIM's `eta` on the
             UNet families.
         sde_variant (`str`, defaults to `"sde"`): `"sde"` (Flow-GRPO's SDE) or `"cps"` (coefficients-preserving).
-        clip_range (`float`, defaults to 1e-4): PPO's ratio clip (Flow-GRPO-Fast uses 1e-5).
-        adv_clip_max (`float`, defaults to 5.0): advantages are clamped to `+-adv_clip_max`.
         kl_weight (`float`, defaults to 0.04): `beta` of the KL term (0.04 for GenEval, 0.01 for PickScore, 0 in
             newer recipes).
         sde_window (`int`, *optional*): Flow-GRPO-Fast's window of stochastic (and trained) steps; `None`: every
             stochastic step.
         sde_window_range (`tuple[float, float]`, defaults to `(0.0, 0.5)`): the share of the schedule the window may
             start in.
-        timestep_fraction (`float`, defaults to 1.0): the share of the stochastic steps trained on, the highest-noise
-            ones first.
+
+    `timestep_fraction` trains on that share of the stochastic steps, the highest-noise ones first.
     """
 
     group_size: int = 4
@@ -62,12 +70,9 @@ class GRPOConfig(TrainingConfig):
     guidance_scale: float = 4.5
     noise_level: float = 0.7
     sde_variant: str = "sde"
-    clip_range: float = 1e-4
-    adv_clip_max: float = 5.0
     kl_weight: float = 0.04
     sde_window: int | None = None
     sde_window_range: tuple[float, float] = (0.0, 0.5)
-    timestep_fraction: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -83,18 +88,13 @@ class GRPOConfig(TrainingConfig):
             raise ValueError(f"noise_level must be > 0 (a stochastic step), got {self.noise_level!r}.")
         if self.sde_variant not in ("sde", "cps"):
             raise ValueError(f"sde_variant must be 'sde' or 'cps', got {self.sde_variant!r}.")
-        if self.clip_range <= 0 or self.adv_clip_max <= 0 or self.kl_weight < 0:
-            raise ValueError(
-                f"Bad GRPO weights: clip_range={self.clip_range}, adv_clip_max={self.adv_clip_max}, "
-                f"kl_weight={self.kl_weight}."
-            )
+        if self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight!r}.")
         if self.sde_window is not None and (not isinstance(self.sde_window, int) or self.sde_window < 1):
             raise ValueError(f"sde_window must be an integer >= 1 or None, got {self.sde_window!r}.")
         lo, hi = self.sde_window_range
         if not 0 <= lo <= hi <= 1:
             raise ValueError(f"sde_window_range must satisfy 0 <= start <= stop <= 1, got {self.sde_window_range}.")
-        if not 0 < self.timestep_fraction <= 1:
-            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction!r}.")
 
 
 class StochasticTrajectory(AlignmentMethod):
@@ -111,13 +111,7 @@ class StochasticTrajectory(AlignmentMethod):
         self.generator = generator
 
     def setup(self, state: GenerationState) -> None:
-        state.traces["trajectory"] = {
-            "steps": [],
-            "latents": [],
-            "next_latents": [],
-            "log_probs": [],
-            "conditioning": None,
-        }
+        start_trajectory(state)
 
     def stochastic(self, scheduler, index: int) -> bool:
         if self.steps is not None and index not in self.steps:
@@ -126,7 +120,6 @@ class StochasticTrajectory(AlignmentMethod):
 
     def on_noise_pred(self, state: GenerationState) -> None:
         state.scratch[self] = state.latents
-        state.traces["trajectory"]["conditioning"] = state.conditioning
 
     @torch.no_grad()
     def on_step_end(self, state: GenerationState) -> None:
@@ -136,30 +129,10 @@ class StochasticTrajectory(AlignmentMethod):
         mean, std = stochastic_transition(scheduler, i, state.noise_pred, x_t, self.noise_level, self.variant)
         noise = torch.randn(mean.shape, generator=self.generator).to(mean.device)
         state.latents = (mean + std * noise).to(x_t.dtype)  # [N, ...]
-        trace = state.traces["trajectory"]
-        trace["steps"].append(i)
-        trace["latents"].append(x_t)
-        trace["next_latents"].append(state.latents)
-        trace["log_probs"].append(gaussian_log_prob(state.latents.float(), mean, std))
+        record_transition(state, x_t, gaussian_log_prob(state.latents.float(), mean, std))
 
 
-@dataclass
-class GroupTrajectories:
-    """Sampled trajectories: the stochastic `steps` (`T` indices), latents and next latents `[T, N, ...]`, old
-    log-probs `[T, N]`, rewards and advantages `[N]`, prompts (each repeated `group_size` times), and the
-    conditioning of the sampling call."""
-
-    steps: list[int]
-    latents: torch.Tensor
-    next_latents: torch.Tensor
-    log_probs: torch.Tensor
-    rewards: torch.Tensor
-    advantages: torch.Tensor
-    prompts: list[str]
-    conditioning: object
-
-
-class GRPOTrainer(LoRATrainer):
+class GRPOTrainer(RolloutTrainer):
     """Fine-tunes a pipeline's denoiser with LoRA by GRPO: Flow-GRPO on SD3 / FLUX, the same objective with DDIM
     log-probabilities on SD 1.x/2.x and SDXL. See the module docstring for the objective.
 
@@ -210,8 +183,8 @@ class GRPOTrainer(LoRATrainer):
         return list(range(start, min(start + c.sde_window, n)))
 
     @torch.no_grad()
-    def sample(self, generator: torch.Generator) -> GroupTrajectories:
-        """Samples `train_batch_size` trajectories, `group_size` per prompt, with the current policy; scores them."""
+    def sample(self, generator: torch.Generator) -> Rollout:
+        """Samples `train_batch_size` trajectories, `group_size` per prompt, with the current weights; scores them."""
         c = self.config
         groups = c.train_batch_size // c.group_size
         picks = torch.randint(0, len(self.prompts), (groups,), generator=generator).tolist()
@@ -233,42 +206,33 @@ class GRPOTrainer(LoRATrainer):
             **c.encode_options,
         )
         self.denoiser.train()
-        trace = out.traces["trajectory"]
         rewards = check_scores(self.reward(out.images.float(), prompts), len(prompts), reward_name(self.reward))
         rewards = rewards.float().cpu()
-        return GroupTrajectories(
-            trace["steps"],
-            torch.stack(trace["latents"]),
-            torch.stack(trace["next_latents"]),
-            torch.stack(trace["log_probs"]),
-            rewards,
-            group_advantages(rewards, prompts, c.adv_clip_max),
-            prompts,
-            trace["conditioning"],
-        )
+        advantages = group_advantages(rewards, prompts, c.adv_clip_max)
+        return rollout_from_trace(out, rewards, advantages, prompts, self.sampler_pipe.scheduler)
 
-    def policy_loss(self, traj: GroupTrajectories, rows: list[int]) -> tuple[torch.Tensor, dict]:
-        """PPO-clip (+ KL) on the recorded transitions `rows` (positions in `traj.steps`), under the current
-        weights."""
+    def policy_loss(self, rollout: Rollout, rows: list[int]) -> tuple[torch.Tensor, dict]:
+        """PPO-clip (+ KL) on the recorded transitions `rows` (positions in `rollout.steps`), under the current
+        weights, with the conditioning and the schedule the sampling call used."""
         c, device = self.config, self.accelerator.device
-        scheduler = self.sampler_pipe.scheduler
+        scheduler = rollout.scheduler
         model = self.model.replace(scheduler=scheduler)
-        advantages = traj.advantages.to(device)
-        losses, clip_fracs, kls, ratios = [], [], [], []
+        advantages = rollout.advantages.to(device)
+        losses, new, old, kls = [], [], [], []
         for row in rows:
-            j = traj.steps[row]
-            x_t, prev = traj.latents[row].to(device), traj.next_latents[row].to(device)
-            t = scheduler.timesteps[j]
+            j = rollout.steps[row]
+            x_t, prev = rollout.latents[row].to(device), rollout.next_latents[row].to(device)
+            t = rollout.timesteps[row].to(device)
 
             def guided(x_t=x_t, t=t):
-                return model.denoise(x_t, t, traj.conditioning, c.guidance_scale)
+                return model.denoise(x_t, t, rollout.conditioning, c.guidance_scale)
 
             mean, std = stochastic_transition(scheduler, j, guided(), x_t, c.noise_level, c.sde_variant)
             log_prob = gaussian_log_prob(prev.float(), mean, std)  # [N]
-            old = traj.log_probs[row].to(device)
-            loss, clip_frac = ppo_clip_loss(log_prob, old, advantages, c.clip_range)
-            clip_fracs.append(clip_frac.item())
-            ratios.append(torch.exp(log_prob - old).mean().item())
+            old_log_prob = rollout.log_probs[row].to(device)
+            new.append(log_prob)
+            old.append(old_log_prob)
+            loss, _ = ppo_clip_loss(log_prob, old_log_prob, advantages, c.clip_range)
             if c.kl_weight > 0:
                 with torch.no_grad(), self.reference_mode():
                     mean_ref, _ = stochastic_transition(scheduler, j, guided(), x_t, c.noise_level, c.sde_variant)
@@ -276,19 +240,14 @@ class GRPOTrainer(LoRATrainer):
                 kls.append(kl.item())
                 loss = loss + c.kl_weight * kl
             losses.append(loss)
-        metrics = {
-            "reward": traj.rewards.mean().item(),
-            "clip_fraction": sum(clip_fracs) / len(clip_fracs),
-            "ratio": sum(ratios) / len(ratios),
-        }
+        metrics = {"reward": rollout.rewards.mean().item(), **ratio_metrics(new, old, c.clip_range)}
         if kls:
             metrics["kl"] = sum(kls) / len(kls)
         return torch.stack(losses).mean(), metrics
 
-    def training_step(self, generator):
-        traj = self.sample(generator)
-        count = max(1, math.ceil(self.config.timestep_fraction * len(traj.steps)))
-        return self.policy_loss(traj, list(range(count)))  # the highest-noise steps first
+    def training_rows(self, rollout: Rollout, generator: torch.Generator) -> list[int]:
+        """The highest-noise `timestep_fraction` of the recorded steps."""
+        return list(range(max(1, math.ceil(self.config.timestep_fraction * len(rollout.steps)))))
 
 
 #: Flow-GRPO is :class:`GRPOTrainer` on a flow-matching pipeline.
