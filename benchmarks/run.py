@@ -261,6 +261,23 @@ SUITES: dict[str, Suite] = {
         ),
         quoted_in=("README.md", "docs/benchmarks.md", "docs/efficacy.md", "docs/training.md"),
     ),
+    "verifier_quality": Suite(
+        "How well each shapes reward ranks a shapes model's own candidates, judged by the exact verifier: ROC AUC per "
+        "category and best-of-8 (960 candidates per model: 10 prompts per category x 2 groups of 8).",
+        (
+            Step(
+                "sd",
+                "verifier_quality.py",
+                "--model sd --per-category 10 --seeds 2 --candidates 8 --name verifier_quality_sd",
+            ),
+            Step(
+                "flow",
+                "verifier_quality.py",
+                "--model flow --per-category 10 --seeds 2 --candidates 8 --name verifier_quality_flow",
+            ),
+        ),
+        quoted_in=("docs/composition.md", "docs/efficacy.md"),
+    ),
     "training_flow": Suite(
         "Flow-GRPO and Flow-DPO on the flow shapes model (captions disjoint from the evaluation set), with their "
         "over-optimization monitors, and Flow-GRPO's learning signal on one caption.",

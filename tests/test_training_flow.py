@@ -73,7 +73,7 @@ def test_noise_target_trainers_refuse_flow_models(family, tmp_path):
     out = str(tmp_path / "o")
     with pytest.raises(ValueError, match="use FlowDPOTrainer"):
         DiffusionDPOTrainer(pipe, DPOConfig(output_dir=out), train_dataset=pairs)
-    with pytest.raises(NotImplementedError, match="flow-matching"):
+    with pytest.raises(ValueError, match="use FlowKTOTrainer"):
         DiffusionKTOTrainer(pipe, KTOConfig(output_dir=out), train_dataset=pairs)
     with pytest.raises(ValueError, match="use FlowGRPOTrainer"):
         DDPOTrainer(pipe, DDPOConfig(output_dir=out), Redness(), ["a cat"])

@@ -32,6 +32,8 @@ from ttalign.training import (
     FlowDPOTrainer,
     FlowGRPOConfig,
     FlowGRPOTrainer,
+    FlowKTOConfig,
+    FlowKTOTrainer,
     GRPOConfig,
     GRPOTrainer,
     gaussian_kl,
@@ -288,3 +290,47 @@ def test_dpo_trainers_refuse_the_other_kind(tmp_path):
         FlowDPOTrainer(get_tiny_sd3_pipeline(), DPOConfig(output_dir=out), train_dataset=_pairs())
     with pytest.raises(ValueError, match="logit_std"):
         FlowDPOConfig(logit_std=0.0)
+
+
+# --- Flow-KTO ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_flow_kto_trains_on_the_velocity_and_starts_at_one_half(family, tmp_path):
+    aligned, parent = FAMILIES[family]
+    torch.manual_seed(0)
+    config = FlowKTOConfig(
+        max_steps=2, train_batch_size=4, learning_rate=1e-2, resolution=32, output_dir=str(tmp_path / "o")
+    )
+    assert config.beta == 100.0
+    trainer = FlowKTOTrainer(aligned(), config, train_dataset=_pairs())  # winners desirable, losers not
+    assert trainer.desirable.tolist() == [True, False] * 4
+    x0 = trainer.latents[:2]
+    noise, timesteps = trainer._noise_and_timesteps(x0, torch.Generator().manual_seed(0))
+    model_mse, _ = trainer._mse(x0, trainer.cond.select(torch.tensor([0, 1])), noise, timesteps)
+    sigma = (timesteps / 1000).view(-1, *[1] * (x0.ndim - 1))
+    with torch.no_grad():
+        v = trainer.model.forward(
+            (1 - sigma) * x0 + sigma * noise, timesteps, trainer.cond.select(torch.tensor([0, 1])), cfg=False
+        )
+    expected = ((v - (noise - x0)) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+    assert torch.allclose(model_mse.detach(), expected, atol=1e-6)
+    # the LoRA starts as the reference: g = 0, h = sigmoid(0), loss = mean(1 - 1/2)
+    loss, _ = trainer.training_step(torch.Generator().manual_seed(1))
+    assert torch.isclose(loss, torch.tensor(0.5, dtype=loss.dtype), atol=1e-6)
+    metrics = trainer.train()
+    assert np.isfinite(metrics["loss"]) and any(
+        "lora_B" in k and v.abs().sum() > 0 for k, v in trainer.lora_state().items()
+    )
+    trainer.save_lora(str(tmp_path / "lora"))
+    parent().load_lora_weights(str(tmp_path / "lora"))
+
+
+def test_kto_trainers_refuse_the_other_kind(tmp_path):
+    out = str(tmp_path / "o")
+    with pytest.raises(ValueError, match="use DiffusionKTOTrainer"):
+        FlowKTOTrainer(get_tiny_pipeline(), FlowKTOConfig(output_dir=out), train_dataset=_pairs())
+    with pytest.raises(TypeError, match="FlowKTOConfig"):
+        FlowKTOTrainer(get_tiny_sd3_pipeline(), DPOConfig(output_dir=out), train_dataset=_pairs())
+    with pytest.raises(ValueError, match="logit_std"):
+        FlowKTOConfig(logit_std=-1.0)

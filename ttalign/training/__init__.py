@@ -1,7 +1,9 @@
-"""Training: `DiffusionDPOTrainer`, `DiffusionKTOTrainer`, `DDPOTrainer` (with DPOK's KL term), `RewardBackpropTrainer`
-(DRaFT-K, AlignProp, ReFL), and for flow-matching pipelines `FlowGRPOTrainer` (`GRPOTrainer`, also on DDIM pipelines)
-and `FlowDPOTrainer`, on one LoRA / accelerate / checkpoint base, and their losses."""
+"""Training: `DiffusionDPOTrainer`, `DiffusionKTOTrainer`, `DDPOTrainer` (with DPOK's KL term), `D3POTrainer`,
+`SPOTrainer`, `RewardBackpropTrainer` (DRaFT-K, AlignProp, ReFL), `RWRTrainer` and `RAFTTrainer`, and for
+flow-matching pipelines `FlowGRPOTrainer` (`GRPOTrainer`, also on DDIM pipelines), `FlowDPOTrainer`, `FlowKTOTrainer`,
+`AWMTrainer` and `DiffusionNFTTrainer`, on one LoRA / accelerate / checkpoint base, and their losses."""
 
+from .d3po import D3POConfig, D3POTrainer, d3po_loss
 from .ddpo import DDPOConfig, DDPOTrainer, TrajectoryRecorder
 from .dpo import (
     DiffusionDPOTrainer,
@@ -9,26 +11,74 @@ from .dpo import (
     DPOConfig,
     FlowDPOConfig,
     FlowDPOTrainer,
+    FlowKTOConfig,
+    FlowKTOTrainer,
     KTOConfig,
     load_feedback,
 )
 from .grpo import FlowGRPOConfig, FlowGRPOTrainer, GRPOConfig, GRPOTrainer, StochasticTrajectory
 from .losses import (
+    awm_loss,
     diffusion_dpo_loss,
     diffusion_kto_loss,
     dpok_loss,
     gaussian_kl,
     group_advantages,
+    nft_loss,
     normalize_advantages,
     per_sample_mse,
     ppo_clip_loss,
+    raft_weights,
     refl_loss,
     reinforce_loss,
+    rwr_weights,
+    weighted_matching_loss,
 )
 from .reward_backprop import RewardBackpropConfig, RewardBackpropTrainer
+from .rollout import Rollout, RolloutConfig, RolloutTrainer, RoundsConfig, RoundTrainer
+from .spo import SPOConfig, SPOTrainer, StepPreferences, spo_loss
 from .trainer import LoRATrainer, TrainingConfig, crop_geometry, image_to_tensor
+from .weighted import (
+    AWMConfig,
+    AWMTrainer,
+    DiffusionNFTConfig,
+    DiffusionNFTTrainer,
+    RAFTConfig,
+    RAFTTrainer,
+    RWRConfig,
+    RWRTrainer,
+    WeightedMatchingConfig,
+    WeightedMatchingTrainer,
+)
 
 __all__ = [
+    "SPOConfig",
+    "SPOTrainer",
+    "StepPreferences",
+    "spo_loss",
+    "D3POConfig",
+    "D3POTrainer",
+    "d3po_loss",
+    "AWMConfig",
+    "AWMTrainer",
+    "DiffusionNFTConfig",
+    "DiffusionNFTTrainer",
+    "RAFTConfig",
+    "RAFTTrainer",
+    "RWRConfig",
+    "RWRTrainer",
+    "Rollout",
+    "RolloutConfig",
+    "RolloutTrainer",
+    "RoundTrainer",
+    "RoundsConfig",
+    "WeightedMatchingConfig",
+    "WeightedMatchingTrainer",
+    "awm_loss",
+    "nft_loss",
+    "raft_weights",
+    "rwr_weights",
+    "weighted_matching_loss",
     "DDPOConfig",
     "DDPOTrainer",
     "DPOConfig",
@@ -36,6 +86,8 @@ __all__ = [
     "DiffusionKTOTrainer",
     "FlowDPOConfig",
     "FlowDPOTrainer",
+    "FlowKTOConfig",
+    "FlowKTOTrainer",
     "FlowGRPOConfig",
     "FlowGRPOTrainer",
     "GRPOConfig",

@@ -1,5 +1,6 @@
 """Offline preference training: Diffusion-DPO (Wallace et al. 2023, https://arxiv.org/abs/2311.12908) on preference
-pairs and Diffusion-KTO (Li et al. 2024, https://arxiv.org/abs/2404.04465) on binary feedback.
+pairs and Diffusion-KTO (Li et al. 2024, https://arxiv.org/abs/2404.04465) on binary feedback, with noise targets
+(SD 1.x/2.x, SDXL) or flow matching's velocity (SD3, FLUX: `FlowDPOTrainer`, `FlowKTOTrainer`).
 
 The reference model is the same denoiser with its LoRA adapters disabled (no second copy). Training images are
 encoded by the VAE and prompts by the text encoders once, before the first step. Families with size conditioning
@@ -89,6 +90,11 @@ def load_feedback(path: str) -> list[tuple[str, object, bool]]:
 class _OfflineTrainer(LoRATrainer):
     """Denoising-loss training on fixed images: shared noise and timesteps, LoRA model against adapters disabled."""
 
+    @property
+    def flow(self) -> bool:
+        """Whether the family trains on flow matching's velocity (its registry features)."""
+        return "flow_matching" in self.model.features
+
     @torch.no_grad()
     def _encode_images(self, images) -> torch.Tensor:
         """Training images -> latents `[N, ...]`, 16 at a time."""
@@ -120,24 +126,36 @@ class _OfflineTrainer(LoRATrainer):
         return Conditioning.cat(parts)
 
     def _mse(self, latents, cond, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample denoising MSE `[B]` of the LoRA model and of the reference (adapters disabled)."""
+        """Per-sample denoising MSE `[B]` of the LoRA model and of the reference (adapters disabled), on the family's
+        training target: noise or `v` (DDPM families), or on flow matching the velocity `u = eps - x0` at
+        `x_t = (1 - sigma) x0 + sigma eps` (`timesteps = 1000 sigma`)."""
         scheduler = self.noise_scheduler
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        if scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
+        if self.flow:
+            sigma = (timesteps / scheduler.config.num_train_timesteps).view(-1, *[1] * (latents.ndim - 1))
+            noisy = ((1 - sigma) * latents.float() + sigma * noise.float()).to(latents.dtype)  # [B, ...]
+            target = noise - latents
         else:
-            target = noise
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            if scheduler.config.prediction_type == "v_prediction":
+                target = scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                target = noise
         model_mse = per_sample_mse(self.model.forward(noisy, timesteps, cond, cfg=False), target)
         with torch.no_grad(), self.reference_mode():
             ref_mse = per_sample_mse(self.model.forward(noisy, timesteps, cond, cfg=False), target)
         return model_mse, ref_mse
 
     def _noise_and_timesteps(self, like: torch.Tensor, generator: torch.Generator):
+        """Standard normal noise and a timestep per image: uniform over the training timesteps, or on flow matching
+        sigma drawn logit-normal (the config's `logit_mean`, `logit_std`; SD3's training distribution), as the
+        scheduler's timesteps (`1000 sigma`)."""
         noise = torch.randn(like.shape, generator=generator).to(like)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (len(like),), generator=generator
-        ).to(like.device)
-        return noise, timesteps
+        total = self.noise_scheduler.config.num_train_timesteps
+        if self.flow:
+            c = self.config
+            sigma = torch.sigmoid(c.logit_mean + c.logit_std * torch.randn(len(like), generator=generator))  # [B]
+            return noise, (sigma * total).to(like.device)
+        return noise, torch.randint(0, total, (len(like),), generator=generator).to(like.device)
 
 
 @dataclass
@@ -151,6 +169,26 @@ class FlowDPOConfig(DPOConfig):
             transfer: velocity errors are larger and differ more between the models.
         logit_mean (`float`, defaults to 0.0), logit_std (`float`, defaults to 1.0): sigma is drawn logit-normal
             (`sigmoid(N(logit_mean, logit_std^2))`), SD3's training distribution.
+    """
+
+    beta: float = 100.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.logit_std <= 0:
+            raise ValueError(f"logit_std must be > 0, got {self.logit_std!r}.")
+
+
+@dataclass
+class FlowKTOConfig(KTOConfig):
+    """Settings of :class:`FlowKTOTrainer`: those of :class:`KTOConfig`, and
+
+    Args:
+        beta (`float`, defaults to 100): the scale in `sigmoid(sign * beta * (g - kl))` on velocity errors; the
+            default is Flow-DPO's scale (:class:`FlowDPOConfig`), not a published KTO recipe.
+        logit_mean (`float`, defaults to 0.0), logit_std (`float`, defaults to 1.0): sigma is drawn logit-normal.
     """
 
     beta: float = 100.0
@@ -250,11 +288,7 @@ class DiffusionKTOTrainer(_OfflineTrainer):
     def __init__(self, pipe, config: KTOConfig, train_dataset):
         from ttalign.rewards.evaluation import PreferencePair, load_pairs
 
-        if _is_flow(pipe):
-            raise NotImplementedError(
-                "DiffusionKTOTrainer trains on noise targets; its velocity form for "
-                "flow-matching pipelines (SD3, FLUX) is not implemented."
-            )
+        self._check_pipeline(pipe, config)
         if isinstance(train_dataset, str):
             if os.path.isfile(os.path.join(train_dataset, "feedback.jsonl")):
                 train_dataset = load_feedback(train_dataset)
@@ -276,6 +310,13 @@ class DiffusionKTOTrainer(_OfflineTrainer):
         self.latents = self._encode_images([r[1] for r in records])
         self.cond = self._conditioning([r[0] for r in records], [r[1] for r in records])
         self.desirable = torch.tensor([bool(r[2]) for r in records])
+
+    def _check_pipeline(self, pipe, config) -> None:
+        if _is_flow(pipe):
+            raise ValueError(
+                "DiffusionKTOTrainer trains on noise targets; for a flow-matching pipeline (SD3, FLUX) "
+                "use FlowKTOTrainer, its velocity form."
+            )
 
     def training_step(self, generator):
         indices = torch.randint(0, len(self.records), (self.config.train_batch_size,), generator=generator)
@@ -331,18 +372,33 @@ class FlowDPOTrainer(DiffusionDPOTrainer):
                 f"{type(pipe).__name__}."
             )
 
-    def _noise_and_timesteps(self, like: torch.Tensor, generator: torch.Generator):
-        """Standard normal noise and sigma `[B]` drawn logit-normal, as the scheduler's timesteps (`1000 sigma`)."""
-        c = self.config
-        noise = torch.randn(like.shape, generator=generator).to(like)
-        sigma = torch.sigmoid(c.logit_mean + c.logit_std * torch.randn(len(like), generator=generator))  # [B]
-        return noise, (sigma * self.noise_scheduler.config.num_train_timesteps).to(like.device)
 
-    def _mse(self, latents, cond, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
-        sigma = (timesteps / self.noise_scheduler.config.num_train_timesteps).view(-1, *[1] * (latents.ndim - 1))
-        noisy = ((1 - sigma) * latents.float() + sigma * noise.float()).to(latents.dtype)  # [B, ...]
-        target = noise - latents  # the velocity u = eps - x0
-        model_mse = per_sample_mse(self.model.forward(noisy, timesteps, cond, cfg=False), target)
-        with torch.no_grad(), self.reference_mode():
-            ref_mse = per_sample_mse(self.model.forward(noisy, timesteps, cond, cfg=False), target)
-        return model_mse, ref_mse
+class FlowKTOTrainer(DiffusionKTOTrainer):
+    """Flow-KTO: Diffusion-KTO's objective on a flow-matching pipeline (SD3, FLUX) with velocity errors, noised as
+    :class:`FlowDPOTrainer` noises (`x_t = (1 - sigma) x0 + sigma eps`, sigma logit-normal, error
+    `||v - (eps - x0)||^2` averaged over the latent dimensions); the reference is the transformer with its LoRA
+    disabled.
+
+    Args:
+        pipe: an SD3 or FLUX pipeline.
+        config (:class:`FlowKTOConfig`).
+        train_dataset: as :class:`DiffusionKTOTrainer`'s.
+
+    Example:
+
+    ```py
+    >>> from ttalign.training import FlowKTOConfig, FlowKTOTrainer
+    >>> FlowKTOTrainer(load_pipeline("flow"), FlowKTOConfig(max_steps=10, output_dir="flow-kto"), "feedback").train()
+    ```
+    """
+
+    name = "flow-kto"
+
+    def _check_pipeline(self, pipe, config) -> None:
+        if not isinstance(config, FlowKTOConfig):
+            raise TypeError(f"FlowKTOTrainer takes a FlowKTOConfig (beta 100), got {type(config).__name__}.")
+        if not _is_flow(pipe):
+            raise ValueError(
+                "FlowKTOTrainer trains flow-matching pipelines (SD3, FLUX); use DiffusionKTOTrainer for "
+                f"{type(pipe).__name__}."
+            )

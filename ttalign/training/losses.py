@@ -120,3 +120,67 @@ def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std) -> torch.Tensor
     std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
     diff = (mean.float() - mean_ref.float()) ** 2
     return diff.mean(dim=tuple(range(1, diff.ndim))) / (2 * std**2)
+
+
+def rwr_weights(rewards: torch.Tensor, temperature: float = 5.0) -> torch.Tensor:
+    """RWR's weights as DDPO's baseline computes them: `N * softmax(r / temperature)` (mean 1)."""
+    return len(rewards) * torch.softmax(rewards.float() / temperature, dim=0)
+
+
+def raft_weights(rewards: torch.Tensor, prompts: list[str], keep: int = 1) -> torch.Tensor:
+    """1 for the `keep` best images of each prompt's group, 0 for the others (ties broken by position)."""
+    weights = torch.zeros(len(rewards))
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(i)
+    for indices in groups.values():
+        order = sorted(indices, key=lambda i: (-float(rewards[i]), i))
+        weights[order[:keep]] = 1.0
+    return weights
+
+
+def weighted_matching_loss(errors: torch.Tensor, weights: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """`mean(w * e)`, or `sum(w * e) / sum(w)` with `normalize` (RAFT's mean over the kept images)."""
+    weights = weights.to(errors)
+    if normalize:
+        return (weights * errors).sum() / weights.sum().clamp(min=1e-12)
+    return (weights * errors).mean()
+
+
+def awm_loss(errors: torch.Tensor, sigma: torch.Tensor, advantages: torch.Tensor, adv_clip_max: float = 5.0):
+    """AWM's policy term `mean(A * g)`: `A = clamp(advantages, +-adv_clip_max) / adv_clip_max`,
+    `g = sigma * ((e + 1e-10)^0.25 - 1e-10^0.25) / 0.25` (the "ghuber" of the per-image error `e`, in fp64)."""
+    e = errors.double()
+    g = sigma.double() * ((e + 1e-10) ** 0.25 - 1e-10**0.25) / 0.25
+    a = advantages.double().clamp(-adv_clip_max, adv_clip_max) / adv_clip_max
+    return (a.to(g.device) * g).mean().float()
+
+
+def _adaptive_x0_error(x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    dims = tuple(range(1, x0.ndim))
+    with torch.no_grad():
+        scale = (x0_hat.double() - x0.double()).abs().mean(dim=dims, keepdim=True).clamp(min=1e-5)
+    return ((x0_hat - x0) ** 2 / scale).mean(dim=dims)  # [N]
+
+
+def nft_loss(
+    v: torch.Tensor,
+    v_old: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    sigma: torch.Tensor,
+    advantages: torch.Tensor,
+    beta: float = 1.0,
+    adv_clip_max: float = 5.0,
+) -> torch.Tensor:
+    """DiffusionNFT's policy term (formulas in the module docstring): `v`, `v_old` `[N, ...]` velocity predictions of
+    the trained and the old model at `x_t = (1 - sigma) x0 + sigma noise`, `sigma` `[N]`."""
+    v_old = v_old.detach()
+    s = sigma.view(-1, *[1] * (x0.ndim - 1)).to(v)
+    positive = beta * v + (1 - beta) * v_old
+    negative = (1 + beta) * v_old - beta * v
+    loss_pos = _adaptive_x0_error(x_t - s * positive, x0)  # [N]
+    loss_neg = _adaptive_x0_error(x_t - s * negative, x0)  # [N]
+    a = advantages.clamp(-adv_clip_max, adv_clip_max).to(v)
+    r = (a / adv_clip_max / 2 + 0.5).clamp(0, 1)
+    return adv_clip_max * (r * loss_pos / beta + (1 - r) * loss_neg / beta).mean()

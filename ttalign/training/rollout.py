@@ -24,41 +24,55 @@ from .trainer import LoRATrainer, TrainingConfig
 
 
 @dataclass
-class RolloutConfig(TrainingConfig):
-    """Settings of the online RL trainers: those of :class:`TrainingConfig`, and
+class RoundsConfig(TrainingConfig):
+    """Settings of the trainers that learn from their own samples in rounds: those of :class:`TrainingConfig`, and
 
     Args:
-        rollout_batches (`int`, defaults to 1): sampling calls of `train_batch_size` trajectories per round
+        rollout_batches (`int`, defaults to 1): sampling calls of `train_batch_size` images per round
             (ddpo-pytorch's `sample.num_batches_per_epoch`).
         num_inner_epochs (`int`, defaults to 1): passes over a round's batches (ddpo-pytorch's
-            `train.num_inner_epochs`). With both at 1 every optimizer step is on-policy (ratio 1, the clip never
-            acts: REINFORCE's gradient).
-        clip_range (`float`, defaults to 1e-4): PPO's ratio clip.
+            `train.num_inner_epochs`). With both at 1 every optimizer step is on-policy.
         adv_clip_max (`float`, defaults to 5.0): advantages are clamped to `+-adv_clip_max`.
-        timestep_fraction (`float`, defaults to 1.0): the share of a trajectory's recorded transitions trained on in
-            a micro-batch (their graphs are held together, so this also bounds memory).
     """
 
     rollout_batches: int = 1
     num_inner_epochs: int = 1
-    clip_range: float = 1e-4
     adv_clip_max: float = 5.0
-    timestep_fraction: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
         for key in ("rollout_batches", "num_inner_epochs"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{type(self).__name__}.{key} must be an integer >= 1, got {getattr(self, key)!r}.")
-        if self.clip_range <= 0 or self.adv_clip_max <= 0:
-            raise ValueError(f"clip_range and adv_clip_max must be > 0, got {self.clip_range}, {self.adv_clip_max}.")
-        if not 0 < self.timestep_fraction <= 1:
-            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction!r}.")
+        if self.adv_clip_max <= 0:
+            raise ValueError(f"adv_clip_max must be > 0, got {self.adv_clip_max!r}.")
 
     @property
     def steps_per_round(self) -> int:
         """Micro-batches per round: `rollout_batches * num_inner_epochs`."""
         return self.rollout_batches * self.num_inner_epochs
+
+
+@dataclass
+class RolloutConfig(RoundsConfig):
+    """Settings of the policy-gradient trainers (DDPO, GRPO): those of :class:`RoundsConfig` (with both at 1, the
+    ratio is 1 at every step and the clip never acts: REINFORCE's gradient), and
+
+    Args:
+        clip_range (`float`, defaults to 1e-4): PPO's ratio clip.
+        timestep_fraction (`float`, defaults to 1.0): the share of a trajectory's recorded transitions trained on in
+            a micro-batch (their graphs are held together, so this also bounds memory).
+    """
+
+    clip_range: float = 1e-4
+    timestep_fraction: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.clip_range <= 0:
+            raise ValueError(f"clip_range must be > 0, got {self.clip_range!r}.")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction!r}.")
 
 
 @dataclass
@@ -137,18 +151,43 @@ def ratio_metrics(log_probs: list[torch.Tensor], old_log_probs: list[torch.Tenso
     }
 
 
-class RolloutTrainer(LoRATrainer):
-    """Base of the trainers that learn from their own samples: a subclass implements `sample(generator) -> Rollout`
-    and `policy_loss(rollout, rows) -> (loss, metrics)` on the recorded transitions `rows` (positions in
-    `rollout.steps`); this class runs the rounds (see the module docstring)."""
+class RoundTrainer(LoRATrainer):
+    """Base of the trainers that learn from their own samples: a subclass implements `sample(generator)` (one
+    sampling call's batch, any object) and `batch_loss(batch, generator) -> (loss, metrics)`; this class runs the
+    rounds (see the module docstring) and calls :meth:`start_round` before sampling each."""
 
-    def __init__(self, pipe, config: RolloutConfig):
+    def __init__(self, pipe, config: RoundsConfig):
         super().__init__(pipe, config)
-        self._queue: list[tuple[Rollout, int]] = []
+        self._queue: list[tuple[Any, int]] = []
         self.rounds = 0
 
-    def sample(self, generator: torch.Generator) -> Rollout:
+    def sample(self, generator: torch.Generator):
         raise NotImplementedError
+
+    def batch_loss(self, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def start_round(self, generator: torch.Generator) -> None:
+        """Samples a round and queues its micro-batches for `num_inner_epochs` passes, each in a shuffled order."""
+        c = self.config
+        batches = [self.sample(generator) for _ in range(c.rollout_batches)]
+        self.rounds += 1
+        self._queue = []
+        for epoch in range(c.num_inner_epochs):
+            order = torch.randperm(len(batches), generator=generator).tolist()
+            self._queue += [(batches[i], epoch) for i in order]
+
+    def training_step(self, generator: torch.Generator):
+        if not self._queue:
+            self.start_round(generator)
+        batch, epoch = self._queue.pop(0)
+        loss, metrics = self.batch_loss(batch, generator)
+        return loss, {"round": self.rounds, "inner_epoch": epoch, **metrics}
+
+
+class RolloutTrainer(RoundTrainer):
+    """Base of the policy-gradient trainers: `sample(generator) -> Rollout` and `policy_loss(rollout, rows)` on the
+    recorded transitions `rows` (positions in `rollout.steps`, picked by :meth:`training_rows`)."""
 
     def policy_loss(self, rollout: Rollout, rows: list[int]) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -159,19 +198,5 @@ class RolloutTrainer(LoRATrainer):
         count = max(1, round(self.config.timestep_fraction * n))
         return sorted(torch.randperm(n, generator=generator)[:count].tolist())
 
-    def start_round(self, generator: torch.Generator) -> None:
-        """Samples a round and queues its micro-batches for `num_inner_epochs` passes, each in a shuffled order."""
-        c = self.config
-        rollouts = [self.sample(generator) for _ in range(c.rollout_batches)]
-        self.rounds += 1
-        self._queue = []
-        for epoch in range(c.num_inner_epochs):
-            order = torch.randperm(len(rollouts), generator=generator).tolist()
-            self._queue += [(rollouts[i], epoch) for i in order]
-
-    def training_step(self, generator: torch.Generator):
-        if not self._queue:
-            self.start_round(generator)
-        rollout, epoch = self._queue.pop(0)
-        loss, metrics = self.policy_loss(rollout, self.training_rows(rollout, generator))
-        return loss, {"round": self.rounds, "inner_epoch": epoch, **metrics}
+    def batch_loss(self, batch: Rollout, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        return self.policy_loss(batch, self.training_rows(batch, generator))

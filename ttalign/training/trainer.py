@@ -186,6 +186,9 @@ class LoRATrainer:
             tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-checkpoint-")
             lora = {k: v.detach().cpu().contiguous() for k, v in self.lora_state().items()}
             save_file(lora, os.path.join(tmp, "lora.safetensors"))
+            extra = {k: v.detach().cpu().contiguous() for k, v in self.extra_state().items()}
+            if extra:
+                save_file(extra, os.path.join(tmp, "extra.safetensors"))
             torch.save(
                 {
                     "optimizer": self.optimizer.state_dict(),
@@ -211,11 +214,20 @@ class LoRATrainer:
 
         lora = load_file(os.path.join(path, "lora.safetensors"))
         set_peft_model_state_dict(self.accelerator.unwrap_model(self.denoiser), lora)
+        if os.path.isfile(os.path.join(path, "extra.safetensors")):
+            self.load_extra_state(load_file(os.path.join(path, "extra.safetensors")))
         state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         self._rng.set_state(state["rng"])
         random.setstate(state["python_rng"])
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors a trainer keeps beside the LoRA (an old or EMA copy of it), saved in every checkpoint."""
+        return {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restores what :meth:`extra_state` saved."""
 
     def save_lora(self, directory: str) -> None:
         """Saves the LoRA in the format of the family's diffusers pipeline (`pytorch_lora_weights.safetensors`),
