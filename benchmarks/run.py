@@ -261,6 +261,24 @@ SUITES: dict[str, Suite] = {
         ),
         quoted_in=("README.md", "docs/benchmarks.md", "docs/efficacy.md", "docs/training.md"),
     ),
+    "training_efficiency": Suite(
+        "The online trainers side by side at equal training wall time (30 minutes each) on a shapes model, verified "
+        "success against training minutes and images sampled; about 4 hours per step on 2 CPU cores.",
+        (
+            Step(
+                "flow_soft",
+                "train_efficiency.py",
+                "--model flow --reward shapes_soft --minutes 30 --name train_efficiency_flow_soft",
+            ),
+            Step(
+                "sd_soft",
+                "train_efficiency.py",
+                "--model sd --reward shapes_soft --trainers ddpo,grpo,rwr,raft,d3po,spo --minutes 30 "
+                "--name train_efficiency_sd_soft",
+            ),
+        ),
+        quoted_in=("docs/training.md",),
+    ),
     "verifier_quality": Suite(
         "How well each shapes reward ranks a shapes model's own candidates, judged by the exact verifier: ROC AUC per "
         "category and best-of-8 (960 candidates per model: 10 prompts per category x 2 groups of 8).",
