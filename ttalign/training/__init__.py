@@ -3,7 +3,7 @@
 flow-matching pipelines `FlowGRPOTrainer` (`GRPOTrainer`, also on DDIM pipelines), `FlowDPOTrainer`, `FlowKTOTrainer`,
 `AWMTrainer` and `DiffusionNFTTrainer`, on one LoRA / accelerate / checkpoint base, and their losses."""
 
-from .d3po import D3POConfig, D3POTrainer, d3po_loss
+from .d3po import D3POConfig, D3POTrainer
 from .ddpo import DDPOConfig, DDPOTrainer, TrajectoryRecorder
 from .dpo import (
     DiffusionDPOTrainer,
@@ -19,6 +19,7 @@ from .dpo import (
 from .grpo import FlowGRPOConfig, FlowGRPOTrainer, GRPOConfig, GRPOTrainer, StochasticTrajectory
 from .losses import (
     awm_loss,
+    d3po_loss,
     diffusion_dpo_loss,
     diffusion_kto_loss,
     dpok_loss,
@@ -32,11 +33,12 @@ from .losses import (
     refl_loss,
     reinforce_loss,
     rwr_weights,
+    spo_loss,
     weighted_matching_loss,
 )
 from .reward_backprop import RewardBackpropConfig, RewardBackpropTrainer
 from .rollout import Rollout, RolloutConfig, RolloutTrainer, RoundsConfig, RoundTrainer
-from .spo import SPOConfig, SPOTrainer, StepPreferences, spo_loss
+from .spo import SPOConfig, SPOTrainer, StepPreferences
 from .trainer import LoRATrainer, TrainingConfig, crop_geometry, image_to_tensor
 from .weighted import (
     AWMConfig,

@@ -16,27 +16,17 @@ eps 0.1 (D3PO's code).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ttalign.rewards.base import check_scores, reward_name
 from ttalign.sampling import gaussian_log_prob, stochastic_transition
 
 from .grpo import GRPOConfig, GRPOTrainer, StochasticTrajectory
+from .losses import d3po_loss
 from .rollout import Rollout, rollout_from_trace
-
-
-def d3po_loss(log_prob, ref_log_prob, preference, beta: float = 0.1, eps: float = 0.1) -> torch.Tensor:
-    """D3PO's loss on pairs: `log_prob`, `ref_log_prob` `[2P]` (pairs consecutive: images `2i`, `2i + 1`),
-    `preference` `[2P]` (`+1` preferred, `-1` not, `0` tie): `mean(-logsigmoid(beta * sum_k c_k log rho_k))` with
-    `rho_k = clamp(exp(log_prob - ref_log_prob), 1 - eps, 1 + eps)`."""
-    log_rho = (log_prob - ref_log_prob).clamp(math.log(1 - eps), math.log(1 + eps))  # [2P]
-    inside = beta * (preference.to(log_rho) * log_rho).view(-1, 2).sum(-1)  # [P]
-    return -F.logsigmoid(inside).mean()
 
 
 @dataclass

@@ -7,6 +7,8 @@ with default `beta_dpo = 2500`: the same loss, with `beta = 2 * beta_dpo`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -184,3 +186,21 @@ def nft_loss(
     a = advantages.clamp(-adv_clip_max, adv_clip_max).to(v)
     r = (a / adv_clip_max / 2 + 0.5).clamp(0, 1)
     return adv_clip_max * (r * loss_pos / beta + (1 - r) * loss_neg / beta).mean()
+
+
+def d3po_loss(log_prob, ref_log_prob, preference, beta: float = 0.1, eps: float = 0.1) -> torch.Tensor:
+    """D3PO's loss on pairs: `log_prob`, `ref_log_prob` `[2P]` (pairs consecutive: images `2i`, `2i + 1`),
+    `preference` `[2P]` (`+1` preferred, `-1` not, `0` tie): `mean(-logsigmoid(beta * sum_k c_k log rho_k))` with
+    `rho_k = clamp(exp(log_prob - ref_log_prob), 1 - eps, 1 + eps)`."""
+    log_rho = (log_prob - ref_log_prob).clamp(math.log(1 - eps), math.log(1 + eps))  # [2P]
+    inside = beta * (preference.to(log_rho) * log_rho).view(-1, 2).sum(-1)  # [P]
+    return -F.logsigmoid(inside).mean()
+
+
+def spo_loss(log_prob_w, log_prob_l, ref_log_prob_w, ref_log_prob_l, beta: float = 10.0, eps: float = 0.1):
+    """SPO's loss on pairs `[P]`: `mean(-logsigmoid(beta * (log rho_w - log rho_l)))` with
+    `rho = clamp(exp(log_prob - ref_log_prob), 1 - eps, 1 + eps)`."""
+    lo, hi = math.log(1 - eps), math.log(1 + eps)
+    log_rho_w = (log_prob_w - ref_log_prob_w).clamp(lo, hi)
+    log_rho_l = (log_prob_l - ref_log_prob_l).clamp(lo, hi)
+    return -F.logsigmoid(beta * (log_rho_w - log_rho_l)).mean()

@@ -18,27 +18,17 @@ it puts a reward in `[0, 1]` on a comparable scale.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage
 from ttalign.rewards.base import check_scores, reward_name
 from ttalign.sampling import gaussian_log_prob, predict_x0, scale_model_input, scheduler_kind, stochastic_transition
 
+from .losses import spo_loss
 from .rollout import RoundsConfig, RoundTrainer
-
-
-def spo_loss(log_prob_w, log_prob_l, ref_log_prob_w, ref_log_prob_l, beta: float = 10.0, eps: float = 0.1):
-    """SPO's loss on pairs `[P]`: `mean(-logsigmoid(beta * (log rho_w - log rho_l)))` with
-    `rho = clamp(exp(log_prob - ref_log_prob), 1 - eps, 1 + eps)`."""
-    lo, hi = math.log(1 - eps), math.log(1 + eps)
-    log_rho_w = (log_prob_w - ref_log_prob_w).clamp(lo, hi)
-    log_rho_l = (log_prob_l - ref_log_prob_l).clamp(lo, hi)
-    return -F.logsigmoid(beta * (log_rho_w - log_rho_l)).mean()
 
 
 @dataclass
