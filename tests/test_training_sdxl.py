@@ -118,3 +118,29 @@ def test_reward_backprop_takes_a_step(mode, tmp_path):
     assert np.isfinite(metrics["loss"]) and "reward" in metrics and _lora_moved(trainer)
     if mode == "draft":
         _loads_in_diffusers(trainer, tmp_path / "lora")
+
+
+@pytest.mark.parametrize("name", ["grpo", "d3po", "spo", "rwr", "raft"])
+def test_the_online_trainers_take_a_step_on_sdxl(name, tmp_path):
+    from ttalign import training as T
+
+    torch.manual_seed(0)
+    common = dict(
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        max_steps=1,
+        train_batch_size=2,
+        learning_rate=1e-2,
+        output_dir=str(tmp_path / "o"),
+    )
+    config = {
+        "grpo": lambda: T.GRPOConfig(group_size=2, noise_level=1.0, **common),
+        "d3po": lambda: T.D3POConfig(noise_level=1.0, **common),
+        "spo": lambda: T.SPOConfig(start_step=0, threshold=0.0, **common),
+        "rwr": lambda: T.RWRConfig(group_size=2, **common),
+        "raft": lambda: T.RAFTConfig(group_size=2, **common),
+    }[name]()
+    trainer_cls = {"grpo": T.GRPOTrainer, "d3po": T.D3POTrainer, "spo": T.SPOTrainer, "rwr": T.RWRTrainer}
+    trainer_cls["raft"] = T.RAFTTrainer
+    trainer = trainer_cls[name](get_tiny_sdxl_pipeline(), config, Redness(), ["a red circle", "a blue square"])
+    assert np.isfinite(trainer.train()["loss"]) and _lora_moved(trainer)
