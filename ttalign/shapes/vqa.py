@@ -74,11 +74,12 @@ DEFAULTS = dict(
     lr=1e-3,
     warmup=100,
     scenes=30000,
-    generated=1500,
+    generated=1000,
     held_out=1000,
     threads=2,
     init_vision="shapes_clip",
     eval_every=500,
+    cache="",  # a folder to keep the generated images in between runs ("": none)
 )
 
 
@@ -467,7 +468,16 @@ def train(args) -> None:
     log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     sources = [(*rendered_scenes(args.scenes + args.held_out, rng), args.held_out)]
     for name in ("sd", "flow") if args.generated else ():
-        images, captions = generated_images(name, args.generated + args.held_out // 2, args.seed)
+        n = args.generated + args.held_out // 2
+        cached = os.path.join(args.cache, f"generated_{name}_{n}_{args.seed}.npz") if args.cache else None
+        if cached and os.path.isfile(cached):
+            with np.load(cached) as data:
+                images, captions = data["images"], [str(c) for c in data["captions"]]
+        else:
+            images, captions = generated_images(name, n, args.seed)
+            if cached:
+                os.makedirs(args.cache, exist_ok=True)
+                np.savez(cached, images=images, captions=np.array(captions))
         sources.append((images, captions, args.held_out // 2))
         log(f"generated {len(captions)} images with the {name} model")
     train_rows, test_rows, all_images, offset = [], [], [], 0
