@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -6,7 +8,8 @@ from ttalign.testing import get_tiny_components
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    # TTALIGN_TEST_THREADS=1 leaves the other core to a job running beside the tests
+    torch.set_num_threads(int(os.environ.get("TTALIGN_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")
