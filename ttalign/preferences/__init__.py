@@ -1,8 +1,18 @@
 """The preference loop: judgments between images, and the statistics that compare methods, checkpoints and rewards
 on them (win rates, Elo ratings with bootstrap intervals, a reward's agreement with the labels)."""
 
-from .readers import read_pickapic
+from .readers import read_diffusiondb_prompts, read_hpdv2, read_imagerewarddb, read_pickapic
 from .stats import Judgment, agreement, elo_ratings, win_rates
 from .store import JudgmentStore
 
-__all__ = ["Judgment", "JudgmentStore", "agreement", "elo_ratings", "read_pickapic", "win_rates"]
+__all__ = [
+    "Judgment",
+    "JudgmentStore",
+    "agreement",
+    "elo_ratings",
+    "read_diffusiondb_prompts",
+    "read_hpdv2",
+    "read_imagerewarddb",
+    "read_pickapic",
+    "win_rates",
+]

@@ -54,3 +54,127 @@ def read_pickapic(path: str, limit: int | None = None, keep_ties: bool = True) -
             if limit and len(pairs) >= limit:
                 return pairs
     return pairs
+
+
+def _image(path: str, where: str) -> Image.Image:
+    if not os.path.isfile(path):
+        raise ValueError(f"{where}: image {path!r} does not exist.")
+    return Image.open(path).convert("RGB")
+
+
+def _ranking_pairs(prompt: str, files: list[str], ranks: list, where: str) -> list[PreferencePair]:
+    """Every pair of a ranked group (lower rank = preferred; equal ranks tie), images loaded from `files`."""
+    if len(files) != len(ranks):
+        raise ValueError(f"{where}: {len(files)} images but {len(ranks)} ranks.")
+    images = [_image(f, where) for f in files]
+    pairs = []
+    for a in range(len(files)):
+        for b in range(a + 1, len(files)):
+            label = 0.5 if ranks[a] == ranks[b] else (0.0 if ranks[a] < ranks[b] else 1.0)
+            pairs.append(PreferencePair(prompt, images[a], images[b], label))
+    return pairs
+
+
+def read_hpdv2(root: str, split: str = "test", limit: int | None = None) -> list[PreferencePair]:
+    """HPD v2 (Wu et al. 2023, https://arxiv.org/abs/2306.09341) as it ships: `{root}/{split}.json` and the images
+    under `{root}/{split}/`. A training record holds two `image_path`s and `human_preference`, one-hot on the
+    preferred image; a test record holds a group of `image_path`s and their `rank` (1 = preferred), read as every pair
+    of the group."""
+    import json
+
+    file = os.path.join(root, f"{split}.json")
+    if not os.path.isfile(file):
+        raise ValueError(f"No HPD v2 annotations at {file!r}.")
+    with open(file, encoding="utf-8") as f:
+        records = json.load(f)
+    pairs = []
+    for index, record in enumerate(records):
+        where = f"{file}, record {index}"
+        if not isinstance(record, dict) or "prompt" not in record or "image_path" not in record:
+            raise ValueError(f"{where}: an HPD v2 record needs prompt and image_path, got {record!r:.200}.")
+        files = [os.path.join(root, split, p) for p in record["image_path"]]
+        if "rank" in record:
+            pairs += _ranking_pairs(record["prompt"], files, record["rank"], where)
+        elif "human_preference" in record:
+            pref = record["human_preference"]
+            if len(files) != 2 or len(pref) != 2:
+                raise ValueError(f"{where}: a training record has two images and two preferences, got {pref!r}.")
+            label = 0.5 if pref[0] == pref[1] else (0.0 if pref[0] > pref[1] else 1.0)
+            pairs.append(PreferencePair(record["prompt"], _image(files[0], where), _image(files[1], where), label))
+        else:
+            raise ValueError(f"{where}: neither rank nor human_preference.")
+        if limit and len(pairs) >= limit:
+            return pairs[:limit]
+    return pairs
+
+
+def _table_rows(path: str) -> list[dict]:
+    """Rows of a parquet file, a JSON list or a JSON-lines file."""
+    import json
+
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            return [json.loads(line) for line in f if line.strip()]
+        return json.load(f)
+
+
+def read_imagerewarddb(root: str, split: str = "test", limit: int | None = None) -> list[PreferencePair]:
+    """ImageRewardDB (Xu et al. 2023, https://arxiv.org/abs/2304.05977) as it ships: a metadata file
+    (`metadata-{split}.parquet`, or `.json` / `.jsonl`) with one row per image (`prompt_id`, `prompt`, `image_path`
+    relative to `root`, `rank`: 1 = preferred within its prompt), read as every pair of each prompt's images."""
+    candidates = [os.path.join(root, f"metadata-{split}.{ext}") for ext in ("parquet", "json", "jsonl")]
+    file = next((c for c in candidates if os.path.isfile(c)), None)
+    if file is None:
+        raise ValueError(f"No ImageRewardDB metadata for split {split!r} in {root!r} (looked for {candidates}).")
+    groups: dict[str, dict] = {}
+    for index, row in enumerate(_table_rows(file)):
+        missing = {"prompt_id", "prompt", "image_path", "rank"} - set(row)
+        if missing:
+            raise ValueError(f"{file}, row {index}: no {sorted(missing)}.")
+        group = groups.setdefault(str(row["prompt_id"]), {"prompt": row["prompt"], "files": [], "ranks": []})
+        group["files"].append(os.path.join(root, row["image_path"]))
+        group["ranks"].append(row["rank"])
+    pairs = []
+    for prompt_id, group in groups.items():
+        pairs += _ranking_pairs(group["prompt"], group["files"], group["ranks"], f"{file}, prompt {prompt_id}")
+        if limit and len(pairs) >= limit:
+            return pairs[:limit]
+    return pairs
+
+
+def read_diffusiondb_prompts(path: str, limit: int | None = None, allow_nsfw: bool = False) -> list[str]:
+    """DiffusionDB's prompts (Wang et al. 2022, https://arxiv.org/abs/2210.14896) from its `metadata.parquet` (or
+    `metadata-large.parquet`): distinct, non-empty, in file order; prompts flagged NSFW (`prompt_nsfw` >= 0.5) are
+    left out unless `allow_nsfw`."""
+    import pyarrow.parquet as pq
+
+    file = path
+    if os.path.isdir(path):
+        file = next(
+            (
+                os.path.join(path, n)
+                for n in ("metadata.parquet", "metadata-large.parquet")
+                if os.path.isfile(os.path.join(path, n))
+            ),
+            None,
+        )
+    if not file or not os.path.isfile(file):
+        raise ValueError(f"No DiffusionDB metadata parquet at {path!r}.")
+    table = pq.read_table(file, columns=[c for c in ("prompt", "prompt_nsfw") if c in pq.read_schema(file).names])
+    if "prompt" not in table.column_names:
+        raise ValueError(f"{file}: not DiffusionDB's layout, no prompt column.")
+    prompts = table.column("prompt").to_pylist()
+    nsfw = table.column("prompt_nsfw").to_pylist() if "prompt_nsfw" in table.column_names else [0.0] * len(prompts)
+    out, seen = [], set()
+    for prompt, flag in zip(prompts, nsfw):
+        if not prompt or not prompt.strip() or prompt in seen or (flag is not None and flag >= 0.5 and not allow_nsfw):
+            continue
+        seen.add(prompt)
+        out.append(prompt)
+        if limit and len(out) >= limit:
+            break
+    return out
