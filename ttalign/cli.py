@@ -1,4 +1,4 @@
-"""Command line: `ttalign generate | serve | demo | eval-reward`.
+"""Command line: `ttalign generate | serve | demo | eval-reward | train-reward`.
 
 Examples:
 
@@ -265,8 +265,9 @@ def cmd_demo(args) -> int:
 
 def cmd_eval_reward(args) -> int:
     """Pairwise preference accuracy of a reward on a preference set."""
+    from ttalign.preferences import read_preference_set
     from ttalign.rewards import load_reward
-    from ttalign.rewards.evaluation import load_pairs, pairwise_accuracy
+    from ttalign.rewards.evaluation import pairwise_accuracy
     from ttalign.shapes.pairs import make_shapes_preference_set
 
     reward = load_reward(args.reward)
@@ -275,11 +276,48 @@ def cmd_eval_reward(args) -> int:
         print(f"wrote {args.make_shapes_pairs} shapes-world pairs to {args.pairs}")
     if not os.path.exists(args.pairs):
         raise ValueError(f"No preference set at {args.pairs!r}.")
-    result = pairwise_accuracy(reward, load_pairs(args.pairs, args.limit))
+    result = pairwise_accuracy(reward, read_preference_set(args.pairs, args.format, args.split, args.limit))
     print(
         f"{args.reward}: accuracy {result['accuracy']:.4f} on {result['pairs']} pairs "
         f"({result['ties_skipped']} ties skipped)"
     )
+    return 0
+
+
+def cmd_train_reward(args) -> int:
+    """Fits a CLIP-style reward to preference pairs and rankings; prints and saves the held-out report."""
+    from ttalign.preferences import JudgmentStore, read_preference_set
+    from ttalign.preferences.reward_training import RewardTrainer, RewardTrainingConfig
+
+    if args.format == "judgments":
+        pairs, rankings = JudgmentStore(args.pairs).training_records(args.images_root)
+    else:
+        if not os.path.exists(args.pairs):
+            raise ValueError(f"No preference set at {args.pairs!r}.")
+        pairs, rankings = read_preference_set(args.pairs, args.format, args.split, args.limit), []
+    config = RewardTrainingConfig(
+        output_dir=args.out,
+        learning_rate=args.lr,
+        max_steps=args.steps,
+        warmup_steps=args.warmup,
+        batch_size=args.batch_size,
+        trainable_vision_layers=args.vision_layers,
+        trainable_text_layers=args.text_layers,
+        lora_rank=args.lora_rank,
+        held_out=args.held_out,
+        seed=args.seed,
+    )
+    trainer = RewardTrainer(args.base, config, pairs, rankings)
+    print(f"{len(trainer.train_records)} training records, {len(trainer.held_out)} held out (by prompt)")
+    report = trainer.train()
+    folder = trainer.save(report=report)
+    if report:
+        low, high = report["interval"]
+        print(
+            f"held-out accuracy {report['accuracy']:.4f} ({low:.3f}-{high:.3f}) on {report['n_decided']} pairs; "
+            f"tie-aware {report['tie_aware_accuracy']:.4f} on {report['n']}"
+        )
+    print(f"wrote {folder} (load_reward({folder!r}), ttalign serve --reward NAME={folder})")
     return 0
 
 
@@ -295,6 +333,8 @@ def _model_arguments(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ttalign.preferences.readers import FORMATS
+
     parser = argparse.ArgumentParser(prog="ttalign", description="Inference-time alignment for diffusers pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -360,9 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--reward",
         action="append",
         default=[],
-        metavar="NAME[:key=value,...]",
+        metavar="NAME[:key=value,...] | NAME=FOLDER",
         help="a reward to load at start-up that requests may name (by NAME), repeatable; its options are the "
-        "server's, e.g. vlm_judge:model=qwen2.5-vl-7b,base_url=http://127.0.0.1:8001/v1",
+        "server's, e.g. vlm_judge:model=qwen2.5-vl-7b,base_url=http://127.0.0.1:8001/v1, or a reward "
+        "`ttalign train-reward` saved: my_taste=runs/reward/reward",
     )
     srv.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     srv.add_argument("--port", type=int, default=8000)
@@ -458,7 +499,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="first write N verifier-labelled shapes-world pairs to --pairs",
     )
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--format", default="auto", choices=FORMATS, help="the preference set's layout")
+    ev.add_argument("--split", default="test", help="HPD v2's and ImageRewardDB's split")
     ev.set_defaults(func=cmd_eval_reward)
+
+    tr = sub.add_parser("train-reward", help="fit a CLIP-style reward to preferences (Bradley-Terry, Plackett-Luce)")
+    tr.add_argument("--base", required=True, help="a CLIPModel folder or hub id, with tokenizer and image processor")
+    tr.add_argument(
+        "--pairs",
+        required=True,
+        help="a preference set (see --format), or with --format judgments a judgment database's URL or file",
+    )
+    tr.add_argument("--format", default="auto", choices=(*FORMATS, "judgments"))
+    tr.add_argument("--split", default="train", help="HPD v2's and ImageRewardDB's split")
+    tr.add_argument("--images-root", default=".", help="where a judgment database's image references point")
+    tr.add_argument("--out", required=True, help="checkpoints, log and the saved reward (OUT/reward)")
+    tr.add_argument("--steps", type=int, default=4000)
+    tr.add_argument("--lr", type=float, default=3e-6)
+    tr.add_argument("--warmup", type=int, default=500)
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--vision-layers", type=int, default=None, help="train the last N vision blocks (default all)")
+    tr.add_argument("--text-layers", type=int, default=None, help="train the last N text blocks (default all)")
+    tr.add_argument("--lora-rank", type=int, default=0, help="LoRA instead of full fine-tuning (0: full)")
+    tr.add_argument("--held-out", type=float, default=0.1, help="the share of prompts held out for the report")
+    tr.add_argument("--limit", type=int, default=None)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.set_defaults(func=cmd_train_reward)
     return parser
 
 

@@ -1,7 +1,7 @@
 """The preference loop: judgments between images, and the statistics that compare methods, checkpoints and rewards
 on them (win rates, Elo ratings with bootstrap intervals, a reward's agreement with the labels)."""
 
-from .readers import read_diffusiondb_prompts, read_hpdv2, read_imagerewarddb, read_pickapic
+from .readers import read_diffusiondb_prompts, read_hpdv2, read_imagerewarddb, read_pickapic, read_preference_set
 from .stats import Judgment, agreement, elo_ratings, win_rates
 from .store import JudgmentStore
 
@@ -14,5 +14,6 @@ __all__ = [
     "read_hpdv2",
     "read_imagerewarddb",
     "read_pickapic",
+    "read_preference_set",
     "win_rates",
 ]

@@ -178,3 +178,34 @@ def read_diffusiondb_prompts(path: str, limit: int | None = None, allow_nsfw: bo
         if limit and len(out) >= limit:
             break
     return out
+
+
+FORMATS = ("auto", "pairs", "pickapic", "hpdv2", "imagerewarddb")
+
+
+def read_preference_set(path: str, format: str = "auto", split: str = "test", limit: int | None = None) -> list:
+    """Any preference set the project reads, as :class:`PreferencePair` records: `format` is `"pairs"` (a folder
+    with `pairs.jsonl`, or a `datasets` set; :func:`~ttalign.rewards.evaluation.load_pairs`), `"pickapic"`,
+    `"hpdv2"`, `"imagerewarddb"` (`split` picks theirs), or `"auto"` (told apart by their files)."""
+    from ttalign.rewards.evaluation import load_pairs
+
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}.")
+    if format == "auto":
+        if os.path.isfile(os.path.join(path, "pairs.jsonl")):
+            format = "pairs"
+        elif os.path.isfile(os.path.join(path, f"{split}.json")):
+            format = "hpdv2"
+        elif any(os.path.isfile(os.path.join(path, f"metadata-{split}.{e}")) for e in ("parquet", "json", "jsonl")):
+            format = "imagerewarddb"
+        elif path.endswith(".parquet") or (os.path.isdir(path) and glob.glob(os.path.join(path, "**", "*.parquet"))):
+            format = "pickapic"
+        else:
+            format = "pairs"
+    if format == "pickapic":
+        return read_pickapic(path, limit)
+    if format == "hpdv2":
+        return read_hpdv2(path, split, limit)
+    if format == "imagerewarddb":
+        return read_imagerewarddb(path, split, limit)
+    return load_pairs(path, limit)

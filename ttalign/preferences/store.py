@@ -272,3 +272,32 @@ class JudgmentStore:
         pq.write_table(table, tmp)
         os.replace(tmp, path)
         return table.num_rows
+
+    def training_records(self, images_root: str = ".") -> tuple[list, list]:
+        """`(pairs, rankings)` for :class:`~ttalign.preferences.reward_training.RewardTrainer`: each two-image
+        judgment as a :class:`~ttalign.rewards.evaluation.PreferencePair` (both bad: a tie), each four-image one as a
+        :class:`~ttalign.preferences.reward_training.Ranking`, images read relative to `images_root`."""
+        import os
+
+        from PIL import Image
+
+        from ttalign.rewards.evaluation import PreferencePair
+
+        from .reward_training import Ranking
+
+        def load(ref, item):
+            file = os.path.join(images_root, ref)
+            if not os.path.isfile(file):
+                raise ValueError(f"Item {item['id']}: image {ref!r} is not a file under {images_root!r}.")
+            return Image.open(file).convert("RGB")
+
+        pairs, rankings = [], []
+        for row in self.rows():
+            item = row["item"]
+            images = [load(ref, item) for ref in item["images"]]
+            if row["ranking"] is None:
+                label = {"left": 0.0, "right": 1.0}.get(row["choice"], 0.5)
+                pairs.append(PreferencePair(item["prompt"], images[0], images[1], label))
+            else:
+                rankings.append(Ranking(item["prompt"], images, row["ranking"]))
+        return pairs, rankings

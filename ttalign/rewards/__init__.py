@@ -78,9 +78,45 @@ def parse_reward_spec(spec: str) -> tuple[str, dict]:
     return name, kwargs
 
 
+def _reward_folder(spec: str) -> tuple[str, str] | None:
+    """`(name, folder)` when `spec` is a trained reward's folder (one with a `ttalign_reward.json`), given as
+    `FOLDER` (named by its base name) or `NAME=FOLDER`; `None` otherwise."""
+    import os
+
+    if not isinstance(spec, str):
+        return None
+    name, sep, folder = spec.partition("=")
+    if not (sep and name.strip().isidentifier() and ":" not in name):
+        name, folder = "", spec
+    if not os.path.isfile(os.path.join(folder, "ttalign_reward.json")):
+        return None
+    base = os.path.basename(os.path.normpath(folder))
+    return (name.strip() or "".join(c if c.isalnum() or c in "_-." else "_" for c in base)), folder
+
+
+def reward_spec_name(spec: str) -> str:
+    """The name a reward spec is known by (what a server's requests write): `NAME` of `NAME[:options]`, of
+    `NAME=FOLDER`, or a trained reward folder's base name."""
+    folder = _reward_folder(spec)
+    if folder:
+        return folder[0]
+    return parse_reward_spec(spec)[0]
+
+
 def load_reward(spec: str) -> Reward:
     """Instantiates a reward by its short name (see `REWARDS`), with its factory's options where the spec names some
-    (`NAME[:key=value,...]`, see :func:`parse_reward_spec`); a bad option is a one-line `ValueError` naming it."""
+    (`NAME[:key=value,...]`, see :func:`parse_reward_spec`), or from a trained reward's folder (`FOLDER` or
+    `NAME=FOLDER`, as `ttalign train-reward` writes it); a bad option is a one-line `ValueError` naming it."""
+    import json
+    import os
+
+    folder = _reward_folder(spec)
+    if folder:
+        with open(os.path.join(folder[1], "ttalign_reward.json")) as f:
+            saved = json.load(f)
+        if saved.get("reward") != "pickscore":
+            raise ValueError(f"{folder[1]}: unknown trained reward kind {saved.get('reward')!r}.")
+        return reward_factory("pickscore")(path=folder[1], processor_path=folder[1])
     name, kwargs = parse_reward_spec(spec)
     try:
         return reward_factory(name)(**kwargs)
@@ -112,4 +148,5 @@ __all__ = [
     "load_reward",
     "parse_reward_spec",
     "reward_factory",
+    "reward_spec_name",
 ]

@@ -79,14 +79,14 @@ class ServeConfig:
 
     def __post_init__(self):
         from ttalign.methods import parse_spec
-        from ttalign.rewards import REWARDS, parse_reward_spec
+        from ttalign.rewards import REWARDS, reward_spec_name
 
         names = dict.fromkeys(REWARDS)  # resolves reward names without loading any: checked here, loaded by the app
         if isinstance(self.rewards, dict):
             names.update(self.rewards)
         else:
             for spec in self.rewards:
-                parse_reward_spec(spec)  # an unknown name or a malformed option fails now
+                names[reward_spec_name(spec)] = None  # an unknown name or a malformed option fails now
         allowed = [parse_spec(spec, rewards=names)[0] for spec in self.allow]  # a bad spec fails now, in one line
         for spec in self.alignment:
             parse_spec(spec, rewards=names)

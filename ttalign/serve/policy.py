@@ -397,11 +397,11 @@ class RequestPolicy:
         """The policy of a :class:`~ttalign.serve.app.ServeConfig` over `pipe`: loads the configured rewards (and
         those the server's own specs name) and parses the `--allow` and `--align` specs, now, never per request."""
         from ttalign.methods import build_method, parse_spec
-        from ttalign.rewards import load_reward
+        from ttalign.rewards import load_reward, reward_spec_name
 
         rewards = dict(config.rewards) if isinstance(config.rewards, Mapping) else {}
         for spec in [] if isinstance(config.rewards, Mapping) else config.rewards:
-            rewards[spec.partition(":")[0].strip()] = load_reward(spec)  # requests name it; its options stay here
+            rewards[reward_spec_name(spec)] = load_reward(spec)  # requests name it; its options and path stay here
         allow = {}
         for spec in config.allow:
             name, options = parse_spec(spec, rewards=rewards)
