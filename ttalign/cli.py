@@ -180,6 +180,9 @@ def serve_config(args):
         body_timeout_s=args.body_timeout,
         allowed_hosts=hosts,
         cors_origins=list(args.cors_origin),
+        label_db=args.label_db,
+        label_images=args.label_images,
+        label_items=args.label_items,
     )
 
 
@@ -404,6 +407,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="a reward to load at start-up that requests may name (by NAME), repeatable; its options are the "
         "server's, e.g. vlm_judge:model=qwen2.5-vl-7b,base_url=http://127.0.0.1:8001/v1, or a reward "
         "`ttalign train-reward` saved: my_taste=runs/reward/reward",
+    )
+    srv.add_argument(
+        "--label-db",
+        default=None,
+        metavar="URL",
+        help="collect judgments at /label into this database (a SQLAlchemy URL or a SQLite file)",
+    )
+    srv.add_argument("--label-images", default=None, metavar="DIR", help="the folder of the images to judge")
+    srv.add_argument(
+        "--label-items",
+        default=None,
+        metavar="FILE",
+        help='JSON lines {"prompt", "images": [2 or 4 file names in DIR], "systems": [...]}, imported at start-up',
     )
     srv.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     srv.add_argument("--port", type=int, default=8000)

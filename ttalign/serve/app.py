@@ -12,6 +12,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -19,6 +20,9 @@ from .metrics import ServerMetrics
 from .policy import RequestPolicy
 from .protocol import OUTPUT_FORMATS, APIError, Limits, load_json, quote
 from .worker import Job, PipelineWorker, WorkerConfig, new_seeds
+
+if TYPE_CHECKING:
+    from .labels import LabelService
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
@@ -60,6 +64,9 @@ class ServeConfig:
         cors_origins (`list[str]`): origins whose pages may call the API (CORS); none by default.
         method_cache_size (`int`, defaults to 64): built methods kept (least recently used dropped first).
         call_defaults (`dict`): keyword arguments of every pipeline call (steps, guidance scale).
+        label_db (`str`, *optional*): a judgment database (SQLAlchemy URL or SQLite file) for the labelling page at
+            `/label`; with `label_images` (the items' image folder) and `label_items` (a JSON-lines items file,
+            imported at start-up), see :mod:`ttalign.serve.labels`.
     """
 
     model_name: str = "ttalign"
@@ -76,6 +83,9 @@ class ServeConfig:
     cors_origins: list[str] = field(default_factory=list)
     method_cache_size: int = 64
     call_defaults: dict = field(default_factory=dict)
+    label_db: str | None = None
+    label_images: str | None = None
+    label_items: str | None = None
 
     def __post_init__(self):
         from ttalign.methods import parse_spec
@@ -100,6 +110,10 @@ class ServeConfig:
         if not isinstance(self.method_cache_size, int) or self.method_cache_size < 1:
             raise ValueError(f"method_cache_size must be an integer >= 1, got {self.method_cache_size!r}.")
         check_api_key(self.api_key)
+        if (self.label_images or self.label_items) and not self.label_db:
+            raise ValueError("--label-images and --label-items need --label-db (where the judgments go).")
+        if self.label_db and not (self.label_images and os.path.isdir(self.label_images)):
+            raise ValueError(f"--label-db needs --label-images, the items' image folder; got {self.label_images!r}.")
         for origin in self.cors_origins:
             if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
                 raise ValueError(f"A CORS origin is 'scheme://host[:port]' (or '*'), got {origin!r}.")
@@ -245,6 +259,12 @@ def create_app(pipe, config: ServeConfig | None = None):
         finally:
             worker.stop()
 
+    labels = None
+    if config.label_db:
+        from .labels import LabelService
+
+        labels = LabelService(config.label_db, config.label_images, config.label_items)
+
     app = FastAPI(title="ttalign", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker, app.state.metrics, app.state.config, app.state.policy = worker, metrics, config, policy
     # tells replicas apart (Ray Serve); plain ASGI middlewares, which leave disconnect detection alone
@@ -355,6 +375,37 @@ def create_app(pipe, config: ServeConfig | None = None):
     async def playground():
         with open(os.path.join(STATIC, "playground.html"), encoding="utf-8") as f:
             return HTMLResponse(f.read())
+
+    def labelling() -> LabelService:
+        if labels is None:
+            raise APIError(404, "This server collects no judgments (start it with --label-db).", code="not_found")
+        return labels
+
+    @app.get("/label", response_class=HTMLResponse)
+    async def label_page():
+        labelling()
+        with open(os.path.join(STATIC, "label.html"), encoding="utf-8") as f:
+            return HTMLResponse(f.read())
+
+    @app.get("/v1/label/next")
+    async def label_next(request: Request, labeller: str = ""):
+        authorize(request)
+        return await asyncio.to_thread(labelling().next, labeller)
+
+    @app.get("/v1/label/items/{item_id}/images/{index}")
+    async def label_image(request: Request, item_id: int, index: int):
+        from fastapi.responses import FileResponse
+
+        authorize(request)
+        path, media = await asyncio.to_thread(labelling().image, item_id, index)
+        return FileResponse(path, media_type=media, headers={"cache-control": "private, max-age=3600"})
+
+    @app.post("/v1/label/items/{item_id}")
+    async def label_record(request: Request, item_id: int):
+        authorize(request)
+        service = labelling()
+        body = load_json(await read_body(request))
+        return await asyncio.to_thread(service.record, item_id, body)
 
     def answered(status: int, start: float) -> None:
         metrics.requests.labels(str(status)).inc()
