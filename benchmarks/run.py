@@ -279,6 +279,13 @@ SUITES: dict[str, Suite] = {
         ),
         quoted_in=("docs/training.md",),
     ),
+    "preferences": Suite(
+        "The preference loop on the SD shapes model: verifier-labelled pairs through the judgment store, a reward "
+        "fitted in at most 20 minutes, its held-out accuracy against the shapes CLIP and the soft verifier, and "
+        "best-of-8 / particle steering with it on the evaluation set.",
+        (Step("loop", "preference_loop.py", "--pairs 2000 --minutes 20 --name preference_loop"),),
+        quoted_in=("docs/preferences.md",),
+    ),
     "verifier_quality": Suite(
         "How well each shapes reward ranks a shapes model's own candidates, judged by the exact verifier: ROC AUC per "
         "category and best-of-8 (960 candidates per model: 10 prompts per category x 2 groups of 8).",
