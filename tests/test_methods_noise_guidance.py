@@ -65,8 +65,12 @@ def test_noise_optimization_improves_the_reward_and_returns_the_best_iterate(ddi
     assert (trace["best"] > trace["rewards"][0]).all()  # it improved on the initial noise
     assert torch.allclose(trace["best"], trace["rewards"].max(dim=0).values)
     assert torch.allclose(reward(out.images, PROMPTS), out.rewards, atol=1e-4)
-    assert out.traces["compute"]["nfe"] == (4 + 1) * 3 * 2
-    assert "images" not in trace
+    assert out.traces["compute"]["nfe"] == 4 * 3 * 2  # the kept iterate's render is returned, not sampled again
+    assert trace["reused_render"] and "images" not in trace
+    again = _call(ddim, [dataclasses.replace(method, reuse_render=False)])
+    assert again.traces["compute"]["nfe"] == (4 + 1) * 3 * 2
+    assert not again.traces["noise_optimization"]["reused_render"]
+    assert torch.allclose(again.images, out.images, atol=1e-5)  # the pipeline's own loop renders the same image
     kept = _call(ddim, [dataclasses.replace(method, keep_images=True)]).traces["noise_optimization"]
     assert kept["images"].shape == (4, 2, 3, 64, 64)
     assert torch.allclose(kept["images"][0], _call(ddim).images, atol=1e-5)  # iteration 0: the plain call's noise
@@ -279,3 +283,21 @@ def test_reno_defaults_on_a_one_step_schedule():
     assert (trace["best"] > trace["rewards"][0]).all()
     assert torch.allclose(reward(out.images, PROMPTS), out.rewards, atol=1e-4)
     assert out.traces["compute"]["nfe"] == (4 + 1) * 2
+
+
+@pytest.mark.parametrize("optimize", ["initial", "all-noises"])
+def test_noise_optimization_reuses_its_render_on_a_flow_model_and_not_beside_step_methods(optimize):
+    from ttalign.methods import TraceLatents
+    from ttalign.testing import get_tiny_sd3_pipeline
+
+    sd3 = get_tiny_sd3_pipeline()
+    method = NoiseOptimization(reward=Redness(), optimize=optimize, steps=2, lr=0.5, eta=0.7)
+    out = _call(sd3, [method], height=32, width=32)
+    again = _call(sd3, [dataclasses.replace(method, reuse_render=False)], height=32, width=32)
+    assert out.traces["noise_optimization"]["reused_render"]
+    assert torch.allclose(out.images, again.images, atol=1e-5)
+    assert again.traces["compute"]["nfe"] - out.traces["compute"]["nfe"] == 3 * 2  # one sampling per image saved
+    # a method acting at the steps needs the loop: the kept noise is sampled again
+    traced = _call(sd3, [method, TraceLatents()], height=32, width=32)
+    assert not traced.traces["noise_optimization"]["reused_render"] and traced.traces["latents"].shape[0] == 3
+    assert torch.allclose(traced.images, out.images, atol=1e-5)

@@ -254,6 +254,10 @@ class NoiseOptimization(AlignmentMethod):
         gradient_checkpointing (`bool`, defaults to `True`).
         keep_images (`bool`, defaults to `False`): also keep every iteration's images (an over-optimization monitor
             judges them with another reward or a verifier).
+        reuse_render (`bool`, defaults to `True`): return the kept iterate's own render instead of sampling its noise
+            again in the pipeline's loop (one full sampling saved per image). Only when no other method of the call
+            acts at the denoising steps (they need the loop); the loop is then skipped, and so are the call's
+            `callback_on_step_end` calls: pass `False` to keep them.
 
     `out.traces["noise_optimization"]` holds the reward of every image at every iteration (`rewards`, `[steps, N]`,
     NaN after an image stopped), the best reward, the iterations each image ran and its skipped iterations; with
@@ -281,6 +285,7 @@ class NoiseOptimization(AlignmentMethod):
     target: float | None = None
     gradient_checkpointing: bool = True
     keep_images: bool = False
+    reuse_render: bool = True
 
     stages = (Stage.INIT_LATENTS, Stage.NOISE_PRED, Stage.STEP_END)
     costly_options = ("steps",)
@@ -317,7 +322,7 @@ class NoiseOptimization(AlignmentMethod):
 
     def renders_per_image(self, num_inference_steps: int) -> float:
         # each iteration: a forward render, its backward (two), and with checkpointing the replayed forward; then the
-        # kept iterate's render (early stopping by `patience` / `target` only spends less)
+        # kept iterate's render (an upper bound: reusing its render, or early stopping, only spends less)
         per_iteration = 4 if self.gradient_checkpointing else 3
         return float(per_iteration * self.steps + 1)
 
@@ -353,13 +358,14 @@ class NoiseOptimization(AlignmentMethod):
         active = torch.ones(n, dtype=torch.bool)
         skipped = torch.zeros(n, dtype=torch.long)
         ran = torch.zeros(n, dtype=torch.long)
-        history, kept = [], []
+        history, kept, best_final = [], [], None
         with state.pipe.progress_bar(total=self.steps) as bar:
             for _ in range(self.steps):
                 opt.zero_grad(set_to_none=False)
                 with torch.enable_grad():
                     latents = (z * sigma).to(state.latents.dtype)
-                    images = sampler.decode(sampler.sample(latents, noises))
+                    final = sampler.sample(latents, noises)
+                    images = sampler.decode(final)
                     rewards = _score(self.reward, images, prompts, state)  # [N]
                     loss = -rewards
                     if self.regularizer > 0:
@@ -376,6 +382,10 @@ class NoiseOptimization(AlignmentMethod):
                 improved = active & (values > best)
                 for p, keep in zip(params, best_params):
                     keep[improved.to(p.device)] = p.detach()[improved.to(p.device)]
+                if best_final is None:
+                    best_final = final.detach().clone()
+                else:
+                    best_final[improved.to(final.device)] = final.detach()[improved.to(final.device)]
                 best = torch.where(improved, values, best)
                 since_best = torch.where(improved, torch.zeros_like(since_best), since_best + 1)
                 if self.target is not None:
@@ -404,6 +414,14 @@ class NoiseOptimization(AlignmentMethod):
         if not torch.isfinite(best).all():
             raise ValueError(f"Reward {reward_name(self.reward)} returned no finite score for some image.")
 
+        if self.reuse_render and self._loop_free(state):
+            # the kept iterate's render is the image: the pipeline's loop is skipped (diffusers' interrupt flag, which
+            # each call resets) and the VAE decodes these latents
+            state.latents = best_final.to(state.latents.dtype)
+            state.pipe._interrupt = True
+            state.scratch[self] = {"noises": [], "eta": eta, "reused": True}
+            self._finish(state, best, history, ran, skipped, kept, sampler)
+            return
         state.latents = (best_params[0] * sigma).to(state.latents.dtype)
         replay, k = [], 1
         for e in noises:
@@ -414,13 +432,23 @@ class NoiseOptimization(AlignmentMethod):
                 k += 1
             else:
                 replay.append(e)
-        state.scratch[self] = {"noises": replay, "eta": eta}
+        state.scratch[self] = {"noises": replay, "eta": eta, "reused": False}
+        self._finish(state, best, history, ran, skipped, kept, sampler)
+
+    def _loop_free(self, state: GenerationState) -> bool:
+        """Whether no other method of the call acts at the denoising steps (so the loop can be skipped)."""
+        step_stages = {Stage.STEP_START, Stage.NOISE_PRED, Stage.STEP_END}
+        others = [m for m in (state.runner.methods if state.runner is not None else []) if m is not self]
+        return not any(step_stages & set(m.stages) for m in others)
+
+    def _finish(self, state, best, history, ran, skipped, kept, sampler) -> None:
         state.rewards = best
         state.traces["noise_optimization"] = {
             "rewards": torch.stack(history),
             "best": best,
             "iterations": ran,
             "skipped": skipped,
+            "reused_render": state.scratch[self]["reused"],
         }
         if self.keep_images:
             state.traces["noise_optimization"]["images"] = torch.stack(kept)
