@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .losses import diffusion_dpo_loss, diffusion_kto_loss, per_sample_mse
+from .noising import draw_noise_and_timesteps, noised_and_target
 from .trainer import LoRATrainer, TrainingConfig, crop_geometry, image_to_tensor
 
 
@@ -127,35 +128,20 @@ class _OfflineTrainer(LoRATrainer):
 
     def _mse(self, latents, cond, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample denoising MSE `[B]` of the LoRA model and of the reference (adapters disabled), on the family's
-        training target: noise or `v` (DDPM families), or on flow matching the velocity `u = eps - x0` at
-        `x_t = (1 - sigma) x0 + sigma eps` (`timesteps = 1000 sigma`)."""
-        scheduler = self.noise_scheduler
-        if self.flow:
-            sigma = (timesteps / scheduler.config.num_train_timesteps).view(-1, *[1] * (latents.ndim - 1))
-            noisy = ((1 - sigma) * latents.float() + sigma * noise.float()).to(latents.dtype)  # [B, ...]
-            target = noise - latents
-        else:
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            if scheduler.config.prediction_type == "v_prediction":
-                target = scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
+        training target (:func:`~ttalign.training.noising.noised_and_target`)."""
+        noisy, target = noised_and_target(self.noise_scheduler, latents, noise, timesteps, self.flow)
         model_mse = per_sample_mse(self.model.forward(noisy, timesteps, cond, cfg=False), target)
         with torch.no_grad(), self.reference_mode():
             ref_mse = per_sample_mse(self.model.forward(noisy, timesteps, cond, cfg=False), target)
         return model_mse, ref_mse
 
     def _noise_and_timesteps(self, like: torch.Tensor, generator: torch.Generator):
-        """Standard normal noise and a timestep per image: uniform over the training timesteps, or on flow matching
-        sigma drawn logit-normal (the config's `logit_mean`, `logit_std`; SD3's training distribution), as the
-        scheduler's timesteps (`1000 sigma`)."""
-        noise = torch.randn(like.shape, generator=generator).to(like)
+        """Noise and a timestep per image (:func:`~ttalign.training.noising.draw_noise_and_timesteps`; on flow
+        matching sigma is logit-normal with the config's `logit_mean`, `logit_std`)."""
+        c = self.config
         total = self.noise_scheduler.config.num_train_timesteps
-        if self.flow:
-            c = self.config
-            sigma = torch.sigmoid(c.logit_mean + c.logit_std * torch.randn(len(like), generator=generator))  # [B]
-            return noise, (sigma * total).to(like.device)
-        return noise, torch.randint(0, total, (len(like),), generator=generator).to(like.device)
+        logit = dict(logit_mean=c.logit_mean, logit_std=c.logit_std) if self.flow else {}
+        return draw_noise_and_timesteps(like, generator, total, self.flow, **logit)
 
 
 @dataclass

@@ -46,6 +46,7 @@ from .losses import (
     rwr_weights,
     weighted_matching_loss,
 )
+from .noising import draw_noise_and_timesteps, noised_and_target
 from .rollout import RoundsConfig, RoundTrainer
 
 # --- configurations -------------------------------------------------------------------------------------------------
@@ -281,26 +282,11 @@ class WeightedMatchingTrainer(RoundTrainer):
 
     def noised(self, x0: torch.Tensor, generator: torch.Generator):
         """Fresh noise and a timestep per image: `(x_t, target, timesteps, sigma)`; `sigma` `[N]` is flow matching's
-        (`None` otherwise)."""
-        c = self.config
-        noise = torch.randn(x0.shape, generator=generator).to(x0)
-        n = len(x0)
-        if self.flow:
-            if (c.timestep_sampling or "logit_normal") == "logit_normal":
-                sigma = torch.sigmoid(torch.randn(n, generator=generator))
-            else:
-                sigma = torch.rand(n, generator=generator)
-            sigma = sigma.to(x0.device)  # [N]
-            s = sigma.view(-1, *[1] * (x0.ndim - 1))
-            x_t = ((1 - s) * x0.float() + s * noise.float()).to(x0.dtype)
-            return x_t, noise - x0, sigma * self.num_train_timesteps, sigma
-        timesteps = torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(x0.device)
-        x_t = self.noise_scheduler.add_noise(x0, noise, timesteps)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(x0, noise, timesteps)
-        else:
-            target = noise
-        return x_t, target, timesteps, None
+        (`None` otherwise). See :mod:`~ttalign.training.noising`."""
+        sampling = self.config.timestep_sampling or "logit_normal"
+        noise, timesteps = draw_noise_and_timesteps(x0, generator, self.num_train_timesteps, self.flow, sampling)
+        x_t, target = noised_and_target(self.noise_scheduler, x0, noise, timesteps, self.flow)
+        return x_t, target, timesteps, (timesteps / self.num_train_timesteps if self.flow else None)
 
     def batch_loss(self, batch: Samples, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         c = self.config
