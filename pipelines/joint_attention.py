@@ -3,12 +3,13 @@
 SD3's blocks attend over the sequence [image, text] and FLUX's over [text, image] (FLUX's single-stream blocks get the
 two already joined); neither stock processor materialises attention probabilities (SDPA / attention dispatch). A
 :class:`JointControlProcessor` on every attention module delegates to the module's own processor unless a hook of the
-call's :class:`~ttalign.attention.AttentionControl` wants the call. Then it recomputes the attention explicitly, the
-softmax running over all joint keys, and shows the hooks two views of the image queries, as the UNet's cross- and
-self-attention layers would: over the text keys (`ctx.is_cross`, `[B * heads, image tokens, text tokens]`) and over
-the image keys. Recorders and probability hooks see the text view of the probabilities; logit hooks may change the
-scores of either view before the softmax. Everything else (projections, norms, rotary embeddings, output
-projections) is the stock processor's computation.
+call's :class:`~ttalign.attention.AttentionControl` wants the call. The hooks see two views of the image queries, as
+the UNet's cross- and self-attention layers would: over the text keys (`ctx.is_cross`, `[B * heads, image tokens,
+text tokens]`) and over the image keys, normalized over all joint keys. Recorders and probability hooks see the text
+view of the probabilities; logit hooks may change the scores of either view before the softmax. When every hook is on
+the text view (recording maps, token and region re-weighting), the lean path never forms the joint score matrix (see
+`JointControlProcessor._attend_lean`); a hook on the image view or an attention mask takes the explicit path.
+Everything else (projections, norms, rotary embeddings, output projections) is the stock processor's computation.
 """
 
 from __future__ import annotations
@@ -61,9 +62,77 @@ class JointControlProcessor:
 
     # --- the explicit attention -------------------------------------------------------------------------------------
 
+    #: Hooks that read or change only the text view take the lean path (no full score matrix); `False` forces the
+    #: explicit one everywhere (the parity tests compare the two).
+    lean = True
+    #: Elements of one chunk of image-query scores over all keys on the lean path (`[B, heads, chunk, S]`).
+    chunk_elements = 1 << 24
+
     def _attend(self, query, key, value, mask, image, text, cross, recorders, prob_hooks, logit_hooks):
         """Attention of `query`, `key`, `value` `[B, heads, S, d]` with the hooks; `image` and `text` are the
         positions (slices) of the two kinds of tokens in the joint sequence. Returns `[B, heads, S, d]`."""
+        if self.lean and mask is None and all(ctx.is_cross for _, ctx in logit_hooks):
+            return self._attend_lean(query, key, value, image, text, cross, recorders, prob_hooks, logit_hooks)
+        return self._attend_explicit(query, key, value, mask, image, text, cross, recorders, prob_hooks, logit_hooks)
+
+    def _attend_lean(self, query, key, value, image, text, cross, recorders, prob_hooks, logit_hooks):
+        """The same attention without the `S x S` score matrix, for hooks on the text view only: the output is SDPA's,
+        the text block of the image queries' probabilities is `exp(s_txt - lse)` with `lse` (over all keys) computed
+        in checkpointed chunks of image queries, and the hooks' changes reach the output exactly as a correction on
+        the image queries' rows, `exp(lse - lse') out + (P' - exp(s_txt - lse')) @ V_txt`, where `lse'` is the
+        normalizer after the logit hooks (`lse' = lse` without them) and `P'` the text block after the hooks."""
+        import torch.nn.functional as F
+
+        batch, heads = query.shape[:2]
+        scale = query.shape[-1] ** -0.5
+        out = F.scaled_dot_product_attention(query, key, value)  # [B, heads, S, d]
+        q_image, k_text, v_text = query[:, :, image], key[:, :, text], value[:, :, text]
+        scores_text = (q_image @ k_text.transpose(-1, -2) * scale).float()  # [B, heads, N, T]
+        lse = self._image_lse(q_image, key, scale)  # [B, heads, N]
+        new_scores, changed = scores_text, False
+        for hook, ctx in logit_hooks:  # the text view as the UNet hooks know it: [B * heads, image queries, tokens]
+            result = hook(ctx, new_scores.to(query.dtype).flatten(0, 1))
+            if result is not None:
+                new_scores, changed = result.unflatten(0, (batch, heads)).float(), True
+        new_lse = lse
+        if changed:  # the normalizer with the text block's new logits: exp(lse) - sum exp(old) + sum exp(new)
+            image_part = lse + torch.log(-torch.expm1((torch.logsumexp(scores_text, -1) - lse).clamp(max=0)))
+            new_lse = torch.logaddexp(image_part, torch.logsumexp(new_scores, -1))
+        text_view = (new_scores - new_lse[..., None]).exp().to(query.dtype).flatten(0, 1)  # [B * heads, N, T]
+        for hook in prob_hooks:
+            result = hook(cross, text_view)
+            if result is not None:
+                text_view, changed = result, True
+        for recorder in recorders:
+            recorder(cross, text_view)
+        if not changed:
+            return out
+        delta = text_view.unflatten(0, (batch, heads)).float() - (scores_text - new_lse[..., None]).exp()
+        rows = (lse - new_lse).exp()[..., None] * out[:, :, image].float() + delta @ v_text.float()  # [B, heads, N, d]
+        out = out.clone()
+        out[:, :, image] = rows.to(out.dtype)
+        return out
+
+    def _image_lse(self, q_image, key, scale) -> torch.Tensor:
+        """`logsumexp` over all keys of the image queries' scores, `[B, heads, N]` float32, a chunk of queries at a
+        time; each chunk under non-reentrant checkpointing when gradients flow (its scores are recomputed in the
+        backward instead of kept)."""
+        from torch.utils.checkpoint import checkpoint
+
+        def chunk_lse(q, k):
+            return torch.logsumexp((q @ k.transpose(-1, -2) * scale).float(), dim=-1)
+
+        batch, heads, n = q_image.shape[:3]
+        size = max(1, self.chunk_elements // max(1, batch * heads * key.shape[2]))
+        grads = torch.is_grad_enabled() and (q_image.requires_grad or key.requires_grad)
+        parts = []
+        for start in range(0, n, size):
+            q = q_image[:, :, start : start + size]
+            parts.append(checkpoint(chunk_lse, q, key, use_reentrant=False) if grads else chunk_lse(q, key))
+        return torch.cat(parts, dim=2)
+
+    def _attend_explicit(self, query, key, value, mask, image, text, cross, recorders, prob_hooks, logit_hooks):
+        """The explicit attention: the whole `[B, heads, S, S]` score matrix, for masks and image-view hooks."""
         batch, heads = query.shape[:2]
         scores = query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5  # [B, heads, S, S]
         if mask is not None:

@@ -313,3 +313,39 @@ def test_sd3_family_sets_the_dynamic_shift_as_the_pipeline():
         timesteps = pipe.family.set_timesteps(3, "cpu", size, size, mu=mu)
         assert torch.allclose(timesteps, seen["timesteps"]), (size, mu)
     assert not torch.allclose(pipe.family.set_timesteps(3, "cpu", 32, 32), pipe.family.set_timesteps(3, "cpu", 64, 64))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("which", ["attend_and_excite", "token_reweight", "region_cross"])
+def test_the_lean_joint_attention_path_matches_the_explicit_one(pipes, family, which, monkeypatch):
+    """Hooks on the text view only (maps recorded and stepped on, probabilities re-weighted, text logits modulated)
+    give the same images, losses and maps on the lean path (no joint score matrix) as on the explicit one."""
+    pipe = pipes[family]
+    methods = {
+        "attend_and_excite": lambda: AttendAndExcite(
+            tokens=lambda p: p.split()[-4::3], max_iter_to_alter=2, thresholds={0: 0.99}, max_refinement_steps=2
+        ),
+        "token_reweight": lambda: TokenReweight(mode="attention"),
+        "region_cross": lambda: RegionReweight(
+            regions={"cat": (0.0, 0.0, 0.5, 1.0)}, stop=1.0, cross_weight=2.0, self_weight=0.0
+        ),
+    }
+    prompts = ["a (cat:1.5) and a dog", "a red car and a (tree:0.5)"] if which == "token_reweight" else PROMPTS
+    calls = []
+    original = JointControlProcessor._attend_lean
+
+    def counting(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(JointControlProcessor, "_attend_lean", counting)
+    monkeypatch.setattr(JointControlProcessor, "chunk_elements", 64)  # several chunks even at these sizes
+    lean = _call(pipe, [methods[which]()], prompts=prompts)
+    assert calls, "the lean path did not run"
+    monkeypatch.setattr(JointControlProcessor, "lean", False)
+    explicit = _call(pipe, [methods[which]()], prompts=prompts)
+    torch.testing.assert_close(lean.images, explicit.images, atol=2e-5, rtol=1e-4)
+    if which == "attend_and_excite":
+        for key in ("losses", "refinements"):
+            a, b = lean.traces["attend_and_excite"][key], explicit.traces["attend_and_excite"][key]
+            torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), atol=1e-5, rtol=1e-4)

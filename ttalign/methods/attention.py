@@ -614,7 +614,8 @@ class RegionReweight(AlignmentMethod):
         class Modulate:
             @staticmethod
             def wants(ctx):
-                return ctx.step_index < method.stop * n_steps and ctx.timestep is not None
+                weight = method.cross_weight if ctx.is_cross else method.self_weight  # 0: the view stays as it is
+                return weight != 0 and ctx.step_index < method.stop * n_steps and ctx.timestep is not None
 
             def __call__(self, ctx, scores):
                 cross, same, size = (ctx.per_image(m) for m in masks(ctx.height, ctx.width, scores.shape[-1]))
