@@ -308,6 +308,11 @@ SUITES: dict[str, Suite] = {
         "over-optimization monitors, and Flow-GRPO's learning signal on one caption.",
         (
             Step(
+                "grpo_soft",
+                "train_shapes_flow.py",
+                "--trainers grpo --minutes 25 --kl-weight 0.01 --name training_flow_grpo_soft",
+            ),
+            Step(
                 "grpo_exact",
                 "train_shapes_flow.py",
                 "--trainers grpo --minutes 30 --reward shapes_exact --sde-window 3 --group-size 8 --groups 3 "
