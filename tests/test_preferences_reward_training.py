@@ -76,11 +76,11 @@ def test_prompts_are_held_out_whole():
     assert {p.prompt for p in train}.isdisjoint({p.prompt for p in held}) and held and train
 
 
-@pytest.mark.parametrize("lora_rank", [0, 4])
-def test_a_taste_is_learned_and_the_saved_reward_loads(lora_rank, tmp_path):
+@pytest.mark.parametrize("lora_rank,lr", [(0, 1e-3), (4, 1e-2)])
+def test_a_taste_is_learned_and_the_saved_reward_loads(lora_rank, lr, tmp_path):
     torch.manual_seed(0)
     pairs = _redder_wins(160)
-    trainer = RewardTrainer(CLIP_DIR, _config(tmp_path, lora_rank=lora_rank), pairs)
+    trainer = RewardTrainer(CLIP_DIR, _config(tmp_path, lora_rank=lora_rank, learning_rate=lr), pairs)
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert ("lora_" in "".join(trainable)) == bool(lora_rank)
     before = trainer.evaluate(trainer.held_out)

@@ -110,7 +110,7 @@ def test_each_trainer_learns_on_its_families(name, family, tmp_path):
     trainer = _trainer(name, family, tmp_path)
     before = {k: v.clone() for k, v in trainer.lora_state().items()}
     metrics = trainer.train()
-    assert metrics["step"] == 2 and np.isfinite(metrics["loss"]) and 0 <= metrics["reward"] <= 1
+    assert metrics["step"] == 2 and np.isfinite(metrics["loss"]) and np.isfinite(metrics["reward"])
     after = trainer.lora_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     with open(tmp_path / name / "logs" / "metrics.jsonl") as f:

@@ -239,8 +239,10 @@ class RewardTrainer:
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.accelerator.device)
-        image = F.normalize(model.get_image_features(pixel_values=self._pixels(images)).float(), dim=-1)
-        text = F.normalize(model.get_text_features(input_ids=ids).float(), dim=-1)
+        pixels = self._pixels(images)
+        image = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)  # [B, D]
+        text = model.text_projection(model.text_model(input_ids=ids).pooler_output)  # [B, D]
+        image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
         return model.logit_scale.float().exp() * (image * text).sum(-1)
 
     def loss(self, records: list, weights: list[float]) -> torch.Tensor:

@@ -292,8 +292,11 @@ class WeightedMatchingTrainer(RoundTrainer):
         c = self.config
         x0 = batch.latents
         x_t, target, timesteps, sigma = self.noised(x0, generator)
+        # the LoRA copies' predictions first: they swap weights in place, which must not happen once the trained
+        # forward has saved its tensors for the backward
+        copies = self.copy_predictions(x_t, timesteps, batch.conditioning)
         pred = self.model.forward(x_t, timesteps, batch.conditioning, cfg=False)
-        loss, metrics = self.objective(pred, target, x_t, x0, sigma, batch, timesteps)
+        loss, metrics = self.objective(pred, target, x_t, x0, sigma, batch, copies)
         if c.kl_weight > 0:
             with torch.no_grad(), self.reference_mode():
                 ref = self.model.forward(x_t, timesteps, batch.conditioning, cfg=False)
@@ -302,7 +305,12 @@ class WeightedMatchingTrainer(RoundTrainer):
             metrics["kl"] = kl.item()
         return loss, {"reward": batch.rewards.mean().item(), **metrics}
 
-    def objective(self, pred, target, x_t, x0, sigma, batch: Samples, timesteps) -> tuple[torch.Tensor, dict]:
+    @torch.no_grad()
+    def copy_predictions(self, x_t, timesteps, conditioning) -> dict:
+        """Predictions of the method's LoRA copies (DiffusionNFT's old policy, AWM's EMA) at `x_t`; none here."""
+        return {}
+
+    def objective(self, pred, target, x_t, x0, sigma, batch: Samples, copies: dict) -> tuple[torch.Tensor, dict]:
         """The method's loss on the micro-batch (see the module docstring) and its metrics."""
         raise NotImplementedError
 
@@ -323,7 +331,7 @@ class RWRTrainer(WeightedMatchingTrainer):
 
     name = "rwr"
 
-    def objective(self, pred, target, x_t, x0, sigma, batch, timesteps):
+    def objective(self, pred, target, x_t, x0, sigma, batch, copies):
         weights = rwr_weights(batch.rewards, self.config.temperature)
         errors = per_sample_mse(pred, target)
         return weighted_matching_loss(errors, weights), {"weight_max": weights.max().item()}
@@ -342,7 +350,7 @@ class RAFTTrainer(WeightedMatchingTrainer):
 
     name = "raft"
 
-    def objective(self, pred, target, x_t, x0, sigma, batch, timesteps):
+    def objective(self, pred, target, x_t, x0, sigma, batch, copies):
         weights = raft_weights(batch.rewards, batch.prompts, self.config.keep)
         errors = per_sample_mse(pred, target)
         kept_reward = (weights * batch.rewards).sum() / weights.sum()
@@ -368,15 +376,20 @@ class AWMTrainer(WeightedMatchingTrainer):
         super().__init__(pipe, config, reward, prompts)
         self.ema = LoRACopy(self.params)
 
-    def objective(self, pred, target, x_t, x0, sigma, batch, timesteps):
+    @torch.no_grad()
+    def copy_predictions(self, x_t, timesteps, conditioning) -> dict:
+        if self.config.ema_weight == 0:
+            return {}
+        with self.ema.applied():
+            return {"ema": self.model.forward(x_t, timesteps, conditioning, cfg=False)}
+
+    def objective(self, pred, target, x_t, x0, sigma, batch, copies):
         c = self.config
         errors = per_sample_mse(pred, target)
         loss = awm_loss(errors, sigma, batch.advantages.to(errors.device), c.adv_clip_max)
         metrics = {}
         if c.ema_weight > 0:
-            with torch.no_grad(), self.ema.applied():
-                ema = self.model.forward(x_t, timesteps, batch.conditioning, cfg=False)
-            pull = per_sample_mse(pred, ema).mean()
+            pull = per_sample_mse(pred, copies["ema"]).mean()
             loss = loss + c.ema_weight * pull
             metrics["ema_distance"] = pull.item()
         return loss, metrics
@@ -419,10 +432,14 @@ class DiffusionNFTTrainer(WeightedMatchingTrainer):
         self.old.update(min(0.001 * self.step, 0.5))
         super().start_round(generator)
 
-    def objective(self, pred, target, x_t, x0, sigma, batch, timesteps):
+    @torch.no_grad()
+    def copy_predictions(self, x_t, timesteps, conditioning) -> dict:
+        with self.old.applied():
+            return {"old": self.model.forward(x_t, timesteps, conditioning, cfg=False)}
+
+    def objective(self, pred, target, x_t, x0, sigma, batch, copies):
         c = self.config
-        with torch.no_grad(), self.old.applied():
-            v_old = self.model.forward(x_t, timesteps, batch.conditioning, cfg=False)
+        v_old = copies["old"]
         loss = nft_loss(pred, v_old, x_t, x0, sigma, batch.advantages.to(pred.device), c.beta, c.adv_clip_max)
         return loss, {"old_distance": per_sample_mse(pred, v_old).mean().item()}
 
