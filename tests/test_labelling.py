@@ -154,3 +154,30 @@ def test_labelling_in_a_browser_with_keys_and_buttons(tmp_path):
         ("two triangles", "tie", None),
         ("a green circle", None, [2, 3, 0, 1]),
     ]
+
+
+def test_label_items_from_a_pipeline_feed_the_page(tmp_path, capsys):
+    """`ttalign label-items` writes one image per system and prompt (same seed) and an items file the labelling
+    service imports; the judgments then compare the systems."""
+    from ttalign.cli import main
+    from ttalign.preferences import win_rates
+
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    out = tmp_path / "items"
+    code = main(
+        ["label-items", "--prompts", str(tmp_path / "prompts.txt"), "--model", "tiny", "--steps", "2"]
+        + ["--system", "plain", "--system", "best_of_2=best_of_n:n=2,reward=jpeg_compressibility"]
+        + ["--out", str(out), "--height", "32", "--width", "32"]
+    )
+    assert code == 0
+    records = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["a red circle", "a blue square"]
+    assert all(sorted(r["systems"]) == ["best_of_2", "plain"] for r in records)
+    service = LabelService(f"sqlite:///{tmp_path / 'labels.db'}", str(out), str(out / "items.jsonl"))
+    for item in service._items():
+        winner = item["systems"].index("best_of_2")
+        service.record(item["id"], {"labeller": "ana", "choice": ["left", "right"][winner]})
+    rates = win_rates(service.store.judgments(), bootstrap=50)
+    assert rates[("best_of_2", "plain")]["wins"] == 2
+    assert main(["label-items", "--prompts", str(tmp_path / "prompts.txt"), "--system", "plain", "--out", "x"]) == 2
+    assert "two or four systems" in capsys.readouterr().err

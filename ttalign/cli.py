@@ -1,4 +1,4 @@
-"""Command line: `ttalign generate | serve | demo | eval-reward | train-reward`.
+"""Command line: `ttalign generate | serve | demo | eval-reward | label-items | train-reward`.
 
 Examples:
 
@@ -287,6 +287,28 @@ def cmd_eval_reward(args) -> int:
     return 0
 
 
+def cmd_label_items(args) -> int:
+    """Images of every prompt by each system, and the items file the labelling page imports."""
+    from ttalign.batch import read_prompts
+    from ttalign.methods import method_from_spec
+    from ttalign.preferences.items import make_label_items
+
+    systems = {}
+    for spec in args.system:
+        name, _, method = spec.partition("=")
+        if name in systems:
+            raise ValueError(f"System {name!r} is given twice.")
+        systems[name] = [method_from_spec(method)] if method else []  # a bad spec fails before any model is loaded
+    if len(systems) not in (2, 4):
+        raise ValueError(f"Labelling compares two or four systems (--system), got {len(systems)}.")
+    settings = _call_settings(args)
+    pipe = _check_size(load_pipeline(args.model, args.dtype, args.device), settings)
+    pipe.set_progress_bar_config(disable=True)
+    path = make_label_items(pipe, read_prompts(args.prompts), systems, args.out, seed=args.seed or 0, **settings)
+    print(f"wrote {path}: serve them with --label-images {args.out} --label-items {path}")
+    return 0
+
+
 def cmd_train_reward(args) -> int:
     """Fits a CLIP-style reward to preference pairs and rankings; prints and saves the held-out report."""
     from ttalign.preferences import JudgmentStore, read_preference_set
@@ -518,6 +540,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--format", default="auto", choices=FORMATS, help="the preference set's layout")
     ev.add_argument("--split", default="test", help="HPD v2's and ImageRewardDB's split")
     ev.set_defaults(func=cmd_eval_reward)
+
+    li = sub.add_parser("label-items", help="images of each prompt by two or four systems, for the labelling page")
+    li.add_argument("--prompts", required=True, help="a prompt file, one per line")
+    li.add_argument(
+        "--system",
+        action="append",
+        default=[],
+        metavar="NAME[=METHOD_SPEC]",
+        help="a system to compare (repeat two or four times); no spec: the plain call",
+    )
+    li.add_argument("--out", required=True, help="the folder for the images and items.jsonl")
+    _model_arguments(li)
+    li.add_argument("--steps", type=int, default=None)
+    li.add_argument("--guidance-scale", type=float, default=None)
+    li.add_argument("--height", type=int, default=None)
+    li.add_argument("--width", type=int, default=None)
+    li.add_argument("--negative-prompt", default=None)
+    li.add_argument("--seed", type=int, default=0)
+    li.set_defaults(func=cmd_label_items)
 
     tr = sub.add_parser("train-reward", help="fit a CLIP-style reward to preferences (Bradley-Terry, Plackett-Luce)")
     tr.add_argument("--base", required=True, help="a CLIPModel folder or hub id, with tokenizer and image processor")
