@@ -90,15 +90,21 @@ def test_packed_questions_compute_what_single_questions_do():
         images.append(image)
         rows += [(i, q, a) for _, q, a in image_queries(image, caption, rng)[: 2 + i]]
     pixels = _pixels(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
-    packed = Packed(processor, *zip(*rows))
+    packed = Packed(processor, *zip(*rows), descriptions={1: "a red circle"})
     batch = packed.batch([0, 1, 2])
+    # image 1's description turn: "a", "red", "circle" and the end token, each predicted from the words before
+    tok = processor.tokenizer
+    words = tok.convert_tokens_to_ids(["a", "red", "circle"]) + [tok.eos_token_id]
+    described = [t for (r, _), t in zip(zip(*batch["answer_at"]), batch["targets"].tolist()) if r == 1][-4:]
+    assert described == words
+    questions = [k for k in range(len(batch["targets"])) if k not in range(5, 9)]  # image 1's 3 questions end at 5
     with torch.no_grad():
         logits = model(
             input_ids=batch["input_ids"],
             position_ids=batch["position_ids"],
             attention_mask=batch["attention_mask"],
             pixel_values=pixels[batch["image_index"]],
-        ).logits[batch["answer_at"]]
+        ).logits[batch["answer_at"]][questions]
         single = Encoded(processor, *zip(*rows))
         alone = model(
             input_ids=single.ids[single.question_index],
@@ -109,7 +115,7 @@ def test_packed_questions_compute_what_single_questions_do():
     order = [k for i in range(3) for k, r in enumerate(rows) if r[0] == i]
     assert len(logits) == len(rows) == 9
     torch.testing.assert_close(logits, alone[order], atol=1e-4, rtol=1e-4)
-    assert torch.equal(batch["targets"], single.targets[order])
+    assert torch.equal(batch["targets"][questions], single.targets[order])
 
 
 def test_the_embedded_model_ranks_true_captions_above_rejected_ones():

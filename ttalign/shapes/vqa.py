@@ -63,8 +63,10 @@ PATCH = 4
 WORDS: tuple[str, ...] = (
     *VOCABULARY,
     *("Does", "this", "figure", "show", "Please", "answer", "Yes", "No", "or", "Is", "Are", "there", "exactly", "the"),
-    *("USER", "ASSISTANT", "circles", "squares", "triangles"),
+    *("USER", "ASSISTANT", "circles", "squares", "triangles", "Describe"),
 )
+#: The description turn of training (LLaVA's first-stage captioning): the caption of a rendered scene, word by word.
+DESCRIBE = "Describe the figure."
 #: Question kinds, for balancing and the held-out report: the whole caption, and the decomposed questions' kinds.
 KINDS = ("caption", "entity", "attribute", "count", "relation")
 DEFAULTS = dict(
@@ -79,6 +81,7 @@ DEFAULTS = dict(
     threads=2,
     init_vision="shapes_clip",
     eval_every=500,
+    describe=1,  # 1: a description turn per rendered training scene (captioning, as LLaVA's first stage); 0: none
     cache="",  # a folder to keep the generated images in between runs ("": none)
 )
 
@@ -308,9 +311,10 @@ class Packed:
     another question.
     """
 
-    def __init__(self, processor, image_index, questions, answers):
+    def __init__(self, processor, image_index, questions, answers, descriptions: dict[int, str] | None = None):
         tok = processor.tokenizer
-        distinct = list(dict.fromkeys(questions))
+        descriptions = descriptions or {}
+        distinct = list(dict.fromkeys([*questions, DESCRIBE]))
         ids = tok(_prompt_texts(processor, distinct), add_special_tokens=False).input_ids
         image_token = tok.convert_tokens_to_ids("<image>")
         prefix_len = max(k for k, t in enumerate(ids[0]) if t == image_token) + 1
@@ -323,6 +327,8 @@ class Packed:
         for i, q, t in zip(image_index, questions, targets):
             by_image.setdefault(int(i), []).append((q, t))
         self.images, self.ids, self.positions, self.segments, self.answers = [], [], [], [], []
+        for i in descriptions:
+            by_image.setdefault(int(i), [])
         for i, rows in by_image.items():
             seq, pos, seg, ends = list(prefix), list(range(prefix_len)), [0] * prefix_len, []
             for k, (q, t) in enumerate(rows, start=1):
@@ -330,6 +336,14 @@ class Packed:
                 pos += range(prefix_len, prefix_len + len(suffix[q]))
                 seg += [k] * len(suffix[q])
                 ends.append((len(seq) - 1, t))  # the question's last token predicts its answer
+            if i in descriptions:  # the description turn: every word of the caption predicted from the ones before
+                words = tok(" " + descriptions[i], add_special_tokens=False).input_ids + [tok.eos_token_id]
+                turn = suffix[DESCRIBE] + words[:-1]
+                seq += turn
+                pos += range(prefix_len, prefix_len + len(turn))
+                seg += [len(rows) + 1] * len(turn)
+                first = len(seq) - len(words)  # the position of "ASSISTANT:"'s colon predicts the first word
+                ends += [(first + j, w) for j, w in enumerate(words)]
             self.images.append(i)
             self.ids.append(seq)
             self.positions.append(pos)
@@ -489,7 +503,9 @@ def train(args) -> None:
         offset += len(captions)
     train_rows, test_rows = balance(train_rows, rng), balance(test_rows, rng)
     pixels = _pixels(torch.from_numpy(np.concatenate(all_images)).permute(0, 3, 1, 2).contiguous())
-    train_data = Packed(processor, *zip(*[(i, q, a) for i, _, q, a in train_rows]))
+    n_scenes = args.scenes  # the rendered training scenes come first: their captions are true
+    descriptions = {i: c for i, c in enumerate(sources[0][1][:n_scenes])} if args.describe else {}
+    train_data = Packed(processor, *zip(*[(i, q, a) for i, _, q, a in train_rows]), descriptions=descriptions)
     test_data = Encoded(processor, *zip(*[(i, q, a) for i, _, q, a in test_rows]))
     log(
         f"{len(train_rows)} training questions on {len(train_data)} images and {len(test_rows)} held-out questions "
