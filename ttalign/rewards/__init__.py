@@ -29,6 +29,8 @@ REWARDS: dict[str, str] = {
     "shapes_soft": "ttalign.shapes.soft:ShapesSoftVerifier",
     "shapes_clip": "ttalign.shapes.clip:ShapesCLIPScore",
     "shapes_exact": "ttalign.shapes.verifier:ShapesVerifierReward",
+    "shapes_vqa": "ttalign.shapes.vqa:ShapesVQAScore",
+    "shapes_questions": "ttalign.shapes.vqa:ShapesQuestionScore",
 }
 
 

@@ -17,8 +17,10 @@ import os
 from ttalign.pipelines.base import read_sampling_defaults
 
 from .clip import CLIP_DIR, ShapesCLIPScore
+from .questions import shapes_questions
 from .soft import ShapesSoftVerifier
 from .verifier import ShapesVerifierReward, Verdict, Verification, detect, verify
+from .vqa import VQA_DIR, ShapesQuestionScore, ShapesVQAScore
 from .world import CATEGORIES, COLORS, RELATIONS, SHAPES, evaluation_prompts, parse_caption, render, sample_scene
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,6 +77,9 @@ __all__ = [
     "FLOW_MODEL_DIR",
     "FLOW_SAMPLING_DEFAULTS",
     "ShapesCLIPScore",
+    "ShapesQuestionScore",
+    "ShapesVQAScore",
+    "VQA_DIR",
     "COLORS",
     "MODEL_DIR",
     "RELATIONS",
@@ -91,5 +96,6 @@ __all__ = [
     "render",
     "sample_scene",
     "sampling_defaults",
+    "shapes_questions",
     "verify",
 ]
