@@ -12,64 +12,20 @@
 
 from __future__ import annotations
 
-import os
-
-from ttalign.pipelines.base import read_sampling_defaults
-
 from .clip import CLIP_DIR, ShapesCLIPScore
+from .models import (
+    FLOW_MODEL_DIR,
+    FLOW_SAMPLING_DEFAULTS,
+    MODEL_DIR,
+    SAMPLING_DEFAULTS,
+    load_pipeline,
+    sampling_defaults,
+)
 from .questions import shapes_questions
 from .soft import ShapesSoftVerifier
 from .verifier import ShapesVerifierReward, Verdict, Verification, detect, verify
 from .vqa import VQA_DIR, ShapesQuestionScore, ShapesVQAScore
 from .world import CATEGORIES, COLORS, RELATIONS, SHAPES, evaluation_prompts, parse_caption, render, sample_scene
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-#: Folder of the embedded model (diffusers layout), shipped inside the package.
-MODEL_DIR = os.path.join(_HERE, "model")
-#: Folder of the embedded flow-matching model (SD3's layout).
-FLOW_MODEL_DIR = os.path.join(_HERE, "flow_model")
-#: Sampling settings the embedded model is evaluated with (its folder's `ttalign_sampling.json`, which its pipeline
-#: loads as `sampling_defaults`: a plain `pipe(prompt)` uses them).
-SAMPLING_DEFAULTS = read_sampling_defaults(MODEL_DIR)
-#: Sampling settings of the flow model; `max_sequence_length` is the length its T5 was trained on.
-FLOW_SAMPLING_DEFAULTS = read_sampling_defaults(FLOW_MODEL_DIR)
-
-_MODELS = {"sd": (MODEL_DIR, ""), "flow": (FLOW_MODEL_DIR, " --family flow")}
-
-
-def sampling_defaults(pipe) -> dict:
-    """The sampling settings of a shapes-world pipeline: its own `sampling_defaults` (from its folder), else
-    :data:`FLOW_SAMPLING_DEFAULTS` for a flow-matching family and :data:`SAMPLING_DEFAULTS` otherwise."""
-    from ttalign.pipelines import family_for
-
-    own = getattr(pipe, "sampling_defaults", None)
-    if own:
-        return dict(own)
-    return dict(FLOW_SAMPLING_DEFAULTS if "flow_matching" in family_for(pipe).features else SAMPLING_DEFAULTS)
-
-
-def load_pipeline(model: str = "sd", device: str | None = None, path: str | None = None):
-    """Loads an embedded shapes-world model through the ordinary `from_pretrained` path, from `path` or the folder
-    shipped with the package: `model="sd"`, the Stable Diffusion 1.x-style model, as an
-    :class:`~ttalign.AlignedStableDiffusionPipeline`; `model="flow"`, the flow-matching model on SD3's layout, as an
-    :class:`~ttalign.AlignedStableDiffusion3Pipeline`. With `path`, the class is read from the folder's
-    `model_index.json`. The pipeline's `sampling_defaults` are the folder's (:data:`SAMPLING_DEFAULTS` /
-    :data:`FLOW_SAMPLING_DEFAULTS` for the shipped models), so `pipe(prompt)` samples as the model was evaluated."""
-    import torch
-
-    from ttalign.pipelines import aligned_class_for
-
-    if model not in _MODELS:
-        raise ValueError(f"Unknown shapes-world model {model!r}; expected 'sd' or 'flow'.")
-    default, family = _MODELS[model]
-    path = path or default
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise FileNotFoundError(
-            f"No shapes-world model at {path!r}; train one with `python -m ttalign.shapes.train{family} --out {path}`."
-        )
-    pipe = aligned_class_for(path).from_pretrained(path)
-    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
 
 __all__ = [
     "CATEGORIES",

@@ -260,7 +260,7 @@ def generated_images(model: str, n: int, seed: int, batch: int = 64) -> tuple[np
     captions of the grammar outside the evaluation set, seeded apart from the evaluation's (`10_000 + seed`)."""
     from tqdm.auto import tqdm
 
-    from ttalign.shapes import load_pipeline
+    from .models import load_pipeline
 
     held_out = {p for p, _ in evaluation_prompts()}
     rng = np.random.default_rng(10_000 + seed)
