@@ -1,5 +1,7 @@
-"""What the online RL trainers (DDPO, GRPO / Flow-GRPO) share: sampling rounds and PPO's inner epochs over them, as
-ddpo-pytorch (https://github.com/kvablack/ddpo-pytorch) and flow_grpo organize them.
+"""What the trainers that learn from their own samples share (DDPO, GRPO / Flow-GRPO, D3PO, SPO and the weighted-
+matching trainers): sampling rounds and PPO's inner epochs over them, as ddpo-pytorch
+(https://github.com/kvablack/ddpo-pytorch) and flow_grpo organize them. :class:`RoundTrainer` runs the rounds over any
+batch a subclass samples; :class:`RolloutTrainer` adds the recorded trajectories of the policy-gradient trainers.
 
 A round samples `rollout_batches` batches of `train_batch_size` trajectories with the current weights, each stored
 as a :class:`Rollout` (latents, next latents, timesteps, log-probabilities, the conditioning the sampling call used,
