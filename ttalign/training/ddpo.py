@@ -120,12 +120,7 @@ class DDPOTrainer(RolloutTrainer):
             )
         if scheduler_kind(scheduler) != "ddim":
             raise ValueError(f"DDPO samples with DDIM; the pipeline has {type(scheduler).__name__}.")
-        if not prompts:
-            raise ValueError("DDPOTrainer needs at least one prompt.")
-        super().__init__(pipe, config)
-        self.reward, self.prompts = reward, list(prompts)
-        self.sampler_pipe = self.model.aligned_pipeline()
-        self.sampler_pipe.set_progress_bar_config(disable=True)
+        super().__init__(pipe, config, reward, prompts)
 
     @torch.no_grad()
     def sample(self, generator: torch.Generator) -> Rollout:

@@ -164,12 +164,7 @@ class GRPOTrainer(RolloutTrainer):
             raise ValueError(
                 f"GRPO samples with a flow-matching or DDIM scheduler; the pipeline has {type(scheduler).__name__}."
             )
-        if not prompts:
-            raise ValueError("GRPOTrainer needs at least one prompt.")
-        super().__init__(pipe, config)
-        self.reward, self.prompts = reward, list(prompts)
-        self.sampler_pipe = self.model.aligned_pipeline()
-        self.sampler_pipe.set_progress_bar_config(disable=True)
+        super().__init__(pipe, config, reward, prompts)
 
     def stochastic_steps(self, generator: torch.Generator) -> list[int] | None:
         """The steps sampled stochastically this time: all (`None`), or Flow-GRPO-Fast's random window."""

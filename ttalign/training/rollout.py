@@ -158,8 +158,13 @@ class RoundTrainer(LoRATrainer):
     sampling call's batch, any object) and `batch_loss(batch, generator) -> (loss, metrics)`; this class runs the
     rounds (see the module docstring) and calls :meth:`start_round` before sampling each."""
 
-    def __init__(self, pipe, config: RoundsConfig):
+    def __init__(self, pipe, config: RoundsConfig, reward, prompts: list[str]):
+        if not prompts:
+            raise ValueError(f"{type(self).__name__} needs at least one prompt.")
         super().__init__(pipe, config)
+        self.reward, self.prompts = reward, list(prompts)
+        self.sampler_pipe = self.model.aligned_pipeline()  # the sampling calls, through the family's aligned pipeline
+        self.sampler_pipe.set_progress_bar_config(disable=True)
         self._queue: list[tuple[Any, int]] = []
         self.rounds = 0
 

@@ -183,12 +183,7 @@ class SPOTrainer(RoundTrainer):
             raise ValueError(
                 f"SPO samples with a flow-matching or DDIM scheduler; the pipeline has {type(scheduler).__name__}."
             )
-        if not prompts:
-            raise ValueError("SPOTrainer needs at least one prompt.")
-        super().__init__(pipe, config)
-        self.reward, self.prompts = reward, list(prompts)
-        self.sampler_pipe = self.model.aligned_pipeline()
-        self.sampler_pipe.set_progress_bar_config(disable=True)
+        super().__init__(pipe, config, reward, prompts)
 
     @torch.no_grad()
     def sample(self, generator: torch.Generator) -> StepPairs:

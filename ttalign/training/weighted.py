@@ -230,12 +230,7 @@ class WeightedMatchingTrainer(RoundTrainer):
             )
         if config.timestep_sampling == "logit_normal" and not self.flow:
             raise ValueError("timestep_sampling='logit_normal' is for flow-matching pipelines (SD3, FLUX).")
-        if not prompts:
-            raise ValueError(f"{type(self).__name__} needs at least one prompt.")
-        super().__init__(pipe, config)
-        self.reward, self.prompts = reward, list(prompts)
-        self.sampler_pipe = self.model.aligned_pipeline()
-        self.sampler_pipe.set_progress_bar_config(disable=True)
+        super().__init__(pipe, config, reward, prompts)
         self.noise_scheduler = type(self.model.scheduler).from_config(self.model.scheduler.config)
         self.num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
 
