@@ -1,5 +1,6 @@
 """Readers of the public preference sets, on tiny fixtures written in the layout each set ships in."""
 
+import dataclasses
 import io
 import json
 import os
@@ -102,3 +103,137 @@ def test_diffusiondb_prompts(tmp_path):
     assert read_diffusiondb_prompts(str(tmp_path), allow_nsfw=True, limit=2) == ["a castle", "nsfw thing"]
     with pytest.raises(ValueError, match="No DiffusionDB"):
         read_diffusiondb_prompts(str(tmp_path / "missing"))
+
+
+# --- RichHF-18K: tf.train.Example records in a TFRecord file, written here byte by byte ------------------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:  # a length-delimited field
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _example(features: dict) -> bytes:
+    """A serialized tf.train.Example: str -> bytes list, float -> float list (packed), int -> int64 list."""
+    import struct
+
+    entries = b""
+    for name, value in features.items():
+        if isinstance(value, bytes | str):
+            raw = value.encode() if isinstance(value, str) else value
+            feature = _field(1, _field(1, raw))
+        elif isinstance(value, float):
+            feature = _field(2, _field(1, struct.pack("<f", value)))
+        else:
+            feature = _field(3, _field(1, _varint(value)))
+        entries += _field(1, _field(1, name.encode()) + _field(2, feature))
+    return _field(1, entries)
+
+
+def _tfrecord(path, records: list[bytes]) -> None:
+    import struct
+
+    with open(path, "wb") as f:
+        for record in records:
+            f.write(struct.pack("<Q", len(record)) + b"\0" * 4 + record + b"\0" * 4)
+
+
+def _richhf_record(uid: str, overall: float, labels: str, heat: int = 100) -> bytes:
+    heatmap = io.BytesIO()
+    Image.fromarray(np.full((16, 16), heat, dtype=np.uint8)).save(heatmap, format="PNG")
+    return _example(
+        {
+            "filename": f"{uid}.png",
+            "aesthetics_score": 0.5,
+            "artifact_score": 0.75,
+            "misalignment_score": 0.25,
+            "overall_score": overall,
+            "artifact_map": heatmap.getvalue(),
+            "misalignment_map": heatmap.getvalue(),
+            "prompt_misalignment_label": labels,
+            "count": 7,  # an int64 feature, read and ignored
+        }
+    )
+
+
+def _pickapic_with_uids(path, rows) -> None:
+    pq.write_table(
+        pa.table(
+            {
+                "caption": [r[0] for r in rows],
+                "image_0_uid": [r[1] for r in rows],
+                "image_1_uid": [r[2] for r in rows],
+                "jpg_0": [_png(r[3]) for r in rows],
+                "jpg_1": [_png(r[4]) for r in rows],
+                "label_0": [1.0] * len(rows),
+            }
+        ),
+        path,
+    )
+
+
+def test_richhf_tfrecord_with_pickapic_images(tmp_path):
+    from ttalign.preferences import read_preference_set, read_richhf, richhf_pairs
+
+    _tfrecord(
+        tmp_path / "test.tfrecord",
+        [
+            _richhf_record("u1", 0.8, "1 0 1", heat=200),
+            _richhf_record("u2", 0.3, "1 1 1"),
+            _richhf_record("u3", 0.6, "0 1"),
+            _richhf_record("missing", 0.9, "1"),
+        ],
+    )
+    rows = [("a red cat", "u1", "u2", 10, 20), ("blue dog", "u3", "u9", 30, 40)]
+    _pickapic_with_uids(tmp_path / "pap.parquet", rows)
+    records = read_richhf(str(tmp_path), "test", pickapic=str(tmp_path / "pap.parquet"))
+    assert [r.filename for r in records] == ["u1.png", "u2.png", "u3.png", "missing.png"]
+    first = records[0]
+    assert (first.aesthetics_score, first.artifact_score, first.misalignment_score) == (0.5, 0.75, 0.25)
+    assert abs(first.overall_score - 0.8) < 1e-6  # stored as float32
+    assert first.artifact_map.size == (16, 16) and _gray(first.artifact_map) == 200
+    assert first.prompt == "a red cat" and _gray(first.image) == 10
+    assert first.word_labels() == [("a", 1), ("red", 0), ("cat", 1)]
+    assert records[2].prompt == "blue dog" and _gray(records[2].image) == 30
+    assert records[3].prompt is None and records[3].image is None
+    with pytest.raises(ValueError, match="no prompt"):
+        records[3].word_labels()
+    with pytest.raises(ValueError, match="3 misalignment labels for the 2 words"):
+        dataclasses.replace(first, prompt="red cat").word_labels()
+    assert read_richhf(str(tmp_path / "test.tfrecord"), maps=False)[0].artifact_map is None
+
+    # Pairs: the two images of "a red cat", the higher overall score preferred; one-image prompts give none.
+    (pair,) = richhf_pairs(records)
+    assert pair.prompt == "a red cat" and pair.label == 0.0
+    assert _gray(pair.image_0) == 10 and _gray(pair.image_1) == 20
+    assert richhf_pairs(records, "aesthetics_score")[0].label == 0.5  # equal scores tie
+    (auto,) = read_preference_set(str(tmp_path), pickapic=str(tmp_path / "pap.parquet"))
+    assert auto.label == 0.0
+    with pytest.raises(ValueError, match="pass Pick-a-Pic's parquet files"):
+        read_preference_set(str(tmp_path), "richhf")
+
+
+def test_richhf_rejects_other_layouts_and_truncation(tmp_path):
+    from ttalign.preferences import read_richhf
+
+    with pytest.raises(ValueError, match="No RichHF-18K TFRecord"):
+        read_richhf(str(tmp_path), "dev")
+    _tfrecord(tmp_path / "test.tfrecord", [_example({"filename": "x.png", "overall_score": 1.0})])
+    with pytest.raises(ValueError, match=r"not RichHF-18K's layout, no \['aesthetics_score'"):
+        read_richhf(str(tmp_path))
+    _tfrecord(tmp_path / "test.tfrecord", [_richhf_record("u1", 0.5, "1 2")])
+    with pytest.raises(ValueError, match="must be 0s and 1s, got '1 2'"):
+        read_richhf(str(tmp_path))
+    _tfrecord(tmp_path / "test.tfrecord", [_richhf_record("u1", 0.5, "1")])
+    data = (tmp_path / "test.tfrecord").read_bytes()
+    (tmp_path / "test.tfrecord").write_bytes(data[:-40])
+    with pytest.raises(ValueError, match="record 0 is truncated"):
+        read_richhf(str(tmp_path))

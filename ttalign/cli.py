@@ -279,7 +279,8 @@ def cmd_eval_reward(args) -> int:
         print(f"wrote {args.make_shapes_pairs} shapes-world pairs to {args.pairs}")
     if not os.path.exists(args.pairs):
         raise ValueError(f"No preference set at {args.pairs!r}.")
-    result = pairwise_accuracy(reward, read_preference_set(args.pairs, args.format, args.split, args.limit))
+    pairs = read_preference_set(args.pairs, args.format, args.split, args.limit, args.pickapic)
+    result = pairwise_accuracy(reward, pairs)
     print(
         f"{args.reward}: accuracy {result['accuracy']:.4f} on {result['pairs']} pairs "
         f"({result['ties_skipped']} ties skipped)"
@@ -319,7 +320,7 @@ def cmd_train_reward(args) -> int:
     else:
         if not os.path.exists(args.pairs):
             raise ValueError(f"No preference set at {args.pairs!r}.")
-        pairs, rankings = read_preference_set(args.pairs, args.format, args.split, args.limit), []
+        pairs, rankings = read_preference_set(args.pairs, args.format, args.split, args.limit, args.pickapic), []
     config = RewardTrainingConfig(
         output_dir=args.out,
         learning_rate=args.lr,
@@ -538,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--format", default="auto", choices=FORMATS, help="the preference set's layout")
-    ev.add_argument("--split", default="test", help="HPD v2's and ImageRewardDB's split")
+    ev.add_argument("--split", default="test", help="HPD v2's, ImageRewardDB's and RichHF-18K's split")
+    ev.add_argument("--pickapic", default=None, help="Pick-a-Pic's parquet files: RichHF-18K's images and prompts")
     ev.set_defaults(func=cmd_eval_reward)
 
     li = sub.add_parser("label-items", help="images of each prompt by two or four systems, for the labelling page")
@@ -568,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a preference set (see --format), or with --format judgments a judgment database's URL or file",
     )
     tr.add_argument("--format", default="auto", choices=(*FORMATS, "judgments"))
-    tr.add_argument("--split", default="train", help="HPD v2's and ImageRewardDB's split")
+    tr.add_argument("--split", default="train", help="HPD v2's, ImageRewardDB's and RichHF-18K's split")
+    tr.add_argument("--pickapic", default=None, help="Pick-a-Pic's parquet files: RichHF-18K's images and prompts")
     tr.add_argument("--images-root", default=".", help="where a judgment database's image references point")
     tr.add_argument("--out", required=True, help="checkpoints, log and the saved reward (OUT/reward)")
     tr.add_argument("--steps", type=int, default=4000)
