@@ -303,6 +303,24 @@ SUITES: dict[str, Suite] = {
         ),
         quoted_in=("docs/composition.md", "docs/efficacy.md"),
     ),
+    "composition_targets": Suite(
+        "Best-of-8 with each shapes reward on the whole evaluation set (240 prompts x 4 seeds, 8 candidates each: "
+        "7,680 images per model, 8x the baseline's NFE), judged by the exact verifier; the learned rewards "
+        "(shapes_clip, shapes_vqa, shapes_questions) against the composition targets, the soft verifier beside them.",
+        (
+            Step(
+                "sd",
+                "verifier_quality.py",
+                "--model sd --per-category 40 --seeds 4 --candidates 8 --name composition_targets_sd",
+            ),
+            Step(
+                "flow",
+                "verifier_quality.py",
+                "--model flow --per-category 40 --seeds 4 --candidates 8 --name composition_targets_flow",
+            ),
+        ),
+        quoted_in=("docs/composition.md", "docs/efficacy.md"),
+    ),
     "training_flow": Suite(
         "Flow-GRPO and Flow-DPO on the flow shapes model (captions disjoint from the evaluation set), with their "
         "over-optimization monitors, and Flow-GRPO's learning signal on one caption.",
