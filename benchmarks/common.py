@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -22,6 +23,42 @@ RESULTS = os.environ.get("TTALIGN_RESULTS") or os.path.join(RESULTS_ROOT, "unsor
 def suite_results(suite: str) -> str:
     """The results folder of another suite (for a run that reads what that suite wrote)."""
     return os.path.join(RESULTS_ROOT, suite)
+
+
+CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
+
+
+def shapes_candidates(model: str, per_category: int, seeds: int, k: int) -> dict:
+    """`k` candidates for each of `seeds` groups of every evaluation prompt (`per_category` per category), sampled
+    by the embedded shapes `model` at its own settings and judged by the exact verifier: `samples` `[N, 3, H, W]`
+    uint8 (as a saved image holds them), `prompts`, `passed` `[N]`, `categories` (one per group of `k` consecutive
+    candidates), `sample_s` and the `sampling` settings. Deterministic, so kept in `benchmarks/.cache/` for the next
+    script that asks for the same set (delete it after retraining a model)."""
+    from ttalign.shapes import evaluation_prompts, load_pipeline, sampling_defaults
+    from ttalign.shapes.evaluate import evaluate
+
+    path = os.path.join(CACHE, f"candidates_{model}_{per_category}x{seeds}x{k}.pt")
+    if os.path.isfile(path):
+        print(f"candidates from {path}")
+        return torch.load(path, weights_only=True)
+    pipe = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    settings = sampling_defaults(pipe)
+    start = time.perf_counter()
+    prompts = evaluation_prompts(per_category)
+    run = evaluate(pipe, prompts, [], "candidates", seeds=seeds * k, batch_prompts=4, **settings)
+    data = {
+        "samples": (run.samples.clamp(0, 1) * 255).round().to(torch.uint8),
+        "prompts": list(run.prompts),
+        "passed": torch.tensor(run.verification.passed, dtype=torch.bool),
+        "categories": [v.category for v in run.verification.verdicts][::k],
+        "sample_s": time.perf_counter() - start,
+        "sampling": settings,
+    }
+    os.makedirs(CACHE, exist_ok=True)
+    torch.save(data, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return data
 
 
 def environment() -> dict:

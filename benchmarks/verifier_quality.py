@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, write_results  # noqa: E402
+from common import environment, shapes_candidates, write_results  # noqa: E402
 
 from ttalign.rewards import load_reward  # noqa: E402
-from ttalign.shapes import CATEGORIES, evaluation_prompts, load_pipeline, sampling_defaults  # noqa: E402
-from ttalign.shapes.evaluate import evaluate, select_best, wilson_interval  # noqa: E402
+from ttalign.shapes import CATEGORIES  # noqa: E402
+from ttalign.shapes.evaluate import select_best, wilson_interval  # noqa: E402
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -74,17 +74,12 @@ def main() -> None:
     args = parser.parse_args()
     name = args.name or f"verifier_quality_{args.model}"
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    pipe = load_pipeline(args.model)
-    pipe.set_progress_bar_config(disable=True)
-    settings = sampling_defaults(pipe)
-    prompts = evaluation_prompts(args.per_category)
     k = args.candidates
-    start = time.perf_counter()
-    run = evaluate(pipe, prompts, [], name="candidates", seeds=args.seeds * k, batch_prompts=4, **settings)
-    sample_s = time.perf_counter() - start
-    groups = len(run.prompts) // k  # consecutive blocks of k candidates: one (prompt, seed) group each
-    passed = np.array(run.verification.passed, dtype=bool).reshape(groups, k)
-    categories = np.array([v.category for v in run.verification.verdicts][::k])
+    candidates = shapes_candidates(args.model, args.per_category, args.seeds, k)
+    samples, prompts = candidates["samples"], candidates["prompts"]
+    groups = len(prompts) // k  # consecutive blocks of k candidates: one (prompt, seed) group each
+    passed = candidates["passed"].numpy().reshape(groups, k)
+    categories = np.array(candidates["categories"])
     rows, timings = [], {}
     for reward_name in [r for r in args.rewards.split(",") if r]:
         reward = load_reward(reward_name)
@@ -92,8 +87,8 @@ def main() -> None:
         with torch.no_grad():
             scores = torch.cat(
                 [
-                    reward(run.samples[i : i + 128], run.prompts[i : i + 128]).float().cpu()
-                    for i in range(0, len(run.prompts), 128)
+                    reward(samples[i : i + 128].float() / 255, prompts[i : i + 128]).float().cpu()
+                    for i in range(0, len(prompts), 128)
                 ]
             )
         timings[reward_name] = time.perf_counter() - start
@@ -128,10 +123,10 @@ def main() -> None:
             }
     data = {
         "command": "python benchmarks/verifier_quality.py " + " ".join(sys.argv[1:]),
-        "settings": {**vars(args), "sampling": settings},
+        "settings": {**vars(args), "sampling": candidates["sampling"]},
         "environment": environment(),
-        "candidates": len(run.prompts),
-        "sample_s": sample_s,
+        "candidates": len(prompts),
+        "sample_s": candidates["sample_s"],
         "reference": reference,
         "rewards": rows,
     }
@@ -142,7 +137,7 @@ def main() -> None:
         f"`{data['command']}`",
         "",
         f"{args.per_category} prompts per category x {args.seeds} groups of {k} candidates "
-        f"({len(run.prompts)} images), "
+        f"({len(prompts)} images), "
         "judged by the exact verifier. ROC AUC of each reward against the verdicts (95% bootstrap interval over "
         "groups; - where a category's candidates all passed or all failed), then the success of its best-of-K pick.",
         "",
