@@ -8,8 +8,10 @@
    out whole.
 3. Held-out pairwise accuracy (pairs with a winner) of the trained reward, the shapes CLIP and the soft verifier, on
    the same held-out pairs, with Wilson intervals and exact sign tests between the trained reward and each other.
-4. Best-of-`--n` with the trained reward and with the shapes CLIP, and particle steering with the trained reward,
-   on the evaluation set (`--per-category` x `--seeds`), verified success per category.
+4. Best-of-`--n` with the trained reward and with the shapes CLIP, each picking among the same candidates on the
+   evaluation set (`--per-category` x `--seeds` groups of `--n`, sampled once and kept in `benchmarks/.cache/`),
+   and particle steering with the trained reward (`--particle-per-category` x `--particle-seeds`); verified success
+   per category.
 
 Writes `<name>.json` and `<name>.md`; the trained reward stays in a temporary folder unless `--keep DIR`.
 
@@ -29,7 +31,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, write_results  # noqa: E402
+from common import environment, shapes_candidates, write_results  # noqa: E402
 from train_shapes import training_captions  # noqa: E402
 
 from ttalign.methods import method_from_spec  # noqa: E402
@@ -38,7 +40,7 @@ from ttalign.preferences.reward_training import RewardTrainer, RewardTrainingCon
 from ttalign.rewards import load_reward  # noqa: E402
 from ttalign.shapes import CATEGORIES, evaluation_prompts, load_pipeline, sampling_defaults, verify  # noqa: E402
 from ttalign.shapes.clip import CLIP_DIR  # noqa: E402
-from ttalign.shapes.evaluate import evaluate, sign_test  # noqa: E402
+from ttalign.shapes.evaluate import evaluate, select_best, sign_test, wilson_interval  # noqa: E402
 
 
 def collect(pipe, store: JudgmentStore, folder: str, captions: list[str], max_pairs: int, seed: int) -> int:
@@ -88,6 +90,19 @@ def held_out_accuracy(reward, pairs) -> tuple[list[float], dict]:
     return hits, {"accuracy": sum(hits) / n, "interval": wilson(sum(hits), n), "pairs": n}
 
 
+def summarize(passed: np.ndarray, categories: np.ndarray) -> dict:
+    """Success per category and overall of per-group verdicts `passed` `[G]` (categories `[G]`)."""
+    return {
+        "category_accuracy": {c: float(passed[categories == c].mean()) for c in CATEGORIES},
+        "overall": float(passed.mean()),
+        "intervals": {
+            **{c: wilson_interval(int(passed[categories == c].sum()), int(sum(categories == c))) for c in CATEGORIES},
+            "overall": wilson_interval(int(passed.sum()), len(passed)),
+        },
+        "images": int(len(passed)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--captions", type=int, default=1200)
@@ -97,13 +112,17 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--held-out", type=float, default=0.2)
     parser.add_argument("--n", type=int, default=8)
-    parser.add_argument("--per-category", type=int, default=40)
-    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--per-category", type=int, default=40, help="best-of-n: prompts per category")
+    parser.add_argument("--seeds", type=int, default=4, help="best-of-n: groups of n candidates per prompt")
+    parser.add_argument(
+        "--particle-per-category", type=int, default=20, help="particle steering: prompts per category"
+    )
+    parser.add_argument("--particle-seeds", type=int, default=2, help="particles: images per prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", default=None, help="a folder to keep the trained reward in")
     parser.add_argument("--name", default="preference_loop")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     held = {p for per in (20, 40) for p, _ in evaluation_prompts(per)}
     captions = training_captions(args.captions, seed=11, exclude=held)
     pipe = load_pipeline("sd")
@@ -155,18 +174,37 @@ def main() -> None:
                 "other_better": losses,
                 "p": sign_test(wins, losses),
             }
-        prompts = evaluation_prompts(args.per_category)
-        defaults = sampling_defaults(pipe)
+        # Best-of-n with each reward picks among the same candidates (sampled once, kept in benchmarks/.cache/).
+        candidates = shapes_candidates("sd", args.per_category, args.seeds, args.n)
+        samples, cand_prompts = candidates["samples"], candidates["prompts"]
+        groups = len(cand_prompts) // args.n
+        passed = candidates["passed"].reshape(groups, args.n)
+        categories = np.array(candidates["categories"])
         runs = {}
-        specs = {
-            f"best_of_{args.n}_trained": f"best_of_n:n={args.n},reward={folder}",
-            f"best_of_{args.n}_shapes_clip": f"best_of_n:n={args.n},reward=shapes_clip",
-            "particle_steering_4_trained": f"particle_steering:particles=4,reward={folder}",
-        }
-        for name, spec in specs.items():
-            result = evaluate(pipe, prompts, [method_from_spec(spec)], name=name, seeds=args.seeds, **defaults)
-            runs[name] = {k: v for k, v in result.summary().items() if k != "verdicts"}
-            print(name, runs[name]["overall"], flush=True)
+        for name in ("trained", "shapes_clip"):
+            with torch.no_grad():
+                scores = torch.cat(
+                    [
+                        rewards[name](samples[i : i + 128].float() / 255, cand_prompts[i : i + 128]).float()
+                        for i in range(0, len(cand_prompts), 128)
+                    ]
+                ).reshape(groups, args.n)
+            best = passed[torch.arange(groups), select_best(scores, args.n)].numpy()
+            runs[f"best_of_{args.n}_{name}"] = summarize(best, categories)
+        runs["first candidate (no selection)"] = summarize(passed[:, 0].numpy(), categories)
+        prompts = evaluation_prompts(args.particle_per_category)
+        spec = f"particle_steering:particles=4,reward={folder}"
+        result = evaluate(
+            pipe,
+            prompts,
+            [method_from_spec(spec)],
+            name="particles",
+            seeds=args.particle_seeds,
+            **sampling_defaults(pipe),
+        )
+        runs["particle_steering_4_trained"] = {k: v for k, v in result.summary().items() if k != "verdicts"}
+        for name, run in runs.items():
+            print(name, run["overall"], flush=True)
     lines = [
         "| reward | held-out pairwise accuracy (95% interval) | vs trained: trained better / other better, p |",
         "|---|---|---|",
@@ -184,8 +222,10 @@ def main() -> None:
     markdown = (
         f"The preference loop on the SD shapes model (`{command}`): {n_pairs} pairs judged by the exact verifier "
         f"through the judgment store ({collect_s:.0f} s), a reward fitted from the shapes CLIP in {train_s:.0f} s "
-        f"({trainer.step} steps), {len(decided)} held-out pairs with a winner (prompts held out whole); then "
-        f"{len(prompts)} evaluation prompts x {args.seeds} images.\n\n" + "\n".join(lines) + "\n"
+        f"({trainer.step} steps), {len(decided)} held-out pairs with a winner (prompts held out whole). Best-of-"
+        f"{args.n}: {groups} groups ({args.per_category} evaluation prompts per category x {args.seeds}), each reward "
+        f"picking among the same {args.n} candidates; particle steering: {len(prompts)} prompts x "
+        f"{args.particle_seeds} images.\n\n" + "\n".join(lines) + "\n"
     )
     data = {
         "benchmark": "preference_loop",

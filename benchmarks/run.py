@@ -282,7 +282,8 @@ SUITES: dict[str, Suite] = {
     "preferences": Suite(
         "The preference loop on the SD shapes model: verifier-labelled pairs through the judgment store, a reward "
         "fitted in at most 20 minutes, its held-out accuracy against the shapes CLIP and the soft verifier, and "
-        "best-of-8 / particle steering with it on the evaluation set.",
+        "best-of-8 with it and with the shapes CLIP among the same candidates on the evaluation set (240 x 4), and "
+        "particle steering with it (120 prompts x 2).",
         (Step("loop", "preference_loop.py", "--pairs 2000 --minutes 20 --name preference_loop"),),
         quoted_in=("docs/preferences.md",),
     ),
