@@ -1,0 +1,76 @@
+"""The runtime-feature compatibility matrix (`ttalign.compat`): every method and the plain call, on every family's
+tiny components, with each speed / memory feature; each cell `same` (with the largest pixel difference to the run
+without the feature), `refused` (with its message), `n/a` or a failure. Writes `compat_matrix.json` and `.md`.
+
+    python benchmarks/compat_matrix.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, write_results  # noqa: E402
+
+from ttalign.compat import FEATURES, METHODS, run_cell  # noqa: E402
+from ttalign.pipelines import FAMILIES  # noqa: E402
+
+SYMBOL = {"same": "ok", "refused": "refused", "n/a": "n/a", "differs": "**differs**", "error": "**error**"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--features", default=",".join(FEATURES))
+    parser.add_argument("--name", default="compat_matrix")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    families, features = args.families.split(","), args.features.split(",")
+    cells, start = [], time.perf_counter()
+    for family in families:
+        reference: dict = {}
+        for feature in features:
+            for method in METHODS:
+                cell = run_cell(family, feature, method, reference)
+                cells.append(cell)
+                print(family, feature, method, cell.status, cell.max_diff, cell.message[:120], flush=True)
+    lines = [
+        "# Runtime features x methods",
+        "",
+        f"`python benchmarks/compat_matrix.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+        "",
+        "Each cell: the method on the family's tiny components with the feature on, against the same call without it "
+        "(`ok`: the same images within the feature's tolerance; `refused`: a clear error, listed below; `n/a`: the "
+        "family has no such feature).",
+        "",
+    ]
+    notes: dict[str, list[str]] = {}
+    for family in families:
+        lines += [f"## {family}", "", "| feature | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+        for feature in features:
+            row = [c for c in cells if c.family == family and c.feature == feature]
+            lines.append(f"| {feature} | " + " | ".join(SYMBOL[c.status] for c in row) + " |")
+            for c in row:
+                if c.status != "same" and c.message:
+                    notes.setdefault(c.message, []).append(f"{family}/{feature}/{c.method}")
+        lines.append("")
+    if notes:
+        lines += ["## Messages", ""]
+        lines += [f"- {', '.join(where)}: {message}" for message, where in notes.items()]
+    data = {
+        "benchmark": "compat_matrix",
+        "command": "python benchmarks/compat_matrix.py " + " ".join(sys.argv[1:]),
+        "seconds": time.perf_counter() - start,
+        "cells": [c.__dict__ for c in cells],
+        "environment": environment(),
+    }
+    write_results(args.name, data, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""The runtime-feature compatibility matrix: every method (and the plain call) on every family, with each of the
+speed / memory features people turn on (VAE tiling and slicing, offloading, attention backends, `torch.compile`, a
+LoRA, quantized weights), run on the tiny components of :mod:`ttalign.testing`.
+
+A cell runs a method twice on fresh copies of one family's tiny pipeline, with and without the feature, and compares
+the images: `same` (within the feature's own tolerance), `differs`, `refused` (a `ValueError` or
+`NotImplementedError` that names the conflict: the expected outcome where a feature cannot work with a method), or
+`error` (anything else: a bug). `tests/test_runtime_features.py` runs every cell; `benchmarks/compat_matrix.py`
+writes the table in `docs/runtime.md`.
+
+    from ttalign.compat import run_cell
+    run_cell("flux", "vae_slicing", "attend_and_excite")
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+PROMPTS = ["a cat and a dog", "a red car and a tree"]
+RIGHT = (0.5, 0.0, 1.0, 1.0)  # a region: the right half
+
+
+@dataclass
+class Cell:
+    family: str
+    feature: str
+    method: str
+    #: `same`, `differs`, `refused`, `error` or `n/a` (the feature does not exist for this family).
+    status: str
+    #: The largest absolute pixel difference to the run without the feature (`None` when a run did not finish).
+    max_diff: float | None = None
+    #: The feature's own tolerance for this comparison.
+    tolerance: float | None = None
+    message: str = ""
+
+
+# --- methods ------------------------------------------------------------------------------------------------------
+
+
+def _methods() -> dict[str, Callable[[], list]]:
+    from ttalign.methods import (
+        AttendAndExcite,
+        BestOfN,
+        NoiseOptimization,
+        ParticleSteering,
+        RegionReweight,
+        RewardGuidance,
+    )
+    from ttalign.testing import Redness
+
+    return {
+        "plain": lambda: [],
+        "best_of_n": lambda: [BestOfN(reward=Redness(), n=2)],
+        "noise_optimization": lambda: [NoiseOptimization(reward=Redness(), steps=1, lr=1.0)],
+        "reward_guidance": lambda: [RewardGuidance(reward=Redness(), scale=20.0)],
+        "particle_steering": lambda: [ParticleSteering(reward=Redness(), particles=2, resample_every=1)],
+        "attend_and_excite": lambda: [
+            AttendAndExcite(tokens=lambda p: [p.split()[1], p.split()[-1]], max_iter_to_alter=2, thresholds={0: 0.9})
+        ],
+        "region_reweight": lambda: [
+            RegionReweight(regions={"dog": (0.5, 0.0, 1.0, 1.0), "tree": (0.5, 0.0, 1.0, 1.0)})
+        ],
+    }
+
+
+METHODS = (
+    "plain",
+    "best_of_n",
+    "noise_optimization",
+    "reward_guidance",
+    "particle_steering",
+    "attend_and_excite",
+    "region_reweight",
+)
+
+
+# --- features -----------------------------------------------------------------------------------------------------
+# Each feature is `apply(pipe, family) -> tolerance` (raising `NotApplicable` where the family has no such thing);
+# it is applied to a fresh pipeline, so none needs undoing. A negative tolerance: relative to the plain call's change.
+
+
+class NotApplicable(Exception):
+    """The feature does not exist for this family (for example an attention backend its processors ignore)."""
+
+
+def _denoiser(pipe):
+    return pipe.family.denoiser
+
+
+def _vae_tiling(pipe, family: str) -> float:
+    vae = pipe.vae
+    vae.enable_tiling()
+    # Tiles smaller than the tiny images, so the tiled path runs (the defaults exceed them).
+    vae.tile_sample_min_size = 16
+    vae.tile_latent_min_size = 16 // (2 ** (len(vae.config.block_out_channels) - 1))
+    if hasattr(vae, "tile_sample_min_height"):
+        vae.tile_sample_min_height = vae.tile_sample_min_width = 16
+    return -1.0  # relative: see `run_cell`
+
+
+def _vae_slicing(pipe, family: str) -> float:
+    pipe.vae.enable_slicing()
+    return 1e-4
+
+
+def _model_cpu_offload(pipe, family: str) -> float:
+    pipe.enable_model_cpu_offload(device="cpu")
+    return 1e-4
+
+
+def _sequential_cpu_offload(pipe, family: str) -> float:
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    return 1e-4
+
+
+def _group_offload(offload_type: str) -> Callable:
+    def apply(pipe, family: str) -> float:
+        _denoiser(pipe).enable_group_offload(
+            onload_device=torch.device("cpu"), offload_type=offload_type, num_blocks_per_group=1
+        )
+        return 1e-4
+
+    return apply
+
+
+def _attention_backend(pipe, family: str) -> float:
+    denoiser = _denoiser(pipe)
+    listening = [p for p in denoiser.attn_processors.values() if hasattr(p, "_attention_backend")]
+    if not listening:
+        raise NotApplicable("its attention processors call SDPA directly and ignore the backend switch")
+    denoiser.set_attention_backend("_native_math")
+    return 1e-4
+
+
+def _compile(pipe, family: str) -> float:
+    denoiser = _denoiser(pipe)
+    if getattr(denoiser, "_repeated_blocks", None):
+        denoiser.compile_repeated_blocks(fullgraph=True, backend="eager")
+    else:
+        denoiser.compile(backend="eager")
+    return 1e-4
+
+
+def _add_lora(pipe) -> None:
+    """A LoRA adapter with seeded random weights (so the images change) through diffusers' PEFT integration."""
+    from peft import LoraConfig
+
+    targets = list(pipe.family.lora_target_modules)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=targets)
+        _denoiser(pipe).add_adapter(config)
+
+
+def _lora(pipe, family: str) -> float:
+    """A LoRA loaded the way users load one: saved in the family's diffusers format, then `load_lora_weights`."""
+    import tempfile
+
+    from peft.utils import get_peft_model_state_dict
+
+    from ttalign.testing import get_tiny_family_pipeline
+
+    source = get_tiny_family_pipeline(family)
+    _add_lora(source)
+    with tempfile.TemporaryDirectory() as folder:
+        source.family.save_lora(folder, get_peft_model_state_dict(_denoiser(source)))
+        pipe.load_lora_weights(folder)
+    return 1e-4
+
+
+FEATURES: dict[str, Callable] = {
+    "vae_tiling": _vae_tiling,
+    "vae_slicing": _vae_slicing,
+    "model_cpu_offload": _model_cpu_offload,
+    "sequential_cpu_offload": _sequential_cpu_offload,
+    "group_offload_block": _group_offload("block_level"),
+    "group_offload_leaf": _group_offload("leaf_level"),
+    "attention_backend": _attention_backend,
+    "torch_compile": _compile,
+    "lora": _lora,
+}
+
+
+# --- cells --------------------------------------------------------------------------------------------------------
+
+
+def _render(pipe, methods: list) -> torch.Tensor:
+    flow = "flow_matching" in pipe.family.features
+    size = 32 if flow else pipe.family.default_image_size
+    out = pipe(
+        PROMPTS,
+        num_inference_steps=3,
+        height=size,
+        width=size,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+        alignment=methods,
+    )
+    return out.images
+
+
+@contextlib.contextmanager
+def _quiet():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def run_cell(family: str, feature: str, method: str, reference: dict | None = None) -> Cell:
+    """Runs `method` on the tiny pipeline of `family` with and without `feature` (see the module docstring).
+    `reference` caches the runs without a feature, keyed by `(family, method)`."""
+    from ttalign.testing import get_tiny_family_pipeline
+
+    methods = _methods()
+    if feature not in FEATURES:
+        raise ValueError(f"Unknown feature {feature!r}; known: {sorted(FEATURES)}.")
+    if method not in methods:
+        raise ValueError(f"Unknown method {method!r}; known: {sorted(methods)}.")
+    reference = {} if reference is None else reference
+
+    def baseline(key):
+        if key not in reference:
+            reference[key] = _render(get_tiny_family_pipeline(family), methods[key[-1]]())
+        return reference[key]
+
+    pipe = get_tiny_family_pipeline(family)
+    try:
+        with _quiet():
+            tolerance = FEATURES[feature](pipe, family)
+    except NotApplicable as err:
+        return Cell(family, feature, method, "n/a", message=str(err))
+    except (ValueError, NotImplementedError, ImportError) as err:
+        return Cell(family, feature, method, "refused", message=f"{type(err).__name__}: {err}")
+    try:
+        with _quiet():
+            images = _render(pipe, methods[method]())
+    except (ValueError, NotImplementedError) as err:
+        return Cell(family, feature, method, "refused", message=f"{type(err).__name__}: {err}")
+    except Exception as err:  # noqa: BLE001 - the matrix records what broke
+        return Cell(family, feature, method, "error", message=f"{type(err).__name__}: {str(err)[:300]}")
+    if feature == "lora":  # the images change: the method must see the model a merged LoRA gives
+        expected = _render(_lora_merged(family), methods[method]())
+    else:
+        expected = baseline((family, method))
+    diff = float((images - expected).abs().max())
+    if tolerance < 0:  # relative to what the feature does to the plain call
+        plain_with = images if method == "plain" else _plain_with(family, feature)
+        tolerance = 1.5 * float((plain_with - baseline((family, "plain"))).abs().max()) + 1e-4
+    status = "same" if diff <= tolerance else "differs"
+    return Cell(family, feature, method, status, diff, tolerance)
+
+
+def _plain_with(family: str, feature: str) -> torch.Tensor:
+    from ttalign.testing import get_tiny_family_pipeline
+
+    pipe = get_tiny_family_pipeline(family)
+    FEATURES[feature](pipe, family)
+    return _render(pipe, [])
+
+
+def _lora_merged(family: str):
+    """The tiny pipeline with the `lora` feature's adapter fused into the base weights."""
+    from ttalign.testing import get_tiny_family_pipeline
+
+    pipe = get_tiny_family_pipeline(family)
+    _add_lora(pipe)
+    _denoiser(pipe).fuse_lora()
+    return pipe
