@@ -304,6 +304,13 @@ SUITES: dict[str, Suite] = {
         ),
         quoted_in=("docs/composition.md", "docs/efficacy.md"),
     ),
+    "compat_matrix": Suite(
+        "Every method and the plain call on every family's tiny components with each runtime feature (VAE tiling and "
+        "slicing, offloading, the attention-backend switch, regional torch.compile, a LoRA): same images, a refusal, "
+        "or a failure.",
+        (Step("matrix", "compat_matrix.py", "--name compat_matrix"),),
+        quoted_in=("docs/runtime.md",),
+    ),
     "composition_targets": Suite(
         "Best-of-8 with each shapes reward on the whole evaluation set (240 prompts x 4 seeds, 8 candidates each: "
         "7,680 images per model, 8x the baseline's NFE), judged by the exact verifier; the learned rewards "

@@ -403,17 +403,28 @@ class AlignmentRunner:
         state.runner = self
         snapshot = ComponentSnapshot(state.pipe)
         started: list[AlignmentMethod] = []
+        # Attention hooks read per-step Python state that a compiled denoiser would guard on and recompile for at
+        # every step: a call with them runs the compiled modules eagerly (the same images, no recompilation).
+        eager = self.has(Stage.ATTENTION) and compiled(state.family.denoiser)
+        stance = torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
         try:
-            for method in self.methods:
-                started.append(method)
-                method.setup(state)
-            yield
+            with stance:
+                for method in self.methods:
+                    started.append(method)
+                    method.setup(state)
+                yield
         finally:
             try:
                 for method in reversed(started):
                     method.teardown(state)
             finally:
                 snapshot.restore()
+
+
+def compiled(module: torch.nn.Module) -> bool:
+    """Whether `module` or any of its submodules was compiled in place (`module.compile()`, as diffusers'
+    `compile_repeated_blocks` does)."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
 
 
 class ComponentSnapshot:
