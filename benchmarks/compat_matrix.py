@@ -20,7 +20,15 @@ from common import environment, write_results  # noqa: E402
 from ttalign.compat import FEATURES, METHODS, run_cell  # noqa: E402
 from ttalign.pipelines import FAMILIES  # noqa: E402
 
-SYMBOL = {"same": "ok", "refused": "refused", "n/a": "n/a", "differs": "**differs**", "error": "**error**"}
+SYMBOL = {
+    "same": "ok",
+    "reselects": "ok*",
+    "refused": "refused",
+    "gpu": "GPU",
+    "n/a": "n/a",
+    "differs": "**differs**",
+    "error": "**error**",
+}
 
 
 def main() -> None:
@@ -45,8 +53,9 @@ def main() -> None:
         f"`python benchmarks/compat_matrix.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
         "",
         "Each cell: the method on the family's tiny components with the feature on, against the same call without it "
-        "(`ok`: the same images within the feature's tolerance; `refused`: a clear error, listed below; `n/a`: the "
-        "family has no such feature).",
+        "(`ok`: the same images within the feature's tolerance; `ok*`: a selection method chose other candidates "
+        "because the feature changed the pixels its reward scores; `refused`: a clear error, listed below; `GPU`: "
+        "the feature needs an accelerator, whatever the method; `n/a`: the family has no such feature).",
         "",
     ]
     notes: dict[str, list[str]] = {}
@@ -56,7 +65,7 @@ def main() -> None:
             row = [c for c in cells if c.family == family and c.feature == feature]
             lines.append(f"| {feature} | " + " | ".join(SYMBOL[c.status] for c in row) + " |")
             for c in row:
-                if c.status != "same" and c.message:
+                if c.status not in ("same", "reselects") and c.message:
                     notes.setdefault(c.message, []).append(f"{family}/{feature}/{c.method}")
         lines.append("")
     if notes:
