@@ -3,15 +3,22 @@
 docs/runtime.md comes from the same cells (`python benchmarks/run.py compat_matrix`)."""
 
 import pytest
+import torch
 
-from ttalign.compat import FEATURES, METHODS, run_cell
+from ttalign.compat import FEATURES, METHODS, SELECTS, run_cell
 from ttalign.pipelines import FAMILIES
 
 #: Cells that must refuse, `(family or "*", feature, method or "*")` -> a phrase of the message.
 REFUSALS: dict[tuple[str, str, str], str] = {}
 
-#: Cells where the family has no such feature.
+#: Cells where the family has no such feature: the UNet and SD3 processors call SDPA directly.
 NOT_APPLICABLE = {("sd", "attention_backend"), ("sdxl", "attention_backend"), ("sd3", "attention_backend")}
+
+#: Features that need an accelerator whatever the method: on a CPU-only machine the cell says so; with a GPU it runs.
+GPU_ONLY = {"sequential_cpu_offload"}
+
+#: Features that change the decoded pixels themselves: a selection method may then choose other candidates.
+CHANGES_PIXELS = {"vae_tiling"}
 
 _REFERENCE: dict[str, dict] = {}
 
@@ -33,10 +40,40 @@ def test_every_method_with_the_feature(family, feature):
         refusal = _expected(family, feature, method)
         if (family, feature) in NOT_APPLICABLE:
             ok = cell.status == "n/a"
+        elif feature in GPU_ONLY and not torch.cuda.is_available():
+            ok = cell.status == "gpu" and "CPU-only" in cell.message
         elif refusal is not None:
             ok = cell.status == "refused" and refusal in cell.message
         else:
-            ok = cell.status == "same"
+            allowed = {"same", "reselects"} if feature in CHANGES_PIXELS and method in SELECTS else {"same"}
+            ok = cell.status in allowed
         if not ok:
             failures.append(f"{method}: {cell.status} (diff {cell.max_diff}, tol {cell.tolerance}) {cell.message}")
     assert not failures, f"{family} with {feature}:\n" + "\n".join(failures)
+
+
+def test_attention_methods_keep_the_users_backend_on_the_layers_they_do_not_read(monkeypatch):
+    """FLUX with `_native_math`: Attend-and-Excite reads the double-stream blocks; every single-stream block still
+    dispatches its attention through the user's backend, in the call and in the refinement passes."""
+    import diffusers.models.transformers.transformer_flux as flux_module
+
+    from ttalign.methods import AttendAndExcite
+    from ttalign.testing import get_tiny_family_pipeline
+
+    pipe = get_tiny_family_pipeline("flux")
+    transformer = pipe.transformer
+    transformer.set_attention_backend("_native_math")
+    seen = []
+    real = flux_module.dispatch_attention_fn
+
+    def counting(*args, backend=None, **kwargs):
+        seen.append(str(getattr(backend, "value", backend)))
+        return real(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(flux_module, "dispatch_attention_fn", counting)
+    method = AttendAndExcite(tokens=["cat", "dog"], max_iter_to_alter=2, thresholds={0: 0.9})
+    pipe(["a cat and a dog"], num_inference_steps=3, height=32, width=32, output_type="pt", alignment=[method])
+    single = len(transformer.single_transformer_blocks)
+    assert len(seen) >= 3 * single and set(seen) == {"_native_math"}
+    processors = transformer.attn_processors.values()
+    assert all(str(getattr(p._attention_backend, "value", p._attention_backend)) == "_native_math" for p in processors)

@@ -91,8 +91,8 @@ class NeedsAccelerator(Exception):
     """The feature cannot run on a machine without a GPU, whatever the method (diffusers' own plain call fails)."""
 
 
-#: Methods that choose among candidates by a reward: a feature that changes the decoded pixels (VAE tiling) may
-#: change their choice, which is their right behaviour (`reselects`).
+#: Methods that choose among candidates by a reward: a feature that changes the images itself (VAE tiling, quantized
+#: weights) may change their choice, which is their right behaviour (`reselects`).
 SELECTS = frozenset({"best_of_n", "particle_steering"})
 
 
@@ -199,6 +199,49 @@ def _lora(pipe, family: str) -> float:
     return 1e-4
 
 
+def _torchao_int8(pipe, family: str) -> float:
+    """The denoiser saved and loaded back through diffusers with `TorchAoConfig(Int8WeightOnlyConfig())`, as users
+    load a quantized checkpoint."""
+    import tempfile
+
+    from diffusers import TorchAoConfig
+
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig
+    except ImportError as err:
+        raise ImportError("torchao is not installed (`pip install ttalign[quant]`)") from err
+    from diffusers.utils import logging
+
+    attribute = pipe.family.denoiser_attribute
+    denoiser = getattr(pipe, attribute)
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # "only bfloat16 is supported": float32 runs too, and compares exactly
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            denoiser.save_pretrained(folder)
+            quantized = type(denoiser).from_pretrained(
+                folder, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), torch_dtype=denoiser.dtype
+            )
+    finally:
+        logging.set_verbosity(level)
+    pipe.register_modules(**{attribute: quantized})
+    return 1e-4
+
+
+def _dequantized(family: str):
+    """The tiny pipeline with the `torchao_int8` feature's denoiser, its int8 weights dequantized into ordinary
+    float parameters: the same model in plain arithmetic."""
+    from ttalign.testing import get_tiny_family_pipeline
+
+    pipe = get_tiny_family_pipeline(family)
+    _torchao_int8(pipe, family)
+    for module in _denoiser(pipe).modules():
+        weight = getattr(module, "weight", None)
+        if weight is not None and hasattr(weight, "dequantize"):
+            module.weight = torch.nn.Parameter(weight.dequantize(), requires_grad=False)
+    return pipe
+
+
 FEATURES: dict[str, Callable] = {
     "vae_tiling": _vae_tiling,
     "vae_slicing": _vae_slicing,
@@ -209,7 +252,13 @@ FEATURES: dict[str, Callable] = {
     "attention_backend": _attention_backend,
     "torch_compile": _compile,
     "lora": _lora,
+    "torchao_int8": _torchao_int8,
 }
+
+
+#: Features that change the model itself, with the plain model each one must equal: a LoRA merged into the weights,
+#: int8 weights dequantized.
+EXPECTED: dict[str, Callable] = {}
 
 
 # --- cells --------------------------------------------------------------------------------------------------------
@@ -279,8 +328,8 @@ def run_cell(family: str, feature: str, method: str, reference: dict | None = No
         return Cell(family, feature, method, "refused", message=f"{type(err).__name__}: {err}")
     except Exception as err:  # noqa: BLE001 - the matrix records what broke
         return Cell(family, feature, method, "error", message=f"{type(err).__name__}: {str(err)[:300]}")
-    if feature == "lora":  # the images change: the method must see the model a merged LoRA gives
-        expected = _render(_lora_merged(family), methods[method]())
+    if feature in EXPECTED:  # the feature changes the model: the method must see what the equivalent plain model gives
+        expected = _render(EXPECTED[feature](family), methods[method]())
     else:
         expected = baseline((family, method))
     diff = float((images - expected).abs().max())
@@ -308,3 +357,6 @@ def _lora_merged(family: str):
     _add_lora(pipe)
     _denoiser(pipe).fuse_lora()
     return pipe
+
+
+EXPECTED.update(lora=_lora_merged, torchao_int8=_dequantized)
