@@ -228,18 +228,62 @@ def _torchao_int8(pipe, family: str) -> float:
     return 1e-4
 
 
-def _dequantized(family: str):
-    """The tiny pipeline with the `torchao_int8` feature's denoiser, its int8 weights dequantized into ordinary
-    float parameters: the same model in plain arithmetic."""
-    from ttalign.testing import get_tiny_family_pipeline
+def _gguf_q8(pipe, family: str) -> float:
+    """The denoiser written as a GGUF file (its matrices with rows of a multiple of 32 in Q8_0 blocks, the rest in
+    F32, as GGUF checkpoints keep their small tensors) and loaded with `from_single_file(...,
+    quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32))`."""
+    import os
+    import tempfile
 
-    pipe = get_tiny_family_pipeline(family)
-    _torchao_int8(pipe, family)
-    for module in _denoiser(pipe).modules():
-        weight = getattr(module, "weight", None)
-        if weight is not None and hasattr(weight, "dequantize"):
-            module.weight = torch.nn.Parameter(weight.dequantize(), requires_grad=False)
-    return pipe
+    from diffusers import GGUFQuantizationConfig
+
+    try:
+        import gguf
+    except ImportError as err:
+        raise ImportError("gguf is not installed (`pip install ttalign[quant]`)") from err
+    attribute = pipe.family.denoiser_attribute
+    denoiser = getattr(pipe, attribute)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    with tempfile.TemporaryDirectory() as folder:
+        denoiser.save_config(folder)
+        path = os.path.join(folder, "denoiser.gguf")
+        writer = gguf.GGUFWriter(path, arch="ttalign-test")
+        for name, tensor in denoiser.state_dict().items():
+            array = tensor.detach().float().numpy()
+            if tensor.ndim == 2 and array.shape[-1] % 32 == 0:  # [out, in]: Q8_0 blocks of 32 along `in`
+                writer.add_tensor(name, gguf.quants.quantize(array, q8), raw_dtype=q8)
+            else:
+                writer.add_tensor(name, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        config = GGUFQuantizationConfig(compute_dtype=torch.float32)
+        loaded = type(denoiser).from_single_file(path, config=folder, quantization_config=config)
+    pipe.register_modules(**{attribute: loaded})
+    return 1e-4
+
+
+def _dequantized(feature: str) -> Callable:
+    """The tiny pipeline with the quantization `feature`'s denoiser, its quantized weights dequantized into ordinary
+    float parameters: the same model in plain arithmetic."""
+
+    def build(family: str):
+        from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+        from ttalign.testing import get_tiny_family_pipeline
+
+        pipe = get_tiny_family_pipeline(family)
+        FEATURES[feature](pipe, family)
+        for module in _denoiser(pipe).modules():
+            weight = getattr(module, "weight", None)
+            if hasattr(weight, "quant_type"):  # GGUF
+                module.weight = torch.nn.Parameter(dequantize_gguf_tensor(weight).float(), requires_grad=False)
+            elif weight is not None and hasattr(weight, "dequantize"):  # torchao
+                module.weight = torch.nn.Parameter(weight.dequantize(), requires_grad=False)
+        return pipe
+
+    return build
 
 
 FEATURES: dict[str, Callable] = {
@@ -253,8 +297,8 @@ FEATURES: dict[str, Callable] = {
     "torch_compile": _compile,
     "lora": _lora,
     "torchao_int8": _torchao_int8,
+    "gguf_q8": _gguf_q8,
 }
-
 
 #: Features that change the model itself, with the plain model each one must equal: a LoRA merged into the weights,
 #: int8 weights dequantized.
@@ -359,4 +403,4 @@ def _lora_merged(family: str):
     return pipe
 
 
-EXPECTED.update(lora=_lora_merged, torchao_int8=_dequantized)
+EXPECTED.update(lora=_lora_merged, torchao_int8=_dequantized("torchao_int8"), gguf_q8=_dequantized("gguf_q8"))
