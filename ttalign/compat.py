@@ -124,7 +124,7 @@ def _model_cpu_offload(pipe, family: str) -> float:
 def _sequential_cpu_offload(pipe, family: str) -> float:
     if not torch.cuda.is_available():
         raise NeedsAccelerator(
-            "on a CPU-only machine diffusers' own plain call fails with it (accelerate cannot put the buffers on "
+            "without a GPU diffusers' own plain call fails with it (accelerate cannot put the buffers on "
             "`meta`); group offloading with `offload_type='leaf_level'` is its CPU-testable counterpart"
         )
     pipe.enable_sequential_cpu_offload()
@@ -154,6 +154,47 @@ def _attention_backend(pipe, family: str) -> float:
         denoiser.set_attention_backend("_native_math")
     finally:
         logging.set_verbosity(level)
+    return 1e-4
+
+
+def _sdpa_memory_efficient_attention(query, key, value, attn_bias=None, op=None, scale=None, p=0.0):
+    """xformers' `memory_efficient_attention` (`[B, M, K]` or `[B, M, H, K]` inputs) computed by PyTorch's SDPA: the
+    kernel's stand-in where xformers cannot run (no GPU), so the rest of the path runs as it does on a GPU."""
+    if query.ndim == 4:  # [B, M, H, K] -> [B, H, M, K] and back
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_bias, scale=scale
+        )
+        return out.transpose(1, 2)
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_bias, scale=scale)
+
+
+def _xformers(pipe, family: str) -> float:
+    """`pipe.enable_xformers_memory_efficient_attention()` where xformers runs (a GPU); elsewhere the processors that
+    call installs (`XFormersAttnProcessor`, SD3's `XFormersJointAttnProcessor`), with the kernel computed by SDPA for
+    the cell. FLUX takes xformers through the attention-backend switch, which needs the package and a GPU."""
+    import types
+
+    import diffusers.models.attention_processor as processors
+
+    denoiser = _denoiser(pipe)
+    if torch.cuda.is_available() and processors.xformers is not None:
+        pipe.enable_xformers_memory_efficient_attention()
+        return 1e-3
+    if any(hasattr(p, "_attention_backend") for p in denoiser.attn_processors.values()):
+        raise NeedsAccelerator("xformers reaches this family through the attention-backend switch, which needs a GPU")
+    joint = {
+        name: processors.XFormersJointAttnProcessor()
+        if isinstance(p, processors.JointAttnProcessor2_0)
+        else processors.XFormersAttnProcessor()
+        for name, p in denoiser.attn_processors.items()
+    }
+    denoiser.set_attn_processor(joint)
+    if processors.xformers is None:
+        stand_in = types.SimpleNamespace(
+            ops=types.SimpleNamespace(memory_efficient_attention=_sdpa_memory_efficient_attention)
+        )
+        processors.xformers = stand_in
+        _CLEANUP.callback(setattr, processors, "xformers", None)
     return 1e-4
 
 
@@ -294,6 +335,7 @@ FEATURES: dict[str, Callable] = {
     "group_offload_block": _group_offload("block_level"),
     "group_offload_leaf": _group_offload("leaf_level"),
     "attention_backend": _attention_backend,
+    "xformers": _xformers,
     "torch_compile": _compile,
     "lora": _lora,
     "torchao_int8": _torchao_int8,
@@ -303,6 +345,10 @@ FEATURES: dict[str, Callable] = {
 #: Features that change the model itself, with the plain model each one must equal: a LoRA merged into the weights,
 #: int8 weights dequantized.
 EXPECTED: dict[str, Callable] = {}
+
+
+#: What a feature set up for one cell and must undo after it (the xformers kernel's stand-in).
+_CLEANUP = contextlib.ExitStack()
 
 
 # --- cells --------------------------------------------------------------------------------------------------------
@@ -335,6 +381,13 @@ def _quiet():
 def run_cell(family: str, feature: str, method: str, reference: dict | None = None) -> Cell:
     """Runs `method` on the tiny pipeline of `family` with and without `feature` (see the module docstring).
     `reference` caches the runs without a feature, keyed by `(family, method)`."""
+    try:
+        return _run_cell(family, feature, method, {} if reference is None else reference)
+    finally:
+        _CLEANUP.close()
+
+
+def _run_cell(family: str, feature: str, method: str, reference: dict) -> Cell:
     from ttalign.testing import get_tiny_family_pipeline
 
     methods = _methods()
@@ -342,7 +395,6 @@ def run_cell(family: str, feature: str, method: str, reference: dict | None = No
         raise ValueError(f"Unknown feature {feature!r}; known: {sorted(FEATURES)}.")
     if method not in methods:
         raise ValueError(f"Unknown method {method!r}; known: {sorted(methods)}.")
-    reference = {} if reference is None else reference
 
     def baseline(key):
         if key not in reference:
