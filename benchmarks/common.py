@@ -38,9 +38,15 @@ def shapes_candidates(model: str, per_category: int, seeds: int, k: int) -> dict
     from ttalign.shapes.evaluate import evaluate
 
     path = os.path.join(CACHE, f"candidates_{model}_{per_category}x{seeds}x{k}.pt")
+    lock = path + ".lock"  # another script is sampling this set: wait for it rather than sample it twice
+    while not os.path.isfile(path) and os.path.isfile(lock) and time.time() - os.path.getmtime(lock) < 4 * 3600:
+        time.sleep(30)
     if os.path.isfile(path):
         print(f"candidates from {path}")
         return torch.load(path, weights_only=True)
+    os.makedirs(CACHE, exist_ok=True)
+    with open(lock, "w") as f:
+        f.write(str(os.getpid()))
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     settings = sampling_defaults(pipe)
@@ -55,9 +61,9 @@ def shapes_candidates(model: str, per_category: int, seeds: int, k: int) -> dict
         "sample_s": time.perf_counter() - start,
         "sampling": settings,
     }
-    os.makedirs(CACHE, exist_ok=True)
     torch.save(data, path + ".tmp")
     os.replace(path + ".tmp", path)
+    os.remove(lock)
     return data
 
 
