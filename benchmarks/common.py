@@ -39,6 +39,8 @@ def shapes_candidates(model: str, per_category: int, seeds: int, k: int) -> dict
 
     path = os.path.join(CACHE, f"candidates_{model}_{per_category}x{seeds}x{k}.pt")
     lock = path + ".lock"  # another script is sampling this set: wait for it rather than sample it twice
+    if not os.path.isfile(path) and os.path.isfile(lock):
+        print(f"waiting for {path}: another process is sampling it (remove {lock} if it is gone)", flush=True)
     while not os.path.isfile(path) and os.path.isfile(lock) and time.time() - os.path.getmtime(lock) < 4 * 3600:
         time.sleep(30)
     if os.path.isfile(path):
