@@ -43,7 +43,7 @@ class JointControlProcessor:
         if not (recorders or prob_hooks or logit_hooks):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if self.text_first:
-            return self._flux(
+            out = self._flux(
                 attn,
                 hidden_states,
                 encoder_hidden_states,
@@ -56,9 +56,12 @@ class JointControlProcessor:
                 logit_hooks,
                 **kwargs,
             )
-        return self._sd3(
-            attn, hidden_states, encoder_hidden_states, n_image, cross, recorders, prob_hooks, logit_hooks
-        )
+        else:
+            out = self._sd3(
+                attn, hidden_states, encoder_hidden_states, n_image, cross, recorders, prob_hooks, logit_hooks
+            )
+        control.check_stop(self.name)
+        return out
 
     # --- the explicit attention -------------------------------------------------------------------------------------
 

@@ -427,9 +427,11 @@ class ControlProcessor:
         prob_hooks = [f for f in control.prob_hooks if f.wants(ctx)]
         if not (recorders or logit_hooks or prob_hooks):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        return self.explicit(
+        out = self.explicit(
             attn, hidden_states, encoder_hidden_states, attention_mask, temb, ctx, recorders, logit_hooks, prob_hooks
         )
+        control.check_stop(self.name)
+        return out
 
     @staticmethod
     def explicit(

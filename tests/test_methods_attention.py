@@ -481,3 +481,17 @@ def test_noise_optimization_under_region_control_is_the_same_with_gradient_check
     moved = checkpointed.traces["noise_optimization"]["rewards"]
     assert (moved[1] - moved[0]).abs().min() > 1e-3  # the noise moved
     assert np.abs(checkpointed.images - plain.images).max() <= 1e-5
+
+
+def test_attend_and_excite_loss_passes_stop_after_the_last_recorded_layer():
+    """Only the maps matter in a loss pass: after the first (whole) pass, the forward stops at the last layer that
+    records, so SD's highest-resolution up blocks never run there (the parity tests above hold the images)."""
+    pipe = AlignedStableDiffusionPipeline(**get_tiny_components(layout="sd"))
+    pipe.set_progress_bar_config(disable=True)
+    calls = {"first_down": 0, "last_up": 0}
+    pipe.unet.down_blocks[0].register_forward_hook(lambda *_: calls.__setitem__("first_down", calls["first_down"] + 1))
+    pipe.unet.up_blocks[-1].register_forward_hook(lambda *_: calls.__setitem__("last_up", calls["last_up"] + 1))
+    method = AttendAndExcite(tokens=["cat", "dog"], attn_res=(8, 8), max_iter_to_alter=3, thresholds={})
+    _call(pipe, prompts=["a cat and a dog"], alignment=[method], num_inference_steps=3, height=256, width=256)
+    # three pipeline steps (both CFG branches in one batch) and three loss passes, of which the last two stop early
+    assert calls == {"first_down": 6, "last_up": 4}

@@ -60,6 +60,12 @@ class LayerContext:
         return batch // rows
 
 
+class StopForward(Exception):
+    """Raised by the control processor of the layer named in :attr:`AttentionControl.stop_after`, once it has
+    recorded: a forward run only for the maps it records needs nothing after that layer (Attend-and-Excite's loss
+    passes)."""
+
+
 @dataclass
 class AttentionControl:
     """The per-call registry of attention hooks (see the module docstring).
@@ -83,6 +89,8 @@ class AttentionControl:
     recorders: list = field(default_factory=list)
     logit_hooks: list = field(default_factory=list)
     prob_hooks: list = field(default_factory=list)
+    #: While recording: the layer after which the forward stops (:class:`StopForward`); `None` runs it whole.
+    stop_after: str | None = None
 
     def context(self, name: str, is_cross: bool, query_len: int, part: str | None = None) -> LayerContext:
         h, w = self.latent_size
@@ -111,15 +119,22 @@ class AttentionControl:
             self.recorders, self.logit_hooks, self.prob_hooks = saved
 
     @contextlib.contextmanager
-    def record(self, cfg: bool = False, rows: list[int] | None = None):
+    def record(self, cfg: bool = False, rows: list[int] | None = None, stop_after: str | None = None):
         """Records maps (for `recorders`) during the UNet calls made inside the block; `cfg` and `rows` (the images
-        of the call in the batch, `None` for all) tell the hooks the layout of the batch."""
-        old = self.recording, self.cfg, self.rows
-        self.recording, self.cfg, self.rows = True, cfg, rows
+        of the call in the batch, `None` for all) tell the hooks the layout of the batch. With `stop_after`, the
+        denoiser call raises :class:`StopForward` once that layer has recorded: the caller, which wants only the
+        maps, catches it and skips every later layer (and the memory their activations would keep for backward)."""
+        old = self.recording, self.cfg, self.rows, self.stop_after
+        self.recording, self.cfg, self.rows, self.stop_after = True, cfg, rows, stop_after
         try:
             yield
         finally:
-            self.recording, self.cfg, self.rows = old
+            self.recording, self.cfg, self.rows, self.stop_after = old
+
+    def check_stop(self, name: str) -> None:
+        """Called by a control processor after its layer ran: raises :class:`StopForward` at `stop_after`."""
+        if self.recording and self.stop_after == name:
+            raise StopForward(name)
 
 
 def attention_control(state) -> AttentionControl:

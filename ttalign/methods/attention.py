@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ttalign.attention import attention_control, sync_step, token_spans
+from ttalign.attention import StopForward, attention_control, sync_step, token_spans
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage
 from ttalign.sampling import scale_model_input
 
@@ -182,6 +182,8 @@ class AttendAndExcite(AlignmentMethod):
             "refinements": [],
             "res": res,
             "positions": positions,
+            "layers": [],  # the layers recorded by the loss pass under way
+            "last_layer": None,  # the last layer a loss pass records: later ones are skipped
         }
         state.scratch[self] = store
 
@@ -192,6 +194,7 @@ class AttendAndExcite(AlignmentMethod):
 
             def __call__(self, ctx, probs):
                 store["maps"].append(probs)
+                store["layers"].append(ctx.name)
 
         control.recorders.append(Recorder())
         n_steps = len(state.timesteps)
@@ -243,10 +246,19 @@ class AttendAndExcite(AlignmentMethod):
         """Forwards the conditional branch of `rows` with maps recorded; `[n]` losses `max_k (1 - peak_k)^+`."""
         control = state.scratch["attention_control"]
         family = state.family
-        with control.record(cfg=False, rows=rows):
-            family.denoise(
-                scale_model_input(family.scheduler, latents, index), t, state.conditioning.select(rows).positive()
-            )
+        store = state.scratch[self]
+        store["layers"] = []
+        # Only the maps matter here: the forward stops after the last layer that records one (found by the first
+        # pass, which runs whole), and the layers after it cost neither time nor memory for the backward.
+        with control.record(cfg=False, rows=rows, stop_after=store["last_layer"]):
+            try:
+                family.denoise(
+                    scale_model_input(family.scheduler, latents, index), t, state.conditioning.select(rows).positive()
+                )
+            except StopForward:
+                pass
+        if store["last_layer"] is None and store["layers"]:
+            store["last_layer"] = store["layers"][-1]
         state.denoiser_calls += 1
         state.denoiser_evals += len(rows)
         losses = [
