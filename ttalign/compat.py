@@ -21,6 +21,12 @@ from dataclasses import dataclass
 import torch
 
 PROMPTS = ["a cat and a dog", "a red car and a dog"]
+#: Where the cells run: a GPU where there is one (the features then run for real), else the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: Features that place the components themselves (the pipeline stays on the CPU until they act).
+PLACES_COMPONENTS = frozenset(
+    {"model_cpu_offload", "sequential_cpu_offload", "group_offload_block", "group_offload_leaf"}
+)
 RIGHT = (0.5, 0.0, 1.0, 1.0)  # a region: the right half
 
 
@@ -117,7 +123,7 @@ def _vae_slicing(pipe, family: str) -> float:
 
 
 def _model_cpu_offload(pipe, family: str) -> float:
-    pipe.enable_model_cpu_offload(device="cpu")
+    pipe.enable_model_cpu_offload(device=DEVICE)
     return 1e-4
 
 
@@ -134,7 +140,7 @@ def _sequential_cpu_offload(pipe, family: str) -> float:
 def _group_offload(offload_type: str) -> Callable:
     def apply(pipe, family: str) -> float:
         _denoiser(pipe).enable_group_offload(
-            onload_device=torch.device("cpu"), offload_type=offload_type, num_blocks_per_group=1
+            onload_device=torch.device(DEVICE), offload_type=offload_type, num_blocks_per_group=1
         )
         return 1e-4
 
@@ -265,7 +271,7 @@ def _torchao_int8(pipe, family: str) -> float:
             )
     finally:
         logging.set_verbosity(level)
-    pipe.register_modules(**{attribute: quantized})
+    pipe.register_modules(**{attribute: quantized.to(denoiser.device)})
     return 1e-4
 
 
@@ -301,7 +307,7 @@ def _gguf_q8(pipe, family: str) -> float:
         writer.close()
         config = GGUFQuantizationConfig(compute_dtype=torch.float32)
         loaded = type(denoiser).from_single_file(path, config=folder, quantization_config=config)
-    pipe.register_modules(**{attribute: loaded})
+    pipe.register_modules(**{attribute: loaded.to(denoiser.device)})
     return 1e-4
 
 
@@ -312,9 +318,7 @@ def _dequantized(feature: str) -> Callable:
     def build(family: str):
         from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
 
-        from ttalign.testing import get_tiny_family_pipeline
-
-        pipe = get_tiny_family_pipeline(family)
+        pipe = _pipeline(family)
         FEATURES[feature](pipe, family)
         for module in _denoiser(pipe).modules():
             weight = getattr(module, "weight", None)
@@ -354,6 +358,14 @@ _CLEANUP = contextlib.ExitStack()
 # --- cells --------------------------------------------------------------------------------------------------------
 
 
+def _pipeline(family: str, feature: str | None = None):
+    """A fresh tiny pipeline of `family`, on :data:`DEVICE` unless `feature` places the components itself."""
+    from ttalign.testing import get_tiny_family_pipeline
+
+    pipe = get_tiny_family_pipeline(family)
+    return pipe if feature in PLACES_COMPONENTS or DEVICE == "cpu" else pipe.to(DEVICE)
+
+
 def _render(pipe, methods: list, steps: int = 3) -> torch.Tensor:
     flow = "flow_matching" in pipe.family.features
     size = 32 if flow else pipe.family.default_image_size
@@ -366,7 +378,7 @@ def _render(pipe, methods: list, steps: int = 3) -> torch.Tensor:
         generator=torch.Generator().manual_seed(0),
         alignment=methods,
     )
-    return out.images
+    return out.images.cpu()
 
 
 @contextlib.contextmanager
@@ -388,7 +400,6 @@ def run_cell(family: str, feature: str, method: str, reference: dict | None = No
 
 
 def _run_cell(family: str, feature: str, method: str, reference: dict) -> Cell:
-    from ttalign.testing import get_tiny_family_pipeline
 
     methods = _methods()
     if feature not in FEATURES:
@@ -398,10 +409,10 @@ def _run_cell(family: str, feature: str, method: str, reference: dict) -> Cell:
 
     def baseline(key):
         if key not in reference:
-            reference[key] = _render(get_tiny_family_pipeline(family), methods[key[-1]]())
+            reference[key] = _render(_pipeline(family), methods[key[-1]]())
         return reference[key]
 
-    pipe = get_tiny_family_pipeline(family)
+    pipe = _pipeline(family, feature)
     try:
         with _quiet():
             tolerance = FEATURES[feature](pipe, family)
@@ -438,18 +449,14 @@ def _run_cell(family: str, feature: str, method: str, reference: dict) -> Cell:
 
 
 def _plain_with(family: str, feature: str) -> torch.Tensor:
-    from ttalign.testing import get_tiny_family_pipeline
-
-    pipe = get_tiny_family_pipeline(family)
+    pipe = _pipeline(family, feature)
     FEATURES[feature](pipe, family)
     return _render(pipe, [])
 
 
 def _lora_merged(family: str):
     """The tiny pipeline with the `lora` feature's adapter fused into the base weights."""
-    from ttalign.testing import get_tiny_family_pipeline
-
-    pipe = get_tiny_family_pipeline(family)
+    pipe = _pipeline(family)
     _add_lora(pipe)
     _denoiser(pipe).fuse_lora()
     return pipe
