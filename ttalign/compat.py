@@ -44,6 +44,8 @@ class Cell:
     #: The feature's own tolerance for this comparison.
     tolerance: float | None = None
     message: str = ""
+    #: Wall time of the cell (its runs with the feature and the ones it compares with).
+    seconds: float = 0.0
 
 
 # --- methods ------------------------------------------------------------------------------------------------------
@@ -393,10 +395,15 @@ def _quiet():
 def run_cell(family: str, feature: str, method: str, reference: dict | None = None) -> Cell:
     """Runs `method` on the tiny pipeline of `family` with and without `feature` (see the module docstring).
     `reference` caches the runs without a feature, keyed by `(family, method)`."""
+    import time
+
+    start = time.perf_counter()
     try:
-        return _run_cell(family, feature, method, {} if reference is None else reference)
+        cell = _run_cell(family, feature, method, {} if reference is None else reference)
     finally:
         _CLEANUP.close()
+    cell.seconds = time.perf_counter() - start
+    return cell
 
 
 def _run_cell(family: str, feature: str, method: str, reference: dict) -> Cell:
