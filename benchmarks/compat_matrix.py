@@ -8,6 +8,7 @@ without the feature), `refused` (with its message), `n/a` or a failure. Writes `
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -31,12 +32,50 @@ SYMBOL = {
 }
 
 
+def markdown(cells: list[dict], command: str) -> str:
+    families = list(dict.fromkeys(c["family"] for c in cells))
+    features = list(dict.fromkeys(c["feature"] for c in cells))
+    lines = [
+        "# Runtime features x methods",
+        "",
+        f"`{command}`",
+        "",
+        "Each cell: the method on the family's tiny components with the feature on, against the same call without it "
+        "(`ok`: the same images within the feature's tolerance; `ok*`: a selection method chose other candidates "
+        "because the feature changed the pixels its reward scores; `refused`: a clear error, listed below; `GPU`: "
+        "the feature needs an accelerator, whatever the method; `n/a`: the family has no such feature).",
+        "",
+    ]
+    notes: dict[tuple[str, str], list[str]] = {}
+    for family in families:
+        lines += [f"## {family}", "", "| feature | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+        for feature in features:
+            row = {c["method"]: c for c in cells if c["family"] == family and c["feature"] == feature}
+            lines.append(f"| {feature} | " + " | ".join(SYMBOL[row[m]["status"]] for m in METHODS) + " |")
+            for c in row.values():
+                if c["status"] not in ("same", "reselects") and c["message"]:
+                    where = notes.setdefault((feature, c["message"]), [])
+                    if family not in where:
+                        where.append(family)
+        lines.append("")
+    if notes:
+        lines += ["## Messages", ""]
+        lines += [f"- {feature} ({', '.join(where)}): {message}" for (feature, message), where in notes.items()]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--features", default=",".join(FEATURES))
     parser.add_argument("--name", default="compat_matrix")
+    parser.add_argument("--render", default=None, metavar="JSON", help="only rewrite the table of a run's JSON")
     args = parser.parse_args()
+    if args.render:
+        data = json.load(open(args.render))
+        with open(os.path.splitext(args.render)[0] + ".md", "w", encoding="utf-8") as f:
+            f.write(markdown(data["cells"], data["command"]))
+        return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     families, features = args.families.split(","), args.features.split(",")
     cells, start = [], time.perf_counter()
@@ -45,40 +84,17 @@ def main() -> None:
         for feature in features:
             for method in METHODS:
                 cell = run_cell(family, feature, method, reference)
-                cells.append(cell)
+                cells.append(cell.__dict__)
                 print(family, feature, method, cell.status, cell.max_diff, cell.message[:120], flush=True)
-    lines = [
-        "# Runtime features x methods",
-        "",
-        f"`python benchmarks/compat_matrix.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
-        "",
-        "Each cell: the method on the family's tiny components with the feature on, against the same call without it "
-        "(`ok`: the same images within the feature's tolerance; `ok*`: a selection method chose other candidates "
-        "because the feature changed the pixels its reward scores; `refused`: a clear error, listed below; `GPU`: "
-        "the feature needs an accelerator, whatever the method; `n/a`: the family has no such feature).",
-        "",
-    ]
-    notes: dict[str, list[str]] = {}
-    for family in families:
-        lines += [f"## {family}", "", "| feature | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
-        for feature in features:
-            row = [c for c in cells if c.family == family and c.feature == feature]
-            lines.append(f"| {feature} | " + " | ".join(SYMBOL[c.status] for c in row) + " |")
-            for c in row:
-                if c.status not in ("same", "reselects") and c.message:
-                    notes.setdefault(c.message, []).append(f"{family}/{feature}/{c.method}")
-        lines.append("")
-    if notes:
-        lines += ["## Messages", ""]
-        lines += [f"- {', '.join(where)}: {message}" for message, where in notes.items()]
+    command = "python benchmarks/compat_matrix.py " + " ".join(sys.argv[1:])
     data = {
         "benchmark": "compat_matrix",
-        "command": "python benchmarks/compat_matrix.py " + " ".join(sys.argv[1:]),
+        "command": command.strip(),
         "seconds": time.perf_counter() - start,
-        "cells": [c.__dict__ for c in cells],
+        "cells": cells,
         "environment": environment(),
     }
-    write_results(args.name, data, "\n".join(lines) + "\n")
+    write_results(args.name, data, markdown(cells, command.strip()))
 
 
 if __name__ == "__main__":

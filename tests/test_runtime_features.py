@@ -31,12 +31,15 @@ def _expected(family: str, feature: str, method: str) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("feature", list(FEATURES))
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_method_with_the_feature(family, feature):
+#: The methods the quick run checks with every feature: the one that reads attention through the control processors
+#: and the one that backpropagates through the denoiser and the VAE. `-m slow` runs every method (the docs' table).
+QUICK = ("attend_and_excite", "noise_optimization")
+
+
+def _check(family: str, feature: str, methods) -> None:
     reference = _REFERENCE.setdefault(family, {})
     failures = []
-    for method in METHODS:
+    for method in methods:
         cell = run_cell(family, feature, method, reference)
         refusal = _expected(family, feature, method)
         if (family, feature) in NOT_APPLICABLE:
@@ -51,6 +54,19 @@ def test_every_method_with_the_feature(family, feature):
         if not ok:
             failures.append(f"{method}: {cell.status} (diff {cell.max_diff}, tol {cell.tolerance}) {cell.message}")
     assert not failures, f"{family} with {feature}:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_methods_that_reach_into_the_model_with_the_feature(family, feature):
+    _check(family, feature, QUICK)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_method_with_the_feature(family, feature):
+    _check(family, feature, [m for m in METHODS if m not in QUICK])
 
 
 def test_attention_methods_keep_the_users_backend_on_the_layers_they_do_not_read(monkeypatch):
