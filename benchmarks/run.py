@@ -284,7 +284,18 @@ SUITES: dict[str, Suite] = {
         "fitted in at most 20 minutes, its held-out accuracy against the shapes CLIP and the soft verifier, and "
         "best-of-8 with it and with the shapes CLIP among the same candidates on the evaluation set (240 x 4), and "
         "particle steering with it (120 prompts x 2).",
-        (Step("loop", "preference_loop.py", "--pairs 2000 --minutes 20 --name preference_loop"),),
+        (
+            Step(
+                "loop_first",
+                "preference_loop.py",
+                "--captions 1200 --pairs 2000 --minutes 20 --lr 1e-4 --name preference_loop_first",
+            ),
+            Step(
+                "loop",
+                "preference_loop.py",
+                "--captions 2000 --pairs 2000 --minutes 20 --lr 1e-5 --name preference_loop",
+            ),
+        ),
         quoted_in=("docs/preferences.md",),
     ),
     "verifier_quality": Suite(
