@@ -2,11 +2,10 @@
 speed / memory features people turn on (VAE tiling and slicing, offloading, attention backends, `torch.compile`, a
 LoRA, quantized weights), run on the tiny components of :mod:`ttalign.testing`.
 
-A cell runs a method twice on fresh copies of one family's tiny pipeline, with and without the feature, and compares
-the images: `same` (within the feature's own tolerance), `differs`, `refused` (a `ValueError` or
-`NotImplementedError` that names the conflict: the expected outcome where a feature cannot work with a method), or
-`error` (anything else: a bug). `tests/test_runtime_features.py` runs every cell; `benchmarks/compat_matrix.py`
-writes the table in `docs/runtime.md`.
+A cell runs a method on fresh copies of one family's tiny pipeline, with and without the feature (or against the
+equivalent plain model where the feature changes the model: a LoRA merged, quantized weights dequantized), and
+compares the images; :class:`Cell` lists the outcomes. `tests/test_runtime_features.py` runs the cells (the quick run
+a subset, `-m slow` the rest); `benchmarks/compat_matrix.py` writes the table that `docs/runtime.md` quotes.
 
     from ttalign.compat import run_cell
     run_cell("flux", "vae_slicing", "attend_and_excite")
@@ -35,9 +34,10 @@ class Cell:
     family: str
     feature: str
     method: str
-    #: `same`, `reselects` (a selection method chose other candidates because the feature changed the pixels it
-    #: scores), `refused`, `gpu` (the feature needs an accelerator, whatever the method), `n/a` (the feature does
-    #: not exist for this family), `differs` or `error` (bugs).
+    #: `same` (within the feature's own tolerance), `reselects` (a selection method chose other candidates because
+    #: the feature changed the pixels it scores), `refused` (a `ValueError` / `NotImplementedError` naming the
+    #: conflict), `gpu` (the feature needs an accelerator, whatever the method), `n/a` (the feature does not exist
+    #: for this family), `differs` or `error` (bugs).
     status: str
     #: The largest absolute pixel difference to the run without the feature (`None` when a run did not finish).
     max_diff: float | None = None
@@ -407,7 +407,6 @@ def run_cell(family: str, feature: str, method: str, reference: dict | None = No
 
 
 def _run_cell(family: str, feature: str, method: str, reference: dict) -> Cell:
-
     methods = _methods()
     if feature not in FEATURES:
         raise ValueError(f"Unknown feature {feature!r}; known: {sorted(FEATURES)}.")
