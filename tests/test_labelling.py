@@ -117,8 +117,10 @@ def test_labelling_in_a_browser_with_keys_and_buttons(tmp_path):
     driver.set_window_size(1300, 1000)
     wait = WebDriverWait(driver, 60)
 
-    def prompt_is(text):
-        wait.until(lambda d: d.find_element(By.ID, "prompt").text == text and d.find_element(By.ID, "status").text)
+    def prompt_is(text):  # and its images loaded: until then the page takes no pick ("loading")
+        wait.until(
+            lambda d: d.find_element(By.ID, "prompt").text == text and d.find_element(By.ID, "status").text == "ready"
+        )
 
     try:
         driver.get(server.base + "/label")
