@@ -99,9 +99,22 @@ class NeedsAccelerator(Exception):
     """The feature cannot run on a machine without a GPU, whatever the method (diffusers' own plain call fails)."""
 
 
-#: Methods that choose among candidates by a reward: a feature that changes the images itself (VAE tiling, quantized
-#: weights) may change their choice, which is their right behaviour (`reselects`).
+#: Methods that choose among candidates by a reward: a feature that changes the decoded images itself (VAE tiling)
+#: may change their choice, which is their right behaviour (`reselects`).
 SELECTS = frozenset({"best_of_n", "particle_steering"})
+
+
+@contextlib.contextmanager
+def _diffusers_errors_only():
+    """diffusers logs errors only inside the block (its warnings about what a cell does on purpose)."""
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def _denoiser(pipe):
@@ -150,18 +163,12 @@ def _group_offload(offload_type: str) -> Callable:
 
 
 def _attention_backend(pipe, family: str) -> float:
-    from diffusers.utils import logging
-
     denoiser = _denoiser(pipe)
     listening = [p for p in denoiser.attn_processors.values() if hasattr(p, "_attention_backend")]
     if not listening:
         raise NotApplicable("its attention processors call SDPA directly and ignore the backend switch")
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()  # "attention backends are an experimental feature"
-    try:
+    with _diffusers_errors_only():  # "attention backends are an experimental feature"
         denoiser.set_attention_backend("_native_math")
-    finally:
-        logging.set_verbosity(level)
     return 1e-4
 
 
@@ -230,21 +237,16 @@ def _lora(pipe, family: str) -> float:
     """A LoRA loaded the way users load one: saved in the family's diffusers format, then `load_lora_weights`."""
     import tempfile
 
-    from diffusers.utils import logging
     from peft.utils import get_peft_model_state_dict
 
     from ttalign.testing import get_tiny_family_pipeline
 
     source = get_tiny_family_pipeline(family)
     _add_lora(source)
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()  # "no LoRA keys for the text encoder": this LoRA has none
-    try:
-        with tempfile.TemporaryDirectory() as folder:
-            source.family.save_lora(folder, get_peft_model_state_dict(_denoiser(source)))
-            pipe.load_lora_weights(folder)
-    finally:
-        logging.set_verbosity(level)
+    # "no LoRA keys for the text encoder": this LoRA has none
+    with _diffusers_errors_only(), tempfile.TemporaryDirectory() as folder:
+        source.family.save_lora(folder, get_peft_model_state_dict(_denoiser(source)))
+        pipe.load_lora_weights(folder)
     return 1e-4
 
 
@@ -259,20 +261,14 @@ def _torchao_int8(pipe, family: str) -> float:
         from torchao.quantization import Int8WeightOnlyConfig
     except ImportError as err:
         raise ImportError("torchao is not installed (`pip install ttalign[quant]`)") from err
-    from diffusers.utils import logging
-
     attribute = pipe.family.denoiser_attribute
     denoiser = getattr(pipe, attribute)
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()  # "only bfloat16 is supported": float32 runs too, and compares exactly
-    try:
-        with tempfile.TemporaryDirectory() as folder:
-            denoiser.save_pretrained(folder)
-            quantized = type(denoiser).from_pretrained(
-                folder, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), torch_dtype=denoiser.dtype
-            )
-    finally:
-        logging.set_verbosity(level)
+    # "only bfloat16 is supported": float32 runs too, and compares exactly
+    with _diffusers_errors_only(), tempfile.TemporaryDirectory() as folder:
+        denoiser.save_pretrained(folder)
+        quantized = type(denoiser).from_pretrained(
+            folder, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), torch_dtype=denoiser.dtype
+        )
     pipe.register_modules(**{attribute: quantized.to(denoiser.device)})
     return 1e-4
 
