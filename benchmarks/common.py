@@ -49,23 +49,25 @@ def shapes_candidates(model: str, per_category: int, seeds: int, k: int) -> dict
     os.makedirs(CACHE, exist_ok=True)
     with open(lock, "w") as f:
         f.write(str(os.getpid()))
-    pipe = load_pipeline(model)
-    pipe.set_progress_bar_config(disable=True)
-    settings = sampling_defaults(pipe)
-    start = time.perf_counter()
-    prompts = evaluation_prompts(per_category)
-    run = evaluate(pipe, prompts, [], "candidates", seeds=seeds * k, batch_prompts=4, **settings)
-    data = {
-        "samples": (run.samples.clamp(0, 1) * 255).round().to(torch.uint8),
-        "prompts": list(run.prompts),
-        "passed": torch.tensor(run.verification.passed, dtype=torch.bool),
-        "categories": [v.category for v in run.verification.verdicts][::k],
-        "sample_s": time.perf_counter() - start,
-        "sampling": settings,
-    }
-    torch.save(data, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    os.remove(lock)
+    try:  # a failed run leaves no lock behind for the next script to wait on
+        pipe = load_pipeline(model)
+        pipe.set_progress_bar_config(disable=True)
+        settings = sampling_defaults(pipe)
+        start = time.perf_counter()
+        prompts = evaluation_prompts(per_category)
+        run = evaluate(pipe, prompts, [], "candidates", seeds=seeds * k, batch_prompts=4, **settings)
+        data = {
+            "samples": (run.samples.clamp(0, 1) * 255).round().to(torch.uint8),
+            "prompts": list(run.prompts),
+            "passed": torch.tensor(run.verification.passed, dtype=torch.bool),
+            "categories": [v.category for v in run.verification.verdicts][::k],
+            "sample_s": time.perf_counter() - start,
+            "sampling": settings,
+        }
+        torch.save(data, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    finally:
+        os.remove(lock)
     return data
 
 
