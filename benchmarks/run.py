@@ -279,6 +279,25 @@ SUITES: dict[str, Suite] = {
         ),
         quoted_in=("docs/training.md",),
     ),
+    "tuned_loras": Suite(
+        "The tuned shapes LoRAs (`load_pipeline('sd-tuned')`, `'flow-tuned'`): one trainer each on the soft verifier "
+        "for 50 minutes of 1-thread training on captions disjoint from the evaluation set, with its learning curve on "
+        "120 evaluation images every 10 minutes; each LoRA is saved under benchmarks/.cache/tuned/<model>/."(
+            Step(
+                "sd",
+                "train_efficiency.py",
+                "--model sd --reward shapes_soft --trainers raft --minutes 50 --eval-every 10 "
+                "--save-lora benchmarks/.cache/tuned/sd --name tuned_sd",
+            ),
+            Step(
+                "flow",
+                "train_efficiency.py",
+                "--model flow --reward shapes_soft --trainers nft --minutes 50 --eval-every 10 "
+                "--save-lora benchmarks/.cache/tuned/flow --name tuned_flow",
+            ),
+        ),
+        quoted_in=("docs/training.md",),
+    ),
     "preferences": Suite(
         "The preference loop on the SD shapes model: verifier-labelled pairs through the judgment store, a reward "
         "fitted in at most 20 minutes, its held-out accuracy against the shapes CLIP and the soft verifier, and "

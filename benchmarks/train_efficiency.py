@@ -144,9 +144,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None)
+    parser.add_argument(
+        "--save-lora",
+        default=None,
+        metavar="DIR",
+        help="also save each trainer's final LoRA in diffusers' format under DIR/<trainer>",
+    )
     args = parser.parse_args()
     name = args.name or f"train_efficiency_{args.model}_{args.reward.split(':')[0]}"
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     held_out = {p for per in (20, 40) for p, _ in evaluation_prompts(per)}
     captions = training_captions(args.prompts, exclude=held_out)
     prompts = evaluation_prompts(args.per_category)
@@ -181,6 +187,8 @@ def main() -> None:
                     }
                 )
                 print(kind, curve[-1], flush=True)
+            if args.save_lora:
+                trainer.save_lora(os.path.join(args.save_lora, kind))
             reached = next((p for p in curve if p["overall"] >= base_eval["overall"] + 0.10), None)
             rows.append(
                 {
