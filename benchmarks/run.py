@@ -282,7 +282,8 @@ SUITES: dict[str, Suite] = {
     "tuned_loras": Suite(
         "The tuned shapes LoRAs (`load_pipeline('sd-tuned')`, `'flow-tuned'`): one trainer each on the soft verifier "
         "for 50 minutes of 1-thread training on captions disjoint from the evaluation set, with its learning curve on "
-        "120 evaluation images every 10 minutes; each LoRA is saved under benchmarks/.cache/tuned/<model>/."(
+        "120 evaluation images every 10 minutes; each LoRA is saved under benchmarks/.cache/tuned/<model>/.",
+        (
             Step(
                 "sd",
                 "train_efficiency.py",
