@@ -10,7 +10,8 @@ command), wall time, the files it wrote, the git commit and the library versions
     python benchmarks/run.py headline                    # the README's efficacy table (about an hour)
     python benchmarks/run.py training --only dpo_guided  # one step of a suite
 
-Timing suites (`overhead`, `attend_excite`, `sampler_memory`, `serving`, `rewards`) must run alone on the machine.
+Timing suites (`overhead`, `attend_excite`, `real_width`, `sampler_memory`, `serving`, `rewards`) must run alone on the
+machine.
 """
 
 from __future__ import annotations
@@ -123,6 +124,33 @@ SUITES: dict[str, Suite] = {
             Step("sdxl_layout", "attend_excite_sdxl.py", "--size 1024 --steps 4 --prompts 2"),
             Step("sd3", "attend_excite_flow.py", "--family sd3 --size 512 --steps 4 --prompts 2"),
             Step("flux", "attend_excite_flow.py", "--family flux --size 512 --steps 4 --prompts 2"),
+            Step(
+                "sdxl_256",
+                "attend_excite_sdxl.py",
+                "--size 256 --steps 8 --prompts 2 --threads 1 --name attend_excite_sdxl_256",
+            ),
+            Step(
+                "sd3_256",
+                "attend_excite_flow.py",
+                "--family sd3 --size 256 --steps 8 --prompts 2 --threads 1 --name attend_excite_sd3_256",
+            ),
+            Step(
+                "flux_256",
+                "attend_excite_flow.py",
+                "--family flux --size 256 --steps 8 --prompts 2 --threads 1 --name attend_excite_flux_256",
+            ),
+        ),
+        timing=True,
+        quoted_in=("README.md", "docs/benchmarks.md"),
+    ),
+    "real_width": Suite(
+        "Every method's time and peak memory against the plain call on SD 1.5, SDXL, SD3.5-Medium and FLUX.1-dev "
+        "built from their published configurations with random weights: on CPU in bf16 at 256 px (FLUX.1 with 2 + 4 "
+        "of its blocks, T5-XXL with 2 of its layers); the `gpu` step runs every model whole at its native "
+        "resolution in its own precision (about 10 minutes on one H100).",
+        (
+            Step("cpu", "real_width.py", "--size 256 --steps 4 --prompts 1 --refinements 5"),
+            Step("gpu", "real_width.py", "--full --device cuda --steps 8 --prompts 1 --refinements 5"),
         ),
         timing=True,
         quoted_in=("README.md", "docs/benchmarks.md"),

@@ -74,3 +74,24 @@ def test_the_verifier_quality_auc_is_the_pairwise_ranking_probability():
     assert np.isnan(module.roc_auc(scores, np.zeros(300, bool)))
     low, high = module.bootstrap_auc(scores.reshape(60, 5), positive.reshape(60, 5), rounds=200, seed=0)
     assert low < pairwise < high
+
+
+def test_the_real_width_suite_builds_the_published_sizes():
+    """The real-width suite's configurations are the published ones: built on the meta device (no memory), each
+    denoiser and the big text encoders have their checkpoints' parameter counts."""
+    import torch
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import real_width as R
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    with torch.device("meta"):
+        assert count(UNet2DConditionModel(**R.SD15_UNET)) == 859_520_964
+        assert count(UNet2DConditionModel(**R.SDXL_UNET)) == 2_567_463_684
+        assert count(SD3Transformer2DModel(**R.SD35_MEDIUM)) == 2_243_171_520
+        assert count(FluxTransformer2DModel(**R.FLUX_DEV)) == 11_901_408_320
+        assert count(R._clip(R.CLIP_G, True, "gelu")) == 694_659_840
+        assert count(R._t5(24)) == 4_762_310_656

@@ -96,12 +96,19 @@ def test_attend_and_excite_reproduces_diffusers_pipeline_on_sd_layout(monkeypatc
 
     monkeypatch.setattr(ControlProcessor, "explicit", staticmethod(counting))
     out = _call(ours, alignment=[AttendAndExcite(token_indices=indices, **settings)], **call)
+    # only the 8x8 cross-attention layers (64 queries) took the explicit path: five per A&E forward, two forwards,
+    # and each recomputed once in its backward (the loss passes' gradient checkpointing)
+    assert explicit == [64] * 20
+    explicit.clear()
+    kept = _call(
+        ours, alignment=[AttendAndExcite(token_indices=indices, gradient_checkpointing=False, **settings)], **call
+    )
+    assert explicit == [64] * 10
     monkeypatch.undo()
     plain = _call(ours, **call).images
     assert np.abs(out.images - expected).max() <= 1e-4
+    assert np.abs(kept.images - out.images).max() <= 1e-6
     assert np.abs(plain - expected).max() > 3e-3  # the method's effect (parity is ~2e-6)
-    # only the 8x8 cross-attention layers (64 queries) took the explicit path: five per A&E forward, two forwards
-    assert explicit == [64] * 10
 
 
 def test_token_spans_include_sub_words(pipe):

@@ -58,6 +58,42 @@ def test_scheduler_step_matches_diffusers(name, prediction_type, eta):
     assert (stochastic_steps > 0) == (eta > 0 or name in ("euler_a", "lcm"))
 
 
+@pytest.mark.parametrize("name,eta", [("ddim", 1.0), ("ddim", 0.0), ("euler_a", 0.0), ("lcm", 0.0)])
+def test_scheduler_step_in_half_precision_keeps_its_coefficients_in_float32(name, eta):
+    """In bf16, `1 - alpha_prev` at the last DDIM step rounds to 0 and `sqrt(1 - alpha_prev - std^2)` to NaN; the
+    coefficients stay float32 (as diffusers' schedulers keep them), so a bf16 step is finite, bf16, and near the
+    float32 one."""
+    scheduler = get_tiny_scheduler(name)
+    scheduler.set_timesteps(4)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    for i in range(4):
+        output, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+        noise = noise if step_noise_std(scheduler, i, eta) > 0 else None
+        expected, _ = scheduler_step(scheduler, i, output, sample, eta=eta, noise=noise)
+        half = noise.bfloat16() if noise is not None else None
+        prev, x0 = scheduler_step(scheduler, i, output.bfloat16(), sample.bfloat16(), eta=eta, noise=half)
+        assert prev.dtype == x0.dtype == torch.bfloat16
+        assert torch.isfinite(prev).all() and torch.isfinite(x0).all(), i
+        assert (prev.float() - expected).abs().max() <= 0.05 * expected.abs().max(), i
+        sample = expected
+
+
+def test_stochastic_methods_on_a_bf16_pipeline_give_finite_images():
+    from ttalign.methods import ParticleSteering
+    from ttalign.testing import Redness
+
+    pipe = get_tiny_pipeline().to(dtype=torch.bfloat16)
+    out = pipe(
+        ["a cat and a dog"],
+        num_inference_steps=4,
+        alignment=[ParticleSteering(reward=Redness(), particles=2, resample_every=1)],
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert torch.isfinite(out.images).all()
+
+
 def test_unsupported_scheduler_is_named():
     scheduler = get_tiny_scheduler("pndm")
     scheduler.set_timesteps(4)

@@ -91,6 +91,9 @@ class AttentionControl:
     prob_hooks: list = field(default_factory=list)
     #: While recording: the layer after which the forward stops (:class:`StopForward`); `None` runs it whole.
     stop_after: str | None = None
+    #: While a checkpointed block is recomputed in a backward (:meth:`checkpointed`): the layers take the path they
+    #: took in the forward, but nothing is recorded again and nothing stops.
+    replaying: bool = False
 
     def context(self, name: str, is_cross: bool, query_len: int, part: str | None = None) -> LayerContext:
         h, w = self.latent_size
@@ -133,8 +136,71 @@ class AttentionControl:
 
     def check_stop(self, name: str) -> None:
         """Called by a control processor after its layer ran: raises :class:`StopForward` at `stop_after`."""
-        if self.recording and self.stop_after == name:
+        if self.recording and not self.replaying and self.stop_after == name:
             raise StopForward(name)
+
+    @contextlib.contextmanager
+    def checkpointed(self, denoiser: torch.nn.Module):
+        """Gradient checkpointing of the denoiser's blocks for the forwards made inside the block (diffusers' own
+        `gradient_checkpointing` switches, with a checkpoint function of this control's): a forward whose backward
+        is taken keeps only each block's inputs, and the backward recomputes one block at a time. A block recomputed
+        in the backward sees the control as its forward did (the same layers take the explicit path), with
+        :attr:`replaying` on: the maps are not recorded twice, and :class:`StopForward` is not raised inside the
+        backward. The user's own checkpointing settings are restored on exit."""
+        from torch.utils.checkpoint import checkpoint
+
+        def run_checkpointed(module, *args):
+            seen = self.recording, self.cfg, self.rows, self.stop_after, list(self.recorders)
+            calls = []
+
+            def run(*inputs):
+                if not calls:  # the forward itself
+                    calls.append(True)
+                    return module(*inputs)
+                old = self.recording, self.cfg, self.rows, self.stop_after, self.recorders, self.replaying
+                self.recording, self.cfg, self.rows, self.stop_after = seen[:4]
+                self.recorders = [_Silent(f) for f in seen[4]]
+                self.replaying = True
+                try:
+                    return module(*inputs)
+                finally:
+                    self.recording, self.cfg, self.rows, self.stop_after, self.recorders, self.replaying = old
+
+            return checkpoint(run, *args, use_reentrant=False)
+
+        compiled = getattr(torch._dynamo.eval_frame, "OptimizedModule", ())
+        modules = [
+            m for m in denoiser.modules() if hasattr(m, "gradient_checkpointing") and not isinstance(m, compiled)
+        ]
+        if not modules:
+            yield
+            return
+        absent = object()
+        saved = [(m, m.gradient_checkpointing, vars(m).get("_gradient_checkpointing_func", absent)) for m in modules]
+        for m in modules:
+            m.gradient_checkpointing, m._gradient_checkpointing_func = True, run_checkpointed
+        try:
+            yield
+        finally:
+            for m, flag, func in saved:
+                m.gradient_checkpointing = flag
+                if func is absent:
+                    m.__dict__.pop("_gradient_checkpointing_func", None)
+                else:
+                    m._gradient_checkpointing_func = func
+
+
+class _Silent:
+    """A recorder that wants what it wraps wants and records nothing (a block recomputed in a backward)."""
+
+    def __init__(self, recorder):
+        self.recorder = recorder
+
+    def wants(self, ctx) -> bool:
+        return self.recorder.wants(ctx)
+
+    def __call__(self, ctx, probs) -> None:
+        return None
 
 
 def attention_control(state) -> AttentionControl:

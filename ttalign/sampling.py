@@ -80,13 +80,13 @@ def predict_x0(scheduler, model_output: torch.Tensor, timestep: torch.Tensor, sa
     if prediction_type == "sample":
         return model_output
     if is_sigma_space(scheduler):
-        sigma = current_sigma(scheduler, timestep).to(sample.device, sample.dtype)
+        sigma = current_sigma(scheduler, timestep).to(sample.device, coefficient_dtype(sample))
         if prediction_type == "epsilon":
             return sample - sigma * model_output  # x0 = x - sigma * eps
         if prediction_type == "v_prediction":
             return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
     else:
-        alpha_prod = scheduler.alphas_cumprod[int(timestep)].to(sample.device, sample.dtype)
+        alpha_prod = scheduler.alphas_cumprod[int(timestep)].to(sample.device, coefficient_dtype(sample))
         if prediction_type == "epsilon":
             return (sample - (1 - alpha_prod) ** 0.5 * model_output) / alpha_prod**0.5
         if prediction_type == "v_prediction":
@@ -167,6 +167,13 @@ def _ddim_prev_timestep(scheduler, timestep):
     return timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
 
 
+def coefficient_dtype(sample: torch.Tensor) -> torch.dtype:
+    """The dtype of a step's scalar coefficients: at least float32, as diffusers' schedulers keep them (in fp16 or
+    bf16, `1 - alpha` near the end of sampling rounds to 0 or below, and `sqrt(1 - alpha_prev - std^2)` to NaN). A
+    0-dim float32 coefficient times a half-precision tensor stays in half precision."""
+    return torch.promote_types(sample.dtype, torch.float32)
+
+
 def _ddim_alphas(scheduler, timestep, device, dtype):
     prev = _ddim_prev_timestep(scheduler, int(timestep))
     alpha_prod = scheduler.alphas_cumprod[int(timestep)]
@@ -177,7 +184,7 @@ def _ddim_alphas(scheduler, timestep, device, dtype):
 def scale_model_input(scheduler, sample: torch.Tensor, index: int) -> torch.Tensor:
     """`scheduler.scale_model_input` without its step-index side effect: `x / sqrt(sigma^2 + 1)` in sigma space."""
     if is_sigma_space(scheduler):
-        sigma = scheduler.sigmas[index].to(sample.device, sample.dtype)
+        sigma = scheduler.sigmas[index].to(sample.device, coefficient_dtype(sample))
         return sample / (sigma**2 + 1) ** 0.5
     return sample
 
@@ -238,29 +245,29 @@ def scheduler_step(
         return flow_step(scheduler, index, model_output, sample, eta, noise)
     if kind == "ddim":
         t = scheduler.timesteps[index]
-        alpha_prod, alpha_prev = _ddim_alphas(scheduler, t, sample.device, sample.dtype)
+        alpha_prod, alpha_prev = _ddim_alphas(scheduler, t, sample.device, coefficient_dtype(sample))
         x0, eps = _x0_and_eps_vp(scheduler, model_output, sample, alpha_prod)
-        prev = alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2) ** 0.5 * eps
+        prev = alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2).clamp(min=0) ** 0.5 * eps
         return (prev + std * noise if std > 0 else prev), x0
     if kind in ("euler", "euler_ancestral"):
-        sigma = scheduler.sigmas[index].to(sample.device, sample.dtype)
-        sigma_next = scheduler.sigmas[index + 1].to(sample.device, sample.dtype)
+        sigma = scheduler.sigmas[index].to(sample.device, coefficient_dtype(sample))
+        sigma_next = scheduler.sigmas[index + 1].to(sample.device, coefficient_dtype(sample))
         x0 = predict_x0_sigma(scheduler, model_output, sample, sigma)
         derivative = (sample - x0) / sigma
         if kind == "euler":
             return sample + derivative * (sigma_next - sigma), x0
-        sigma_down = (sigma_next**2 - std**2) ** 0.5
+        sigma_down = (sigma_next**2 - std**2).clamp(min=0) ** 0.5
         prev = sample + derivative * (sigma_down - sigma)
         return (prev + std * noise if std > 0 else prev), x0
     # LCM
     t = scheduler.timesteps[index]
-    alpha_prod = scheduler.alphas_cumprod[int(t)].to(sample.device, sample.dtype)
+    alpha_prod = scheduler.alphas_cumprod[int(t)].to(sample.device, coefficient_dtype(sample))
     x0, _ = _x0_and_eps_vp(scheduler, model_output, sample, alpha_prod)
     c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
     denoised = c_out * x0 + c_skip * sample
     if index == scheduler.num_inference_steps - 1:
         return denoised, denoised
-    alpha_prev = scheduler.alphas_cumprod[int(scheduler.timesteps[index + 1])].to(sample.device, sample.dtype)
+    alpha_prev = scheduler.alphas_cumprod[int(scheduler.timesteps[index + 1])].to(sample.device, coefficient_dtype(sample))
     return alpha_prev**0.5 * denoised + std * noise, denoised
 
 
@@ -448,9 +455,9 @@ def ddim_transition(
     if std <= 0:
         raise ValueError(f"The log-probability needs a stochastic step (eta > 0), got eta={eta!r}.")
     t = scheduler.timesteps[index]
-    alpha_prod, alpha_prev = _ddim_alphas(scheduler, t, sample.device, sample.dtype)
+    alpha_prod, alpha_prev = _ddim_alphas(scheduler, t, sample.device, coefficient_dtype(sample))
     x0, eps = _x0_and_eps_vp(scheduler, model_output, sample, alpha_prod)
-    return alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2) ** 0.5 * eps, std  # [N, C, h, w]
+    return alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2).clamp(min=0) ** 0.5 * eps, std  # [N, C, h, w]
 
 
 def stochastic_transition(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,6 +65,10 @@ class AttendAndExcite(AlignmentMethod):
             text encoders; otherwise drop the first and last of the 77 positions, as the reference. By default the
             family's choice: off for SD 1.x/2.x (the reference), on for SDXL (padding excluded).
         max_refinement_steps (`int`, defaults to 20).
+        gradient_checkpointing (`bool`, defaults to `True`): the loss passes keep only each denoiser block's inputs,
+            and their backward recomputes one block at a time (the denoiser's own gradient checkpointing, for those
+            passes only): peak memory near one block's activations instead of every block's, for one more forward of
+            the recorded blocks per update. The images are the same either way.
 
     `out.traces["attend_and_excite"]` holds the loss of every sample at every altered step (`[steps, N]`) and the
     refinement iterations.
@@ -88,6 +93,7 @@ class AttendAndExcite(AlignmentMethod):
     kernel_size: int = 3
     normalize_eot: bool | None = None
     max_refinement_steps: int = 20
+    gradient_checkpointing: bool = True
 
     stages = (Stage.ATTENTION, Stage.STEP_START)
     costly_options = ("max_iter_to_alter", "max_refinement_steps")
@@ -277,11 +283,13 @@ class AttendAndExcite(AlignmentMethod):
         return torch.where((loss != 0).view((-1,) + (1,) * (latents.ndim - 1)), moved, latents)
 
     def extra_evaluations_per_render(self, num_inference_steps: int) -> float:
-        # each latent update is a denoiser forward with gradients and its backward (three evaluations): one per step
-        # before `max_iter_to_alter`, and up to `max_refinement_steps` (and the loss after them) per threshold step
+        # each latent update is a denoiser forward with gradients and its backward (three evaluations; with
+        # checkpointing the recomputed forward too): one per step before `max_iter_to_alter`, and up to
+        # `max_refinement_steps` (and the loss after them) per threshold step
         updates = min(self.max_iter_to_alter, num_inference_steps)
         thresholds = sum(1 for step in self.thresholds if 0 <= step < num_inference_steps)
-        return 3.0 * (updates + thresholds * (self.max_refinement_steps + 1))
+        per_update = 4.0 if self.gradient_checkpointing else 3.0
+        return per_update * (updates + thresholds * (self.max_refinement_steps + 1))
 
     def on_step_start(self, state: GenerationState) -> None:
         sync_step(state)
@@ -293,7 +301,9 @@ class AttendAndExcite(AlignmentMethod):
         step_size = float(store["step_size"][i])
         n = state.latents.shape[0]
         rows = list(range(n))
-        with torch.enable_grad():
+        control = state.scratch["attention_control"]
+        checkpointing = control.checkpointed(state.family.denoiser) if self.gradient_checkpointing else nullcontext()
+        with torch.enable_grad(), checkpointing:
             latents = state.latents.detach().clone().requires_grad_()
             loss = self._loss(state, latents, rows, t, i)
             iterations = [0] * n
