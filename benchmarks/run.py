@@ -310,7 +310,8 @@ SUITES: dict[str, Suite] = {
     "tuned_loras": Suite(
         "The tuned shapes LoRAs (`load_pipeline('sd-tuned')`, `'flow-tuned'`): one trainer each on the soft verifier "
         "for 50 minutes of 1-thread training on captions disjoint from the evaluation set, with its learning curve on "
-        "120 evaluation images every 10 minutes; each LoRA is saved under benchmarks/.cache/tuned/<model>/.",
+        "120 evaluation images every 10 minutes; then each LoRA on the whole evaluation set (240 x 4) against "
+        "its base, installed in ttalign/shapes/tuned/<model>/.",
         (
             Step(
                 "sd",
@@ -323,6 +324,18 @@ SUITES: dict[str, Suite] = {
                 "train_efficiency.py",
                 "--model flow --reward shapes_soft --trainers nft --minutes 50 --eval-every 10 "
                 "--save-lora benchmarks/.cache/tuned/flow --name tuned_flow",
+            ),
+            Step(
+                "eval_sd",
+                "tuned_eval.py",
+                "--model sd --lora benchmarks/.cache/tuned/sd/raft --install "
+                "--trained-by 'python benchmarks/run.py tuned_loras --only sd'",
+            ),
+            Step(
+                "eval_flow",
+                "tuned_eval.py",
+                "--model flow --lora benchmarks/.cache/tuned/flow/nft --install "
+                "--trained-by 'python benchmarks/run.py tuned_loras --only flow'",
             ),
         ),
         quoted_in=("docs/training.md",),

@@ -267,7 +267,8 @@ def scheduler_step(
     denoised = c_out * x0 + c_skip * sample
     if index == scheduler.num_inference_steps - 1:
         return denoised, denoised
-    alpha_prev = scheduler.alphas_cumprod[int(scheduler.timesteps[index + 1])].to(sample.device, coefficient_dtype(sample))
+    prev_t = int(scheduler.timesteps[index + 1])
+    alpha_prev = scheduler.alphas_cumprod[prev_t].to(sample.device, coefficient_dtype(sample))
     return alpha_prev**0.5 * denoised + std * noise, denoised
 
 

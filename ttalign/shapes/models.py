@@ -18,6 +18,9 @@ SAMPLING_DEFAULTS = read_sampling_defaults(MODEL_DIR)
 FLOW_SAMPLING_DEFAULTS = read_sampling_defaults(FLOW_MODEL_DIR)
 
 _MODELS = {"sd": (MODEL_DIR, ""), "flow": (FLOW_MODEL_DIR, " --family flow")}
+#: Folder of the tuned LoRAs shipped with the package: `tuned/<model>/pytorch_lora_weights.safetensors` (diffusers'
+#: format) and `tuned/<model>/training.json` (the command that trained it and its verified success).
+TUNED_DIR = os.path.join(_HERE, "tuned")
 
 
 def sampling_defaults(pipe) -> dict:
@@ -36,19 +39,29 @@ def load_pipeline(model: str = "sd", device: str | None = None, path: str | None
     shipped with the package: `model="sd"`, the Stable Diffusion 1.x-style model, as an
     :class:`~ttalign.AlignedStableDiffusionPipeline`; `model="flow"`, the flow-matching model on SD3's layout, as an
     :class:`~ttalign.AlignedStableDiffusion3Pipeline`. With `path`, the class is read from the folder's
-    `model_index.json`. The pipeline's `sampling_defaults` are the folder's (:data:`SAMPLING_DEFAULTS` /
+    `model_index.json`. `model="sd-tuned"` / `"flow-tuned"`: the same model with its tuned LoRA (:data:`TUNED_DIR`,
+    trained on the shapes world's captions away from the evaluation set) fused into the denoiser's weights. The
+    pipeline's `sampling_defaults` are the folder's (:data:`SAMPLING_DEFAULTS` /
     :data:`FLOW_SAMPLING_DEFAULTS` for the shipped models), so `pipe(prompt)` samples as the model was evaluated."""
     import torch
 
     from ttalign.pipelines import aligned_class_for
 
-    if model not in _MODELS:
-        raise ValueError(f"Unknown shapes-world model {model!r}; expected 'sd' or 'flow'.")
-    default, family = _MODELS[model]
+    base, tuned = model.removesuffix("-tuned"), model.endswith("-tuned")
+    if base not in _MODELS:
+        raise ValueError(f"Unknown shapes-world model {model!r}; expected 'sd', 'flow', 'sd-tuned' or 'flow-tuned'.")
+    default, family = _MODELS[base]
     path = path or default
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(
             f"No shapes-world model at {path!r}; train one with `python -m ttalign.shapes.train{family} --out {path}`."
         )
     pipe = aligned_class_for(path).from_pretrained(path)
+    if tuned:
+        lora = os.path.join(TUNED_DIR, base)
+        if not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
+            raise FileNotFoundError(f"No tuned LoRA for the {base!r} shapes model at {lora!r}.")
+        pipe.load_lora_weights(lora)  # diffusers' own loading (needs peft: `pip install ttalign[train]`)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
