@@ -14,7 +14,8 @@ The methods are those of the runtime-feature matrix (`ttalign.compat`) with a ch
 channel's mean, so the reward's own cost is nil), at settings scaled to `--steps`: best-of-2, particle steering with 2
 particles resampled at every step, reward guidance, noise optimization with one iteration, Attend-and-Excite on the
 subject words (altering the first half of the steps, thresholds at step 0 and at a quarter of the steps, at most
-`--refinements` refinement iterations), and region re-weighting.
+`--refinements` refinement iterations; `attend and excite kept`: the same without the loss passes' gradient
+checkpointing), and region re-weighting.
 
 Each family runs in its own process: the pipeline is built once, warmed with a one-step call, then each method is
 called once on `--prompts` prompts. Peak memory: on CUDA `torch.cuda.max_memory_allocated` over the memory allocated
@@ -57,6 +58,7 @@ METHODS = (
     "reward_guidance",
     "noise_optimization",
     "attend_and_excite",
+    "attend_and_excite_kept",
     "region_reweight",
 )
 NATIVE = {"sd15": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}
@@ -260,7 +262,7 @@ def method_list(name: str, steps: int, refinements: int) -> list:
     from ttalign.testing import Redness
 
     subjects = {p: [p.split()[-4], p.split()[-1]] for p in PROMPTS}
-    return {
+    methods = {
         "plain": lambda: [],
         "best_of_n": lambda: [BestOfN(reward=Redness(), n=2)],
         "particle_steering": lambda: [ParticleSteering(reward=Redness(), particles=2, resample_every=1)],
@@ -275,7 +277,12 @@ def method_list(name: str, steps: int, refinements: int) -> list:
             )
         ],
         "region_reweight": lambda: [RegionReweight(regions={"dog": RIGHT})],
-    }[name]()
+    }
+    if name == "attend_and_excite_kept":  # the loss passes keep every block's activations (no checkpointing)
+        (method,) = methods["attend_and_excite"]()
+        method.gradient_checkpointing = False
+        return [method]
+    return methods[name]()
 
 
 class PeakRSS:

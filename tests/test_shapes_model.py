@@ -121,3 +121,21 @@ def test_training_script_smoke(tmp_path):
     image = pipe("a red circle", num_inference_steps=2, output_type="pt").images
     assert image.shape == (1, 3, 32, 32)
     assert json.loads((out / "training_args.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize("model", ["sd", "flow"])
+def test_tuned_models_load_offline_with_their_lora_fused(model):
+    """`load_pipeline("<model>-tuned")` is the embedded model with its shipped LoRA (diffusers' format) fused into the
+    denoiser: other weights than the base's, no adapter layers left, and a record of how it was trained."""
+    from ttalign.shapes.models import TUNED_DIR
+
+    with open(os.path.join(TUNED_DIR, model, "training.json")) as f:
+        record = json.load(f)
+    assert record["trained_by"].startswith("python benchmarks/run.py tuned_loras")
+    base, tuned = load_pipeline(model, device="cpu"), load_pipeline(f"{model}-tuned", device="cpu")
+    base_weights, tuned_weights = base.family.denoiser.state_dict(), tuned.family.denoiser.state_dict()
+    assert base_weights.keys() == tuned_weights.keys()  # fused: no LoRA layers
+    moved = [k for k in base_weights if not torch.equal(base_weights[k], tuned_weights[k])]
+    assert moved and all("attn" in k or "proj" in k or "ff" in k or "to_" in k for k in moved)
+    with pytest.raises(ValueError, match="sd-tuned"):
+        load_pipeline("sdxl-tuned")
