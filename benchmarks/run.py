@@ -309,14 +309,14 @@ SUITES: dict[str, Suite] = {
     ),
     "tuned_loras": Suite(
         "The tuned shapes LoRAs (`load_pipeline('sd-tuned')`, `'flow-tuned'`): one trainer each on the soft verifier "
-        "for 50 minutes of 1-thread training on captions disjoint from the evaluation set, with its learning curve on "
-        "120 evaluation images every 10 minutes; then each LoRA on the whole evaluation set (240 x 4) against "
-        "its base, installed in ttalign/shapes/tuned/<model>/.",
+        "for 30 (SD) or 50 (flow) minutes of 1-thread training on captions disjoint from the evaluation set, with "
+        "its learning curve on 120 evaluation images every 10 minutes; then each LoRA on the whole evaluation set "
+        "(240 x 4) against its base, installed in ttalign/shapes/tuned/<model>/.",
         (
             Step(
                 "sd",
                 "train_efficiency.py",
-                "--model sd --reward shapes_soft --trainers raft --minutes 50 --eval-every 10 "
+                "--model sd --reward shapes_soft --trainers raft --lr 1e-4 --minutes 30 --eval-every 10 "
                 "--save-lora benchmarks/.cache/tuned/sd --name tuned_sd",
             ),
             Step(
