@@ -23,7 +23,7 @@ from common import environment, write_results  # noqa: E402
 
 from ttalign.shapes import CATEGORIES, evaluation_prompts, load_pipeline, sampling_defaults  # noqa: E402
 from ttalign.shapes.evaluate import evaluate, paired  # noqa: E402
-from ttalign.shapes.models import TUNED_DIR  # noqa: E402
+from ttalign.shapes.models import TUNED_DIR, fuse_lora  # noqa: E402
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -49,9 +49,7 @@ def main() -> None:
     base_eval = evaluate(base, prompts, [], name="base", seeds=args.seeds, **defaults).summary()
     tuned = load_pipeline(args.model)
     tuned.set_progress_bar_config(disable=True)
-    tuned.load_lora_weights(args.lora)
-    tuned.fuse_lora()
-    tuned.unload_lora_weights()
+    fuse_lora(tuned, args.lora)
     tuned_eval = evaluate(tuned, prompts, [], name="tuned", seeds=args.seeds, **defaults).summary()
     test = paired(base_eval["verdicts"], tuned_eval["verdicts"])
     rows = [("base model", base_eval), ("with the tuned LoRA", tuned_eval)]

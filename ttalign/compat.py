@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ttalign.loading import diffusers_errors_only
+
 PROMPTS = ["a cat and a dog", "a red car and a dog"]
 #: Where the cells run: a GPU where there is one (the features then run for real), else the CPU.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,19 +106,6 @@ class NeedsAccelerator(Exception):
 SELECTS = frozenset({"best_of_n", "particle_steering"})
 
 
-@contextlib.contextmanager
-def _diffusers_errors_only():
-    """diffusers logs errors only inside the block (its warnings about what a cell does on purpose)."""
-    from diffusers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-
-
 def _denoiser(pipe):
     return pipe.family.denoiser
 
@@ -167,7 +156,7 @@ def _attention_backend(pipe, family: str) -> float:
     listening = [p for p in denoiser.attn_processors.values() if hasattr(p, "_attention_backend")]
     if not listening:
         raise NotApplicable("its attention processors call SDPA directly and ignore the backend switch")
-    with _diffusers_errors_only():  # "attention backends are an experimental feature"
+    with diffusers_errors_only():  # "attention backends are an experimental feature"
         denoiser.set_attention_backend("_native_math")
     return 1e-4
 
@@ -244,7 +233,7 @@ def _lora(pipe, family: str) -> float:
     source = get_tiny_family_pipeline(family)
     _add_lora(source)
     # "no LoRA keys for the text encoder": this LoRA has none
-    with _diffusers_errors_only(), tempfile.TemporaryDirectory() as folder:
+    with diffusers_errors_only(), tempfile.TemporaryDirectory() as folder:
         source.family.save_lora(folder, get_peft_model_state_dict(_denoiser(source)))
         pipe.load_lora_weights(folder)
     return 1e-4
@@ -264,7 +253,7 @@ def _torchao_int8(pipe, family: str) -> float:
     attribute = pipe.family.denoiser_attribute
     denoiser = getattr(pipe, attribute)
     # "only bfloat16 is supported": float32 runs too, and compares exactly
-    with _diffusers_errors_only(), tempfile.TemporaryDirectory() as folder:
+    with diffusers_errors_only(), tempfile.TemporaryDirectory() as folder:
         denoiser.save_pretrained(folder)
         quantized = type(denoiser).from_pretrained(
             folder, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), torch_dtype=denoiser.dtype

@@ -34,6 +34,17 @@ def sampling_defaults(pipe) -> dict:
     return dict(FLOW_SAMPLING_DEFAULTS if "flow_matching" in family_for(pipe).features else SAMPLING_DEFAULTS)
 
 
+def fuse_lora(pipe, folder: str) -> None:
+    """Loads the LoRA in `folder` (diffusers' format) with `pipe.load_lora_weights` and fuses it into the weights: the
+    pipeline keeps no adapter layers. Needs peft (`pip install ttalign[train]`)."""
+    from ttalign.loading import diffusers_errors_only
+
+    with diffusers_errors_only():  # a denoiser-only LoRA has no text-encoder keys, which diffusers would warn about
+        pipe.load_lora_weights(folder)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+
+
 def load_pipeline(model: str = "sd", device: str | None = None, path: str | None = None):
     """Loads an embedded shapes-world model through the ordinary `from_pretrained` path, from `path` or the folder
     shipped with the package: `model="sd"`, the Stable Diffusion 1.x-style model, as an
@@ -61,7 +72,5 @@ def load_pipeline(model: str = "sd", device: str | None = None, path: str | None
         lora = os.path.join(TUNED_DIR, base)
         if not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
             raise FileNotFoundError(f"No tuned LoRA for the {base!r} shapes model at {lora!r}.")
-        pipe.load_lora_weights(lora)  # diffusers' own loading (needs peft: `pip install ttalign[train]`)
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+        fuse_lora(pipe, lora)
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
