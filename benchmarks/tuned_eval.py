@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -63,7 +64,7 @@ def main() -> None:
         for label, s in rows
     ]
     below = [c for c in CATEGORIES if tuned_eval["category_accuracy"][c] < base_eval["category_accuracy"][c]]
-    command = "python benchmarks/tuned_eval.py " + " ".join(sys.argv[1:])
+    command = shlex.join(["python", "benchmarks/tuned_eval.py", *sys.argv[1:]])
     markdown = (
         f"# The tuned {args.model} shapes LoRA on the evaluation set\n\n`{command}`\n\n"
         f"Trained by `{args.trained_by or 'not recorded'}`. Evaluation: {len(prompts)} prompts x {args.seeds} seeds, "
