@@ -1,7 +1,7 @@
 """The tuned shapes LoRAs on the whole evaluation set: verified success of the base model and of the base model with a
 trained LoRA (240 prompts x 4 seeds, the exact verifier, 1x NFE, the same initial noise), per category, with the
 paired sign test; with `--install`, the LoRA and its record go to `ttalign/shapes/tuned/<model>/`, where
-`ttalign.shapes.load_pipeline("<model>-tuned")` loads them.
+`ttalign.shapes.load_pipeline("<model>-tuned")` loads them, unless the LoRA is worse than the base model overall.
 
     python benchmarks/tuned_eval.py --model sd --lora benchmarks/.cache/tuned/sd/raft \\
         --trained-by "python benchmarks/run.py tuned_loras --only sd" --install
@@ -36,7 +36,11 @@ def main() -> None:
     parser.add_argument("--trained-by", default="", help="the command that trained the LoRA (kept in its record)")
     parser.add_argument("--per-category", type=int, default=40)
     parser.add_argument("--seeds", type=int, default=4)
-    parser.add_argument("--install", action="store_true", help=f"copy the LoRA to {TUNED_DIR}/<model>/")
+    parser.add_argument(
+        "--install",
+        action="store_true",
+        help=f"copy the LoRA to {TUNED_DIR}/<model>/ (unless worse than the base)",
+    )
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     if not os.path.isfile(os.path.join(args.lora, LORA_FILE)):
@@ -85,7 +89,13 @@ def main() -> None:
         "environment": environment(),
     }
     write_results(name, record, markdown)
-    if args.install:
+    worse = tuned_eval["overall"] < base_eval["overall"]
+    if args.install and worse:
+        print(
+            f"not installed: the LoRA is worse than the base model ({100 * tuned_eval['overall']:.1f} < "
+            f"{100 * base_eval['overall']:.1f})"
+        )
+    elif args.install:
         target = os.path.join(TUNED_DIR, args.model)
         os.makedirs(TUNED_DIR, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=TUNED_DIR) as tmp:  # written whole, then moved in place

@@ -123,12 +123,12 @@ def test_training_script_smoke(tmp_path):
     assert json.loads((out / "training_args.json").read_text())["steps"] == 2
 
 
-@pytest.mark.parametrize("model", ["sd", "flow"])
-def test_tuned_models_load_offline_with_their_lora_fused(model):
+def test_tuned_models_load_offline_with_their_lora_fused():
     """`load_pipeline("<model>-tuned")` is the embedded model with its shipped LoRA (diffusers' format) fused into the
     denoiser: other weights than the base's, no adapter layers left, and a record of how it was trained."""
     from ttalign.shapes.models import TUNED_DIR
 
+    model = "flow"  # the SD LoRAs trained so far are worse than the base model: none is shipped
     with open(os.path.join(TUNED_DIR, model, "training.json")) as f:
         record = json.load(f)
     assert record["trained_by"].startswith("python benchmarks/run.py tuned_loras")
@@ -139,3 +139,5 @@ def test_tuned_models_load_offline_with_their_lora_fused(model):
     assert moved and all("attn" in k or "proj" in k or "ff" in k or "to_" in k for k in moved)
     with pytest.raises(ValueError, match="sd-tuned"):
         load_pipeline("sdxl-tuned")
+    with pytest.raises(FileNotFoundError, match="tuned_loras"):
+        load_pipeline("sd-tuned")

@@ -71,6 +71,9 @@ def load_pipeline(model: str = "sd", device: str | None = None, path: str | None
     if tuned:
         lora = os.path.join(TUNED_DIR, base)
         if not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
-            raise FileNotFoundError(f"No tuned LoRA for the {base!r} shapes model at {lora!r}.")
+            raise FileNotFoundError(
+                f"No tuned LoRA is shipped for the {base!r} shapes model (none trained so far beats the base model: "
+                f"docs/training.md); train one with `python benchmarks/run.py tuned_loras --only {base} eval_{base}`."
+            )
         fuse_lora(pipe, lora)
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
