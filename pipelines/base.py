@@ -9,6 +9,7 @@ call takes each of them for an argument it leaves out; an argument the caller gi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -140,3 +141,16 @@ class AlignedPipelineMixin:
         super().save_pretrained(save_directory, *args, **kwargs)
         if self.sampling_defaults:
             write_sampling_defaults(save_directory, self.sampling_defaults)
+
+
+@contextlib.contextmanager
+def diffusers_errors_only():
+    """diffusers logs errors only inside the block (its warnings about what the caller does on purpose)."""
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)

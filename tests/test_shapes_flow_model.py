@@ -46,7 +46,7 @@ def test_loads_through_from_pretrained(flow_pipe):
     assert isinstance(flow_pipe, AlignedStableDiffusion3Pipeline)
     assert flow_pipe.transformer.config.patch_size == 2 and flow_pipe.vae_scale_factor == 2
     assert flow_pipe.family.clip_length == FLOW_TEXT_LENGTH  # the CLIP tokens before the T5 ones
-    with pytest.raises(ValueError, match="'sd' or 'flow'"):
+    with pytest.raises(ValueError, match="expected 'sd', 'flow'"):
         load_pipeline("sdxl")
 
 

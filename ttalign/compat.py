@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ttalign.loading import diffusers_errors_only
+from ttalign.pipelines.base import diffusers_errors_only
 
 PROMPTS = ["a cat and a dog", "a red car and a dog"]
 #: Where the cells run: a GPU where there is one (the features then run for real), else the CPU.

@@ -3,25 +3,10 @@ components. The command line, the server and its Ray replicas load through here.
 
 from __future__ import annotations
 
-import contextlib
-
 #: Names `load_pipeline` takes besides folders and hub ids.
 TINY_MODEL = "tiny"
 SHAPES_MODEL = "shapes"
 SHAPES_FLOW_MODEL = "shapes-flow"
-
-
-@contextlib.contextmanager
-def diffusers_errors_only():
-    """diffusers logs errors only inside the block (its warnings about what the caller does on purpose)."""
-    from diffusers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
 
 
 class ModelLoadError(ValueError):

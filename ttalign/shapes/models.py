@@ -37,7 +37,7 @@ def sampling_defaults(pipe) -> dict:
 def fuse_lora(pipe, folder: str) -> None:
     """Loads the LoRA in `folder` (diffusers' format) with `pipe.load_lora_weights` and fuses it into the weights: the
     pipeline keeps no adapter layers. Needs peft (`pip install ttalign[train]`)."""
-    from ttalign.loading import diffusers_errors_only
+    from ttalign.pipelines.base import diffusers_errors_only
 
     with diffusers_errors_only():  # a denoiser-only LoRA has no text-encoder keys, which diffusers would warn about
         pipe.load_lora_weights(folder)
