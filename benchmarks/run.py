@@ -147,7 +147,7 @@ SUITES: dict[str, Suite] = {
         "Every method's time and peak memory against the plain call on SD 1.5, SDXL, SD3.5-Medium and FLUX.1-dev "
         "built from their published configurations with random weights: on CPU in bf16 at 256 px (FLUX.1 with 2 + 4 "
         "of its blocks, T5-XXL with 2 of its layers); the `gpu` step runs every model whole at its native "
-        "resolution in its own precision (about 10 minutes on one H100).",
+        "resolution in its own precision (not run yet).",
         (
             Step("cpu", "real_width.py", "--size 256 --steps 4 --prompts 1 --refinements 5"),
             Step("gpu", "real_width.py", "--full --device cuda --steps 8 --prompts 1 --refinements 5"),
