@@ -250,39 +250,23 @@ def build(family: str, args):
 
 
 def method_list(name: str, steps: int, refinements: int) -> list:
-    from ttalign.compat import RIGHT
-    from ttalign.methods import (
-        AttendAndExcite,
-        BestOfN,
-        NoiseOptimization,
-        ParticleSteering,
-        RegionReweight,
-        RewardGuidance,
-    )
-    from ttalign.testing import Redness
+    """The runtime matrix's methods and settings (`ttalign.compat.method_factories`), with Attend-and-Excite on each
+    prompt's two subjects at the settings of the module docstring."""
+    from ttalign.compat import method_factories
+    from ttalign.methods import AttendAndExcite
 
-    subjects = {p: [p.split()[-4], p.split()[-1]] for p in PROMPTS}
-    methods = {
-        "plain": lambda: [],
-        "best_of_n": lambda: [BestOfN(reward=Redness(), n=2)],
-        "particle_steering": lambda: [ParticleSteering(reward=Redness(), particles=2, resample_every=1)],
-        "reward_guidance": lambda: [RewardGuidance(reward=Redness(), scale=20.0)],
-        "noise_optimization": lambda: [NoiseOptimization(reward=Redness(), steps=1, lr=1.0)],
-        "attend_and_excite": lambda: [
-            AttendAndExcite(
-                tokens=lambda p: subjects[p],
-                max_iter_to_alter=max(1, steps // 2),
-                thresholds={0: 0.05, max(1, steps // 4): 0.5},
-                max_refinement_steps=refinements,
-            )
-        ],
-        "region_reweight": lambda: [RegionReweight(regions={"dog": RIGHT})],
-    }
-    if name == "attend_and_excite_kept":  # the loss passes keep every block's activations (no checkpointing)
-        (method,) = methods["attend_and_excite"]()
-        method.gradient_checkpointing = False
+    if name in ("attend_and_excite", "attend_and_excite_kept"):
+        subjects = {p: [p.split()[-4], p.split()[-1]] for p in PROMPTS}
+        method = AttendAndExcite(
+            tokens=lambda p: subjects[p],
+            max_iter_to_alter=max(1, steps // 2),
+            thresholds={0: 0.05, max(1, steps // 4): 0.5},
+            max_refinement_steps=refinements,
+            # `kept`: the loss passes keep every block's activations (no checkpointing)
+            gradient_checkpointing=name == "attend_and_excite",
+        )
         return [method]
-    return methods[name]()
+    return method_factories()[name]()
 
 
 class PeakRSS:

@@ -98,19 +98,20 @@ def main() -> None:
     elif args.install:
         target = os.path.join(TUNED_DIR, args.model)
         os.makedirs(TUNED_DIR, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=TUNED_DIR) as tmp:  # written whole, then moved in place
-            shutil.copy(os.path.join(args.lora, LORA_FILE), os.path.join(tmp, LORA_FILE))
-            with open(os.path.join(tmp, "training.json"), "w") as f:
+        staged = tempfile.mkdtemp(dir=TUNED_DIR, prefix=".staging-")  # written whole, then moved in place
+        try:
+            shutil.copy(os.path.join(args.lora, LORA_FILE), os.path.join(staged, LORA_FILE))
+            with open(os.path.join(staged, "training.json"), "w") as f:
                 json.dump({k: record[k] for k in ("trained_by", "base", "tuned", "paired")}, f, indent=1)
-            os.chmod(tmp, 0o755)
-            for entry in os.listdir(tmp):
-                os.chmod(os.path.join(tmp, entry), 0o644)
-            staged = tmp + ".ready"
-            os.rename(tmp, staged)
+            for entry in os.listdir(staged):
+                os.chmod(os.path.join(staged, entry), 0o644)
+            os.chmod(staged, 0o755)
             if os.path.isdir(target):
                 shutil.rmtree(target)
             os.rename(staged, target)
-            os.makedirs(tmp)  # for the context manager's own cleanup
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
         print(f"installed {target}")
     print(markdown)
 

@@ -53,7 +53,9 @@ class Cell:
 # --- methods ------------------------------------------------------------------------------------------------------
 
 
-def _methods() -> dict[str, Callable[[], list]]:
+def method_factories() -> dict[str, Callable[[], list]]:
+    """Each method of :data:`METHODS` as a factory of its alignment list, at the matrix's settings (a cheap
+    differentiable reward, two candidates or particles, one noise-optimization step)."""
     from ttalign.methods import (
         AttendAndExcite,
         BestOfN,
@@ -392,7 +394,7 @@ def run_cell(family: str, feature: str, method: str, reference: dict | None = No
 
 
 def _run_cell(family: str, feature: str, method: str, reference: dict) -> Cell:
-    methods = _methods()
+    methods = method_factories()
     if feature not in FEATURES:
         raise ValueError(f"Unknown feature {feature!r}; known: {sorted(FEATURES)}.")
     if method not in methods:
