@@ -67,13 +67,13 @@ def load_pipeline(model: str = "sd", device: str | None = None, path: str | None
         raise FileNotFoundError(
             f"No shapes-world model at {path!r}; train one with `python -m ttalign.shapes.train{family} --out {path}`."
         )
+    lora = os.path.join(TUNED_DIR, base)
+    if tuned and not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
+        raise FileNotFoundError(
+            f"No tuned LoRA is shipped for the {base!r} shapes model (none trained so far beats the base model: "
+            f"docs/training.md); train one with `python benchmarks/run.py tuned_loras --only {base} eval_{base}`."
+        )
     pipe = aligned_class_for(path).from_pretrained(path)
     if tuned:
-        lora = os.path.join(TUNED_DIR, base)
-        if not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
-            raise FileNotFoundError(
-                f"No tuned LoRA is shipped for the {base!r} shapes model (none trained so far beats the base model: "
-                f"docs/training.md); train one with `python benchmarks/run.py tuned_loras --only {base} eval_{base}`."
-            )
         fuse_lora(pipe, lora)
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
