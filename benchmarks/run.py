@@ -326,6 +326,18 @@ SUITES: dict[str, Suite] = {
                 "--save-lora benchmarks/.cache/tuned/flow --name tuned_flow",
             ),
             Step(
+                "sd_exact",
+                "train_efficiency.py",
+                "--model sd --reward shapes_exact --raft-min-reward 0.5 --trainers raft --lr 1e-4 --minutes 50 "
+                "--eval-every 10 --save-lora benchmarks/.cache/tuned_exact/sd --name tuned_sd_exact",
+            ),
+            Step(
+                "flow_exact",
+                "train_efficiency.py",
+                "--model flow --reward shapes_exact --raft-min-reward 0.5 --trainers raft --lr 1e-4 --minutes 50 "
+                "--eval-every 10 --save-lora benchmarks/.cache/tuned_exact/flow --name tuned_flow_exact",
+            ),
+            Step(
                 "eval_sd",
                 "tuned_eval.py",
                 "--model sd --lora benchmarks/.cache/tuned/sd/raft --install "

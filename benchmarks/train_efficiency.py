@@ -78,7 +78,8 @@ def make_trainer(kind: str, pipe, args, reward, captions, out_dir: str, defaults
             "awm": (T.AWMTrainer, T.AWMConfig),
             "nft": (T.DiffusionNFTTrainer, T.DiffusionNFTConfig),
         }[kind]
-        return trainer_cls(pipe, config_cls(**grouped, **common), reward, captions)
+        extra = {"min_reward": args.raft_min_reward} if kind == "raft" else {}
+        return trainer_cls(pipe, config_cls(**grouped, **extra, **common), reward, captions)
     if kind == "d3po":
         config = T.D3POConfig(
             noise_level=args.noise_level, num_inference_steps=steps, guidance_scale=guidance, **common
@@ -140,6 +141,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--noise-level", type=float, default=0.7)
     parser.add_argument("--sde-window", type=int, default=3)
+    parser.add_argument(
+        "--raft-min-reward",
+        type=float,
+        default=None,
+        help="RAFT keeps no image rewarded below this (0.5 with shapes_exact: only images that pass)",
+    )
     parser.add_argument("--per-category", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

@@ -53,6 +53,19 @@ def test_raft_keeps_the_best_of_each_group_and_averages_over_them():
     assert weighted_matching_loss(errors, weights).item() == pytest.approx(1.0)  # (1 + 2 + 3) / 6
 
 
+def test_raft_min_reward_keeps_only_images_that_pass():
+    rewards, prompts = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 1.0]), ["a", "a", "b", "b", "c", "c"]
+    # group b has no passing image: without min_reward its first (failing) image is kept, with it nothing is
+    assert raft_weights(rewards, prompts, keep=1).tolist() == [0.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    assert raft_weights(rewards, prompts, keep=1, min_reward=0.5).tolist() == [0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    assert raft_weights(rewards, prompts, keep=2, min_reward=0.5).tolist() == [0.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    nothing = raft_weights(torch.zeros(4), ["a"] * 4, keep=1, min_reward=0.5)
+    assert nothing.sum().item() == 0.0
+    assert weighted_matching_loss(torch.ones(4), nothing, normalize=True).item() == 0.0
+    with pytest.raises(ValueError, match="min_reward"):
+        RAFTConfig(min_reward=float("nan"))
+
+
 def test_awm_loss_is_the_advantage_weighted_ghuber():
     errors, sigma, advantages = torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.25]), torch.tensor([10.0, -2.5])
     # A = clamp(adv, +-5) / 5 = [1, -0.5]; g = sigma ((e + 1e-10)^0.25 - 1e-10^0.25) / 0.25 = [0, 1 - 10^-2.5]

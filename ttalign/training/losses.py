@@ -129,15 +129,20 @@ def rwr_weights(rewards: torch.Tensor, temperature: float = 5.0) -> torch.Tensor
     return len(rewards) * torch.softmax(rewards.float() / temperature, dim=0)
 
 
-def raft_weights(rewards: torch.Tensor, prompts: list[str], keep: int = 1) -> torch.Tensor:
-    """1 for the `keep` best images of each prompt's group, 0 for the others (ties broken by position)."""
+def raft_weights(
+    rewards: torch.Tensor, prompts: list[str], keep: int = 1, min_reward: float | None = None
+) -> torch.Tensor:
+    """1 for the `keep` best images of each prompt's group, 0 for the others (ties broken by position); with
+    `min_reward`, an image whose reward is below it is never kept (rejection sampling: with a pass/fail reward and
+    `min_reward=0.5`, a group where nothing passes contributes nothing)."""
     weights = torch.zeros(len(rewards))
     groups: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
         groups.setdefault(prompt, []).append(i)
     for indices in groups.values():
         order = sorted(indices, key=lambda i: (-float(rewards[i]), i))
-        weights[order[:keep]] = 1.0
+        kept = [i for i in order[:keep] if min_reward is None or float(rewards[i]) >= min_reward]
+        weights[kept] = 1.0
     return weights
 
 

@@ -28,6 +28,8 @@ The per-image error `e` is the mean squared error to the family's training targe
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -102,14 +104,19 @@ class RWRConfig(WeightedMatchingConfig):
 @dataclass
 class RAFTConfig(WeightedMatchingConfig):
     """:class:`WeightedMatchingConfig` and `keep` (`int`, defaults to 1): the best `keep` images of each prompt's
-    group are fine-tuned on (`group_size` 4 by default: best of 4)."""
+    group are fine-tuned on (`group_size` 4 by default: best of 4); `min_reward` (`float`, *optional*): images
+    rewarded below it are never kept, so a pass/fail reward (`shapes_exact`) with `min_reward=0.5` trains only on
+    images that pass."""
 
     keep: int = 1
+    min_reward: float | None = None
 
     def __post_init__(self):
         super().__post_init__()
         if not isinstance(self.keep, int) or not 1 <= self.keep <= self.group_size:
             raise ValueError(f"keep must be an integer in [1, group_size={self.group_size}], got {self.keep!r}.")
+        if self.min_reward is not None and not math.isfinite(self.min_reward):
+            raise ValueError(f"min_reward must be a finite number or None, got {self.min_reward!r}.")
 
 
 @dataclass
@@ -346,10 +353,11 @@ class RAFTTrainer(WeightedMatchingTrainer):
     name = "raft"
 
     def objective(self, pred, target, x_t, x0, sigma, batch, copies):
-        weights = raft_weights(batch.rewards, batch.prompts, self.config.keep)
+        weights = raft_weights(batch.rewards, batch.prompts, self.config.keep, self.config.min_reward)
         errors = per_sample_mse(pred, target)
-        kept_reward = (weights * batch.rewards).sum() / weights.sum()
-        return weighted_matching_loss(errors, weights, normalize=True), {"kept_reward": kept_reward.item()}
+        kept_reward = (weights * batch.rewards).sum() / weights.sum().clamp(min=1)
+        logs = {"kept_reward": kept_reward.item(), "kept": weights.sum().item()}
+        return weighted_matching_loss(errors, weights, normalize=True), logs
 
 
 class AWMTrainer(WeightedMatchingTrainer):
