@@ -29,7 +29,6 @@ The per-image error `e` is the mean squared error to the family's training targe
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
