@@ -2,7 +2,8 @@
 on the same components, seed and settings: time, peak memory, and the largest difference between their images.
 
 Each side runs in a fresh process (peak memory: `torch.cuda.max_memory_allocated` on CUDA, else the growth of the
-process's peak resident memory over the loaded pipeline). Writes `benchmarks/results/<name>.json` and `.md`.
+process's peak resident memory over the loaded pipeline, with glibc's mmap threshold fixed by `common.run_sides`).
+Writes `benchmarks/results/<name>.json` and `.md`.
 
 `--layout tiny` uses diffusers' test sizes (one attention resolution); `--layout sd` uses Stable Diffusion 1.x's UNet
 and VAE layout at a tiny width (attention at four resolutions, 512 px images, A&E on the 16x16 maps as in SD), where

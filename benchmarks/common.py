@@ -99,13 +99,19 @@ def write_results(name: str, data: dict, markdown: str) -> None:
 
 def run_sides(script: str, sides: tuple[str, ...], argv: list[str]) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Runs `script --one SIDE PATH *argv` for each side, each in a fresh process (so that each one's peak memory is
-    its own). Returns the JSON row each printed last, and the array each saved to PATH."""
+    its own). Returns the JSON row each printed last, and the array each saved to PATH.
+
+    Each process runs with glibc's mmap threshold fixed at 64 KiB (`MALLOC_MMAP_THRESHOLD_`): every block freed above
+    it goes back to the system at once, so a CPU side's peak resident size follows its live tensors. With glibc's
+    default (a threshold that rises to 32 MiB as large blocks are freed) the heap keeps freed tensors and its
+    fragmentation, not the tensors, sets the peak."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     rows, arrays = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for side in sides:
             path = os.path.join(tmp, f"{side}.npy")
             cmd = [sys.executable, script, "--one", side, path, *argv]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             arrays[side] = np.load(path)
             print(rows[-1], flush=True)
