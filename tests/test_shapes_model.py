@@ -123,12 +123,15 @@ def test_training_script_smoke(tmp_path):
     assert json.loads((out / "training_args.json").read_text())["steps"] == 2
 
 
-def test_tuned_models_load_offline_with_their_lora_fused():
+def test_tuned_models_load_offline_with_their_lora_fused(tmp_path, monkeypatch):
     """`load_pipeline("<model>-tuned")` is the embedded model with its shipped LoRA (diffusers' format) fused into the
-    denoiser: other weights than the base's, no adapter layers left, and a record of how it was trained."""
+    denoiser: other weights than the base's, no adapter layers left, and a record of how it was trained. The command
+    line and the server load it by name (`shapes-flow-tuned`); a missing LoRA is a clear error either way."""
+    from ttalign import loading
+    from ttalign.shapes import models
     from ttalign.shapes.models import TUNED_DIR
 
-    model = "flow"  # the SD LoRAs trained so far are worse than the base model: none is shipped
+    model = "flow"
     with open(os.path.join(TUNED_DIR, model, "training.json")) as f:
         record = json.load(f)
     assert record["trained_by"].startswith("python benchmarks/run.py tuned_loras")
@@ -137,7 +140,12 @@ def test_tuned_models_load_offline_with_their_lora_fused():
     assert base_weights.keys() == tuned_weights.keys()  # fused: no LoRA layers
     moved = [k for k in base_weights if not torch.equal(base_weights[k], tuned_weights[k])]
     assert moved and all("attn" in k or "proj" in k or "ff" in k or "to_" in k for k in moved)
+    served = loading.load_pipeline("shapes-flow-tuned", dtype="float32", device="cpu").family.denoiser.state_dict()
+    assert all(torch.equal(served[k], tuned_weights[k]) for k in moved)
     with pytest.raises(ValueError, match="sd-tuned"):
         load_pipeline("sdxl-tuned")
+    monkeypatch.setattr(models, "TUNED_DIR", str(tmp_path))  # no LoRA shipped
     with pytest.raises(FileNotFoundError, match="tuned_loras"):
         load_pipeline("sd-tuned")
+    with pytest.raises(loading.ModelLoadError, match="'shapes-tuned'.*No tuned LoRA"):
+        loading.load_pipeline("shapes-tuned", device="cpu")

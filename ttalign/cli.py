@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from ttalign.loading import SHAPES_FLOW_MODEL, SHAPES_MODEL, TINY_MODEL, load_pipeline
+from ttalign.loading import SHAPES_MODEL, SHAPES_MODELS, TINY_MODEL, load_pipeline
 
 
 def _save(image, path: str) -> None:
@@ -162,7 +162,7 @@ def serve_config(args):
     )
     name = args.model_name or (
         args.model
-        if args.model in (SHAPES_MODEL, SHAPES_FLOW_MODEL, TINY_MODEL)
+        if args.model in (*SHAPES_MODELS, TINY_MODEL)
         else os.path.basename(os.path.normpath(args.model))
     )
     hosts = list(args.allowed_host)
@@ -352,7 +352,8 @@ def _model_arguments(parser) -> None:
         "--model",
         default=SHAPES_MODEL,
         help="folder or hub id of a Stable Diffusion 1.x/2.x, XL or 3 or a FLUX pipeline (the class comes from its "
-        "model_index.json), 'shapes' or 'shapes-flow' (the embedded models) or 'tiny'",
+        "model_index.json), 'shapes' or 'shapes-flow' (the embedded models; 'shapes-flow-tuned' with its tuned LoRA) "
+        "or 'tiny'",
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--device", default=None)
