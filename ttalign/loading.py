@@ -24,8 +24,8 @@ class ModelLoadError(ValueError):
 def load_pipeline(model: str, dtype: str = "float32", device: str | None = None):
     """Loads the aligned pipeline of a diffusers folder or hub id (the class named in its `model_index.json`: Stable
     Diffusion 1.x/2.x, XL or 3, FLUX), `"shapes"` / `"shapes-flow"` (the embedded shapes-world models, with their
-    sampling defaults; `"shapes-tuned"` / `"shapes-flow-tuned"` with their tuned LoRA fused in) or `"tiny"` (tiny random components), on `device` (CUDA when there is one). Raises
-    :class:`ModelLoadError`."""
+    sampling defaults; `"shapes-tuned"` / `"shapes-flow-tuned"` with their tuned LoRA fused in) or `"tiny"` (tiny
+    random components), on `device` (CUDA when there is one). Raises :class:`ModelLoadError`."""
     import torch
 
     from ttalign.pipelines import AlignedStableDiffusionPipeline, aligned_class_for
