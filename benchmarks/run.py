@@ -125,6 +125,11 @@ SUITES: dict[str, Suite] = {
             Step("sd3", "attend_excite_flow.py", "--family sd3 --size 512 --steps 4 --prompts 2"),
             Step("flux", "attend_excite_flow.py", "--family flux --size 512 --steps 4 --prompts 2"),
             Step(
+                "sd_256",
+                "attend_excite.py",
+                "--layout sd --size 256 --steps 8 --prompts 2 --threads 1 --name attend_excite_sd_256",
+            ),
+            Step(
                 "sdxl_256",
                 "attend_excite_sdxl.py",
                 "--size 256 --steps 8 --prompts 2 --threads 1 --name attend_excite_sdxl_256",
