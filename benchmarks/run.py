@@ -313,10 +313,11 @@ SUITES: dict[str, Suite] = {
         quoted_in=("docs/training.md",),
     ),
     "tuned_loras": Suite(
-        "The tuned shapes LoRAs (`load_pipeline('sd-tuned')`, `'flow-tuned'`): one trainer each on the soft verifier "
-        "for 30 (SD) or 50 (flow) minutes of 1-thread training on captions disjoint from the evaluation set, with "
-        "its learning curve on 120 evaluation images every 10 minutes; then each LoRA on the whole evaluation set "
-        "(240 x 4) against its base, installed in ttalign/shapes/tuned/<model>/.",
+        "The tuned shapes LoRAs (`load_pipeline('sd-tuned')`, `'flow-tuned'`): per model, one trainer on the soft "
+        "verifier (30 min SD, 50 min flow) and RAFT on the exact verifier's passing images (50 min), 1-thread "
+        "training on captions disjoint from the evaluation set, with the learning curve on 120 evaluation images "
+        "every 10 minutes; then each LoRA on the whole evaluation set (240 x 4) against its base; the best one that "
+        "beats the base is installed in ttalign/shapes/tuned/<model>/.",
         (
             Step(
                 "sd",
@@ -353,6 +354,18 @@ SUITES: dict[str, Suite] = {
                 "tuned_eval.py",
                 "--model flow --lora benchmarks/.cache/tuned/flow/nft --install "
                 "--trained-by 'python benchmarks/run.py tuned_loras --only flow'",
+            ),
+            Step(
+                "eval_sd_exact",
+                "tuned_eval.py",
+                "--model sd --lora benchmarks/.cache/tuned_exact/sd/raft --install --name tuned_sd_exact_eval "
+                "--trained-by 'python benchmarks/run.py tuned_loras --only sd_exact'",
+            ),
+            Step(
+                "eval_flow_exact",
+                "tuned_eval.py",
+                "--model flow --lora benchmarks/.cache/tuned_exact/flow/raft --install --name tuned_flow_exact_eval "
+                "--trained-by 'python benchmarks/run.py tuned_loras --only flow_exact'",
             ),
         ),
         quoted_in=("docs/training.md",),

@@ -1,7 +1,8 @@
 """The tuned shapes LoRAs on the whole evaluation set: verified success of the base model and of the base model with a
 trained LoRA (240 prompts x 4 seeds, the exact verifier, 1x NFE, the same initial noise), per category, with the
 paired sign test; with `--install`, the LoRA and its record go to `ttalign/shapes/tuned/<model>/`, where
-`ttalign.shapes.load_pipeline("<model>-tuned")` loads them, unless the LoRA is worse than the base model overall.
+`ttalign.shapes.load_pipeline("<model>-tuned")` loads them, unless the LoRA is worse than the base model overall or
+no better than the LoRA installed there (its record's figure on the same evaluation).
 
     python benchmarks/tuned_eval.py --model sd --lora benchmarks/.cache/tuned/sd/raft \\
         --trained-by "python benchmarks/run.py tuned_loras --only sd" --install
@@ -29,6 +30,15 @@ from ttalign.shapes.models import TUNED_DIR, fuse_lora  # noqa: E402
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
+def installed_overall(folder: str) -> float | None:
+    """The overall verified success recorded for the LoRA installed in `folder` (None when there is none)."""
+    try:
+        with open(os.path.join(folder, "training.json")) as f:
+            return float(json.load(f)["tuned"]["overall"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=("sd", "flow"), required=True)
@@ -39,7 +49,7 @@ def main() -> None:
     parser.add_argument(
         "--install",
         action="store_true",
-        help=f"copy the LoRA to {TUNED_DIR}/<model>/ (unless worse than the base)",
+        help=f"copy the LoRA to {TUNED_DIR}/<model>/ (unless worse than the base or than the one installed)",
     )
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
@@ -89,14 +99,19 @@ def main() -> None:
         "environment": environment(),
     }
     write_results(name, record, markdown)
-    worse = tuned_eval["overall"] < base_eval["overall"]
-    if args.install and worse:
+    target = os.path.join(TUNED_DIR, args.model)
+    installed = installed_overall(target)
+    if args.install and tuned_eval["overall"] < base_eval["overall"]:
         print(
             f"not installed: the LoRA is worse than the base model ({100 * tuned_eval['overall']:.1f} < "
             f"{100 * base_eval['overall']:.1f})"
         )
+    elif args.install and installed is not None and tuned_eval["overall"] <= installed:
+        print(
+            f"not installed: the installed LoRA scores as well or better on the same evaluation "
+            f"({100 * installed:.1f} >= {100 * tuned_eval['overall']:.1f})"
+        )
     elif args.install:
-        target = os.path.join(TUNED_DIR, args.model)
         os.makedirs(TUNED_DIR, exist_ok=True)
         staged = tempfile.mkdtemp(dir=TUNED_DIR, prefix=".staging-")  # written whole, then moved in place
         try:
