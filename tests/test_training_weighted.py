@@ -64,6 +64,8 @@ def test_raft_min_reward_keeps_only_images_that_pass():
     assert weighted_matching_loss(torch.ones(4), nothing, normalize=True).item() == 0.0
     with pytest.raises(ValueError, match="min_reward"):
         RAFTConfig(min_reward=float("nan"))
+    with pytest.raises(ValueError, match="'high'"):
+        RAFTConfig(min_reward="high")
 
 
 def test_awm_loss_is_the_advantage_weighted_ghuber():

@@ -161,9 +161,7 @@ def serve_config(args):
         stuck_after_s=args.stuck_after,
     )
     name = args.model_name or (
-        args.model
-        if args.model in (*SHAPES_MODELS, TINY_MODEL)
-        else os.path.basename(os.path.normpath(args.model))
+        args.model if args.model in (*SHAPES_MODELS, TINY_MODEL) else os.path.basename(os.path.normpath(args.model))
     )
     hosts = list(args.allowed_host)
     if args.host not in ("0.0.0.0", "::", ""):  # a wildcard bind names no host; the operator adds names

@@ -114,7 +114,9 @@ class RAFTConfig(WeightedMatchingConfig):
         super().__post_init__()
         if not isinstance(self.keep, int) or not 1 <= self.keep <= self.group_size:
             raise ValueError(f"keep must be an integer in [1, group_size={self.group_size}], got {self.keep!r}.")
-        if self.min_reward is not None and not math.isfinite(self.min_reward):
+        if self.min_reward is not None and (
+            not isinstance(self.min_reward, (int, float)) or not math.isfinite(self.min_reward)
+        ):
             raise ValueError(f"min_reward must be a finite number or None, got {self.min_reward!r}.")
 
 
