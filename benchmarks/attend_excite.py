@@ -3,7 +3,8 @@ on the same components, seed and settings: time, peak memory, and the largest di
 what ttalign's A&E costs over the plain call of the same pipeline.
 
 Each side runs in a fresh process (peak memory: `torch.cuda.max_memory_allocated` on CUDA, else the growth of the
-process's peak resident memory over the loaded pipeline, with glibc's mmap threshold fixed by `common.run_sides`).
+process's peak resident memory over the loaded pipeline, taken in a second run with glibc's mmap threshold fixed:
+`common.run_sides`).
 Writes `benchmarks/results/<name>.json` and `.md`.
 
 `--layout tiny` uses diffusers' test sizes (one attention resolution); `--layout sd` uses Stable Diffusion 1.x's UNet

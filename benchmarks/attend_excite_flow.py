@@ -10,7 +10,8 @@ of each altered step) and every other call keeps SDPA. The maps are the image qu
 with the softmax over all joint keys.
 
 Each side runs in a fresh process (peak memory: `torch.cuda.max_memory_allocated` on CUDA, else the growth of the
-process's peak resident memory over the loaded pipeline, with glibc's mmap threshold fixed by `common.run_sides`).
+process's peak resident memory over the loaded pipeline, taken in a second run with glibc's mmap threshold fixed:
+`common.run_sides`).
 Sides: the plain call; A&E as it ships (lean capture, checkpointed loss passes); without the checkpointing; and on the
 explicit path (the whole joint score matrix, no checkpointing: the path before the lean capture).
 Writes `benchmarks/results/<name>.json` and `.md`.

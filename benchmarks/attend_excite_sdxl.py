@@ -8,7 +8,8 @@ resolution is the family's choice (32x32 at 1024 px); only the cross-attention l
 explicit path (counted), every other layer keeps SDPA.
 
 Each side runs in a fresh process (peak memory: `torch.cuda.max_memory_allocated` on CUDA, else the growth of the
-process's peak resident memory over the loaded pipeline, with glibc's mmap threshold fixed by `common.run_sides`).
+process's peak resident memory over the loaded pipeline, taken in a second run with glibc's mmap threshold fixed:
+`common.run_sides`).
 Writes `benchmarks/results/<name>.json` and `.md`.
 
     python benchmarks/attend_excite_sdxl.py --size 1024 --steps 4 --prompts 2
