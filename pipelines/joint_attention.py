@@ -119,7 +119,8 @@ class JointControlProcessor:
     def _image_lse(self, q_image, key, scale) -> torch.Tensor:
         """`logsumexp` over all keys of the image queries' scores, `[B, heads, N]` float32, a chunk of queries at a
         time; each chunk under non-reentrant checkpointing when gradients flow (its scores are recomputed in the
-        backward instead of kept)."""
+        backward instead of kept), unless the whole block is checkpointed already (its backward holds one block's
+        chunks at a time)."""
         from torch.utils.checkpoint import checkpoint
 
         def chunk_lse(q, k):
@@ -128,10 +129,11 @@ class JointControlProcessor:
         batch, heads, n = q_image.shape[:3]
         size = max(1, self.chunk_elements // max(1, batch * heads * key.shape[2]))
         grads = torch.is_grad_enabled() and (q_image.requires_grad or key.requires_grad)
+        recompute = grads and not self.control.blocks_checkpointed
         parts = []
         for start in range(0, n, size):
             q = q_image[:, :, start : start + size]
-            parts.append(checkpoint(chunk_lse, q, key, use_reentrant=False) if grads else chunk_lse(q, key))
+            parts.append(checkpoint(chunk_lse, q, key, use_reentrant=False) if recompute else chunk_lse(q, key))
         return torch.cat(parts, dim=2)
 
     def _attend_explicit(self, query, key, value, mask, image, text, cross, recorders, prob_hooks, logit_hooks):

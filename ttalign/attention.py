@@ -94,6 +94,8 @@ class AttentionControl:
     #: While a checkpointed block is recomputed in a backward (:meth:`checkpointed`): the layers take the path they
     #: took in the forward, but nothing is recorded again and nothing stops.
     replaying: bool = False
+    #: Inside :meth:`checkpointed` (the denoiser's blocks checkpointed): a layer need not checkpoint its own parts.
+    blocks_checkpointed: bool = False
 
     def context(self, name: str, is_cross: bool, query_len: int, part: str | None = None) -> LayerContext:
         h, w = self.latent_size
@@ -179,9 +181,11 @@ class AttentionControl:
         saved = [(m, m.gradient_checkpointing, vars(m).get("_gradient_checkpointing_func", absent)) for m in modules]
         for m in modules:
             m.gradient_checkpointing, m._gradient_checkpointing_func = True, run_checkpointed
+        outer, self.blocks_checkpointed = self.blocks_checkpointed, True
         try:
             yield
         finally:
+            self.blocks_checkpointed = outer
             for m, flag, func in saved:
                 m.gradient_checkpointing = flag
                 if func is absent:
