@@ -344,6 +344,13 @@ SUITES: dict[str, Suite] = {
                 "--eval-every 10 --save-lora benchmarks/.cache/tuned_exact/flow --name tuned_flow_exact",
             ),
             Step(
+                "flow_exact_kl",
+                "train_efficiency.py",
+                "--model flow --reward shapes_exact --raft-min-reward 0.5 --kl-weight 1.0 --trainers raft --lr 1e-4 "
+                "--minutes 30 --eval-every 10 --save-lora benchmarks/.cache/tuned_exact_kl/flow "
+                "--name tuned_flow_exact_kl",
+            ),
+            Step(
                 "eval_sd",
                 "tuned_eval.py",
                 "--model sd --lora benchmarks/.cache/tuned/sd/raft --install "

@@ -79,6 +79,8 @@ def make_trainer(kind: str, pipe, args, reward, captions, out_dir: str, defaults
             "nft": (T.DiffusionNFTTrainer, T.DiffusionNFTConfig),
         }[kind]
         extra = {"min_reward": args.raft_min_reward} if kind == "raft" else {}
+        if args.kl_weight is not None:
+            extra["kl_weight"] = args.kl_weight
         return trainer_cls(pipe, config_cls(**grouped, **extra, **common), reward, captions)
     if kind == "d3po":
         config = T.D3POConfig(
@@ -146,6 +148,12 @@ def main() -> None:
         type=float,
         default=None,
         help="RAFT keeps no image rewarded below this (0.5 with shapes_exact: only images that pass)",
+    )
+    parser.add_argument(
+        "--kl-weight",
+        type=float,
+        default=None,
+        help="the weighted-matching trainers' pull to the LoRA-free model (default: each trainer's own)",
     )
     parser.add_argument("--per-category", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=2)
