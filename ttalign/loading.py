@@ -37,7 +37,7 @@ def load_pipeline(model: str, dtype: str = "float32", device: str | None = None)
         from ttalign.shapes import load_pipeline as load_shapes
 
         try:
-            pipe = load_shapes(SHAPES_MODELS[model], device=device)
+            pipe = load_shapes(SHAPES_MODELS[model], device="cpu")  # cast before it moves
         except (OSError, ValueError) as err:  # a tuned LoRA that is not shipped, or peft missing to fuse it
             raise ModelLoadError(f"could not load model {model!r}: {str(err).splitlines()[0]}") from None
         return pipe.to(device, getattr(torch, dtype))
