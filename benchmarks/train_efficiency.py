@@ -19,6 +19,7 @@ and against images sampled).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -165,7 +166,18 @@ def main() -> None:
         metavar="DIR",
         help="also save each trainer's final LoRA in diffusers' format under DIR/<trainer>",
     )
+    parser.add_argument(
+        "--merge",
+        default=None,
+        metavar="NAMES",
+        help="write one table (--name) from earlier runs' results NAME1,NAME2,... (disjoint trainers, same settings)",
+    )
     args = parser.parse_args()
+    if args.merge:
+        if not args.name:
+            raise SystemExit("--merge needs --name for the merged table")
+        merge(args.name, args.merge.split(","))
+        return
     name = args.name or f"train_efficiency_{args.model}_{args.reward.split(':')[0]}"
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     held_out = {p for per in (20, 40) for p, _ in evaluation_prompts(per)}
@@ -214,14 +226,28 @@ def main() -> None:
                     "images_to_plus_10": reached["images"] if reached else None,
                 }
             )
+    command = "python benchmarks/train_efficiency.py " + " ".join(sys.argv[1:])
+    setting = (
+        f"reward `{args.reward}`, {args.minutes:g} minutes of training each, {len(captions)} captions disjoint from "
+        f"the evaluation set, {args.batch} images per sampling call, lr {args.lr}; evaluation: {len(prompts)} prompts "
+        f"x {args.seeds} seeds at 1x NFE, exact verifier"
+    )
+    base = {k: v for k, v in base_eval.items() if k != "verdicts"}
+    rows = [{**r, "final": {k: v for k, v in r["final"].items() if k != "verdicts"}} for r in rows]
+    write_table(name, args.model, setting, [command], base, rows)
+
+
+def write_table(name: str, model: str, setting: str, commands: list[str], base: dict, rows: list[dict]) -> None:
+    """Writes the suite's table, its two charts and its JSON for the trainers' `rows` (each with its learning curve,
+    final evaluation and paired test against the `base` evaluation)."""
     grpo = next((r["images_to_plus_10"] for r in rows if r["trainer"] == "grpo"), None)
     lines = [
         "| trainer | steps | images sampled | " + " | ".join(CATEGORIES) + " | overall | vs base: fail->pass / "
         "pass->fail, p | images to +10 points | ratio to GRPO |",
         "|" + "---|" * (len(CATEGORIES) + 7),
         "| base model | 0 | 0 | "
-        + " | ".join(f"{100 * base_eval['category_accuracy'][c]:.1f}" for c in CATEGORIES)
-        + f" | {100 * base_eval['overall']:.1f} | - | - | - |",
+        + " | ".join(f"{100 * base['category_accuracy'][c]:.1f}" for c in CATEGORIES)
+        + f" | {100 * base['overall']:.1f} | - | - | - |",
     ]
     for r in rows:
         f, p, last = r["final"], r["paired"], r["curve"][-1]
@@ -233,12 +259,10 @@ def main() -> None:
             + f" | **{100 * f['overall']:.1f}** | {p['wins']} / {p['losses']}, {p['p_value']:.3g} | "
             + f"{to10 if to10 else 'not reached'} | {ratio} |"
         )
-    command = "python benchmarks/train_efficiency.py " + " ".join(sys.argv[1:])
     markdown = (
-        f"Trainer efficiency on the {args.model} shapes model (`{command}`): reward `{args.reward}`, "
-        f"{args.minutes:g} minutes of training each, {len(captions)} captions disjoint from the evaluation set, "
-        f"{args.batch} images per sampling call, lr {args.lr}; evaluation: {len(prompts)} prompts x {args.seeds} "
-        "seeds at 1x NFE, exact verifier. The ratio to GRPO is GRPO's images to +10 points over the trainer's.\n\n"
+        f"Trainer efficiency on the {model} shapes model ("
+        + ", ".join(f"`{c}`" for c in commands)
+        + f"): {setting}. The ratio to GRPO is GRPO's images to +10 points over the trainer's.\n\n"
         + "\n".join(lines)
         + "\n"
     )
@@ -250,14 +274,46 @@ def main() -> None:
         name,
         {
             "benchmark": "train_efficiency",
-            "command": command,
-            "base": {k: v for k, v in base_eval.items() if k != "verdicts"},
-            "rows": [{**r, "final": {k: v for k, v in r["final"].items() if k != "verdicts"}} for r in rows],
+            "command": "python benchmarks/train_efficiency.py " + " ".join(sys.argv[1:]),
+            **({"parts": commands} if len(commands) > 1 else {}),
+            "model": model,
+            "setting": setting,
+            "base": base,
+            "rows": rows,
             "environment": environment(),
         },
         markdown,
     )
     print(markdown)
+
+
+def merge(name: str, parts: list[str]) -> None:
+    """One table from runs of this script on disjoint trainers at the same settings (run side by side, one thread
+    each, to fit the suite in fewer hours): refuses parts whose model, settings or base evaluation differ."""
+    runs = []
+    for part in parts:
+        path = os.path.join(RESULTS, f"{part}.json")
+        if not os.path.exists(path):
+            raise SystemExit(f"--merge: no results {path!r} (run that part first)")
+        with open(path, encoding="utf-8") as f:
+            runs.append(json.load(f))
+    first = runs[0]
+    for part, run in zip(parts[1:], runs[1:]):
+        same = {
+            "model": run["model"] == first["model"],
+            "setting": run["setting"] == first["setting"],
+            "base evaluation": all(run["base"][k] == first["base"][k] for k in ("category_accuracy", "settings")),
+        }
+        for key, ok in same.items():
+            if not ok:
+                raise SystemExit(f"--merge: {part!r} differs from {parts[0]!r} in its {key}; parts must match")
+    trainers = [r["trainer"] for run in runs for r in run["rows"]]
+    if len(set(trainers)) != len(trainers):
+        raise SystemExit(f"--merge: a trainer appears in more than one part: {trainers}")
+    commands = [c for run in runs for c in run.get("parts", [run["command"]])]
+    write_table(
+        name, first["model"], first["setting"], commands, first["base"], [r for run in runs for r in run["rows"]]
+    )
 
 
 if __name__ == "__main__":
