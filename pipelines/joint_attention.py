@@ -17,6 +17,43 @@ from __future__ import annotations
 import torch
 
 
+class _AttentionWithLSE(torch.autograd.Function):
+    """Softmax attention of `query`, `key`, `value` `[B, heads, S, d]` through PyTorch's CPU flash kernel, returning
+    the output and each query row's `lse = logsumexp_j(scale q_i . k_j)` `[B, heads, S]`, differentiable in both
+    without an `S x S` matrix.
+
+    The kernel's backward takes the gradient of the output only; the lse's is folded into it exactly. The backward's
+    scores see `dS_ij = P_ij (dO_i . v_j - D_i)` with `D_i = dO_i . O_i`, and the lse adds `g_i P_ij`, i.e. `D_i - g_i`
+    in place of `D_i`. Padding every head with one more channel (zero in `q`, `k`, `v`; `-g_i` in `O`, 1 in `dO`)
+    leaves the scores and `dO_i . v_j` unchanged and makes the kernel's `D_i` exactly `D_i - g_i`."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale: float):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out, lse = flash(query, key, value, 0.0, False, scale=scale)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.set_materialize_grads(False)  # an unused output's gradient comes as None
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        import torch.nn.functional as F
+
+        query, key, value, out, lse = ctx.saved_tensors
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        if grad_lse is None:
+            grads = backward(grad_out.contiguous(), query, key, value, out, lse, 0.0, False, scale=ctx.scale)
+            return (*grads, None)
+        pad = [F.pad(x, (0, 1)).contiguous() for x in (query, key, value)]  # [B, heads, S, d + 1]
+        out = torch.cat([out, -grad_lse[..., None].to(out.dtype)], dim=-1).contiguous()
+        grad_out = torch.cat([grad_out, torch.ones_like(grad_out[..., :1])], dim=-1).contiguous()
+        grads = backward(grad_out, *pad, out, lse, 0.0, False, scale=ctx.scale)
+        return (*(g[..., :-1] for g in grads), None)
+
+
 class JointControlProcessor:
     """Attention processor for one joint-attention module of SD3 (`text_first=False`) or FLUX (`text_first=True`)."""
 
@@ -68,6 +105,9 @@ class JointControlProcessor:
     #: Hooks that read or change only the text view take the lean path (no full score matrix); `False` forces the
     #: explicit one everywhere (the parity tests compare the two).
     lean = True
+    #: On the CPU, the lean path takes the lse from the flash kernel (:class:`_AttentionWithLSE`); `False` computes it
+    #: in chunks as on other devices (the parity tests run both).
+    kernel_lse = True
     #: Elements of one chunk of image-query scores over all keys on the lean path (`[B, heads, chunk, S]`).
     chunk_elements = 1 << 24
 
@@ -80,18 +120,23 @@ class JointControlProcessor:
 
     def _attend_lean(self, query, key, value, image, text, cross, recorders, prob_hooks, logit_hooks):
         """The same attention without the `S x S` score matrix, for hooks on the text view only: the output is SDPA's,
-        the text block of the image queries' probabilities is `exp(s_txt - lse)` with `lse` (over all keys) computed
-        in checkpointed chunks of image queries, and the hooks' changes reach the output exactly as a correction on
+        the text block of the image queries' probabilities is `exp(s_txt - lse)` with `lse` (over all keys) the one
+        the CPU flash kernel computes with the output (:class:`_AttentionWithLSE`), or on other devices computed in
+        checkpointed chunks of image queries, and the hooks' changes reach the output exactly as a correction on
         the image queries' rows, `exp(lse - lse') out + (P' - exp(s_txt - lse')) @ V_txt`, where `lse'` is the
         normalizer after the logit hooks (`lse' = lse` without them) and `P'` the text block after the hooks."""
         import torch.nn.functional as F
 
         batch, heads = query.shape[:2]
         scale = query.shape[-1] ** -0.5
-        out = F.scaled_dot_product_attention(query, key, value)  # [B, heads, S, d]
         q_image, k_text, v_text = query[:, :, image], key[:, :, text], value[:, :, text]
+        if self.kernel_lse and query.device.type == "cpu":  # the CPU flash kernel computes every row's lse too
+            out, lse = _AttentionWithLSE.apply(query, key, value, scale)  # [B, heads, S, d], [B, heads, S]
+            lse = lse[:, :, image].float()  # [B, heads, N]
+        else:
+            out = F.scaled_dot_product_attention(query, key, value)  # [B, heads, S, d]
+            lse = self._image_lse(q_image, key, scale)  # [B, heads, N]
         scores_text = (q_image @ k_text.transpose(-1, -2) * scale).float()  # [B, heads, N, T]
-        lse = self._image_lse(q_image, key, scale)  # [B, heads, N]
         new_scores, changed = scores_text, False
         for hook, ctx in logit_hooks:  # the text view as the UNet hooks know it: [B * heads, image queries, tokens]
             result = hook(ctx, new_scores.to(query.dtype).flatten(0, 1))

@@ -317,11 +317,45 @@ def test_sd3_family_sets_the_dynamic_shift_as_the_pipeline():
     assert not torch.allclose(pipe.family.set_timesteps(3, "cpu", 32, 32), pipe.family.set_timesteps(3, "cpu", 64, 64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_attention_with_lse_gives_both_outputs_and_their_gradients(dtype):
+    """The CPU flash kernel's attention with its row log-sum-exp: values and gradients (from the output, from the lse,
+    from both) equal the explicit softmax attention's; `gradcheck` in float64."""
+    from ttalign.pipelines.joint_attention import _AttentionWithLSE
+
+    torch.manual_seed(0)
+    # [B, heads, S, d], strided as the processors' views of [B, S, heads, d] are
+    q, k, v = (torch.randn(2, 40, 3, 8, dtype=dtype).transpose(1, 2).requires_grad_() for _ in range(3))
+    scale = 8**-0.5
+
+    def explicit(q, k, v):
+        scores = q @ k.transpose(-1, -2) * scale  # [B, heads, S, S]
+        return scores.softmax(-1) @ v, torch.logsumexp(scores, -1)
+
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)
+    for use in ("output", "lse", "both"):
+        grads = []
+        for f in (_AttentionWithLSE.apply, lambda *x: explicit(*x[:3])):
+            out, lse = f(q, k, v, scale)
+            loss = (out.square().sum() if use != "lse" else 0) + (
+                (lse * lse.detach().cos()).sum() if use != "output" else 0
+            )
+            grads.append(torch.autograd.grad(loss, (q, k, v), allow_unused=True))
+            grads[-1] = [torch.zeros_like(q) if g is None else g for g in grads[-1]]
+        for ours, theirs in zip(*grads):
+            torch.testing.assert_close(ours, theirs, **tol)
+    torch.testing.assert_close(_AttentionWithLSE.apply(q, k, v, scale)[1], explicit(q, k, v)[1], **tol)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda q, k, v: _AttentionWithLSE.apply(q, k, v, scale), (q, k, v))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("which", ["attend_and_excite", "token_reweight", "region_cross"])
-def test_the_lean_joint_attention_path_matches_the_explicit_one(pipes, family, which, monkeypatch):
+@pytest.mark.parametrize("kernel_lse", [True, False], ids=["kernel-lse", "chunked-lse"])
+def test_the_lean_joint_attention_path_matches_the_explicit_one(pipes, family, which, kernel_lse, monkeypatch):
     """Hooks on the text view only (maps recorded and stepped on, probabilities re-weighted, text logits modulated)
-    give the same images, losses and maps on the lean path (no joint score matrix) as on the explicit one."""
+    give the same images, losses and maps on the lean path (no joint score matrix) as on the explicit one, with the
+    lse from the CPU flash kernel and computed in chunks (the path of other devices)."""
     pipe = pipes[family]
     methods = {
         "attend_and_excite": lambda: AttendAndExcite(
@@ -346,6 +380,7 @@ def test_the_lean_joint_attention_path_matches_the_explicit_one(pipes, family, w
 
     monkeypatch.setattr(JointControlProcessor, "_attend_lean", counting)
     monkeypatch.setattr(JointControlProcessor, "chunk_elements", 64)  # several chunks even at these sizes
+    monkeypatch.setattr(JointControlProcessor, "kernel_lse", kernel_lse)
     lean = _call(pipe, [methods[which]()], prompts=prompts)
     assert calls, "the lean path did not run"
     monkeypatch.setattr(JointControlProcessor, "lean", False)
