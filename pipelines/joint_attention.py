@@ -124,7 +124,9 @@ class JointControlProcessor:
         the CPU flash kernel computes with the output (:class:`_AttentionWithLSE`), or on other devices computed in
         checkpointed chunks of image queries, and the hooks' changes reach the output exactly as a correction on
         the image queries' rows, `exp(lse - lse') out + (P' - exp(s_txt - lse')) @ V_txt`, where `lse'` is the
-        normalizer after the logit hooks (`lse' = lse` without them) and `P'` the text block after the hooks."""
+        normalizer after the logit hooks (`lse' = lse` without them) and `P'` the text block after the hooks. When
+        the only hooks are recorders that each read some text positions (their `tokens`), only those columns of the
+        text block are computed."""
         import torch.nn.functional as F
 
         batch, heads = query.shape[:2]
@@ -136,7 +138,13 @@ class JointControlProcessor:
         else:
             out = F.scaled_dot_product_attention(query, key, value)  # [B, heads, S, d]
             lse = self._image_lse(q_image, key, scale)  # [B, heads, N]
-        scores_text = (q_image @ k_text.transpose(-1, -2) * scale).float()  # [B, heads, N, T]
+        wanted = [getattr(f, "tokens", None) for f in recorders]
+        if recorders and not (prob_hooks or logit_hooks) and all(t is not None for t in wanted):
+            # recorders only, each reading some text positions: the text view holds their union only
+            cross.tokens = sorted(set().union(*wanted))
+            columns = torch.as_tensor(cross.tokens, device=key.device)
+            k_text = k_text.index_select(2, columns)  # [B, heads, K, d]
+        scores_text = (q_image @ k_text.transpose(-1, -2) * scale).float()  # [B, heads, N, T] (or K)
         new_scores, changed = scores_text, False
         for hook, ctx in logit_hooks:  # the text view as the UNet hooks know it: [B * heads, image queries, tokens]
             result = hook(ctx, new_scores.to(query.dtype).flatten(0, 1))

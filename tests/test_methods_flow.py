@@ -355,7 +355,8 @@ def test_attention_with_lse_gives_both_outputs_and_their_gradients(dtype):
 def test_the_lean_joint_attention_path_matches_the_explicit_one(pipes, family, which, kernel_lse, monkeypatch):
     """Hooks on the text view only (maps recorded and stepped on, probabilities re-weighted, text logits modulated)
     give the same images, losses and maps on the lean path (no joint score matrix) as on the explicit one, with the
-    lse from the CPU flash kernel and computed in chunks (the path of other devices)."""
+    lse from the CPU flash kernel and computed in chunks (the path of other devices); A&E's maps are computed for the
+    prompts' tokens only."""
     pipe = pipes[family]
     methods = {
         "attend_and_excite": lambda: AttendAndExcite(
@@ -374,15 +375,20 @@ def test_the_lean_joint_attention_path_matches_the_explicit_one(pipes, family, w
     calls = []
     original = JointControlProcessor._attend_lean
 
-    def counting(self, *args):
-        calls.append(1)
-        return original(self, *args)
+    def counting(self, query, key, value, image, text, cross, *args):
+        out = original(self, query, key, value, image, text, cross, *args)
+        calls.append((cross.tokens, key[:, :, text].shape[2]))
+        return out
 
     monkeypatch.setattr(JointControlProcessor, "_attend_lean", counting)
     monkeypatch.setattr(JointControlProcessor, "chunk_elements", 64)  # several chunks even at these sizes
     monkeypatch.setattr(JointControlProcessor, "kernel_lse", kernel_lse)
     lean = _call(pipe, [methods[which]()], prompts=prompts)
     assert calls, "the lean path did not run"
+    if which == "attend_and_excite":  # the maps hold the prompts' own tokens only, not the padding
+        assert all(tokens is not None and 0 < len(tokens) < n_text for tokens, n_text in calls)
+    else:  # hooks that change the attention see every text token
+        assert all(tokens is None for tokens, _ in calls)
     monkeypatch.setattr(JointControlProcessor, "lean", False)
     explicit = _call(pipe, [methods[which]()], prompts=prompts)
     torch.testing.assert_close(lean.images, explicit.images, atol=2e-5, rtol=1e-4)

@@ -32,6 +32,8 @@ class LayerContext:
         rows (`list[int]`, *optional*): the images of the call that this denoiser batch holds, in order (`None`: all
             of them). A method's own forward may hold some of them only (Attend-and-Excite refining some images).
         part (`str`, *optional*): the part of the denoiser the layer is in (`"down"`, `"mid"` or `"up"` in a UNet).
+        tokens (`list[int]`, *optional*): set for the recorders when the text view they get holds only some text
+            positions, these in this order (the union of the recorders' own `tokens`); `None`: every text position.
     """
 
     name: str
@@ -43,6 +45,7 @@ class LayerContext:
     timestep: torch.Tensor | None
     rows: list[int] | None = None
     part: str | None = None
+    tokens: list[int] | None = None
 
     def per_image(self, values: torch.Tensor) -> torch.Tensor:
         """Per-image data of the call `[N, ...]` -> the rows of this UNet batch `[n, ...]`."""
@@ -70,7 +73,9 @@ class StopForward(Exception):
 class AttentionControl:
     """The per-call registry of attention hooks (see the module docstring).
 
-    - `recorders`: `f(ctx, probs [B * heads, hw, L]) -> None`, called when `recording` is on.
+    - `recorders`: `f(ctx, probs [B * heads, hw, L]) -> None`, called when `recording` is on. A recorder that reads
+      some text positions only says which in a `tokens` attribute (sorted); where a layer can, it then computes those
+      columns only and passes `[B * heads, hw, len(ctx.tokens)]` with `ctx.tokens` set (joint attention's lean path).
     - `logit_hooks`: `f(ctx, scores [B * heads, q, k]) -> scores | None` (scaled logits, before the softmax).
     - `prob_hooks`: `f(ctx, probs) -> probs | None` (after the softmax).
     A hook that returns `None` leaves the tensor as it is (it only looks, in the pipeline's own UNet calls too).
@@ -199,6 +204,7 @@ class _Silent:
 
     def __init__(self, recorder):
         self.recorder = recorder
+        self.tokens = getattr(recorder, "tokens", None)
 
     def wants(self, ctx) -> bool:
         return self.recorder.wants(ctx)

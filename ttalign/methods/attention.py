@@ -188,18 +188,23 @@ class AttendAndExcite(AlignmentMethod):
             "refinements": [],
             "res": res,
             "positions": positions,
+            "columns": None,  # the text positions of the maps' columns when a layer computed some only
             "layers": [],  # the layers recorded by the loss pass under way
             "last_layer": None,  # the last layer a loss pass records: later ones are skipped
         }
         state.scratch[self] = store
 
         class Recorder:
+            #: the text positions any image's maps are normalized over: a layer may compute these columns only
+            tokens = sorted(set().union(*positions))
+
             @staticmethod
             def wants(ctx):
                 return ctx.is_cross and (ctx.height, ctx.width) == res and ctx.part in parts
 
             def __call__(self, ctx, probs):
                 store["maps"].append(probs)
+                store["columns"] = ctx.tokens
                 store["layers"].append(ctx.name)
 
         control.recorders.append(Recorder())
@@ -229,13 +234,17 @@ class AttendAndExcite(AlignmentMethod):
         per_layer = [m.reshape(n, -1, *store["res"], m.shape[-1]) for m in maps]  # [n, heads, h, w, L] each
         attention = torch.cat(per_layer, dim=1).mean(dim=1)  # [n, h, w, L], mean over heads and layers
         kernel = gaussian_kernel(self.kernel_size, self.sigma).to(attention)[None, None]
+        # the maps' column of each text position: all of them, or those the layers computed (`Recorder.tokens`)
+        columns = store["columns"] or range(attention.shape[-1])
+        at = {p: c for c, p in enumerate(columns)}
         out = []
         for k, row in enumerate(rows):
-            positions = [p for p in store["positions"][row] if p < attention.shape[-1]]
-            if positions == list(range(positions[0], positions[-1] + 1)):  # CLIP: a slice, as the reference
+            positions = [p for p in store["positions"][row] if p in at]
+            if store["columns"] is None and positions == list(range(positions[0], positions[-1] + 1)):
+                # CLIP: a slice, as the reference
                 text = torch.softmax(attention[k, :, :, positions[0] : positions[-1] + 1] * 100, dim=-1)
-            else:  # several text encoders' tokens (SD3: CLIP's, then T5's)
-                index = torch.as_tensor(positions, device=attention.device)
+            else:  # several text encoders' tokens (SD3: CLIP's, then T5's), or the computed columns
+                index = torch.as_tensor([at[p] for p in positions], device=attention.device)
                 text = torch.softmax(attention[k, :, :, index] * 100, dim=-1)  # [h, w, tokens]
             column = {p: c for c, p in enumerate(positions)}
             peaks = []
