@@ -152,9 +152,16 @@ SUITES: dict[str, Suite] = {
         "Every method's time and peak memory against the plain call on SD 1.5, SDXL, SD3.5-Medium and FLUX.1-dev "
         "built from their published configurations with random weights: on CPU in bf16 at 256 px (FLUX.1 with 2 + 4 "
         "of its blocks, T5-XXL with 2 of its layers); the `gpu` step runs every model whole at its native "
-        "resolution in its own precision (not run yet).",
+        "resolution in its own precision (not run yet). `cpu_joint_ae` re-measures A&E alone on the joint-attention "
+        "models.",
         (
             Step("cpu", "real_width.py", "--size 256 --steps 4 --prompts 1 --refinements 5"),
+            Step(
+                "cpu_joint_ae",
+                "real_width.py",
+                "--size 256 --steps 4 --prompts 1 --refinements 5 --families sd3,flux "
+                "--methods plain,attend_and_excite,attend_and_excite_kept --name real_width_joint_ae",
+            ),
             Step("gpu", "real_width.py", "--full --device cuda --steps 8 --prompts 1 --refinements 5"),
         ),
         timing=True,
