@@ -304,7 +304,7 @@ SUITES: dict[str, Suite] = {
     "training_efficiency": Suite(
         "The online trainers side by side at equal training wall time (30 minutes each) on a shapes model, verified "
         "success against training minutes and images sampled; about 4 hours per step on 2 CPU cores. The flow model's "
-        "trainers run in four parts (`flow_soft_a` .. `_d`, two at a time side by side with OMP_NUM_THREADS=1), "
+        "trainers run in five parts (`flow_soft_a` .. `_e`, two at a time side by side with OMP_NUM_THREADS=1), "
         "merged into one table by `flow_soft`.",
         (
             *(
@@ -314,13 +314,14 @@ SUITES: dict[str, Suite] = {
                     f"--model flow --reward shapes_soft --trainers {trainers} --minutes 30 "
                     f"--name train_efficiency_flow_soft_{part}",
                 )
-                for part, trainers in (("a", "grpo,nft"), ("b", "raft,awm"), ("c", "rwr,d3po"), ("d", "spo"))
+                for part, trainers in (("a", "grpo,nft"), ("b", "raft,awm"), ("c", "rwr"), ("d", "d3po"), ("e", "spo"))
             ),
             Step(
                 "flow_soft",
                 "train_efficiency.py",
-                "--merge train_efficiency_flow_soft_a,train_efficiency_flow_soft_b,train_efficiency_flow_soft_c,"
-                "train_efficiency_flow_soft_d --name train_efficiency_flow_soft",
+                "--merge "
+                + ",".join(f"train_efficiency_flow_soft_{part}" for part in "abcde")
+                + " --name train_efficiency_flow_soft",
             ),
             Step(
                 "sd_soft",
