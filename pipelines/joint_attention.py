@@ -141,7 +141,7 @@ class JointControlProcessor:
         wanted = [getattr(f, "tokens", None) for f in recorders]
         if recorders and not (prob_hooks or logit_hooks) and all(t is not None for t in wanted):
             # recorders only, each reading some text positions: the text view holds their union only
-            cross.tokens = sorted(set().union(*wanted))
+            cross.tokens = sorted(t for t in set().union(*wanted) if 0 <= t < k_text.shape[2])
             columns = torch.as_tensor(cross.tokens, device=key.device)
             k_text = k_text.index_select(2, columns)  # [B, heads, K, d]
         scores_text = (q_image @ k_text.transpose(-1, -2) * scale).float()  # [B, heads, N, T] (or K)
