@@ -60,6 +60,24 @@ class Suite:
     quoted_in: tuple[str, ...] = field(default_factory=tuple)
 
 
+def _efficiency_parts(model: str, reward: str) -> tuple[Step, ...]:
+    """`train_efficiency.py` on `model` with the reward `shapes_<reward>`, its trainers in five parts (each about 40
+    or 80 minutes; two parts can run side by side with one thread each) and the step that merges them into one
+    table."""
+    parts = (("a", "grpo,nft"), ("b", "raft,awm"), ("c", "rwr"), ("d", "d3po"), ("e", "spo"))
+    name = f"train_efficiency_{model}_{reward}"
+    steps = [
+        Step(
+            f"{model}_{reward}_{part}",
+            "train_efficiency.py",
+            f"--model {model} --reward shapes_{reward} --trainers {trainers} --minutes 30 --name {name}_{part}",
+        )
+        for part, trainers in parts
+    ]
+    merged = ",".join(f"{name}_{part}" for part, _ in parts)
+    return (*steps, Step(f"{model}_{reward}", "train_efficiency.py", f"--merge {merged} --name {name}"))
+
+
 def _shapes(name: str, common: str, align: tuple[str, ...] = (), prefix: str = "") -> Step:
     """A `shapes_eval.py` run named `prefix + name` on the suite's common prompt set, with the methods `align`."""
     methods = "".join(f" --align {shlex.quote(spec)}" for spec in align)
@@ -305,29 +323,21 @@ SUITES: dict[str, Suite] = {
         "The online trainers side by side at equal training wall time (30 minutes each) on a shapes model, verified "
         "success against training minutes and images sampled; about 4 hours per step on 2 CPU cores. The flow model's "
         "trainers run in five parts (`flow_soft_a` .. `_e`, two at a time side by side with OMP_NUM_THREADS=1), "
-        "merged into one table by `flow_soft`.",
+        "merged into one table by `flow_soft`; the `_vqa` steps train on the learned shapes VQA reward instead of the "
+        "soft verifier.",
         (
-            *(
-                Step(
-                    f"flow_soft_{part}",
-                    "train_efficiency.py",
-                    f"--model flow --reward shapes_soft --trainers {trainers} --minutes 30 "
-                    f"--name train_efficiency_flow_soft_{part}",
-                )
-                for part, trainers in (("a", "grpo,nft"), ("b", "raft,awm"), ("c", "rwr"), ("d", "d3po"), ("e", "spo"))
-            ),
-            Step(
-                "flow_soft",
-                "train_efficiency.py",
-                "--merge "
-                + ",".join(f"train_efficiency_flow_soft_{part}" for part in "abcde")
-                + " --name train_efficiency_flow_soft",
-            ),
+            *(step for reward in ("soft", "vqa") for step in _efficiency_parts("flow", reward)),
             Step(
                 "sd_soft",
                 "train_efficiency.py",
                 "--model sd --reward shapes_soft --trainers ddpo,grpo,rwr,raft,d3po,spo --minutes 30 "
                 "--name train_efficiency_sd_soft",
+            ),
+            Step(
+                "sd_vqa",
+                "train_efficiency.py",
+                "--model sd --reward shapes_vqa --trainers ddpo,grpo,rwr,raft,d3po,spo --minutes 30 "
+                "--name train_efficiency_sd_vqa",
             ),
         ),
         quoted_in=("docs/training.md",),
