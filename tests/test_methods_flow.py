@@ -398,3 +398,35 @@ def test_the_lean_joint_attention_path_matches_the_explicit_one(pipes, family, w
             assert len(a) == len(b)
             for x, y in zip(a, b):
                 torch.testing.assert_close(torch.as_tensor(x), torch.as_tensor(y), atol=1e-5, rtol=1e-4)
+
+
+def test_attend_and_excite_with_some_layers_narrowed_and_some_not():
+    """A&E's maps from layers that computed the prompts' tokens only and from layers that computed every text token
+    (the explicit path, taken here by every other block) are combined on the same columns: the losses and images
+    equal those of the explicit path everywhere."""
+    pipe = get_tiny_sd3_pipeline(layout="sd3")  # 24 joint blocks, all read
+    method = (
+        lambda: AttendAndExcite(  # noqa: E731
+            tokens=lambda p: p.split()[-4::3], max_iter_to_alter=1, thresholds={0: 0.99}, max_refinement_steps=2
+        )
+    )
+    original = JointControlProcessor._attend
+    narrowed = []
+
+    def mixed(self, query, key, value, mask, image, text, cross, *hooks):
+        if int(self.name.split(".")[1]) % 2:  # "transformer_blocks.<i>.attn.processor"
+            return self._attend_explicit(query, key, value, mask, image, text, cross, *hooks)
+        out = original(self, query, key, value, mask, image, text, cross, *hooks)
+        narrowed.append(cross.tokens is not None)
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(JointControlProcessor, "_attend", mixed)
+        both = _call(pipe, [method()], num_inference_steps=2)
+    assert narrowed and all(narrowed)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(JointControlProcessor, "lean", False)
+        explicit = _call(pipe, [method()], num_inference_steps=2)
+    torch.testing.assert_close(both.images, explicit.images, atol=2e-5, rtol=1e-4)
+    for a, b in zip(both.traces["attend_and_excite"]["losses"], explicit.traces["attend_and_excite"]["losses"]):
+        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), atol=1e-5, rtol=1e-4)

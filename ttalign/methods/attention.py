@@ -182,13 +182,12 @@ class AttendAndExcite(AlignmentMethod):
                 for _ in range(state.num_images_per_prompt)
             ]
         store: dict = {
-            "maps": [],
+            "maps": [],  # (map, its columns' text positions or None for all of them) per recorded layer
             "groups": self._indices(state),
             "losses": [],
             "refinements": [],
             "res": res,
             "positions": positions,
-            "columns": None,  # the text positions of the maps' columns when a layer computed some only
             "layers": [],  # the layers recorded by the loss pass under way
             "last_layer": None,  # the last layer a loss pass records: later ones are skipped
         }
@@ -203,8 +202,7 @@ class AttendAndExcite(AlignmentMethod):
                 return ctx.is_cross and (ctx.height, ctx.width) == res and ctx.part in parts
 
             def __call__(self, ctx, probs):
-                store["maps"].append(probs)
-                store["columns"] = ctx.tokens
+                store["maps"].append((probs, ctx.tokens))
                 store["layers"].append(ctx.name)
 
         control.recorders.append(Recorder())
@@ -223,8 +221,11 @@ class AttendAndExcite(AlignmentMethod):
 
     def _max_attention(self, store: dict, rows: list[int]) -> list[torch.Tensor]:
         """The smoothed peak of every token group's map, one `[groups]` tensor per forwarded image (`rows`)."""
-        maps = store.pop("maps")
-        store["maps"] = []
+        recorded, store["maps"] = store["maps"], []
+        # the text positions of the maps' columns: those the layers computed (`Recorder.tokens`, the same in every
+        # layer that narrows; a layer that did not has those columns taken), or every position
+        columns = next((c for _, c in recorded if c is not None), None)
+        maps = [m if c is not None or columns is None else m[..., columns] for m, c in recorded]
         if not maps:
             raise ValueError(
                 f"No cross-attention layer of {self.from_where} has resolution {store['res']}; pick another "
@@ -234,13 +235,11 @@ class AttendAndExcite(AlignmentMethod):
         per_layer = [m.reshape(n, -1, *store["res"], m.shape[-1]) for m in maps]  # [n, heads, h, w, L] each
         attention = torch.cat(per_layer, dim=1).mean(dim=1)  # [n, h, w, L], mean over heads and layers
         kernel = gaussian_kernel(self.kernel_size, self.sigma).to(attention)[None, None]
-        # the maps' column of each text position: all of them, or those the layers computed (`Recorder.tokens`)
-        columns = store["columns"] or range(attention.shape[-1])
-        at = {p: c for c, p in enumerate(columns)}
+        at = {p: c for c, p in enumerate(columns or range(attention.shape[-1]))}  # text position -> map column
         out = []
         for k, row in enumerate(rows):
             positions = [p for p in store["positions"][row] if p in at]
-            if store["columns"] is None and positions == list(range(positions[0], positions[-1] + 1)):
+            if columns is None and positions == list(range(positions[0], positions[-1] + 1)):
                 # CLIP: a slice, as the reference
                 text = torch.softmax(attention[k, :, :, positions[0] : positions[-1] + 1] * 100, dim=-1)
             else:  # several text encoders' tokens (SD3: CLIP's, then T5's), or the computed columns
