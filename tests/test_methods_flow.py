@@ -405,11 +405,12 @@ def test_attend_and_excite_with_some_layers_narrowed_and_some_not():
     (the explicit path, taken here by every other block) are combined on the same columns: the losses and images
     equal those of the explicit path everywhere."""
     pipe = get_tiny_sd3_pipeline(layout="sd3")  # 24 joint blocks, all read
-    method = (
-        lambda: AttendAndExcite(  # noqa: E731
+
+    def method():
+        return AttendAndExcite(
             tokens=lambda p: p.split()[-4::3], max_iter_to_alter=1, thresholds={0: 0.99}, max_refinement_steps=2
         )
-    )
+
     original = JointControlProcessor._attend
     narrowed = []
 
