@@ -2,7 +2,8 @@
 trained LoRA (240 prompts x 4 seeds, the exact verifier, 1x NFE, the same initial noise), per category, with the
 paired sign test; with `--install`, the LoRA and its record go to `ttalign/shapes/tuned/<model>/`, where
 `ttalign.shapes.load_pipeline("<model>-tuned")` loads them, unless the LoRA is worse than the base model overall or
-no better than the LoRA installed there (its record's figure on the same evaluation).
+no better than the LoRA installed there (its record's figure on the same evaluation; a record of another
+evaluation is not compared, and nothing is installed).
 
     python benchmarks/tuned_eval.py --model sd --lora benchmarks/.cache/tuned/sd/raft \\
         --trained-by "python benchmarks/run.py tuned_loras --only sd" --install
@@ -30,12 +31,15 @@ from ttalign.shapes.models import TUNED_DIR, fuse_lora  # noqa: E402
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-def installed_overall(folder: str) -> float | None:
-    """The overall verified success recorded for the LoRA installed in `folder` (None when there is none)."""
+def installed_record(folder: str) -> dict | None:
+    """The evaluation record of the LoRA installed in `folder` (`base` and `tuned` summaries; None when there is
+    none)."""
     try:
         with open(os.path.join(folder, "training.json")) as f:
-            return float(json.load(f)["tuned"]["overall"])
-    except (OSError, KeyError, ValueError):
+            record = json.load(f)
+        float(record["tuned"]["overall"]), record["base"]["category_accuracy"]
+        return record
+    except (OSError, KeyError, TypeError, ValueError):
         return None
 
 
@@ -100,16 +104,26 @@ def main() -> None:
     }
     write_results(name, record, markdown)
     target = os.path.join(TUNED_DIR, args.model)
-    installed = installed_overall(target)
+    installed = installed_record(target)
+    # the base model's figures are a deterministic function of the evaluation (prompts, seeds, noise, verifier): equal
+    # figures and image counts mean the installed LoRA was evaluated as this one was
+    same_evaluation = installed is not None and all(
+        installed["base"].get(k) == record["base"][k] for k in ("category_accuracy", "images")
+    )
     if args.install and tuned_eval["overall"] < base_eval["overall"]:
         print(
             f"not installed: the LoRA is worse than the base model ({100 * tuned_eval['overall']:.1f} < "
             f"{100 * base_eval['overall']:.1f})"
         )
-    elif args.install and installed is not None and tuned_eval["overall"] <= installed:
+    elif args.install and installed is not None and not same_evaluation:
+        print(
+            f"not installed: the LoRA installed in {target} was evaluated on another set (its base model's figures "
+            "differ); evaluate with the settings of its record or remove it"
+        )
+    elif args.install and installed is not None and tuned_eval["overall"] <= installed["tuned"]["overall"]:
         print(
             f"not installed: the installed LoRA scores as well or better on the same evaluation "
-            f"({100 * installed:.1f} >= {100 * tuned_eval['overall']:.1f})"
+            f"({100 * installed['tuned']['overall']:.1f} >= {100 * tuned_eval['overall']:.1f})"
         )
     elif args.install:
         os.makedirs(TUNED_DIR, exist_ok=True)
