@@ -229,8 +229,11 @@ def main() -> None:
     command = "python benchmarks/train_efficiency.py " + " ".join(sys.argv[1:])
     setting = (
         f"reward `{args.reward}`, {args.minutes:g} minutes of training each, {len(captions)} captions disjoint from "
-        f"the evaluation set, {args.batch} images per sampling call, lr {args.lr}; evaluation: {len(prompts)} prompts "
-        f"x {args.seeds} seeds at 1x NFE, exact verifier"
+        f"the evaluation set, {args.batch} images per sampling call (groups of {args.group_size}), lr {args.lr}, "
+        f"noise level {args.noise_level}, SDE window {args.sde_window}, seed {args.seed}"
+        + (f", RAFT's min reward {args.raft_min_reward}" if args.raft_min_reward is not None else "")
+        + (f", kl weight {args.kl_weight}" if args.kl_weight is not None else "")
+        + f"; evaluation: {len(prompts)} prompts x {args.seeds} seeds at 1x NFE, exact verifier"
     )
     base = {k: v for k, v in base_eval.items() if k != "verdicts"}
     rows = [{**r, "final": {k: v for k, v in r["final"].items() if k != "verdicts"}} for r in rows]
