@@ -94,7 +94,8 @@ def run_one(side: str, args, out_path: str) -> dict:
     elif side == "plain":
         images = pipe(prompts, **call).images
     else:
-        images = pipe(prompts, alignment=[AttendAndExcite(token_indices=indices, **settings)], **call).images
+        method = AttendAndExcite(token_indices=indices, gradient_checkpointing=side != "ttalign_kept", **settings)
+        images = pipe(prompts, alignment=[method], **call).images
     seconds = time.perf_counter() - start
     np.save(out_path, images)
     return {"side": side, "seconds": seconds, "peak_added_mb": _peak(args.device) - before}
@@ -110,6 +111,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeat", type=int, default=1, help="runs of every side; the table quotes their medians")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--kept", action="store_true", help="also ttalign's A&E without the loss passes' gradient checkpointing"
+    )
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -119,24 +123,38 @@ def main() -> None:
     if "--repeat" in argv:  # each side runs once per repeat
         at = argv.index("--repeat")
         argv = argv[:at] + argv[at + 2 :]
-    runs, diff = [], 0.0
-    for _ in range(args.repeat):  # each repeat runs both sides, each in a fresh process
-        rows, images = run_sides(__file__, ("reference", "ttalign", "plain"), argv)
+    runs, diff, kept_diff = [], 0.0, 0.0
+    sides = ("reference", "ttalign", "plain") + (("ttalign_kept",) if args.kept else ())
+    for _ in range(args.repeat):  # each repeat runs every side, each in a fresh process
+        rows, images = run_sides(__file__, sides, argv)
         diff = max(diff, float(np.abs(images["reference"] - images["ttalign"]).max()))
-        ref, ours, plain = rows
-        runs.append(
-            {
-                "rows": rows,
-                "speedup": ref["seconds"] / ours["seconds"],
-                "memory_ratio": ref["peak_added_mb"] / max(ours["peak_added_mb"], 1e-6),
-                "time_vs_plain": ours["seconds"] / plain["seconds"],
-                "memory_vs_plain": ours["peak_added_mb"] / max(plain["peak_added_mb"], 1e-6),
-            }
-        )
+        ref, ours, plain = rows[:3]
+        run = {
+            "rows": rows,
+            "speedup": ref["seconds"] / ours["seconds"],
+            "memory_ratio": ref["peak_added_mb"] / max(ours["peak_added_mb"], 1e-6),
+            "time_vs_plain": ours["seconds"] / plain["seconds"],
+            "memory_vs_plain": ours["peak_added_mb"] / max(plain["peak_added_mb"], 1e-6),
+        }
+        if args.kept:
+            kept_diff = max(kept_diff, float(np.abs(images["ttalign_kept"] - images["ttalign"]).max()))
+            run["kept_time_vs_plain"] = rows[3]["seconds"] / plain["seconds"]
+            run["kept_memory_vs_plain"] = rows[3]["peak_added_mb"] / max(plain["peak_added_mb"], 1e-6)
+        runs.append(run)
     keys = ("speedup", "memory_ratio", "time_vs_plain", "memory_vs_plain")
+    keys += ("kept_time_vs_plain", "kept_memory_vs_plain") if args.kept else ()
     median = {key: float(np.median([r[key] for r in runs])) for key in keys}
     ref_s, ours_s, plain_s = (float(np.median([r["rows"][k]["seconds"] for r in runs])) for k in (0, 1, 2))
     ref_mb, ours_mb, plain_mb = (float(np.median([r["rows"][k]["peak_added_mb"] for r in runs])) for k in (0, 1, 2))
+    kept_row, kept_text = "", ""
+    if args.kept:
+        kept_s, kept_mb = (float(np.median([r["rows"][3][key] for r in runs])) for key in ("seconds", "peak_added_mb"))
+        kept_row = f"| ttalign `AttendAndExcite(gradient_checkpointing=False)` | {kept_s:.1f} | {kept_mb:.0f} |\n"
+        kept_text = (
+            f" Without the loss passes' gradient checkpointing: {median['kept_time_vs_plain']:.2f}x the time and "
+            f"{median['kept_memory_vs_plain']:.2f}x the memory of the plain call, images within {kept_diff:.1e} of "
+            "the checkpointed ones."
+        )
     command = "python benchmarks/attend_excite.py " + " ".join(sys.argv[1:])
     env = environment()
     each = ", ".join(f"{r['speedup']:.2f}x / {r['memory_ratio']:.2f}x" for r in runs)
@@ -148,11 +166,12 @@ def main() -> None:
         "| pipeline | time (s) | peak memory added (MB) |\n|---|---|---|\n"
         f"| diffusers `StableDiffusionAttendAndExcitePipeline` | {ref_s:.1f} | {ref_mb:.0f} |\n"
         f"| ttalign `AttendAndExcite` | {ours_s:.1f} | {ours_mb:.0f} |\n"
+        f"{kept_row}"
         f"| the plain call (no A&E) | {plain_s:.1f} | {plain_mb:.0f} |\n\n"
         f"Speed-up **{median['speedup']:.2f}x**, memory **{median['memory_ratio']:.2f}x** less (medians of the "
         f"per-run ratios; each run, time / memory: {each}); largest image difference {diff:.1e} (same images). "
         f"ttalign's A&E costs **{median['time_vs_plain']:.2f}x** the time and **{median['memory_vs_plain']:.2f}x** "
-        "the peak memory of the plain call (medians).\n"
+        f"the peak memory of the plain call (medians).{kept_text}\n"
     )
     data = {
         "benchmark": "attend_excite",
@@ -164,6 +183,12 @@ def main() -> None:
         "median_time_vs_plain": median["time_vs_plain"],
         "median_memory_vs_plain": median["memory_vs_plain"],
         "max_abs_diff": diff,
+        **(
+            {"median_kept_time_vs_plain": median["kept_time_vs_plain"], "kept_max_abs_diff": kept_diff}
+            if args.kept
+            else {}
+        ),
+        **({"median_kept_memory_vs_plain": median["kept_memory_vs_plain"]} if args.kept else {}),
         "environment": env,
     }
     write_results(args.name, data, markdown)

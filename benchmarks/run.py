@@ -145,7 +145,7 @@ SUITES: dict[str, Suite] = {
             Step(
                 "sd_256",
                 "attend_excite.py",
-                "--layout sd --size 256 --steps 8 --prompts 2 --threads 1 --name attend_excite_sd_256",
+                "--layout sd --size 256 --steps 8 --prompts 2 --threads 1 --kept --name attend_excite_sd_256",
             ),
             Step(
                 "sdxl_256",

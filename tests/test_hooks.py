@@ -215,3 +215,32 @@ def test_methods_can_modify_tensors_at_each_stage(pipes):
         "a cat", num_inference_steps=2, output_type="latent", latents=torch.zeros(1, 4, 32, 32)
     ).images
     assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_frozen_keeps_no_weight_inputs_and_restores_the_flags():
+    from ttalign.hooks import frozen
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    net[1].weight.requires_grad_(False)  # a user's own frozen weight stays frozen
+    flags = [p.requires_grad for p in net.parameters()]
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def saved_bytes():
+        total = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel()) or t, lambda t: t):
+            y = net(x).sum()
+        return sum(total), y
+
+    trainable, y = saved_bytes()
+    (expected,) = torch.autograd.grad(y, x)
+    with frozen(net, None):
+        assert not any(p.requires_grad for p in net.parameters())
+        lean, y = saved_bytes()
+        (grad,) = torch.autograd.grad(y, x)
+    assert lean < trainable  # the first layer's input is not kept for its weight's gradient
+    assert torch.equal(grad, expected)
+    assert [p.requires_grad for p in net.parameters()] == flags
+    with pytest.raises(RuntimeError, match="boom"), frozen(net):
+        raise RuntimeError("boom")
+    assert [p.requires_grad for p in net.parameters()] == flags

@@ -301,3 +301,38 @@ def test_noise_optimization_reuses_its_render_on_a_flow_model_and_not_beside_ste
     traced = _call(sd3, [method, TraceLatents()], height=32, width=32)
     assert not traced.traces["noise_optimization"]["reused_render"] and traced.traces["latents"].shape[0] == 3
     assert torch.allclose(traced.images, out.images, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["initial", "all-noises", "guidance", "attend_and_excite"])
+def test_gradient_methods_freeze_the_weights_they_backpropagate_through(ddim, method):
+    """The gradients are of the latents or noises only: while a method backpropagates, the UNet's and VAE's weights
+    do not require grad (so no layer input is kept for them), and afterwards no weight holds a `.grad`."""
+    from ttalign.methods import AttendAndExcite
+
+    alignment = {
+        "initial": NoiseOptimization(reward=Redness(), steps=2, lr=1.0),
+        "all-noises": NoiseOptimization(reward=Redness(), optimize="all-noises", steps=2, lr=0.5),
+        "guidance": RewardGuidance(reward=Redness(), scale=10.0),
+        "attend_and_excite": AttendAndExcite(tokens=lambda p: p.split()[-1:], max_iter_to_alter=2),
+    }[method]
+    modules = {"unet": ddim.unet, "vae": ddim.vae}
+    seen = {name: [] for name in modules}
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, args, out, name=name: seen[name].append(mod.weight.requires_grad)
+            if torch.is_grad_enabled()
+            else None
+        )
+        for name, m in (("unet", ddim.unet.conv_in), ("vae", ddim.vae.decoder.conv_in))
+    ]
+    try:
+        _call(ddim, [alignment])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    through = {"unet"} if method == "attend_and_excite" else {"vae"} if method == "guidance" else {"unet", "vae"}
+    for name in through:
+        assert seen[name] and not any(seen[name]), name  # a pass with gradients ran, with the weights frozen
+    for name, module in modules.items():
+        assert all(p.requires_grad for p in module.parameters()), name
+        assert all(p.grad is None for p in module.parameters()), name

@@ -427,6 +427,26 @@ def compiled(module: torch.nn.Module) -> bool:
     return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
 
 
+@contextlib.contextmanager
+def frozen(*modules: torch.nn.Module | None):
+    """Turns `requires_grad` off on the parameters of `modules` (`None` skipped) for gradients taken through them with
+    respect to their inputs only (latents, noise): autograd then keeps no layer input for a weight's gradient (a
+    linear layer's input, for one), and a backward writes no parameter's `.grad`. The flags are put back on exit,
+    also on error.
+
+    A method that backpropagates through a registered component to its inputs runs that pass inside this, so the
+    pass costs the memory of the activations the input gradient needs, whether or not the user's model was loaded
+    with trainable weights (diffusers leaves them trainable)."""
+    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 class ComponentSnapshot:
     """Records the mutable state of a pipeline's registered modules and puts it back.
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ttalign.attention import StopForward, attention_control, sync_step, token_spans
-from ttalign.hooks import AlignmentMethod, GenerationState, Stage
+from ttalign.hooks import AlignmentMethod, GenerationState, Stage, frozen
 from ttalign.sampling import scale_model_input
 
 
@@ -68,7 +68,9 @@ class AttendAndExcite(AlignmentMethod):
         gradient_checkpointing (`bool`, defaults to `True`): the loss passes keep only each denoiser block's inputs,
             and their backward recomputes one block at a time (the denoiser's own gradient checkpointing, for those
             passes only): peak memory near one block's activations instead of every block's, for one more forward of
-            the recorded blocks per update. The images are the same either way.
+            the recorded blocks per update. The images are the same either way. Either way the loss passes take the
+            gradient of the latents alone: the denoiser's weights are frozen for them (no layer input is kept for a
+            weight's gradient, none gets a `.grad`) and their flags are restored after.
 
     `out.traces["attend_and_excite"]` holds the loss of every sample at every altered step (`[steps, N]`) and the
     refinement iterations.
@@ -311,7 +313,7 @@ class AttendAndExcite(AlignmentMethod):
         rows = list(range(n))
         control = state.scratch["attention_control"]
         checkpointing = control.checkpointed(state.family.denoiser) if self.gradient_checkpointing else nullcontext()
-        with torch.enable_grad(), checkpointing:
+        with torch.enable_grad(), checkpointing, frozen(state.family.denoiser):
             latents = state.latents.detach().clone().requires_grad_()
             loss = self._loss(state, latents, rows, t, i)
             iterations = [0] * n

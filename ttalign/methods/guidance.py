@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ttalign.hooks import AlignmentMethod, GenerationState, Stage
+from ttalign.hooks import AlignmentMethod, GenerationState, Stage, frozen
 from ttalign.rewards.base import check_scores, last_details, require_differentiable, reward_name
 from ttalign.sampler import DifferentiableSampler
 from ttalign.sampling import is_flow, is_sigma_space, scheduler_kind, scheduler_step
@@ -101,7 +101,7 @@ class RewardGuidance(AlignmentMethod):
         i = state.step_index
         scheduler = state.family.scheduler
         sampler = DifferentiableSampler.from_state(state)
-        with torch.enable_grad():
+        with torch.enable_grad(), frozen(state.family.vae):
             x0 = state.family.predict_x0(state.noise_pred, state.timestep, state.latents).detach().requires_grad_()
             rewards = check_scores(
                 self.reward(sampler.decode(x0), state.image_prompts), len(x0), reward_name(self.reward)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ttalign.hooks import AlignmentMethod, GenerationState, Stage
+from ttalign.hooks import AlignmentMethod, GenerationState, Stage, frozen
 from ttalign.rewards.base import check_scores, require_differentiable, reward_name
 from ttalign.sampler import DifferentiableSampler
 from ttalign.sampling import init_noise_sigma, scheduler_step
@@ -251,7 +251,9 @@ class NoiseOptimization(AlignmentMethod):
             on flow-matching models (SD3, FLUX) the noise level of Flow-GRPO's SDE.
         patience (`int`, *optional*): stop an image after this many iterations without improvement.
         target (`float`, *optional*): stop an image once its reward reaches this value.
-        gradient_checkpointing (`bool`, defaults to `True`).
+        gradient_checkpointing (`bool`, defaults to `True`): each step and the VAE decode of the differentiable
+            render keep only their inputs and are recomputed in the backward. The render's gradient is of the noise
+            alone: the denoiser's and VAE's weights are frozen for it and get no `.grad`.
         keep_images (`bool`, defaults to `False`): also keep every iteration's images (an over-optimization monitor
             judges them with another reward or a verifier).
         reuse_render (`bool`, defaults to `True`): return the kept iterate's own render instead of sampling its noise
@@ -361,8 +363,8 @@ class NoiseOptimization(AlignmentMethod):
         history, kept, best_final = [], [], None
         with state.pipe.progress_bar(total=self.steps) as bar:
             for _ in range(self.steps):
-                opt.zero_grad(set_to_none=False)
-                with torch.enable_grad():
+                # the gradient of the noise alone: the models' weights neither keep inputs for theirs nor get `.grad`
+                with torch.enable_grad(), frozen(state.family.denoiser, state.family.vae):
                     latents = (z * sigma).to(state.latents.dtype)
                     final = sampler.sample(latents, noises)
                     images = sampler.decode(final)
@@ -370,7 +372,8 @@ class NoiseOptimization(AlignmentMethod):
                     loss = -rewards
                     if self.regularizer > 0:
                         loss = loss + self.regularizer * sum(noise_norm_nll(p) for p in params)
-                    loss.sum().backward()
+                    for p, grad in zip(params, torch.autograd.grad(loss.sum(), params, materialize_grads=True)):
+                        p.grad = grad
                 values = rewards.detach().cpu()
                 history.append(torch.where(active, values, torch.full_like(values, float("nan"))))
                 if self.keep_images:
