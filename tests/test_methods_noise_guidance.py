@@ -319,9 +319,9 @@ def test_gradient_methods_freeze_the_weights_they_backpropagate_through(ddim, me
     seen = {name: [] for name in modules}
     hooks = [
         m.register_forward_hook(
-            lambda mod, args, out, name=name: seen[name].append(mod.weight.requires_grad)
-            if torch.is_grad_enabled()
-            else None
+            lambda mod, args, out, name=name: (
+                seen[name].append(mod.weight.requires_grad) if torch.is_grad_enabled() else None
+            )
         )
         for name, m in (("unet", ddim.unet.conv_in), ("vae", ddim.vae.decoder.conv_in))
     ]
