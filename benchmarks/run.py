@@ -433,8 +433,8 @@ SUITES: dict[str, Suite] = {
     ),
     "compat_matrix": Suite(
         "Every method and the plain call on every family's tiny components with each runtime feature (VAE tiling and "
-        "slicing, offloading, the attention-backend switch, regional torch.compile, a LoRA): same images, a refusal, "
-        "or a failure.",
+        "slicing, offloading, the attention-backend switch, regional torch.compile, a LoRA, quantized weights): same "
+        "images, a refusal, or a failure.",
         (Step("matrix", "compat_matrix.py", "--name compat_matrix"),),
         quoted_in=("docs/runtime.md",),
     ),

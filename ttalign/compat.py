@@ -300,6 +300,43 @@ def _gguf_q8(pipe, family: str) -> float:
     return 1e-4
 
 
+def _bnb_nf4(pipe, family: str) -> float:
+    """The denoiser in bitsandbytes' 4-bit NF4 (`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`,
+    computing in the denoiser's dtype). On a GPU it is saved and loaded back with `from_pretrained`, as users load it.
+    Without one diffusers refuses that load ("No GPU found"), so its bitsandbytes quantizer's own loading steps run on
+    the CPU (linear layers replaced by `Linear4bit`, each weight quantized by `create_quantized_param`) and
+    bitsandbytes' CPU kernels compute: the same layers, weights and arithmetic."""
+    import tempfile
+
+    from diffusers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ImportError("bitsandbytes is not installed (`pip install ttalign[quant]`)") from err
+    attribute = pipe.family.denoiser_attribute
+    denoiser = getattr(pipe, attribute)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=denoiser.dtype)
+    if torch.cuda.is_available():
+        with diffusers_errors_only(), tempfile.TemporaryDirectory() as folder:
+            denoiser.save_pretrained(folder)
+            quantized = type(denoiser).from_pretrained(folder, quantization_config=config, torch_dtype=denoiser.dtype)
+        pipe.register_modules(**{attribute: quantized})
+        return 1e-4
+    from diffusers.quantizers.bitsandbytes import BnB4BitDiffusersQuantizer
+
+    state = denoiser.state_dict()
+    quantizer = BnB4BitDiffusersQuantizer(config, pre_quantized=False)
+    keep = list(getattr(denoiser, "_keep_in_fp32_modules", None) or [])
+    with diffusers_errors_only():
+        quantizer._process_model_before_weight_loading(denoiser, device_map=None, keep_in_fp32_modules=keep)
+        for name, value in state.items():
+            if quantizer.check_if_quantized_param(denoiser, value, name, state):
+                quantizer.create_quantized_param(denoiser, value, name, torch.device("cpu"), state)
+        quantizer._process_model_after_weight_loading(denoiser)
+    return 1e-4
+
+
 def _dequantized(feature: str) -> Callable:
     """The tiny pipeline with the quantization `feature`'s denoiser, its quantized weights dequantized into ordinary
     float parameters: the same model in plain arithmetic."""
@@ -309,6 +346,11 @@ def _dequantized(feature: str) -> Callable:
 
         pipe = _pipeline(family)
         FEATURES[feature](pipe, family)
+        config = getattr(_denoiser(pipe).config, "quantization_config", None)
+        if config is not None and config.quant_method == "bitsandbytes":  # Linear4bit layers back to nn.Linear
+            from diffusers.quantizers.bitsandbytes.utils import dequantize_and_replace
+
+            dequantize_and_replace(_denoiser(pipe), [], quantization_config=config)
         for module in _denoiser(pipe).modules():
             weight = getattr(module, "weight", None)
             if hasattr(weight, "quant_type"):  # GGUF
@@ -333,6 +375,7 @@ FEATURES: dict[str, Callable] = {
     "lora": _lora,
     "torchao_int8": _torchao_int8,
     "gguf_q8": _gguf_q8,
+    "bnb_nf4": _bnb_nf4,
 }
 
 #: Features that change the model itself, with the plain model each one must equal: a LoRA merged into the weights,
@@ -455,4 +498,9 @@ def _lora_merged(family: str):
     return pipe
 
 
-EXPECTED.update(lora=_lora_merged, torchao_int8=_dequantized("torchao_int8"), gguf_q8=_dequantized("gguf_q8"))
+EXPECTED.update(
+    lora=_lora_merged,
+    torchao_int8=_dequantized("torchao_int8"),
+    gguf_q8=_dequantized("gguf_q8"),
+    bnb_nf4=_dequantized("bnb_nf4"),
+)
