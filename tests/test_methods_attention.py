@@ -97,13 +97,14 @@ def test_attend_and_excite_reproduces_diffusers_pipeline_on_sd_layout(monkeypatc
     monkeypatch.setattr(ControlProcessor, "explicit", staticmethod(counting))
     out = _call(ours, alignment=[AttendAndExcite(token_indices=indices, **settings)], **call)
     # only the 8x8 cross-attention layers (64 queries) took the explicit path: five per A&E forward, two forwards,
-    # and each recomputed once in its backward (the loss passes' gradient checkpointing)
-    assert explicit == [64] * 20
+    # each recomputed once in its backward (the loss passes' gradient checkpointing), and the first one's forward
+    # without gradients that finds the last layer read
+    assert explicit == [64] * 25
     explicit.clear()
     kept = _call(
         ours, alignment=[AttendAndExcite(token_indices=indices, gradient_checkpointing=False, **settings)], **call
     )
-    assert explicit == [64] * 10
+    assert explicit == [64] * 15
     monkeypatch.undo()
     plain = _call(ours, **call).images
     assert np.abs(out.images - expected).max() <= 1e-4
@@ -491,8 +492,9 @@ def test_noise_optimization_under_region_control_is_the_same_with_gradient_check
 
 
 def test_attend_and_excite_loss_passes_stop_after_the_last_recorded_layer():
-    """Only the maps matter in a loss pass: after the first (whole) pass, the forward stops at the last layer that
-    records, so SD's highest-resolution up blocks never run there (the parity tests above hold the images)."""
+    """Only the maps matter in a loss pass: the forward stops at the last layer that records, so SD's
+    highest-resolution up blocks never run there; the call's first loss pass finds that layer with one forward of one
+    image without gradients (the parity tests above hold the images)."""
     pipe = AlignedStableDiffusionPipeline(**get_tiny_components(layout="sd"))
     pipe.set_progress_bar_config(disable=True)
     calls = {"first_down": 0, "last_up": 0}
@@ -500,5 +502,34 @@ def test_attend_and_excite_loss_passes_stop_after_the_last_recorded_layer():
     pipe.unet.up_blocks[-1].register_forward_hook(lambda *_: calls.__setitem__("last_up", calls["last_up"] + 1))
     method = AttendAndExcite(tokens=["cat", "dog"], attn_res=(8, 8), max_iter_to_alter=3, thresholds={})
     _call(pipe, prompts=["a cat and a dog"], alignment=[method], num_inference_steps=3, height=256, width=256)
-    # three pipeline steps (both CFG branches in one batch) and three loss passes, of which the last two stop early
-    assert calls == {"first_down": 6, "last_up": 4}
+    # three pipeline steps (both CFG branches in one batch), the forward that finds the last layer, and three loss
+    # passes, which all stop early
+    assert calls == {"first_down": 7, "last_up": 4}
+
+
+def test_attend_and_excite_refinement_does_not_keep_the_first_loss_graph(pipe, monkeypatch):
+    """At a threshold step whose loss calls for refinement, the loss is taken again after it: the first pass's graph
+    (every recorded layer's activations, without checkpointing) is let go before the refinement passes run."""
+    import weakref
+
+    graphs, alive = [], []
+    original = AttendAndExcite._loss
+
+    def loss(self, *args):
+        alive.append([ref() is not None for ref in graphs])
+        out = original(self, *args)
+        graphs.append(weakref.ref(out))  # the loss holds its graph
+        return out
+
+    monkeypatch.setattr(AttendAndExcite, "_loss", loss)
+    method = AttendAndExcite(
+        tokens=lambda p: p.split()[-1:],
+        max_iter_to_alter=1,
+        thresholds={0: 0.9},
+        max_refinement_steps=2,
+        gradient_checkpointing=False,
+    )
+    out = _call(pipe, alignment=[method], num_inference_steps=2)
+    assert out.traces["attend_and_excite"]["refinements"][0] == [2, 2]  # it refined
+    assert len(alive) == 4  # the first loss, two refinement passes, the loss after them
+    assert not alive[1][0]  # the first pass's graph was gone when the refinement began

@@ -284,9 +284,9 @@ def test_explicit_attention_only_in_the_blocks_asked_for(pipes, monkeypatch):
     monkeypatch.setattr(JointControlProcessor, "_attend", counting)
     method = AttendAndExcite(tokens=["cat"], max_iter_to_alter=1, thresholds={}, max_refinement_steps=0)
     _call(pipe, [method], prompts=["a cat"], true_cfg_scale=2.0, negative_prompt="a dog")
-    # one recorded conditional forward of step 0, in the one double-stream block, recomputed once in its backward
-    # (the loss pass's gradient checkpointing)
-    assert parts == ["double", "double"]
+    # the forward without gradients that finds the last layer read, then one recorded conditional forward of step 0,
+    # in the one double-stream block, recomputed once in its backward (the loss pass's gradient checkpointing)
+    assert parts == ["double", "double", "double"]
     parts.clear()
     single = AttendAndExcite(tokens=["cat"], max_iter_to_alter=1, thresholds={}, from_where=("single",))
     _call(pipe, [single], prompts=["a cat"])

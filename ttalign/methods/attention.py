@@ -263,9 +263,22 @@ class AttendAndExcite(AlignmentMethod):
         control = state.scratch["attention_control"]
         family = state.family
         store = state.scratch[self]
+        # Only the maps matter here: the forward stops after the last layer that records one, and the layers after
+        # it cost neither time nor memory for the backward. The call's first loss pass finds that layer with a
+        # forward of one image without gradients (cheaper than the graph of the layers after it).
+        if store["last_layer"] is None:
+            store["layers"] = []
+            with torch.no_grad(), control.record(cfg=False, rows=rows[:1]):
+                family.denoise(
+                    scale_model_input(family.scheduler, latents[:1], index),
+                    t,
+                    state.conditioning.select(rows[:1]).positive(),
+                )
+            state.denoiser_calls += 1
+            state.denoiser_evals += 1
+            store["last_layer"] = store["layers"][-1] if store["layers"] else None
+            store["maps"] = []
         store["layers"] = []
-        # Only the maps matter here: the forward stops after the last layer that records one (found by the first
-        # pass, which runs whole), and the layers after it cost neither time nor memory for the backward.
         with control.record(cfg=False, rows=rows, stop_after=store["last_layer"]):
             try:
                 family.denoise(
@@ -273,8 +286,6 @@ class AttendAndExcite(AlignmentMethod):
                 )
             except StopForward:
                 pass
-        if store["last_layer"] is None and store["layers"]:
-            store["last_layer"] = store["layers"][-1]
         state.denoiser_calls += 1
         state.denoiser_evals += len(rows)
         losses = [
@@ -295,11 +306,12 @@ class AttendAndExcite(AlignmentMethod):
     def extra_evaluations_per_render(self, num_inference_steps: int) -> float:
         # each latent update is a denoiser forward with gradients and its backward (three evaluations; with
         # checkpointing the recomputed forward too): one per step before `max_iter_to_alter`, and up to
-        # `max_refinement_steps` (and the loss after them) per threshold step
+        # `max_refinement_steps` (and the loss after them) per threshold step; and the first loss pass's forward
+        # without gradients that finds the last layer it reads
         updates = min(self.max_iter_to_alter, num_inference_steps)
         thresholds = sum(1 for step in self.thresholds if 0 <= step < num_inference_steps)
         per_update = 4.0 if self.gradient_checkpointing else 3.0
-        return per_update * (updates + thresholds * (self.max_refinement_steps + 1))
+        return per_update * (updates + thresholds * (self.max_refinement_steps + 1)) + 1.0
 
     def on_step_start(self, state: GenerationState) -> None:
         sync_step(state)
@@ -320,6 +332,8 @@ class AttendAndExcite(AlignmentMethod):
             if threshold is not None:
                 target = max(0.0, 1.0 - threshold)
                 active = [r for r in rows if loss[r] > 1.0 - threshold]
+                if active:  # the loss is taken again after the refinement: its graph need not stay alive meanwhile
+                    loss = loss.detach()
                 current = latents.detach().clone()
                 while active:
                     x = current[active].requires_grad_()
