@@ -171,7 +171,7 @@ SUITES: dict[str, Suite] = {
         "built from their published configurations with random weights: on CPU in bf16 at 256 px (FLUX.1 with 2 + 4 "
         "of its blocks, T5-XXL with 2 of its layers); the `gpu` step runs every model whole at its native "
         "resolution in its own precision (not run yet). `cpu_joint_ae` re-measures A&E alone on the joint-attention "
-        "models.",
+        "models, `cpu_ae` on all four.",
         (
             Step("cpu", "real_width.py", "--size 256 --steps 4 --prompts 1 --refinements 5"),
             Step(
@@ -179,6 +179,12 @@ SUITES: dict[str, Suite] = {
                 "real_width.py",
                 "--size 256 --steps 4 --prompts 1 --refinements 5 --families sd3,flux "
                 "--methods plain,attend_and_excite,attend_and_excite_kept --name real_width_joint_ae",
+            ),
+            Step(
+                "cpu_ae",
+                "real_width.py",
+                "--size 256 --steps 4 --prompts 1 --refinements 5 "
+                "--methods plain,attend_and_excite,attend_and_excite_kept --name real_width_ae",
             ),
             Step("gpu", "real_width.py", "--full --device cuda --steps 8 --prompts 1 --refinements 5"),
         ),
