@@ -244,3 +244,30 @@ def test_frozen_keeps_no_weight_inputs_and_restores_the_flags():
     with pytest.raises(RuntimeError, match="boom"), frozen(net):
         raise RuntimeError("boom")
     assert [p.requires_grad for p in net.parameters()] == flags
+
+
+def test_block_checkpointing_switches_diffusers_blocks_and_restores_them():
+    from ttalign.hooks import block_checkpointing
+    from ttalign.testing import get_tiny_vae
+
+    vae = get_tiny_vae()
+    decoder = vae.decoder
+    own = object()
+    decoder._gradient_checkpointing_func = own  # a user's own function stays theirs
+    seen = []
+
+    def function(block, *args):
+        seen.append(type(block).__name__)
+        return block(*args)
+
+    z = torch.randn(1, vae.config.latent_channels, 4, 4, requires_grad=True)
+    with block_checkpointing(vae, function) as switched:
+        assert switched and decoder.gradient_checkpointing
+        vae.decode(z)
+    assert seen  # the decoder's blocks went through the checkpoint function
+    assert not decoder.gradient_checkpointing and decoder._gradient_checkpointing_func is own
+    with pytest.raises(RuntimeError, match="boom"), block_checkpointing(vae):
+        raise RuntimeError("boom")
+    assert not vae.encoder.gradient_checkpointing and "_gradient_checkpointing_func" not in vars(vae.encoder)
+    with block_checkpointing(torch.nn.Linear(2, 2)) as switched:
+        assert not switched

@@ -147,16 +147,24 @@ def test_checkpointing_gives_the_same_gradients():
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt(["a cat"], "cpu", 1, True)
     start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    grads, values = [], []
+    grads, values, decoder_blocks = [], [], []
+    block = pipe.vae.decoder.up_blocks[0]
+    hook = block.register_forward_pre_hook(lambda *_: decoder_blocks.append(pipe.vae.decoder.gradient_checkpointing))
     for checkpointing in (False, True):
         z = start.clone().requires_grad_()
         sampler = DifferentiableSampler(pipe, cond, uncond, 3.0, gradient_checkpointing=checkpointing)
+        decoder_blocks.clear()
         loss = sampler.decode(sampler.sample(z)).mean()
         loss.backward()
         grads.append(z.grad)
         values.append(loss.detach())
+    hook.remove()
     assert torch.allclose(values[0], values[1]) and grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    # the decode is checkpointed with the VAE's own block switches: each decoder block runs in the forward (with the
+    # switches on) and again in the backward (after the decode put them back)
+    assert decoder_blocks == [True, False]
+    assert not pipe.vae.decoder.gradient_checkpointing
 
 
 def test_ddim_logprob_is_the_ddpo_formula():

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ttalign.hooks import block_checkpointing
+
 
 @dataclass
 class LayerContext:
@@ -175,28 +177,12 @@ class AttentionControl:
 
             return checkpoint(run, *args, use_reentrant=False)
 
-        compiled = getattr(torch._dynamo.eval_frame, "OptimizedModule", ())
-        modules = [
-            m for m in denoiser.modules() if hasattr(m, "gradient_checkpointing") and not isinstance(m, compiled)
-        ]
-        if not modules:
-            yield
-            return
-        absent = object()
-        saved = [(m, m.gradient_checkpointing, vars(m).get("_gradient_checkpointing_func", absent)) for m in modules]
-        for m in modules:
-            m.gradient_checkpointing, m._gradient_checkpointing_func = True, run_checkpointed
-        outer, self.blocks_checkpointed = self.blocks_checkpointed, True
-        try:
-            yield
-        finally:
-            self.blocks_checkpointed = outer
-            for m, flag, func in saved:
-                m.gradient_checkpointing = flag
-                if func is absent:
-                    m.__dict__.pop("_gradient_checkpointing_func", None)
-                else:
-                    m._gradient_checkpointing_func = func
+        with block_checkpointing(denoiser, run_checkpointed) as switched:
+            outer, self.blocks_checkpointed = self.blocks_checkpointed, switched or self.blocks_checkpointed
+            try:
+                yield
+            finally:
+                self.blocks_checkpointed = outer
 
 
 class _Silent:

@@ -447,6 +447,37 @@ def frozen(*modules: torch.nn.Module | None):
             p.requires_grad_(True)
 
 
+@contextlib.contextmanager
+def block_checkpointing(module: torch.nn.Module, function=None):
+    """diffusers' own gradient-checkpointing switches of `module`'s blocks (each submodule with a
+    `gradient_checkpointing` attribute; compiled ones are left alone), on for the forwards made inside the block, with
+    `function(block, *args)` as the checkpoint (by default `torch.utils.checkpoint.checkpoint`, non-reentrant): a
+    forward whose backward is taken keeps only each block's inputs, and the backward recomputes one block at a time.
+    Yields whether `module` has such switches. The user's own settings are restored on exit, also on error."""
+    if function is None:
+
+        def function(block, *args):
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+
+    compiled_type = getattr(torch._dynamo.eval_frame, "OptimizedModule", ())
+    modules = [
+        m for m in module.modules() if hasattr(m, "gradient_checkpointing") and not isinstance(m, compiled_type)
+    ]
+    absent = object()
+    saved = [(m, m.gradient_checkpointing, vars(m).get("_gradient_checkpointing_func", absent)) for m in modules]
+    for m in modules:
+        m.gradient_checkpointing, m._gradient_checkpointing_func = True, function
+    try:
+        yield bool(modules)
+    finally:
+        for m, flag, func in saved:
+            m.gradient_checkpointing = flag
+            if func is absent:
+                m.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                m._gradient_checkpointing_func = func
+
+
 class ComponentSnapshot:
     """Records the mutable state of a pipeline's registered modules and puts it back.
 

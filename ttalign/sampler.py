@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ttalign.hooks import block_checkpointing
 from ttalign.pipelines.family import Conditioning, family_for
 from ttalign.sampling import scale_model_input, scheduler_kind, scheduler_step, step_noise_std
 
@@ -135,13 +136,18 @@ class DifferentiableSampler:
         return latents
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE decode to images `[N, 3, H, W]` in `[0, 1]`; checkpointed when gradients are on."""
+        """VAE decode to images `[N, 3, H, W]` in `[0, 1]`; checkpointed when gradients are on: block by block with
+        the VAE's own switches (its backward then holds one block's activations, not the whole decoder's), or as one
+        piece for a VAE without them."""
         self.vae_decodes += latents.shape[0]
         size = self.conditioning.shared.get("image_size", (None, None))  # packed latents (FLUX) need it
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            image = torch.utils.checkpoint.checkpoint(self.family.decode, latents, *size, use_reentrant=False)
-        else:
-            image = self.family.decode(latents, *size)
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+            return (self.family.decode(latents, *size).float() / 2 + 0.5).clamp(0, 1)
+        with block_checkpointing(self.family.vae) as switched:
+            if switched:
+                image = self.family.decode(latents, *size)
+            else:
+                image = torch.utils.checkpoint.checkpoint(self.family.decode, latents, *size, use_reentrant=False)
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     def account(self, state) -> None:
