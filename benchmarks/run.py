@@ -335,6 +335,11 @@ SUITES: dict[str, Suite] = {
         (
             *(step for reward in ("soft", "vqa") for step in _efficiency_parts("flow", reward)),
             Step(
+                "flow_vqa_ab",
+                "train_efficiency.py",
+                "--merge train_efficiency_flow_vqa_a,train_efficiency_flow_vqa_b --name train_efficiency_flow_vqa_ab",
+            ),
+            Step(
                 "sd_soft",
                 "train_efficiency.py",
                 "--model sd --reward shapes_soft --trainers ddpo,grpo,rwr,raft,d3po,spo --minutes 30 "
