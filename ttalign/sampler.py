@@ -141,13 +141,14 @@ class DifferentiableSampler:
         piece for a VAE without them."""
         self.vae_decodes += latents.shape[0]
         size = self.conditioning.shared.get("image_size", (None, None))  # packed latents (FLUX) need it
-        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
-            return (self.family.decode(latents, *size).float() / 2 + 0.5).clamp(0, 1)
-        with block_checkpointing(self.family.vae) as switched:
-            if switched:
-                image = self.family.decode(latents, *size)
-            else:
-                image = torch.utils.checkpoint.checkpoint(self.family.decode, latents, *size, use_reentrant=False)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            with block_checkpointing(self.family.vae) as switched:
+                if switched:
+                    image = self.family.decode(latents, *size)
+                else:
+                    image = torch.utils.checkpoint.checkpoint(self.family.decode, latents, *size, use_reentrant=False)
+        else:
+            image = self.family.decode(latents, *size)
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     def account(self, state) -> None:
