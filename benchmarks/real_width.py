@@ -12,7 +12,8 @@ nothing, only the costs do.
 
 The methods are those of the runtime-feature matrix (`ttalign.compat`) with a cheap differentiable reward (the red
 channel's mean, so the reward's own cost is nil), at settings scaled to `--steps`: best-of-2, particle steering with 2
-particles resampled at every step, reward guidance, noise optimization with one iteration, Attend-and-Excite on the
+particles resampled at every step, reward guidance, noise optimization with one iteration (`blocks`: with
+`gradient_checkpointing="blocks"`, the denoiser's blocks checkpointed inside each step), Attend-and-Excite on the
 subject words (altering the first half of the steps, thresholds at step 0 and at a quarter of the steps, at most
 `--refinements` refinement iterations; `attend and excite kept`: the same without the loss passes' gradient
 checkpointing), and region re-weighting.
@@ -57,6 +58,7 @@ METHODS = (
     "particle_steering",
     "reward_guidance",
     "noise_optimization",
+    "noise_optimization_blocks",
     "attend_and_excite",
     "attend_and_excite_kept",
     "region_reweight",
@@ -265,6 +267,10 @@ def method_list(name: str, steps: int, refinements: int) -> list:
             # `kept`: the loss passes keep every block's activations (no checkpointing)
             gradient_checkpointing=name == "attend_and_excite",
         )
+        return [method]
+    if name == "noise_optimization_blocks":
+        (method,) = method_factories()["noise_optimization"]()
+        method.gradient_checkpointing = "blocks"
         return [method]
     return method_factories()[name]()
 

@@ -171,7 +171,8 @@ SUITES: dict[str, Suite] = {
         "built from their published configurations with random weights: on CPU in bf16 at 256 px (FLUX.1 with 2 + 4 "
         "of its blocks, T5-XXL with 2 of its layers); the `gpu` step runs every model whole at its native "
         "resolution in its own precision (not run yet). `cpu_joint_ae` re-measures A&E alone on the joint-attention "
-        "models, `cpu_grad` the methods that backpropagate (after the VAE decode's block checkpointing) on all four.",
+        "models, `cpu_grad` the methods that backpropagate (after the VAE decode's block checkpointing) on all four, "
+        "`cpu_noise_blocks` noise optimization with and without the denoiser's blocks checkpointed inside each step.",
         (
             Step("cpu", "real_width.py", "--size 256 --steps 4 --prompts 1 --refinements 5"),
             Step(
@@ -186,6 +187,12 @@ SUITES: dict[str, Suite] = {
                 "--size 256 --steps 4 --prompts 1 --refinements 5 "
                 "--methods plain,reward_guidance,noise_optimization,attend_and_excite,attend_and_excite_kept "
                 "--name real_width_grad",
+            ),
+            Step(
+                "cpu_noise_blocks",
+                "real_width.py",
+                "--size 256 --steps 4 --prompts 1 --methods plain,noise_optimization,noise_optimization_blocks "
+                "--name real_width_noise_blocks",
             ),
             Step("gpu", "real_width.py", "--full --device cuda --steps 8 --prompts 1 --refinements 5"),
         ),

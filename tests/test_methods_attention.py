@@ -485,10 +485,14 @@ def test_noise_optimization_under_region_control_is_the_same_with_gradient_check
         method = NoiseOptimization(reward=Probe(), steps=2, lr=0.5, gradient_checkpointing=checkpointing)
         return _call(pipe, ["a cat and a dog"], [region, method])
 
-    checkpointed, plain = run(True), run(False)
+    checkpointed, plain, blocks = run(True), run(False), run("blocks")
     moved = checkpointed.traces["noise_optimization"]["rewards"]
     assert (moved[1] - moved[0]).abs().min() > 1e-3  # the noise moved
     assert np.abs(checkpointed.images - plain.images).max() <= 1e-5
+    # the denoiser's blocks checkpointed inside each step too: a block replayed in the backward sees the control as
+    # its forward did (the control's own checkpointing), and diffusers' switches are off again after the call
+    assert np.abs(blocks.images - plain.images).max() <= 1e-5
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in pipe.unet.modules())
 
 
 def test_attend_and_excite_loss_passes_stop_after_the_last_recorded_layer():

@@ -147,24 +147,34 @@ def test_checkpointing_gives_the_same_gradients():
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt(["a cat"], "cpu", 1, True)
     start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    grads, values, decoder_blocks = [], [], []
+    grads, values, decoder_blocks, resnet_calls = [], [], [], []
     block = pipe.vae.decoder.up_blocks[0]
     hook = block.register_forward_pre_hook(lambda *_: decoder_blocks.append(pipe.vae.decoder.gradient_checkpointing))
-    for checkpointing in (False, True):
+    resnet = pipe.unet.down_blocks[0].resnets[0]
+    counter = resnet.register_forward_pre_hook(lambda *_: resnet_calls.append(1))
+    for checkpointing in (False, True, "blocks"):
         z = start.clone().requires_grad_()
         sampler = DifferentiableSampler(pipe, cond, uncond, 3.0, gradient_checkpointing=checkpointing)
         decoder_blocks.clear()
+        resnet_calls.clear()
         loss = sampler.decode(sampler.sample(z)).mean()
         loss.backward()
         grads.append(z.grad)
         values.append(loss.detach())
+        # per step: the forward; the step's replay in the backward; with "blocks", each block's replay as well
+        assert len(resnet_calls) == 3 * {False: 1, True: 2, "blocks": 3}[checkpointing], checkpointing
+        if checkpointing is True:
+            # the decode is checkpointed with the VAE's own block switches: each decoder block runs in the forward
+            # (with the switches on) and again in the backward (after the decode put them back)
+            assert decoder_blocks == [True, False]
     hook.remove()
-    assert torch.allclose(values[0], values[1]) and grads[0].abs().sum() > 0
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
-    # the decode is checkpointed with the VAE's own block switches: each decoder block runs in the forward (with the
-    # switches on) and again in the backward (after the decode put them back)
-    assert decoder_blocks == [True, False]
+    counter.remove()
+    assert all(torch.allclose(values[0], v) for v in values[1:]) and grads[0].abs().sum() > 0
+    assert all(torch.allclose(grads[0], g, atol=1e-6) for g in grads[1:])
     assert not pipe.vae.decoder.gradient_checkpointing
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in pipe.unet.modules())
+    with pytest.raises(ValueError, match="'steps'"):
+        DifferentiableSampler(pipe, cond, uncond, 3.0, gradient_checkpointing="steps")
 
 
 def test_ddim_logprob_is_the_ddpo_formula():

@@ -5,6 +5,8 @@ through it; the step math it runs is :mod:`ttalign.sampling`'s.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ttalign.hooks import block_checkpointing
@@ -30,7 +32,11 @@ class DifferentiableSampler:
             `guidance_scale > 1`).
         guidance_scale (`float`).
         eta (`float`): DDIM's noise scale.
-        gradient_checkpointing (`bool`, defaults to `True`).
+        gradient_checkpointing (`bool` or `"blocks"`, defaults to `True`): with gradients enabled, `True`
+            checkpoints each step and the VAE decode: a backward holds one step's activations through the whole
+            denoiser. `"blocks"` also checkpoints the denoiser's blocks inside each step (diffusers' own switches):
+            the backward then holds one block's, at one more denoiser forward per step. Worth it where one step's
+            graph sets the peak (SDXL, SD3).
         timestep_cond, cross_attention_kwargs: with tensor conditioning, the UNet's guidance embedding and the
             attention processors' arguments.
 
@@ -39,8 +45,9 @@ class DifferentiableSampler:
 
     `step_hooks` (*optional*, set as an attribute) lets a search render its candidates as the pipeline's loop renders
     them: an object whose `__call__(index, latents) -> latents` runs before step `index` (the other methods'
-    `step_start` handlers) and whose `sync(index)` runs inside the step, also when a checkpoint replays it (the step
-    the attention controls act at).
+    `step_start` handlers), whose `sync(index)` runs inside the step, also when a checkpoint replays it (the step
+    the attention controls act at), and whose `checkpointed(denoiser)` is the context in which the denoiser's blocks
+    are checkpointed under `"blocks"` (an attention control's replay-aware one).
     """
 
     def __init__(
@@ -50,7 +57,7 @@ class DifferentiableSampler:
         negative_prompt_embeds=None,
         guidance_scale: float = 1.0,
         eta: float = 0.0,
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: bool | str = True,
         timestep_cond=None,
         cross_attention_kwargs=None,
     ):
@@ -68,12 +75,16 @@ class DifferentiableSampler:
         self.conditioning = conditioning
         self.cfg = conditioning.has_negative and guidance_scale > 1
         self.guidance_scale, self.eta = guidance_scale, eta
+        if gradient_checkpointing not in (True, False, "blocks"):
+            raise ValueError(
+                f"gradient_checkpointing must be True, False or 'blocks', got {gradient_checkpointing!r}."
+            )
         self.gradient_checkpointing = gradient_checkpointing
         self.denoiser_calls = self.denoiser_evals = self.vae_decodes = 0
         self.step_hooks = None
 
     @classmethod
-    def from_state(cls, state, eta: float | None = None, gradient_checkpointing: bool = True):
+    def from_state(cls, state, eta: float | None = None, gradient_checkpointing: bool | str = True):
         """The sampler of a pipeline call in progress (from the `init_latents` stage on)."""
         return cls(
             state.family,
@@ -112,10 +123,20 @@ class DifferentiableSampler:
         x = scale_model_input(self.scheduler, latents, index)
         return self.family.denoise(x, t, self.conditioning, self.guidance_scale, cfg=self.cfg)
 
+    def _blocks(self):
+        """The context of a step's denoiser forward: its blocks checkpointed under `"blocks"` with gradients on."""
+        if self.gradient_checkpointing != "blocks" or not torch.is_grad_enabled():
+            return contextlib.nullcontext()
+        if self.step_hooks is not None:
+            return self.step_hooks.checkpointed(self.family.denoiser)
+        return block_checkpointing(self.family.denoiser)
+
     def _step(self, index, latents, noise):
         if self.step_hooks is not None:
             self.step_hooks.sync(index)
-        return scheduler_step(self.scheduler, index, self.model_output(index, latents), latents, self.eta, noise)
+        with self._blocks():
+            output = self.model_output(index, latents)
+        return scheduler_step(self.scheduler, index, output, latents, self.eta, noise)
 
     def step(self, index: int, latents: torch.Tensor, noise: torch.Tensor | None = None):
         """One guided step: `(prev_latents, x0)`; checkpointed when gradients are on."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ttalign.hooks import AlignmentMethod, GenerationState, Stage, frozen
+from ttalign.hooks import AlignmentMethod, GenerationState, Stage, block_checkpointing, frozen
 from ttalign.rewards.base import check_scores, require_differentiable, reward_name
 from ttalign.sampler import DifferentiableSampler
 from ttalign.sampling import init_noise_sigma, scheduler_step
@@ -87,6 +87,12 @@ class _CandidateSteps:
             sync_step(self.state)
         finally:
             self._restore(saved)
+
+    def checkpointed(self, denoiser: torch.nn.Module):
+        """The denoiser's blocks checkpointed so that a block replayed in the backward sees the attention control as
+        its forward did (the control's own checkpointing; diffusers' switches when the call has no control)."""
+        control = self.state.scratch.get("attention_control")
+        return block_checkpointing(denoiser) if control is None else control.checkpointed(denoiser)
 
     def __call__(self, index: int, latents: torch.Tensor) -> torch.Tensor:
         saved = self._at(index, latents.detach())
@@ -251,9 +257,12 @@ class NoiseOptimization(AlignmentMethod):
             on flow-matching models (SD3, FLUX) the noise level of Flow-GRPO's SDE.
         patience (`int`, *optional*): stop an image after this many iterations without improvement.
         target (`float`, *optional*): stop an image once its reward reaches this value.
-        gradient_checkpointing (`bool`, defaults to `True`): each step and the VAE decode of the differentiable
-            render keep only their inputs and are recomputed in the backward. The render's gradient is of the noise
-            alone: the denoiser's and VAE's weights are frozen for it and get no `.grad`.
+        gradient_checkpointing (`bool` or `"blocks"`, defaults to `True`): each step and the VAE decode of the
+            differentiable render keep only their inputs and are recomputed in the backward. `"blocks"` also
+            checkpoints the denoiser's blocks inside each step, at one more denoiser forward per step: the backward
+            then holds one block's activations instead of one step's through the whole denoiser, which sets the
+            peak on SDXL and SD3. The render's gradient is of the noise alone: the denoiser's and VAE's weights are
+            frozen for it and get no `.grad`.
         keep_images (`bool`, defaults to `False`): also keep every iteration's images (an over-optimization monitor
             judges them with another reward or a verifier).
         reuse_render (`bool`, defaults to `True`): return the kept iterate's own render instead of sampling its noise
@@ -285,7 +294,7 @@ class NoiseOptimization(AlignmentMethod):
     eta: float | None = None
     patience: int | None = None
     target: float | None = None
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | str = True
     keep_images: bool = False
     reuse_render: bool = True
 
@@ -313,6 +322,10 @@ class NoiseOptimization(AlignmentMethod):
             raise ValueError(f"regularizer must be >= 0, got {self.regularizer!r}.")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience!r}.")
+        if self.gradient_checkpointing not in (True, False, "blocks"):
+            raise ValueError(
+                f"gradient_checkpointing must be True, False or 'blocks', got {self.gradient_checkpointing!r}."
+            )
 
     @property
     def owns_step_noise(self) -> bool:
@@ -323,9 +336,10 @@ class NoiseOptimization(AlignmentMethod):
         return frozenset({"stochastic_steps"}) if self.optimize == "all-noises" else frozenset()
 
     def renders_per_image(self, num_inference_steps: int) -> float:
-        # each iteration: a forward render, its backward (two), and with checkpointing the replayed forward; then the
-        # kept iterate's render (an upper bound: reusing its render, or early stopping, only spends less)
-        per_iteration = 4 if self.gradient_checkpointing else 3
+        # each iteration: a forward render, its backward (two), with checkpointing the replayed forward and with
+        # "blocks" the blocks' replay too; then the kept iterate's render (an upper bound: reusing its render, or early
+        # stopping, only spends less)
+        per_iteration = {False: 3, True: 4, "blocks": 5}[self.gradient_checkpointing]
         return float(per_iteration * self.steps + 1)
 
     def setup(self, state: GenerationState) -> None:
