@@ -300,41 +300,58 @@ def _gguf_q8(pipe, family: str) -> float:
     return 1e-4
 
 
-def _bnb_nf4(pipe, family: str) -> float:
+def _bnb(bits: int) -> Callable:
     """The denoiser in bitsandbytes' 4-bit NF4 (`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`,
-    computing in the denoiser's dtype). On a GPU it is saved and loaded back with `from_pretrained`, as users load it.
-    Without one diffusers refuses that load ("No GPU found"), so its bitsandbytes quantizer's own loading steps run on
-    the CPU (linear layers replaced by `Linear4bit`, each weight quantized by `create_quantized_param`) and
-    bitsandbytes' CPU kernels compute: the same layers, weights and arithmetic."""
-    import tempfile
+    computing in the denoiser's dtype) or LLM.int8 (`load_in_8bit=True`, outliers over 6 in higher precision). On a
+    GPU it is saved and loaded back with `from_pretrained`, as users load it. Without one diffusers refuses that load
+    ("No GPU found"), so its bitsandbytes quantizer's own loading steps run on the CPU (linear layers replaced by
+    `Linear4bit` / `Linear8bitLt`, each weight quantized by `create_quantized_param`) and bitsandbytes' CPU kernels
+    compute: the same layers, weights and arithmetic."""
 
-    from diffusers import BitsAndBytesConfig
+    def quantize(pipe, family: str) -> float:
+        import tempfile
 
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as err:
-        raise ImportError("bitsandbytes is not installed (`pip install ttalign[quant]`)") from err
-    attribute = pipe.family.denoiser_attribute
-    denoiser = getattr(pipe, attribute)
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=denoiser.dtype)
-    if torch.cuda.is_available():
-        with diffusers_errors_only(), tempfile.TemporaryDirectory() as folder:
-            denoiser.save_pretrained(folder)
-            quantized = type(denoiser).from_pretrained(folder, quantization_config=config, torch_dtype=denoiser.dtype)
-        pipe.register_modules(**{attribute: quantized})
+        from diffusers import BitsAndBytesConfig
+
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise ImportError("bitsandbytes is not installed (`pip install ttalign[quant]`)") from err
+        attribute = pipe.family.denoiser_attribute
+        denoiser = getattr(pipe, attribute)
+        if bits == 4:
+            config = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=denoiser.dtype
+            )
+        else:
+            config = BitsAndBytesConfig(load_in_8bit=True)
+        if torch.cuda.is_available():
+            with diffusers_errors_only(), tempfile.TemporaryDirectory() as folder:
+                denoiser.save_pretrained(folder)
+                quantized = type(denoiser).from_pretrained(
+                    folder, quantization_config=config, torch_dtype=denoiser.dtype
+                )
+            pipe.register_modules(**{attribute: quantized})
+            return 1e-4
+        from accelerate.utils import set_module_tensor_to_device
+        from diffusers.quantizers.bitsandbytes import BnB4BitDiffusersQuantizer, BnB8BitDiffusersQuantizer
+
+        state = denoiser.state_dict()
+        quantizer = (BnB4BitDiffusersQuantizer if bits == 4 else BnB8BitDiffusersQuantizer)(
+            config, pre_quantized=False
+        )
+        keep = list(getattr(denoiser, "_keep_in_fp32_modules", None) or [])
+        with diffusers_errors_only():
+            quantizer._process_model_before_weight_loading(denoiser, device_map=None, keep_in_fp32_modules=keep)
+            for name, value in state.items():
+                if quantizer.check_if_quantized_param(denoiser, value, name, state):
+                    quantizer.create_quantized_param(denoiser, value, name, torch.device("cpu"), state)
+                else:  # what the quantizer leaves to the loader (an 8-bit layer's bias): the tensor as it was
+                    set_module_tensor_to_device(denoiser, name, "cpu", value=value)
+            quantizer._process_model_after_weight_loading(denoiser)
         return 1e-4
-    from diffusers.quantizers.bitsandbytes import BnB4BitDiffusersQuantizer
 
-    state = denoiser.state_dict()
-    quantizer = BnB4BitDiffusersQuantizer(config, pre_quantized=False)
-    keep = list(getattr(denoiser, "_keep_in_fp32_modules", None) or [])
-    with diffusers_errors_only():
-        quantizer._process_model_before_weight_loading(denoiser, device_map=None, keep_in_fp32_modules=keep)
-        for name, value in state.items():
-            if quantizer.check_if_quantized_param(denoiser, value, name, state):
-                quantizer.create_quantized_param(denoiser, value, name, torch.device("cpu"), state)
-        quantizer._process_model_after_weight_loading(denoiser)
-    return 1e-4
+    return quantize
 
 
 def _dequantized(feature: str) -> Callable:
@@ -347,7 +364,7 @@ def _dequantized(feature: str) -> Callable:
         pipe = _pipeline(family)
         FEATURES[feature](pipe, family)
         config = getattr(_denoiser(pipe).config, "quantization_config", None)
-        if config is not None and config.quant_method == "bitsandbytes":  # Linear4bit layers back to nn.Linear
+        if config is not None and config.quant_method == "bitsandbytes":  # Linear4bit / 8bitLt back to nn.Linear
             from diffusers.quantizers.bitsandbytes.utils import dequantize_and_replace
 
             dequantize_and_replace(_denoiser(pipe), [], quantization_config=config)
@@ -375,7 +392,8 @@ FEATURES: dict[str, Callable] = {
     "lora": _lora,
     "torchao_int8": _torchao_int8,
     "gguf_q8": _gguf_q8,
-    "bnb_nf4": _bnb_nf4,
+    "bnb_nf4": _bnb(4),
+    "bnb_int8": _bnb(8),
 }
 
 #: Features that change the model itself, with the plain model each one must equal: a LoRA merged into the weights,
@@ -503,4 +521,5 @@ EXPECTED.update(
     torchao_int8=_dequantized("torchao_int8"),
     gguf_q8=_dequantized("gguf_q8"),
     bnb_nf4=_dequantized("bnb_nf4"),
+    bnb_int8=_dequantized("bnb_int8"),
 )
