@@ -60,11 +60,18 @@ class Suite:
     quoted_in: tuple[str, ...] = field(default_factory=tuple)
 
 
+#: The trainers of each shapes model's efficiency table, in parts of one or two trainers.
+EFFICIENCY_PARTS = {
+    "flow": (("a", "grpo,nft"), ("b", "raft,awm"), ("c", "rwr"), ("d", "d3po"), ("e", "spo")),
+    "sd": (("a", "ddpo"), ("b", "grpo"), ("c", "raft"), ("d", "rwr"), ("e", "d3po"), ("f", "spo")),
+}
+
+
 def _efficiency_parts(model: str, reward: str) -> tuple[Step, ...]:
-    """`train_efficiency.py` on `model` with the reward `shapes_<reward>`, its trainers in five parts (each about 40
-    or 80 minutes; two parts can run side by side with one thread each) and the step that merges them into one
-    table."""
-    parts = (("a", "grpo,nft"), ("b", "raft,awm"), ("c", "rwr"), ("d", "d3po"), ("e", "spo"))
+    """`train_efficiency.py` on `model` with the reward `shapes_<reward>`, its trainers in parts (`EFFICIENCY_PARTS`,
+    each about 40 minutes a trainer; two parts can run side by side with one thread each) and the step that merges
+    them into one table."""
+    parts = EFFICIENCY_PARTS[model]
     name = f"train_efficiency_{model}_{reward}"
     steps = [
         Step(
@@ -335,28 +342,21 @@ SUITES: dict[str, Suite] = {
     ),
     "training_efficiency": Suite(
         "The online trainers side by side at equal training wall time (30 minutes each) on a shapes model, verified "
-        "success against training minutes and images sampled; about 4 hours per step on 2 CPU cores. The flow model's "
-        "trainers run in five parts (`flow_soft_a` .. `_e`, two at a time side by side with OMP_NUM_THREADS=1), "
-        "merged into one table by `flow_soft`; the `_vqa` steps train on the learned shapes VQA reward instead of the "
-        "soft verifier.",
+        "success against training minutes and images sampled. Each model's trainers run in parts of one or two "
+        "(`flow_soft_a` .. `_e`, `sd_soft_a` .. `_f`; about 40 minutes a trainer, two parts at a time side by side "
+        "with OMP_NUM_THREADS=1), merged into one table by `flow_soft`, `sd_soft`; the `_vqa` steps train on the "
+        "learned shapes VQA reward instead of the soft verifier.",
         (
-            *(step for reward in ("soft", "vqa") for step in _efficiency_parts("flow", reward)),
+            *(
+                step
+                for model in ("flow", "sd")
+                for reward in ("soft", "vqa")
+                for step in _efficiency_parts(model, reward)
+            ),
             Step(
                 "flow_vqa_ab",
                 "train_efficiency.py",
                 "--merge train_efficiency_flow_vqa_a,train_efficiency_flow_vqa_b --name train_efficiency_flow_vqa_ab",
-            ),
-            Step(
-                "sd_soft",
-                "train_efficiency.py",
-                "--model sd --reward shapes_soft --trainers ddpo,grpo,rwr,raft,d3po,spo --minutes 30 "
-                "--name train_efficiency_sd_soft",
-            ),
-            Step(
-                "sd_vqa",
-                "train_efficiency.py",
-                "--model sd --reward shapes_vqa --trainers ddpo,grpo,rwr,raft,d3po,spo --minutes 30 "
-                "--name train_efficiency_sd_vqa",
             ),
         ),
         quoted_in=("docs/training.md",),
