@@ -82,3 +82,15 @@ def test_requests_cannot_import_and_names_are_limited():
         method_from_spec("best_of_n:n=2,n=3,reward=shapes_soft")
     with pytest.raises(ValueError, match="token_indices must be token positions"):
         method_from_spec("attend_and_excite:token_indices=abc")
+
+
+def test_an_option_that_is_a_switch_or_a_mode_takes_either():
+    """`NoiseOptimization.gradient_checkpointing` is `bool | str`: on / off words give the bool, a mode its word."""
+    spec = "noise_optimization:reward=shapes_soft,gradient_checkpointing="
+    assert method_from_spec(spec + "false").gradient_checkpointing is False
+    assert method_from_spec(spec + "yes").gradient_checkpointing is True
+    assert method_from_spec(spec + "blocks").gradient_checkpointing == "blocks"
+    with pytest.raises(ValueError, match="gradient_checkpointing must be True, False or 'blocks', got 'layers'"):
+        method_from_spec(spec + "layers")
+    with pytest.raises(ValueError, match="Bad value 'blocks' for option 'keep_images'"):
+        method_from_spec("noise_optimization:reward=shapes_soft,keep_images=blocks")

@@ -63,9 +63,10 @@ def _parse_value(method: str, key: str, raw: str, hint, allow_imports: bool = Tr
     text = str(hint)
     try:
         if "bool" in text:
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            if raw.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return raw.lower() in ("true", "1", "yes")
+            if "str" not in text:  # `bool | str` (a mode beside on / off) takes the word itself
                 raise ValueError
-            return raw.lower() in ("true", "1", "yes")
         if "dict" in text:  # k:v;k:v
             pairs = (item.split(":") for item in raw.split(";") if item)
             return {int(k) if k.strip().lstrip("-").isdigit() else k.strip(): float(v) for k, v in pairs}
