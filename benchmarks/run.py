@@ -551,6 +551,7 @@ def run_suite(name: str, only: list[str] | None = None, python: str = sys.execut
     for step in steps:
         before = _snapshot(folder)
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        commit = _git_commit()  # the code the step runs (a long step may end after later commits)
         print(f"== {name}/{step.name}: {step.command}", flush=True)
         start = time.perf_counter()
         subprocess.run([python, os.path.join(HERE, step.script), *step.argv], cwd=ROOT, env=env, check=True)
@@ -568,7 +569,7 @@ def run_suite(name: str, only: list[str] | None = None, python: str = sys.execut
         log_path = os.path.join(folder, "runs.json")
         log = json.load(open(log_path)) if os.path.isfile(log_path) else {"suite": name, "runs": []}
         log["description"] = suite.description
-        log["runs"].append({**records[-1], "git_commit": _git_commit(), "environment": environment()})
+        log["runs"].append({**records[-1], "git_commit": commit, "environment": environment()})
         with open(log_path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(log, f, indent=2)
             f.write("\n")
