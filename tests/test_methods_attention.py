@@ -485,7 +485,16 @@ def test_noise_optimization_under_region_control_is_the_same_with_gradient_check
         method = NoiseOptimization(reward=Probe(), steps=2, lr=0.5, gradient_checkpointing=checkpointing)
         return _call(pipe, ["a cat and a dog"], [region, method])
 
-    checkpointed, plain, blocks = run(True), run(False), run("blocks")
+    calls = []
+    hook = pipe.unet.down_blocks[0].resnets[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    results, forwards = {}, {}
+    for mode in (True, False, "blocks"):
+        calls.clear()
+        results[mode] = run(mode)
+        forwards[mode] = len(calls)
+    hook.remove()
+    checkpointed, plain, blocks = results[True], results[False], results["blocks"]
+    assert forwards["blocks"] > forwards[True] > forwards[False]  # each replays more in the backward
     moved = checkpointed.traces["noise_optimization"]["rewards"]
     assert (moved[1] - moved[0]).abs().min() > 1e-3  # the noise moved
     assert np.abs(checkpointed.images - plain.images).max() <= 1e-5
