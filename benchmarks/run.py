@@ -362,11 +362,12 @@ SUITES: dict[str, Suite] = {
         quoted_in=("docs/training.md",),
     ),
     "tuned_loras": Suite(
-        "The tuned shapes LoRAs (`load_pipeline('sd-tuned')`, `'flow-tuned'`): per model, one trainer on the soft "
-        "verifier (30 min SD, 50 min flow) and RAFT on the exact verifier's passing images (50 min), 1-thread "
-        "training on captions disjoint from the evaluation set, with the learning curve on 120 evaluation images "
-        "every 10 minutes; then the soft-verifier LoRAs on the whole evaluation set (240 x 4) against their base, "
-        "installed in ttalign/shapes/tuned/<model>/ where better than the base and than the LoRA installed there.",
+        "The tuned shapes LoRAs (`load_pipeline('sd-tuned')`, `'flow-tuned'`): per model, trainers on the soft "
+        "verifier (SD: RAFT 30 min, GRPO 60 min; flow: DiffusionNFT 50 min) and RAFT on the exact verifier's passing "
+        "images (50 min), 1-thread training on captions disjoint from the evaluation set, with the learning curve on "
+        "120 evaluation images every 10 minutes; then the soft-verifier LoRAs on the whole evaluation set (240 x 4) "
+        "against their base, installed in ttalign/shapes/tuned/<model>/ where better than the base and than the LoRA "
+        "installed there.",
         (
             Step(
                 "sd",
@@ -400,10 +401,22 @@ SUITES: dict[str, Suite] = {
                 "--name tuned_flow_exact_kl",
             ),
             Step(
+                "sd_grpo",
+                "train_efficiency.py",
+                "--model sd --reward shapes_soft --trainers grpo --minutes 60 --eval-every 10 "
+                "--save-lora benchmarks/.cache/tuned/sd --name tuned_sd_grpo",
+            ),
+            Step(
                 "eval_sd",
                 "tuned_eval.py",
                 "--model sd --lora benchmarks/.cache/tuned/sd/raft --install "
                 "--trained-by 'python benchmarks/run.py tuned_loras --only sd'",
+            ),
+            Step(
+                "eval_sd_grpo",
+                "tuned_eval.py",
+                "--model sd --lora benchmarks/.cache/tuned/sd/grpo --install --name tuned_sd_grpo_eval "
+                "--trained-by 'python benchmarks/run.py tuned_loras --only sd_grpo'",
             ),
             Step(
                 "eval_flow",
