@@ -14,6 +14,12 @@ from ttalign.pipelines.family import Conditioning, family_for
 from ttalign.sampling import scale_model_input, scheduler_kind, scheduler_step, step_noise_std
 
 
+def check_gradient_checkpointing(mode) -> None:
+    """Refuse a `gradient_checkpointing` mode other than `True`, `False` or `"blocks"`, naming it."""
+    if not (isinstance(mode, bool) or mode == "blocks"):
+        raise ValueError(f"gradient_checkpointing must be True, False or 'blocks', got {mode!r}.")
+
+
 class DifferentiableSampler:
     """The denoising loop over a pipeline's own denoiser, VAE and scheduler, differentiable end to end.
 
@@ -75,10 +81,7 @@ class DifferentiableSampler:
         self.conditioning = conditioning
         self.cfg = conditioning.has_negative and guidance_scale > 1
         self.guidance_scale, self.eta = guidance_scale, eta
-        if gradient_checkpointing not in (True, False, "blocks"):
-            raise ValueError(
-                f"gradient_checkpointing must be True, False or 'blocks', got {gradient_checkpointing!r}."
-            )
+        check_gradient_checkpointing(gradient_checkpointing)
         self.gradient_checkpointing = gradient_checkpointing
         self.denoiser_calls = self.denoiser_evals = self.vae_decodes = 0
         self.step_hooks = None

@@ -23,7 +23,7 @@ import torch
 
 from ttalign.hooks import AlignmentMethod, GenerationState, Stage, block_checkpointing, frozen
 from ttalign.rewards.base import check_scores, require_differentiable, reward_name
-from ttalign.sampler import DifferentiableSampler
+from ttalign.sampler import DifferentiableSampler, check_gradient_checkpointing
 from ttalign.sampling import init_noise_sigma, scheduler_step
 
 
@@ -322,10 +322,7 @@ class NoiseOptimization(AlignmentMethod):
             raise ValueError(f"regularizer must be >= 0, got {self.regularizer!r}.")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience!r}.")
-        if self.gradient_checkpointing not in (True, False, "blocks"):
-            raise ValueError(
-                f"gradient_checkpointing must be True, False or 'blocks', got {self.gradient_checkpointing!r}."
-            )
+        check_gradient_checkpointing(self.gradient_checkpointing)
 
     @property
     def owns_step_noise(self) -> bool:
