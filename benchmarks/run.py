@@ -363,11 +363,12 @@ SUITES: dict[str, Suite] = {
     ),
     "tuned_loras": Suite(
         "The tuned shapes LoRAs (`load_pipeline('sd-tuned')`, `'flow-tuned'`): per model, trainers on the soft "
-        "verifier (SD: RAFT 30 min, GRPO 60 min; flow: DiffusionNFT 50 min) and RAFT on the exact verifier's passing "
-        "images (50 min), 1-thread training on captions disjoint from the evaluation set, with the learning curve on "
-        "120 evaluation images every 10 minutes; then the soft-verifier LoRAs on the whole evaluation set (240 x 4) "
-        "against their base, installed in ttalign/shapes/tuned/<model>/ where better than the base and than the LoRA "
-        "installed there.",
+        "verifier (SD RAFT 30 min, flow DiffusionNFT 50 min) and RAFT on the exact verifier's passing images "
+        "(50 min), 1-thread training on captions disjoint from the evaluation set, with the learning curve on 120 "
+        "evaluation images every 10 minutes; SD: Diffusion-DPO on verifier-labelled pairs whose winners region "
+        "re-weighting drew (as `training --only dpo_guided`, 120 evaluation images after training); then the LoRAs on "
+        "the whole evaluation set (240 x 4) against their base, installed in ttalign/shapes/tuned/<model>/ where "
+        "better than the base and than the LoRA installed there.",
         (
             Step(
                 "sd",
@@ -401,10 +402,10 @@ SUITES: dict[str, Suite] = {
                 "--name tuned_flow_exact_kl",
             ),
             Step(
-                "sd_grpo",
-                "train_efficiency.py",
-                "--model sd --reward shapes_soft --trainers grpo --minutes 60 --eval-every 10 "
-                "--save-lora benchmarks/.cache/tuned/sd --name tuned_sd_grpo",
+                "sd_dpo_guided",
+                "train_shapes.py",
+                "--trainers dpo_guided --prompts 1200 --dpo-steps 2000 --lr 1e-3 --eval-per-category 10 "
+                "--eval-seeds 2 --save-lora benchmarks/.cache/tuned/sd --name tuned_sd_dpo_guided",
             ),
             Step(
                 "eval_sd",
@@ -413,10 +414,10 @@ SUITES: dict[str, Suite] = {
                 "--trained-by 'python benchmarks/run.py tuned_loras --only sd'",
             ),
             Step(
-                "eval_sd_grpo",
+                "eval_sd_dpo_guided",
                 "tuned_eval.py",
-                "--model sd --lora benchmarks/.cache/tuned/sd/grpo --install --name tuned_sd_grpo_eval "
-                "--trained-by 'python benchmarks/run.py tuned_loras --only sd_grpo'",
+                "--model sd --lora benchmarks/.cache/tuned/sd/dpo_guided --install --name tuned_sd_dpo_guided_eval "
+                "--trained-by 'python benchmarks/run.py tuned_loras --only sd_dpo_guided'",
             ),
             Step(
                 "eval_flow",

@@ -11,7 +11,8 @@ reward backpropagation on the soft verifier; each LoRA evaluated like the infere
 3. Evaluates the base model and each LoRA on the method benchmark's prompts and seeds (`shapes_eval` harness), or on
    the whole evaluation set with `--eval-per-category 40 --eval-seeds 4`; paired sign tests against the base model.
 
-Writes `benchmarks/results/<--name, default training>.json` and `.md`.
+Writes `benchmarks/results/<--name, default training>.json` and `.md`; with `--save-lora DIR`, each trainer's LoRA goes
+to `DIR/<trainer>` (diffusers' format, for `tuned_eval.py`).
 
     python benchmarks/train_shapes.py --prompts 200 --dpo-steps 200 --draft-steps 100
 """
@@ -152,12 +153,13 @@ def main() -> None:
         default="disjoint",
         help="training captions: none of the evaluation set's (default), or any of the grammar's",
     )
+    parser.add_argument("--save-lora", default=None, help="a folder; each trainer's LoRA goes to <folder>/<trainer>")
     args = parser.parse_args()
     kinds = args.trainers.split(",")
     unknown = set(kinds) - TRAINER_NAMES.keys()
     if unknown:
         parser.error(f"unknown trainers {sorted(unknown)}; choose from {sorted(TRAINER_NAMES)}")
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     rows = []
     base = load_pipeline()
     base.set_progress_bar_config(disable=True)
@@ -229,6 +231,8 @@ def main() -> None:
                 trainer = RewardBackpropTrainer(pipe, config, ShapesSoftVerifier(), train_prompts)
             metrics = trainer.train()
             seconds = time.perf_counter() - start + (guide_s if kind == "dpo_guided" else 0.0)
+            if args.save_lora:
+                trainer.save_lora(os.path.join(args.save_lora, kind))
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             steps = {"draft": args.draft_steps, "ddpo": args.ddpo_steps}.get(kind, args.dpo_steps)
             label = f"{TRAINER_NAMES[kind]} LoRA ({steps} steps)"
