@@ -131,17 +131,18 @@ def test_tuned_models_load_offline_with_their_lora_fused(tmp_path, monkeypatch):
     from ttalign.shapes import models
     from ttalign.shapes.models import TUNED_DIR
 
-    model = "flow"
-    with open(os.path.join(TUNED_DIR, model, "training.json")) as f:
-        record = json.load(f)
-    assert record["trained_by"].startswith("python benchmarks/run.py tuned_loras")
-    base, tuned = load_pipeline(model, device="cpu"), load_pipeline(f"{model}-tuned", device="cpu")
-    base_weights, tuned_weights = base.family.denoiser.state_dict(), tuned.family.denoiser.state_dict()
-    assert base_weights.keys() == tuned_weights.keys()  # fused: no LoRA layers
-    moved = [k for k in base_weights if not torch.equal(base_weights[k], tuned_weights[k])]
-    assert moved and all("attn" in k or "proj" in k or "ff" in k or "to_" in k for k in moved)
-    served = loading.load_pipeline("shapes-flow-tuned", dtype="float32", device="cpu").family.denoiser.state_dict()
-    assert all(torch.equal(served[k], tuned_weights[k]) for k in moved)
+    for model, served_name in (("sd", "shapes-tuned"), ("flow", "shapes-flow-tuned")):
+        with open(os.path.join(TUNED_DIR, model, "training.json")) as f:
+            record = json.load(f)
+        assert record["trained_by"].startswith("python benchmarks/run.py tuned_loras")
+        assert record["tuned"]["overall"] > record["base"]["overall"]
+        base, tuned = load_pipeline(model, device="cpu"), load_pipeline(f"{model}-tuned", device="cpu")
+        base_weights, tuned_weights = base.family.denoiser.state_dict(), tuned.family.denoiser.state_dict()
+        assert base_weights.keys() == tuned_weights.keys()  # fused: no LoRA layers
+        moved = [k for k in base_weights if not torch.equal(base_weights[k], tuned_weights[k])]
+        assert moved and all("attn" in k or "proj" in k or "ff" in k or "to_" in k for k in moved)
+        served = loading.load_pipeline(served_name, dtype="float32", device="cpu").family.denoiser.state_dict()
+        assert all(torch.equal(served[k], tuned_weights[k]) for k in moved)
     with pytest.raises(ValueError, match="sd-tuned"):
         load_pipeline("sdxl-tuned")
     monkeypatch.setattr(models, "TUNED_DIR", str(tmp_path))  # no LoRA shipped

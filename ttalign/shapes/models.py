@@ -70,8 +70,8 @@ def load_pipeline(model: str = "sd", device: str | None = None, path: str | None
     lora = os.path.join(TUNED_DIR, base)
     if tuned and not os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
         raise FileNotFoundError(
-            f"No tuned LoRA is shipped for the {base!r} shapes model (none trained so far beats the base model: "
-            f"docs/training.md); train one with `python benchmarks/run.py tuned_loras --only {base} eval_{base}`."
+            f"No tuned LoRA for the {base!r} shapes model in {lora!r}; train and install one with `python "
+            "benchmarks/run.py tuned_loras` (docs/training.md)."
         )
     pipe = aligned_class_for(path).from_pretrained(path)
     if tuned:
