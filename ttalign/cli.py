@@ -351,8 +351,7 @@ def _model_arguments(parser) -> None:
         default=SHAPES_MODEL,
         help="folder or hub id of a Stable Diffusion 1.x/2.x, XL or 3 or a FLUX pipeline (the class comes from its "
         "model_index.json), 'shapes' or 'shapes-flow' (the embedded models; 'shapes-tuned', 'shapes-flow-tuned' with "
-        "their tuned LoRAs) "
-        "or 'tiny'",
+        "their tuned LoRAs) or 'tiny'",
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--device", default=None)
