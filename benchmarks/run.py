@@ -345,8 +345,8 @@ SUITES: dict[str, Suite] = {
         "success against training minutes and images sampled. Each model's trainers run in parts of one or two "
         "(`flow_soft_a` .. `_e`, `sd_soft_a` .. `_f`; about 40 minutes a trainer, two parts at a time side by side "
         "with OMP_NUM_THREADS=1), merged into one table by `flow_soft`, `sd_soft`; the `_vqa` steps train on the "
-        "learned shapes VQA reward instead of the soft verifier; `sd_soft_rwr_paper_lr` and `sd_soft_d3po_paper_lr` "
-        "run RWR and D3PO at their papers' learning rates (1e-5, 3e-5) instead of the shared 3e-4.",
+        "learned shapes VQA reward instead of the soft verifier; `sd_soft_<trainer>_paper_lr` run RWR, D3PO, RAFT "
+        "and SPO at their papers' learning rates (1e-5, 3e-5, 9e-6, 6e-5) instead of the shared 3e-4.",
         (
             *(
                 step
@@ -354,7 +354,7 @@ SUITES: dict[str, Suite] = {
                 for reward in ("soft", "vqa")
                 for step in _efficiency_parts(model, reward)
             ),
-            # the two SD trainers that fell furthest at the shared lr, at their papers' rates (REFERENCES.md)
+            # the SD trainers that fell at the shared lr, at their papers' rates (REFERENCES.md)
             *(
                 Step(
                     f"sd_soft_{kind}_paper_lr",
@@ -362,7 +362,7 @@ SUITES: dict[str, Suite] = {
                     f"--model sd --reward shapes_soft --trainers {kind} --lr {lr} --minutes 30 "
                     f"--name train_efficiency_sd_soft_{kind}_paper_lr",
                 )
-                for kind, lr in (("rwr", "1e-5"), ("d3po", "3e-5"))
+                for kind, lr in (("rwr", "1e-5"), ("d3po", "3e-5"), ("raft", "9e-6"), ("spo", "6e-5"))
             ),
             Step(
                 "flow_vqa_ab",
