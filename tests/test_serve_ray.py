@@ -85,3 +85,81 @@ def test_two_ray_replicas_answer_the_same_client():
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_local_ray_cluster_gives_the_proxy_time_to_start(monkeypatch):
+    """Serve's proxy gets a minute per readiness check on a local cluster (Ray's 5 s fail on a busy machine); a value
+    the user set stays, and a joined cluster (`RAY_ADDRESS`) keeps its operator's."""
+    import argparse
+
+    import ray
+
+    from ttalign.serve.app import ServeConfig
+    from ttalign.serve.ray_serve import run_ray
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(**kwargs):
+        seen.append(os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"))
+        raise Stop
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    args = argparse.Namespace(
+        model="tiny", dtype="float32", device="cpu", replicas=1, gpus_per_replica=0.0, max_queued_requests=4,
+        ray_node_ip="127.0.0.1", host="127.0.0.1", port=0,
+    )  # fmt: skip
+    for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_ADDRESS"):
+        monkeypatch.setenv(name, "")  # records the variable's state before the test, restored after it
+    for preset, address, expected in (
+        (None, None, "60.0"),
+        ("12", None, "12"),
+        (None, "127.0.0.1:6379", None),
+    ):
+        monkeypatch.delenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", raising=False)
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        if preset:
+            monkeypatch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", preset)
+        if address:
+            monkeypatch.setenv("RAY_ADDRESS", address)
+        try:
+            run_ray(args, ServeConfig(model_name="tiny"))
+        except Stop:
+            pass
+        assert seen[-1] == expected, (preset, address, seen)
+    assert len(seen) == 3
+
+
+def test_ray_serve_start_failure_shuts_the_cluster_down(monkeypatch):
+    """An error while Serve starts (or a SIGTERM then) stops Serve and the local cluster: nothing left running."""
+    import argparse
+    import signal
+
+    import pytest
+    import ray
+    from ray import serve
+
+    from ttalign.serve.app import ServeConfig
+    from ttalign.serve.ray_serve import run_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append("ray.init"))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("ray.shutdown"))
+    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("serve.shutdown"))
+
+    def failing_start(**kwargs):
+        calls.append("serve.start")
+        raise RuntimeError("replica failed to build")
+
+    monkeypatch.setattr(serve, "start", failing_start)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # leave the test process's handlers alone
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = argparse.Namespace(
+        model="tiny", dtype="float32", device="cpu", replicas=1, gpus_per_replica=0.0, max_queued_requests=4,
+        ray_node_ip="127.0.0.1", host="127.0.0.1", port=0,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="replica failed to build"):
+        run_ray(args, ServeConfig(model_name="tiny"))
+    assert calls == ["ray.init", "serve.start", "serve.shutdown", "ray.shutdown"]

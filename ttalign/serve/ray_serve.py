@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import time
 
+# seconds each of Ray Serve's readiness checks of its HTTP proxy waits on a local cluster (Ray's own default: 5)
+PROXY_READY_CHECK_TIMEOUT_S = 60.0
+
 
 def build_application(
     model: str,
@@ -80,21 +83,26 @@ def run_ray(args, config) -> int:
     if os.environ.get("RAY_ADDRESS"):  # joins a cluster its operator set up
         ray.init(include_dashboard=False, ignore_reinit_error=True)
     else:  # a local cluster: its processes, the dashboard's agents included, bind the loopback unless told otherwise
+        # Serve kills its HTTP proxy after three readiness checks of 5 s each; on a machine busy with other jobs the
+        # proxy's start takes longer than that. The cluster's processes inherit this environment.
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(PROXY_READY_CHECK_TIMEOUT_S))
         ray.init(
             include_dashboard=False,
             dashboard_host="127.0.0.1",
             _node_ip_address=args.ray_node_ip,
             ignore_reinit_error=True,
         )
-    serve.start(http_options=HTTPOptions(host=args.host, port=args.port))
-    serve.run(app, name="ttalign", route_prefix="/")
-    signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs handlers of its own: stop Serve cleanly
-    print(
-        f"serving {config.model_name} with Ray Serve on http://{args.host}:{args.port} ({args.replicas} replicas, "
-        f"{args.gpus_per_replica:g} GPU each)",
-        flush=True,
-    )
+    # after ray.init, which installs handlers of its own: SIGTERM stops Serve and the local cluster cleanly, also while
+    # they start, and so does an error in the start (a replica that fails to build)
+    signal.signal(signal.SIGTERM, stop)
     try:
+        serve.start(http_options=HTTPOptions(host=args.host, port=args.port))
+        serve.run(app, name="ttalign", route_prefix="/")
+        print(
+            f"serving {config.model_name} with Ray Serve on http://{args.host}:{args.port} ({args.replicas} "
+            f"replicas, {args.gpus_per_replica:g} GPU each)",
+            flush=True,
+        )
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
