@@ -133,7 +133,8 @@ def test_local_ray_cluster_gives_the_proxy_time_to_start(monkeypatch):
 
 
 def test_ray_serve_start_failure_shuts_the_cluster_down(monkeypatch):
-    """An error while Serve starts (or a SIGTERM then) stops Serve and the local cluster: nothing left running."""
+    """An error while Serve starts stops Serve and the local cluster: nothing left running (SIGTERM, raised as
+    KeyboardInterrupt by the handler installed before the start, leaves through the same `finally`)."""
     import argparse
     import signal
 
