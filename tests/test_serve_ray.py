@@ -87,11 +87,19 @@ def test_two_ray_replicas_answer_the_same_client():
             proc.kill()
 
 
+def _ray_args():
+    """`ttalign serve --ray`'s arguments for `run_ray` over the tiny model, one CPU replica."""
+    import argparse
+
+    return argparse.Namespace(
+        model="tiny", dtype="float32", device="cpu", replicas=1, gpus_per_replica=0.0, max_queued_requests=4,
+        ray_node_ip="127.0.0.1", host="127.0.0.1", port=0,
+    )  # fmt: skip
+
+
 def test_local_ray_cluster_gives_the_proxy_time_to_start(monkeypatch):
     """Serve's proxy gets a minute per readiness check on a local cluster (Ray's 5 s fail on a busy machine); a value
     the user set stays, and a joined cluster (`RAY_ADDRESS`) keeps its operator's."""
-    import argparse
-
     import ray
 
     from ttalign.serve.app import ServeConfig
@@ -107,10 +115,7 @@ def test_local_ray_cluster_gives_the_proxy_time_to_start(monkeypatch):
         raise Stop
 
     monkeypatch.setattr(ray, "init", fake_init)
-    args = argparse.Namespace(
-        model="tiny", dtype="float32", device="cpu", replicas=1, gpus_per_replica=0.0, max_queued_requests=4,
-        ray_node_ip="127.0.0.1", host="127.0.0.1", port=0,
-    )  # fmt: skip
+    args = _ray_args()
     for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_ADDRESS"):
         monkeypatch.setenv(name, "")  # records the variable's state before the test, restored after it
     for preset, address, expected in (
@@ -135,7 +140,6 @@ def test_local_ray_cluster_gives_the_proxy_time_to_start(monkeypatch):
 def test_ray_serve_start_failure_shuts_the_cluster_down(monkeypatch):
     """An error while Serve starts stops Serve and the local cluster: nothing left running (SIGTERM, raised as
     KeyboardInterrupt by the handler installed before the start, leaves through the same `finally`)."""
-    import argparse
     import signal
 
     import pytest
@@ -157,10 +161,7 @@ def test_ray_serve_start_failure_shuts_the_cluster_down(monkeypatch):
     monkeypatch.setattr(serve, "start", failing_start)
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # leave the test process's handlers alone
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    args = argparse.Namespace(
-        model="tiny", dtype="float32", device="cpu", replicas=1, gpus_per_replica=0.0, max_queued_requests=4,
-        ray_node_ip="127.0.0.1", host="127.0.0.1", port=0,
-    )  # fmt: skip
+    args = _ray_args()
     with pytest.raises(RuntimeError, match="replica failed to build"):
         run_ray(args, ServeConfig(model_name="tiny"))
     assert calls == ["ray.init", "serve.start", "serve.shutdown", "ray.shutdown"]
