@@ -66,6 +66,9 @@ EFFICIENCY_PARTS = {
     "sd": (("a", "ddpo"), ("b", "grpo"), ("c", "raft"), ("d", "rwr"), ("e", "d3po"), ("f", "spo")),
 }
 
+#: The trainers given 60 minutes on the soft verifier: each model's group-advantage baseline and one more.
+LONG_RUNS = {"flow": ("grpo", "nft"), "sd": ("grpo", "ddpo")}
+
 
 def _efficiency_parts(model: str, reward: str) -> tuple[Step, ...]:
     """`train_efficiency.py` on `model` with the reward `shapes_<reward>`, its trainers in parts (`EFFICIENCY_PARTS`,
@@ -346,7 +349,9 @@ SUITES: dict[str, Suite] = {
         "(`flow_soft_a` .. `_e`, `sd_soft_a` .. `_f`; about 40 minutes a trainer, two parts at a time side by side "
         "with OMP_NUM_THREADS=1), merged into one table by `flow_soft`, `sd_soft`; the `_vqa` steps train on the "
         "learned shapes VQA reward instead of the soft verifier; `sd_soft_<trainer>_paper_lr` run RWR, D3PO, RAFT "
-        "and SPO at their papers' learning rates (1e-5, 3e-5, 9e-6, 6e-5) instead of the shared 3e-4.",
+        "and SPO at their papers' learning rates (1e-5, 3e-5, 9e-6, 6e-5) instead of the shared 3e-4; "
+        "`<model>_soft_60_<trainer>` train for 60 minutes (`LONG_RUNS`, evaluated every 10 minutes; about 70 minutes "
+        "a part), merged by `flow_soft_60`, `sd_soft_60`.",
         (
             *(
                 step
@@ -363,6 +368,27 @@ SUITES: dict[str, Suite] = {
                     f"--name train_efficiency_sd_soft_{kind}_paper_lr",
                 )
                 for kind, lr in (("rwr", "1e-5"), ("d3po", "3e-5"), ("raft", "9e-6"), ("spo", "6e-5"))
+            ),
+            # 60 minutes of training, one trainer a part (two side by side), evaluated every 10 minutes
+            *(
+                Step(
+                    f"{model}_soft_60_{kind}",
+                    "train_efficiency.py",
+                    f"--model {model} --reward shapes_soft --trainers {kind} --minutes 60 --eval-every 10 "
+                    f"--name train_efficiency_{model}_soft_60_{kind}",
+                )
+                for model, kinds in LONG_RUNS.items()
+                for kind in kinds
+            ),
+            *(
+                Step(
+                    f"{model}_soft_60",
+                    "train_efficiency.py",
+                    "--merge "
+                    + ",".join(f"train_efficiency_{model}_soft_60_{kind}" for kind in kinds)
+                    + f" --name train_efficiency_{model}_soft_60",
+                )
+                for model, kinds in LONG_RUNS.items()
             ),
             Step(
                 "flow_vqa_ab",
