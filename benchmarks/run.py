@@ -67,8 +67,8 @@ EFFICIENCY_PARTS = {
 }
 
 #: The trainers given 60 minutes on the soft verifier: each model's group-advantage baseline and, on the flow model,
-#: the two that passed +10 points in 30 minutes.
-LONG_RUNS = {"flow": ("grpo", "nft", "awm"), "sd": ("grpo",)}
+#: DiffusionNFT, the one that ended above its base in 30 minutes.
+LONG_RUNS = {"flow": ("grpo", "nft"), "sd": ("grpo",)}
 
 
 def _efficiency_parts(model: str, reward: str) -> tuple[Step, ...]:
@@ -405,7 +405,8 @@ SUITES: dict[str, Suite] = {
         "verifier (SD RAFT 30 min, flow DiffusionNFT 50 min) and RAFT on the exact verifier's passing images "
         "(50 min), 1-thread training on captions disjoint from the evaluation set, with the learning curve on 120 "
         "evaluation images every 10 minutes; SD: Diffusion-DPO on verifier-labelled pairs whose winners region "
-        "re-weighting drew (as `training --only dpo_guided`, 120 evaluation images after training); then the LoRAs on "
+        "re-weighting drew (as `training --only dpo_guided`, 120 evaluation images after training), or particle "
+        "steering on the soft verifier (`sd_dpo_particle`, 800 captions); then the LoRAs on "
         "the whole evaluation set (240 x 4) against their base, installed in ttalign/shapes/tuned/<model>/ where "
         "better than the base and than the LoRA installed there.",
         (
@@ -447,6 +448,13 @@ SUITES: dict[str, Suite] = {
                 "--eval-seeds 2 --save-lora benchmarks/.cache/tuned/sd --name tuned_sd_dpo_guided",
             ),
             Step(
+                "sd_dpo_particle",
+                "train_shapes.py",
+                "--trainers dpo_guided --guide particle_steering:particles=4,reward=shapes_soft --prompts 800 "
+                "--dpo-steps 2000 --lr 1e-3 --eval-per-category 10 --eval-seeds 2 "
+                "--save-lora benchmarks/.cache/tuned_particle/sd --name tuned_sd_dpo_particle",
+            ),
+            Step(
                 "eval_sd",
                 "tuned_eval.py",
                 "--model sd --lora benchmarks/.cache/tuned/sd/raft --install "
@@ -457,6 +465,13 @@ SUITES: dict[str, Suite] = {
                 "tuned_eval.py",
                 "--model sd --lora benchmarks/.cache/tuned/sd/dpo_guided --install --name tuned_sd_dpo_guided_eval "
                 "--trained-by 'python benchmarks/run.py tuned_loras --only sd_dpo_guided'",
+            ),
+            Step(
+                "eval_sd_dpo_particle",
+                "tuned_eval.py",
+                "--model sd --lora benchmarks/.cache/tuned_particle/sd/dpo_guided --install "
+                "--name tuned_sd_dpo_particle_eval "
+                "--trained-by 'python benchmarks/run.py tuned_loras --only sd_dpo_particle'",
             ),
             Step(
                 "eval_flow",
