@@ -10,6 +10,7 @@ call takes each of them for an argument it leaves out; an argument the caller gi
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import inspect
@@ -19,6 +20,10 @@ from dataclasses import dataclass
 
 #: The file of a model folder holding its sampling defaults.
 SAMPLING_DEFAULTS_FILE = "ttalign_sampling.json"
+
+#: True while `AlignedPipelineMixin.from_pipe` builds a pipeline for a caller who asked for no dtype: the cast to
+#: float32 that diffusers' `from_pipe` ends with is skipped.
+_KEEP_DTYPES = contextvars.ContextVar("ttalign_keep_dtypes", default=False)
 
 
 def read_sampling_defaults(folder) -> dict:
@@ -131,11 +136,30 @@ class AlignedPipelineMixin:
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
-        pipe = super().from_pipe(pipeline, **kwargs)
+        """diffusers' `from_pipe` (the new pipeline shares `pipeline`'s components), keeping the components' dtypes
+        unless `torch_dtype` (or `dtype`) asks for one.
+
+        diffusers' own `from_pipe` casts every component to float32 when no dtype is given
+        ([diffusers#12754](https://github.com/huggingface/diffusers/issues/12754)); since the components are shared,
+        that would silently double the memory of a float16 or bfloat16 pipeline, the caller's own included, and a
+        quantized denoiser refuses the cast. Here the components stay as they are, each in its own dtype.
+        """
+        keep = kwargs.get("torch_dtype") is None and kwargs.get("dtype") is None
+        token = _KEEP_DTYPES.set(keep)
+        try:
+            pipe = super().from_pipe(pipeline, **kwargs)
+        finally:
+            _KEEP_DTYPES.reset(token)
         defaults = getattr(pipeline, "sampling_defaults", None)
         if defaults:
             pipe.sampling_defaults = dict(defaults)
         return pipe
+
+    def to(self, *args, **kwargs):
+        # the cast diffusers' `from_pipe` ends with, `to(dtype=...)`, when its caller asked for no dtype
+        if _KEEP_DTYPES.get() and not args and set(kwargs) == {"dtype"}:
+            return self
+        return super().to(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)

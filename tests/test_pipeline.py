@@ -3,11 +3,24 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import (
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    TorchAoConfig,
+    UNet2DConditionModel,
+)
 
 from ttalign import AlignedPipelineOutput, AlignedStableDiffusionPipeline, align
 from ttalign.methods import BestOfN
-from ttalign.testing import get_tiny_components, get_tiny_scheduler
+from ttalign.testing import (
+    get_tiny_components,
+    get_tiny_flux_components,
+    get_tiny_scheduler,
+    get_tiny_sd3_components,
+    get_tiny_sdxl_components,
+)
 
 
 def _run(pipe, **kwargs):
@@ -105,6 +118,47 @@ def test_from_pipe_shares_modules(pipes):
     reference, aligned = pipes
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert getattr(aligned, name) is getattr(reference, name)
+
+
+PARENTS = {
+    "sd": (StableDiffusionPipeline, get_tiny_components),
+    "sdxl": (StableDiffusionXLPipeline, get_tiny_sdxl_components),
+    "sd3": (StableDiffusion3Pipeline, get_tiny_sd3_components),
+    "flux": (FluxPipeline, get_tiny_flux_components),
+}
+
+
+@pytest.mark.parametrize("family", PARENTS)
+def test_align_keeps_each_components_dtype(family):
+    """diffusers' `from_pipe` casts the shared components to float32 unless a dtype is given (diffusers#12754):
+    `align` leaves a bfloat16 pipeline with a float32 VAE, the caller's own, as it was; `dtype` still casts."""
+    parent, components = PARENTS[family]
+    pipe = parent(**components()).to(dtype=torch.bfloat16)
+    pipe.vae.to(torch.float32)
+    modules = [name for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)]
+    expected = {name: torch.float32 if name == "vae" else torch.bfloat16 for name in modules}
+    aligned = align(pipe)
+    assert {name: getattr(aligned, name).dtype for name in modules} == expected
+    assert {name: getattr(pipe, name).dtype for name in modules} == expected
+    cast = type(aligned).from_pipe(pipe, dtype=torch.float32)
+    assert {getattr(cast, name).dtype for name in modules} == {torch.float32}
+
+
+def test_align_wraps_a_pipeline_with_a_quantized_denoiser(tmp_path):
+    """A torchao-quantized UNet refuses any cast (diffusers' `from_pipe` casts); `align` wraps its pipeline as it
+    is, and renders diffusers' images."""
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    pipe = StableDiffusionPipeline(**get_tiny_components())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.save_pretrained(tmp_path)
+    quantized = UNet2DConditionModel.from_pretrained(
+        tmp_path, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), torch_dtype=torch.float32
+    )
+    pipe.register_modules(unet=quantized)
+    aligned = align(pipe)
+    assert aligned.unet is quantized
+    assert _max_diff(_run(aligned).images, _run(pipe).images) <= 1e-6
 
 
 def test_from_pretrained_round_trip(tmp_path):
