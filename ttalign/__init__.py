@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 
 def align(pipe, methods=None):
     """Wraps a diffusers pipeline (Stable Diffusion 1.x/2.x, XL, 3; FLUX) into its aligned subclass, sharing its
-    modules, with default `methods`.
+    modules (each in the dtype it has: no float32 cast, unlike diffusers' `from_pipe` without `torch_dtype`), with
+    default `methods`.
 
     The returned pipeline applies `methods` on every call that passes no `alignment` of its own. An aligned
     pipeline is returned as is (with its default methods replaced).
