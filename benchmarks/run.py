@@ -66,9 +66,9 @@ EFFICIENCY_PARTS = {
     "sd": (("a", "ddpo"), ("b", "grpo"), ("c", "raft"), ("d", "rwr"), ("e", "d3po"), ("f", "spo")),
 }
 
-#: The trainers given 60 minutes on the soft verifier: each model's group-advantage baseline and, on the flow model,
-#: DiffusionNFT, the one that ended above its base in 30 minutes.
-LONG_RUNS = {"flow": ("grpo", "nft"), "sd": ("grpo",)}
+#: The trainers given 60 minutes on the soft verifier, one a part (two parts side by side): each model's
+#: group-advantage baseline first, then the rest of its efficiency table.
+LONG_RUNS = {"flow": ("grpo", "nft", "awm", "d3po", "spo"), "sd": ("grpo", "ddpo")}
 
 
 def _efficiency_parts(model: str, reward: str) -> tuple[Step, ...]:
@@ -352,7 +352,7 @@ SUITES: dict[str, Suite] = {
         "learned shapes VQA reward instead of the soft verifier; `sd_soft_<trainer>_paper_lr` run RWR, D3PO, RAFT "
         "and SPO at their papers' learning rates (1e-5, 3e-5, 9e-6, 6e-5) instead of the shared 3e-4; "
         "`<model>_soft_60_<trainer>` train for 60 minutes (`LONG_RUNS`, evaluated every 10 minutes; about 70 minutes "
-        "a part), merged by `flow_soft_60`.",
+        "a part), merged by `<model>_soft_60`.",
         (
             *(
                 step
