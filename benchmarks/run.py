@@ -402,11 +402,11 @@ SUITES: dict[str, Suite] = {
     ),
     "tuned_loras": Suite(
         "The tuned shapes LoRAs (`load_pipeline('sd-tuned')`, `'flow-tuned'`): per model, trainers on the soft "
-        "verifier (SD RAFT 30 min, flow DiffusionNFT 50 min) and RAFT on the exact verifier's passing images "
-        "(50 min), 1-thread training on captions disjoint from the evaluation set, with the learning curve on 120 "
-        "evaluation images every 10 minutes; SD: Diffusion-DPO on verifier-labelled pairs whose winners region "
-        "re-weighting drew (as `training --only dpo_guided`, 120 evaluation images after training), or particle "
-        "steering on the soft verifier (`sd_dpo_particle`, 800 captions); then the LoRAs on "
+        "verifier (SD RAFT 30 min, flow DiffusionNFT 50 min, flow AWM 20 min) and RAFT on the exact verifier's "
+        "passing images (50 min), 1-thread training on captions disjoint from the evaluation set, with the learning "
+        "curve on 120 evaluation images every 10 minutes; SD: Diffusion-DPO on verifier-labelled pairs whose winners "
+        "region re-weighting drew (as `training --only dpo_guided`, 120 evaluation images after training), or "
+        "particle steering on the soft verifier (`sd_dpo_particle`, 800 captions); then the LoRAs on "
         "the whole evaluation set (240 x 4) against their base, installed in ttalign/shapes/tuned/<model>/ where "
         "better than the base and than the LoRA installed there.",
         (
@@ -478,6 +478,19 @@ SUITES: dict[str, Suite] = {
                 "tuned_eval.py",
                 "--model flow --lora benchmarks/.cache/tuned/flow/nft --install "
                 "--trained-by 'python benchmarks/run.py tuned_loras --only flow'",
+            ),
+            # AWM for the 20 minutes where its 60-minute efficiency run peaked (`flow_soft_60_awm`)
+            Step(
+                "flow_awm",
+                "train_efficiency.py",
+                "--model flow --reward shapes_soft --trainers awm --minutes 20 --eval-every 10 "
+                "--save-lora benchmarks/.cache/tuned_awm/flow --name tuned_flow_awm",
+            ),
+            Step(
+                "eval_flow_awm",
+                "tuned_eval.py",
+                "--model flow --lora benchmarks/.cache/tuned_awm/flow/awm --install --name tuned_flow_awm_eval "
+                "--trained-by 'python benchmarks/run.py tuned_loras --only flow_awm'",
             ),
         ),
         quoted_in=("docs/training.md",),
