@@ -350,7 +350,8 @@ SUITES: dict[str, Suite] = {
         "(`flow_soft_a` .. `_e`, `sd_soft_a` .. `_f`; about 40 minutes a trainer, two parts at a time side by side "
         "with OMP_NUM_THREADS=1), merged into one table by `flow_soft`, `sd_soft`; the `_vqa` steps train on the "
         "learned shapes VQA reward instead of the soft verifier; `sd_soft_<trainer>_paper_lr` run RWR, D3PO, RAFT "
-        "and SPO at their papers' learning rates (1e-5, 3e-5, 9e-6, 6e-5) instead of the shared 3e-4; "
+        "and SPO at their papers' learning rates (1e-5, 3e-5, 9e-6, 6e-5) instead of the shared 3e-4, "
+        "`flow_soft_awm_lr_1e-4` AWM at 1e-4; "
         "`<model>_soft_60_<trainer>` train for 60 minutes (`LONG_RUNS`, evaluated every 10 minutes; about 70 minutes "
         "a part), merged by `<model>_soft_60`.",
         (
@@ -369,6 +370,16 @@ SUITES: dict[str, Suite] = {
                     f"--name train_efficiency_sd_soft_{kind}_paper_lr",
                 )
                 for kind, lr in (("rwr", "1e-5"), ("d3po", "3e-5"), ("raft", "9e-6"), ("spo", "6e-5"))
+            ),
+            # AWM, which peaked at 20 minutes and then fell back (`flow_soft_60_awm`), at a third of the shared lr
+            *(
+                Step(
+                    f"flow_soft_{kind}_lr_1e-4",
+                    "train_efficiency.py",
+                    f"--model flow --reward shapes_soft --trainers {kind} --lr 1e-4 --minutes 30 --eval-every 10 "
+                    f"--name train_efficiency_flow_soft_{kind}_lr_1e-4",
+                )
+                for kind in ("awm",)
             ),
             # 60 minutes of training, one trainer a part (two side by side), evaluated every 10 minutes
             *(
