@@ -68,7 +68,7 @@ EFFICIENCY_PARTS = {
 
 #: The trainers given 60 minutes on the soft verifier, one a part (two parts side by side): each model's
 #: group-advantage baseline first, then the rest of its efficiency table.
-LONG_RUNS = {"flow": ("grpo", "nft", "awm", "d3po", "spo"), "sd": ("grpo", "ddpo")}
+LONG_RUNS = {"flow": ("grpo", "nft", "awm", "d3po"), "sd": ("grpo", "ddpo")}
 
 
 def _efficiency_parts(model: str, reward: str) -> tuple[Step, ...]:
