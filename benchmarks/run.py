@@ -66,9 +66,20 @@ EFFICIENCY_PARTS = {
     "sd": (("a", "ddpo"), ("b", "grpo"), ("c", "raft"), ("d", "rwr"), ("e", "d3po"), ("f", "spo")),
 }
 
+#: The learning rates of the papers (REFERENCES.md) for the SD trainers that fell at the shared 3e-4 within 30 minutes.
+SD_PAPER_LR = {"rwr": "1e-5", "d3po": "3e-5", "raft": "9e-6", "spo": "6e-5"}
+
 #: The trainers given 60 minutes on the soft verifier, one a part (two parts side by side): each model's
-#: group-advantage baseline, then others of its efficiency table (not yet SPO, nor RAFT and RWR, which collapsed).
-LONG_RUNS = {"flow": ("grpo", "nft", "awm", "d3po"), "sd": ("grpo", "ddpo")}
+#: group-advantage baseline, then others of its efficiency table (not yet RAFT and RWR, which collapsed on both models
+#: at the shared lr); an SD trainer of `SD_PAPER_LR` trains at its paper's lr (`sd_soft_60_<trainer>_paper_lr`).
+LONG_RUNS = {"flow": ("grpo", "nft", "awm", "d3po", "spo"), "sd": ("grpo", "ddpo", "spo")}
+
+
+def _long_run(model: str, kind: str) -> tuple[str, str]:
+    """The name and the lr option of `kind`'s 60-minute run on `model`."""
+    if model == "sd" and kind in SD_PAPER_LR:
+        return f"{model}_soft_60_{kind}_paper_lr", f" --lr {SD_PAPER_LR[kind]}"
+    return f"{model}_soft_60_{kind}", ""
 
 
 def _efficiency_parts(model: str, reward: str) -> tuple[Step, ...]:
@@ -353,7 +364,8 @@ SUITES: dict[str, Suite] = {
         "and SPO at their papers' learning rates (1e-5, 3e-5, 9e-6, 6e-5) instead of the shared 3e-4, "
         "`flow_soft_awm_lr_1e-4` AWM at 1e-4; "
         "`<model>_soft_60_<trainer>` train for 60 minutes (`LONG_RUNS`, evaluated every 10 minutes; about 70 minutes "
-        "a part), merged by `<model>_soft_60`.",
+        "a part; `sd_soft_60_<trainer>_paper_lr` at the paper's lr, a table of its own), merged at the shared lr by "
+        "`<model>_soft_60`.",
         (
             *(
                 step
@@ -369,7 +381,7 @@ SUITES: dict[str, Suite] = {
                     f"--model sd --reward shapes_soft --trainers {kind} --lr {lr} --minutes 30 "
                     f"--name train_efficiency_sd_soft_{kind}_paper_lr",
                 )
-                for kind, lr in (("rwr", "1e-5"), ("d3po", "3e-5"), ("raft", "9e-6"), ("spo", "6e-5"))
+                for kind, lr in SD_PAPER_LR.items()
             ),
             # AWM, which peaked at 20 minutes and then fell back (`flow_soft_60_awm`), at a third of the shared lr
             Step(
@@ -381,10 +393,10 @@ SUITES: dict[str, Suite] = {
             # 60 minutes of training, one trainer a part (two side by side), evaluated every 10 minutes
             *(
                 Step(
-                    f"{model}_soft_60_{kind}",
+                    _long_run(model, kind)[0],
                     "train_efficiency.py",
-                    f"--model {model} --reward shapes_soft --trainers {kind} --minutes 60 --eval-every 10 "
-                    f"--name train_efficiency_{model}_soft_60_{kind}",
+                    f"--model {model} --reward shapes_soft --trainers {kind} --minutes 60 --eval-every 10"
+                    f"{_long_run(model, kind)[1]} --name train_efficiency_{_long_run(model, kind)[0]}",
                 )
                 for model, kinds in LONG_RUNS.items()
                 for kind in kinds
@@ -394,7 +406,9 @@ SUITES: dict[str, Suite] = {
                     f"{model}_soft_60",
                     "train_efficiency.py",
                     "--merge "
-                    + ",".join(f"train_efficiency_{model}_soft_60_{kind}" for kind in kinds)
+                    + ",".join(
+                        f"train_efficiency_{model}_soft_60_{kind}" for kind in kinds if not _long_run(model, kind)[1]
+                    )
                     + f" --name train_efficiency_{model}_soft_60",
                 )
                 for model, kinds in LONG_RUNS.items()
