@@ -13,8 +13,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: $(VENV)/.installed
 	$(VENV)/bin/ttalign demo --out outputs/demo.png
 
+# one pytest-xdist worker a core, one thread each (a test module stays on one worker, with its fixtures)
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -8,8 +8,10 @@ from ttalign.testing import get_tiny_components
 
 @pytest.fixture(autouse=True)
 def _threads():
-    # TTALIGN_TEST_THREADS=1 leaves the other core to a job running beside the tests
-    torch.set_num_threads(int(os.environ.get("TTALIGN_TEST_THREADS", "2")))
+    # one thread a pytest-xdist worker (`make test` runs one a core); in a serial run TTALIGN_TEST_THREADS=1 leaves the
+    # other core to a job running beside the tests
+    default = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
+    torch.set_num_threads(int(os.environ.get("TTALIGN_TEST_THREADS", default)))
 
 
 @pytest.fixture(scope="session")
