@@ -428,7 +428,9 @@ SUITES: dict[str, Suite] = {
         "passing images (50 min), 1-thread training on captions disjoint from the evaluation set, with the learning "
         "curve on 120 evaluation images every 10 minutes; SD: Diffusion-DPO on verifier-labelled pairs whose winners "
         "region re-weighting drew (as `training --only dpo_guided`, 120 evaluation images after training), or "
-        "particle steering on the soft verifier (`sd_dpo_particle`, 800 captions); then the LoRAs on "
+        "particle steering on the soft verifier (`sd_dpo_particle`, 800 captions), or a second on-policy DPO round "
+        "from the installed SD LoRA (`sd_dpo_round2`, saved stacked on it); LoRAs saved at half strength before "
+        "`save_lora` kept alpha / rank, rescaled (`*_rescale`); then the LoRAs on "
         "the whole evaluation set (240 x 4) against their base, installed in ttalign/shapes/tuned/<model>/ where "
         "better than the base and than the LoRA installed there.",
         (
@@ -487,6 +489,47 @@ SUITES: dict[str, Suite] = {
                 "tuned_eval.py",
                 "--model sd --lora benchmarks/.cache/tuned/sd/dpo_guided --install --name tuned_sd_dpo_guided_eval "
                 "--trained-by 'python benchmarks/run.py tuned_loras --only sd_dpo_guided'",
+            ),
+            # Once, on LoRAs saved before `save_lora` wrote the scale alpha / rank (2 in `train_efficiency.py`) into
+            # the file, so that they loaded at half their trained strength: the installed DiffusionNFT LoRA (`flow`)
+            # and the AWM one (`flow_awm`), at full strength, evaluated again (LoRAs saved since are at full strength).
+            Step(
+                "flow_rescale",
+                "rescale_lora.py",
+                "--lora ttalign/shapes/tuned/flow --scale 2 --out benchmarks/.cache/rescaled/flow/nft",
+            ),
+            Step(
+                "eval_flow_rescaled",
+                "tuned_eval.py",
+                "--model flow --lora benchmarks/.cache/rescaled/flow/nft --install --name tuned_flow_rescaled_eval "
+                "--trained-by 'python benchmarks/run.py tuned_loras --only flow, then --only flow_rescale'",
+            ),
+            Step(
+                "flow_awm_rescale",
+                "rescale_lora.py",
+                "--lora benchmarks/.cache/tuned_awm/flow/awm --scale 2 --out benchmarks/.cache/rescaled/flow/awm",
+            ),
+            Step(
+                "eval_flow_awm_rescaled",
+                "tuned_eval.py",
+                "--model flow --lora benchmarks/.cache/rescaled/flow/awm --install "
+                "--name tuned_flow_awm_rescaled_eval "
+                "--trained-by 'python benchmarks/run.py tuned_loras --only flow_awm, then --only flow_awm_rescale'",
+            ),
+            # a second on-policy round: pairs drawn from the installed SD LoRA's model, which is also the DPO reference
+            Step(
+                "sd_dpo_round2",
+                "train_shapes.py",
+                "--start sd-tuned --trainers dpo_guided --prompts 1200 --dpo-steps 2000 --lr 1e-3 "
+                "--eval-per-category 10 --eval-seeds 2 --save-lora benchmarks/.cache/tuned_round2/sd "
+                "--name tuned_sd_dpo_round2",
+            ),
+            Step(
+                "eval_sd_dpo_round2",
+                "tuned_eval.py",
+                "--model sd --lora benchmarks/.cache/tuned_round2/sd/dpo_guided --install "
+                "--name tuned_sd_dpo_round2_eval --trained-by 'python benchmarks/run.py tuned_loras --only "
+                "sd_dpo_guided, then --only sd_dpo_round2 (stacked)'",
             ),
             Step(
                 "eval_sd_dpo_particle",

@@ -8,6 +8,8 @@ reward backpropagation on the soft verifier; each LoRA evaluated like the infere
 2. Trains a LoRA with `DiffusionDPOTrainer`, and another with `RewardBackpropTrainer` (mode "draft", k=1); with
    `--trainers dpo_guided`, DPO on pairs whose winners are drawn with a test-time method (`--guide`, by default region
    re-weighting) and kept when the verifier passes them: test-time alignment distilled into a LoRA.
+   With `--start sd-tuned`, one more round of on-policy training: the pairs are drawn from the installed tuned model,
+   which is also the DPO reference, and the round's LoRA is saved stacked on the installed one (`stack_loras`).
 3. Evaluates the base model and each LoRA on the method benchmark's prompts and seeds (`shapes_eval` harness), or on
    the whole evaluation set with `--eval-per-category 40 --eval-seeds 4`; paired sign tests against the base model.
 
@@ -37,6 +39,7 @@ from common import REGIONS, environment, suite_results, write_results  # noqa: E
 from ttalign.methods import method_from_spec  # noqa: E402
 from ttalign.shapes import ShapesSoftVerifier, evaluation_prompts, load_pipeline, verify  # noqa: E402
 from ttalign.shapes.evaluate import evaluate, paired  # noqa: E402
+from ttalign.shapes.models import TUNED_DIR  # noqa: E402
 from ttalign.shapes.world import sample_scene  # noqa: E402
 from ttalign.training import (  # noqa: E402
     DDPOConfig,
@@ -45,6 +48,7 @@ from ttalign.training import (  # noqa: E402
     DPOConfig,
     RewardBackpropConfig,
     RewardBackpropTrainer,
+    stack_loras,
 )
 
 TRAINER_NAMES = {"dpo": "DPO", "dpo_guided": "DPO on guided winners", "draft": "DRaFT-1", "ddpo": "DDPO"}
@@ -154,6 +158,13 @@ def main() -> None:
         help="training captions: none of the evaluation set's (default), or any of the grammar's",
     )
     parser.add_argument("--save-lora", default=None, help="a folder; each trainer's LoRA goes to <folder>/<trainer>")
+    parser.add_argument(
+        "--start",
+        choices=("sd", "sd-tuned"),
+        default="sd",
+        help="the model to train from: the base, or the installed tuned model (one more round; the saved LoRA is the "
+        "installed one and this round's stacked, for the base model)",
+    )
     args = parser.parse_args()
     kinds = args.trainers.split(",")
     unknown = set(kinds) - TRAINER_NAMES.keys()
@@ -161,10 +172,15 @@ def main() -> None:
         parser.error(f"unknown trainers {sorted(unknown)}; choose from {sorted(TRAINER_NAMES)}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     rows = []
-    base = load_pipeline()
+    base = load_pipeline(args.start)
     base.set_progress_bar_config(disable=True)
     evaluation = {"per_category": args.eval_per_category, "seeds": args.eval_seeds}
-    rows.append({"run": "base model", **run_eval(base, "base", **evaluation), "train_s": 0.0})
+    start_label = "base model" if args.start == "sd" else f"start model (`{args.start}`)"
+    start_record = {}
+    if args.start != "sd":
+        with open(os.path.join(TUNED_DIR, "sd", "training.json")) as f:
+            start_record = json.load(f)
+    rows.append({"run": start_label, **run_eval(base, "base", **evaluation), "train_s": 0.0})
     reference = rows[0]["verdicts"]
     held_out = {p for per in (args.eval_per_category, 40) for p, _ in evaluation_prompts(per)}
     captions = training_captions(args.prompts, exclude=held_out if args.captions == "disjoint" else frozenset())
@@ -190,7 +206,7 @@ def main() -> None:
             guide_s = time.perf_counter() - start
 
         for kind in kinds:
-            pipe = load_pipeline()
+            pipe = load_pipeline(args.start)
             pipe.set_progress_bar_config(disable=True)
             out_dir = os.path.join(tmp, kind)
             start = time.perf_counter()
@@ -231,8 +247,14 @@ def main() -> None:
                 trainer = RewardBackpropTrainer(pipe, config, ShapesSoftVerifier(), train_prompts)
             metrics = trainer.train()
             seconds = time.perf_counter() - start + (guide_s if kind == "dpo_guided" else 0.0)
-            if args.save_lora:
+            if args.save_lora and args.start == "sd":
                 trainer.save_lora(os.path.join(args.save_lora, kind))
+            elif args.save_lora:
+                # this round adapts the tuned model's fused weights: stacked on the installed LoRA, it is one LoRA
+                # of the base model
+                folder = os.path.join(args.save_lora, kind)
+                trainer.save_lora(os.path.join(folder, "round"))
+                stack_loras([os.path.join(TUNED_DIR, "sd"), os.path.join(folder, "round")], folder)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             steps = {"draft": args.draft_steps, "ddpo": args.ddpo_steps}.get(kind, args.dpo_steps)
             label = f"{TRAINER_NAMES[kind]} LoRA ({steps} steps)"
@@ -256,8 +278,11 @@ def main() -> None:
         if os.path.isfile(path):
             guide[name] = json.load(open(path))
     lines = [
-        "| run | NFE / image | " + " | ".join(CATEGORIES) + " | overall (95% interval) | vs base: won / lost, p "
-        "| training (s) |",
+        "| run | NFE / image | "
+        + " | ".join(CATEGORIES)
+        + " | overall (95% interval) | vs "
+        + ("base" if args.start == "sd" else "start")
+        + ": won / lost, p | training (s) |",
         "|" + "---|" * (len(CATEGORIES) + 5),
     ]
     for r in rows:
@@ -279,7 +304,13 @@ def main() -> None:
     env = environment()
     markdown = (
         f"# Shapes world: train vs guide\n\n`{command}`\n\n"
-        f"Trainers {args.trainers}: "
+        + (
+            ""
+            if args.start == "sd"
+            else f"One more round from `{args.start}` (its LoRA trained by `{start_record.get('trained_by', '?')}`): "
+            "pairs drawn from it, which is also the DPO reference. "
+        )
+        + f"Trainers {args.trainers}: "
         + (
             f"DPO on {n_pairs} verifier-labelled pairs of the base model's own samples (captions drawn with their "
             "own seed; the sampling time not counted); "
@@ -300,7 +331,7 @@ def main() -> None:
         )
         + f"LoRA rank 8, batch 8, lr {args.lr}, {env['device']}. Evaluated at 1x NFE on "
         f"{6 * args.eval_per_category} prompts x {args.eval_seeds} images (25 DDIM steps, guidance 3.0), paired with "
-        "the base model image by image (sign test)"
+        f"the {'base' if args.start == 'sd' else 'start'} model image by image (sign test)"
         + ("; the guide rows are the inference-time methods on the same prompts and seeds" if guide else "")
         + (
             ". Training captions are disjoint from the evaluation set (the grammar's single-object, colour and "
@@ -317,6 +348,8 @@ def main() -> None:
         "benchmark": "training",
         "command": command,
         "captions": args.captions,
+        "start": args.start,
+        **({"start_trained_by": start_record.get("trained_by")} if start_record else {}),
         "captions_in_evaluation_set": sum(c in held_out for c in captions),
         "pairs": n_pairs,
         "guided_pairs": n_guided,

@@ -39,7 +39,7 @@ from .losses import (
 from .reward_backprop import RewardBackpropConfig, RewardBackpropTrainer
 from .rollout import Rollout, RolloutConfig, RolloutTrainer, RoundsConfig, RoundTrainer
 from .spo import SPOConfig, SPOTrainer, StepPreferences
-from .trainer import LoRATrainer, TrainingConfig, crop_geometry, image_to_tensor
+from .trainer import LoRATrainer, TrainingConfig, crop_geometry, image_to_tensor, stack_loras
 from .weighted import (
     AWMConfig,
     AWMTrainer,
@@ -96,6 +96,7 @@ __all__ = [
     "GRPOTrainer",
     "KTOConfig",
     "LoRATrainer",
+    "stack_loras",
     "RewardBackpropConfig",
     "RewardBackpropTrainer",
     "StochasticTrajectory",

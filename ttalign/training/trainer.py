@@ -72,6 +72,8 @@ class TrainingConfig:
         ):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{type(self).__name__}.{key} must be an integer >= 1, got {getattr(self, key)!r}.")
+        if self.lora_alpha is not None and (not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0):
+            raise ValueError(f"lora_alpha must be > 0 or None (the rank), got {self.lora_alpha!r}.")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}.")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -233,7 +235,12 @@ class LoRATrainer:
         """Saves the LoRA in the format of the family's diffusers pipeline (`pytorch_lora_weights.safetensors`),
         loadable with `pipe.load_lora_weights(directory)` by diffusers' pipelines and the aligned ones."""
         if self.accelerator.is_main_process:
-            self.model.save_lora(directory, self.lora_state())
+            layers = self.lora_state()
+            scale = (self.config.lora_alpha or self.config.lora_rank) / self.config.lora_rank
+            if scale != 1:
+                # diffusers' format keeps no alpha (it loads a LoRA at alpha = rank): the scale goes into B
+                layers = {k: v * scale if ".lora_B." in k else v for k, v in layers.items()}
+            self.model.save_lora(directory, layers)
         self.accelerator.wait_for_everyone()
 
     # --- the loop -------------------------------------------------------------------------------------------------
@@ -304,3 +311,64 @@ class _AdaptersDisabled:
     def __exit__(self, *exc):
         self.module.enable_adapters()
         return False
+
+
+#: The file of a LoRA saved in a pipeline's diffusers format.
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+#: The names of a LoRA's down (A) and up (B) projections in the formats diffusers saves.
+_DOWN, _UP = (".lora.down.weight", ".lora_A.weight"), (".lora.up.weight", ".lora_B.weight")
+
+
+def stack_loras(folders: list[str], out: str) -> None:
+    """Writes to `out` one LoRA equal to the LoRAs in `folders` applied in turn: rounds of on-policy training, each
+    trained on the model with the rounds before it fused in. `pipe.load_lora_weights(out)` on the first round's base
+    model then gives the last round's model, in diffusers too.
+
+    Each LoRA adds `up @ down` to a weight, so the sum of the rounds is one LoRA whose down projections are stacked
+    along the rank and whose up projections are set side by side: `[B_1 | B_2] @ [A_1; A_2] = B_1 A_1 + B_2 A_2`
+    (`A_i`: `[r_i, in]`, `B_i`: `[out, r_i]`; the rank is the sum of the ranks). Exact for LoRAs whose scale is 1
+    (alpha equal to the rank, the trainers' default, saved without alpha keys); other LoRAs are refused.
+
+    Args:
+        folders (`list[str]`): folders holding `pytorch_lora_weights.safetensors` (a trainer's `save_lora`), first
+            round first; every one must adapt the same layers.
+        out (`str`): the folder to write; the file is written whole, then moved in place.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if len(folders) < 2:
+        raise ValueError(f"stack_loras needs two LoRAs or more, got {len(folders)}: {folders!r}")
+    states = []
+    for folder in folders:
+        path = os.path.join(folder, LORA_WEIGHTS)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No LoRA {LORA_WEIGHTS} in {folder!r}")
+        with safe_open(path, "pt") as f:
+            states.append({key: f.get_tensor(key) for key in f.keys()})
+    for folder, state in zip(folders, states):
+        other = set(state) - {k for k in state if k.endswith(_DOWN + _UP)}
+        if other:
+            raise ValueError(
+                f"The LoRA in {folder!r} has keys other than down / up projections ({sorted(other)[0]!r}, ...): "
+                "only LoRAs of scale 1 without alpha keys stack exactly"
+            )
+        if set(state) != set(states[0]):
+            differing = sorted(set(state) ^ set(states[0]))
+            raise ValueError(
+                f"The LoRAs in {folders[0]!r} and {folder!r} adapt different layers ({differing[0]!r}, ...)"
+            )
+    stacked = {}
+    for key in states[0]:
+        # down: [r_i, in] stacked along the rank; up: [out, r_i] side by side
+        dim = 0 if key.endswith(_DOWN) else 1
+        stacked[key] = torch.cat([state[key] for state in states], dim=dim).contiguous()
+    os.makedirs(out, exist_ok=True)
+    tmp = tempfile.NamedTemporaryFile(dir=out, prefix=".tmp-", suffix=".safetensors", delete=False).name
+    try:
+        save_file(stacked, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(out, LORA_WEIGHTS))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

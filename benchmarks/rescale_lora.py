@@ -1,0 +1,47 @@
+"""Multiplies a saved LoRA's up projections by `--scale`. A LoRA trained with `lora_alpha` other than its rank and
+saved before `LoRATrainer.save_lora` wrote the scale alpha / rank into the file was saved at 1 / scale of its trained
+strength (diffusers loads a LoRA file at alpha = rank); `--scale alpha/rank` gives the model it trained.
+
+    python benchmarks/rescale_lora.py --lora ttalign/shapes/tuned/flow --scale 2 --out benchmarks/.cache/rescaled/flow
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ttalign.training.trainer import LORA_WEIGHTS
+
+UP = (".lora.up.weight", ".lora_B.weight")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lora", required=True, help=f"a folder holding {LORA_WEIGHTS}")
+    parser.add_argument("--scale", type=float, required=True, help="alpha / rank of the training run")
+    parser.add_argument("--out", required=True, help="the folder to write the rescaled LoRA to")
+    args = parser.parse_args()
+    source = os.path.join(args.lora, LORA_WEIGHTS)
+    if not os.path.isfile(source):
+        raise SystemExit(f"--lora {args.lora!r} holds no {LORA_WEIGHTS}")
+    if not args.scale > 0:
+        raise SystemExit(f"--scale must be > 0, got {args.scale}")
+    record = os.path.join(args.lora, "training.json")
+    if os.path.isfile(record) and "rescale" in json.load(open(record)).get("trained_by", ""):
+        raise SystemExit(f"the LoRA in {args.lora!r} was rescaled already (its training.json says so)")
+    with safe_open(source, "pt") as f:
+        state = {k: f.get_tensor(k) * args.scale if k.endswith(UP) else f.get_tensor(k) for k in f.keys()}
+    if not any(k.endswith(UP) for k in state):
+        raise SystemExit(f"{source!r} has no up projections ({' or '.join(UP)})")
+    os.makedirs(args.out, exist_ok=True)
+    save_file(state, os.path.join(args.out, LORA_WEIGHTS), metadata={"format": "pt"})
+    count = sum(k.endswith(UP) for k in state)
+    print(f"wrote {os.path.join(args.out, LORA_WEIGHTS)}: {count} up projections x {args.scale:g}")
+
+
+if __name__ == "__main__":
+    main()
