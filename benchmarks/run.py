@@ -362,7 +362,7 @@ SUITES: dict[str, Suite] = {
         "with OMP_NUM_THREADS=1), merged into one table by `flow_soft`, `sd_soft`; the `_vqa` steps train on the "
         "learned shapes VQA reward instead of the soft verifier; `sd_soft_<trainer>_paper_lr` run RWR, D3PO, RAFT "
         "and SPO at their papers' learning rates (1e-5, 3e-5, 9e-6, 6e-5) instead of the shared 3e-4, "
-        "`flow_soft_awm_lr_1e-4` AWM at 1e-4; "
+        "`flow_soft_awm_lr_1e-4`, `flow_soft_nft_lr_1e-4` AWM and DiffusionNFT at 1e-4; "
         "`<model>_soft_60_<trainer>` train for 60 minutes (`LONG_RUNS`, evaluated every 10 minutes; about 70 minutes "
         "a part; `sd_soft_60_<trainer>_paper_lr` at the paper's lr, a table of its own), merged at the shared lr by "
         "`<model>_soft_60`.",
@@ -383,12 +383,16 @@ SUITES: dict[str, Suite] = {
                 )
                 for kind, lr in SD_PAPER_LR.items()
             ),
-            # AWM, which peaked at 20 minutes and then fell back (`flow_soft_60_awm`), at a third of the shared lr
-            Step(
-                "flow_soft_awm_lr_1e-4",
-                "train_efficiency.py",
-                "--model flow --reward shapes_soft --trainers awm --lr 1e-4 --minutes 30 --eval-every 10 "
-                "--name train_efficiency_flow_soft_awm_lr_1e-4",
+            # AWM and DiffusionNFT, which peaked at 20 minutes and then fell back (`flow_soft_60_awm`, `_nft`), at a
+            # third of the shared lr
+            *(
+                Step(
+                    f"flow_soft_{kind}_lr_1e-4",
+                    "train_efficiency.py",
+                    f"--model flow --reward shapes_soft --trainers {kind} --lr 1e-4 --minutes 30 --eval-every 10 "
+                    f"--name train_efficiency_flow_soft_{kind}_lr_1e-4",
+                )
+                for kind in ("awm", "nft")
             ),
             # 60 minutes of training, one trainer a part (two side by side), evaluated every 10 minutes
             *(
