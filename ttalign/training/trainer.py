@@ -326,8 +326,9 @@ def stack_loras(folders: list[str], out: str) -> None:
 
     Each LoRA adds `up @ down` to a weight, so the sum of the rounds is one LoRA whose down projections are stacked
     along the rank and whose up projections are set side by side: `[B_1 | B_2] @ [A_1; A_2] = B_1 A_1 + B_2 A_2`
-    (`A_i`: `[r_i, in]`, `B_i`: `[out, r_i]`; the rank is the sum of the ranks). Exact for LoRAs whose scale is 1
-    (alpha equal to the rank, the trainers' default, saved without alpha keys); other LoRAs are refused.
+    (`A_i`: `[r_i, in]`, `B_i`: `[out, r_i]`; the rank is the sum of the ranks). Exact for files that diffusers loads
+    at scale 1, as `LoRATrainer.save_lora` writes them (alpha / rank in the up weights); files with alpha keys are
+    refused.
 
     Args:
         folders (`list[str]`): folders holding `pytorch_lora_weights.safetensors` (a trainer's `save_lora`), first
@@ -364,7 +365,8 @@ def stack_loras(folders: list[str], out: str) -> None:
         dim = 0 if key.endswith(_DOWN) else 1
         stacked[key] = torch.cat([state[key] for state in states], dim=dim).contiguous()
     os.makedirs(out, exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile(dir=out, prefix=".tmp-", suffix=".safetensors", delete=False).name
+    handle, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".safetensors")
+    os.close(handle)
     try:
         save_file(stacked, tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(out, LORA_WEIGHTS))
