@@ -31,8 +31,11 @@ def main() -> None:
     if not args.scale > 0:
         raise SystemExit(f"--scale must be > 0, got {args.scale}")
     record = os.path.join(args.lora, "training.json")
-    if os.path.isfile(record) and "rescale" in json.load(open(record)).get("trained_by", ""):
-        raise SystemExit(f"the LoRA in {args.lora!r} was rescaled already (its training.json says so)")
+    if os.path.isfile(record):
+        with open(record) as f:
+            trained_by = json.load(f).get("trained_by", "")
+        if "rescale" in trained_by:
+            raise SystemExit(f"the LoRA in {args.lora!r} was rescaled already (its training.json says so)")
     with safe_open(source, "pt") as f:
         state = {k: f.get_tensor(k) * args.scale if k.endswith(UP) else f.get_tensor(k) for k in f.keys()}
     if not any(k.endswith(UP) for k in state):
