@@ -14,9 +14,8 @@ import os
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ttalign.training.trainer import LORA_UP_KEYS as UP
 from ttalign.training.trainer import LORA_WEIGHTS
-
-UP = (".lora.up.weight", ".lora_B.weight")
 
 
 def main() -> None:

@@ -75,11 +75,22 @@ SD_PAPER_LR = {"rwr": "1e-5", "d3po": "3e-5", "raft": "9e-6", "spo": "6e-5"}
 LONG_RUNS = {"flow": ("grpo", "nft", "awm", "d3po", "spo"), "sd": ("grpo", "ddpo", "spo")}
 
 
-def _long_run(model: str, kind: str) -> tuple[str, str]:
-    """The name and the lr option of `kind`'s 60-minute run on `model`."""
-    if model == "sd" and kind in SD_PAPER_LR:
-        return f"{model}_soft_60_{kind}_paper_lr", f" --lr {SD_PAPER_LR[kind]}"
-    return f"{model}_soft_60_{kind}", ""
+def _paper_lr(model: str, kind: str) -> str | None:
+    """The lr of `kind`'s 60-minute run on `model` where it is not the shared one (`SD_PAPER_LR`)."""
+    return SD_PAPER_LR.get(kind) if model == "sd" else None
+
+
+def _long_run(model: str, kind: str) -> Step:
+    """`kind`'s 60-minute run on `model`, evaluated every 10 minutes (`_paper_lr`: named `..._paper_lr`)."""
+    lr = _paper_lr(model, kind)
+    name = f"{model}_soft_60_{kind}" + ("_paper_lr" if lr else "")
+    return Step(
+        name,
+        "train_efficiency.py",
+        f"--model {model} --reward shapes_soft --trainers {kind} --minutes 60 --eval-every 10"
+        + (f" --lr {lr}" if lr else "")
+        + f" --name train_efficiency_{name}",
+    )
 
 
 def _efficiency_parts(model: str, reward: str) -> tuple[Step, ...]:
@@ -395,23 +406,14 @@ SUITES: dict[str, Suite] = {
                 for kind in ("awm", "nft")
             ),
             # 60 minutes of training, one trainer a part (two side by side), evaluated every 10 minutes
-            *(
-                Step(
-                    _long_run(model, kind)[0],
-                    "train_efficiency.py",
-                    f"--model {model} --reward shapes_soft --trainers {kind} --minutes 60 --eval-every 10"
-                    f"{_long_run(model, kind)[1]} --name train_efficiency_{_long_run(model, kind)[0]}",
-                )
-                for model, kinds in LONG_RUNS.items()
-                for kind in kinds
-            ),
+            *(_long_run(model, kind) for model, kinds in LONG_RUNS.items() for kind in kinds),
             *(
                 Step(
                     f"{model}_soft_60",
                     "train_efficiency.py",
                     "--merge "
                     + ",".join(
-                        f"train_efficiency_{model}_soft_60_{kind}" for kind in kinds if not _long_run(model, kind)[1]
+                        f"train_efficiency_{model}_soft_60_{kind}" for kind in kinds if not _paper_lr(model, kind)
                     )
                     + f" --name train_efficiency_{model}_soft_60",
                 )

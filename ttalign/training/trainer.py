@@ -316,7 +316,8 @@ class _AdaptersDisabled:
 #: The file of a LoRA saved in a pipeline's diffusers format.
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 #: The names of a LoRA's down (A) and up (B) projections in the formats diffusers saves.
-_DOWN, _UP = (".lora.down.weight", ".lora_A.weight"), (".lora.up.weight", ".lora_B.weight")
+LORA_DOWN_KEYS = (".lora.down.weight", ".lora_A.weight")
+LORA_UP_KEYS = (".lora.up.weight", ".lora_B.weight")
 
 
 def stack_loras(folders: list[str], out: str) -> None:
@@ -348,7 +349,7 @@ def stack_loras(folders: list[str], out: str) -> None:
         with safe_open(path, "pt") as f:
             states.append({key: f.get_tensor(key) for key in f.keys()})
     for folder, state in zip(folders, states):
-        other = set(state) - {k for k in state if k.endswith(_DOWN + _UP)}
+        other = set(state) - {k for k in state if k.endswith(LORA_DOWN_KEYS + LORA_UP_KEYS)}
         if other:
             raise ValueError(
                 f"The LoRA in {folder!r} has keys other than down / up projections ({sorted(other)[0]!r}, ...): "
@@ -362,7 +363,7 @@ def stack_loras(folders: list[str], out: str) -> None:
     stacked = {}
     for key in states[0]:
         # down: [r_i, in] stacked along the rank; up: [out, r_i] side by side
-        dim = 0 if key.endswith(_DOWN) else 1
+        dim = 0 if key.endswith(LORA_DOWN_KEYS) else 1
         stacked[key] = torch.cat([state[key] for state in states], dim=dim).contiguous()
     os.makedirs(out, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".safetensors")
