@@ -69,15 +69,21 @@ EFFICIENCY_PARTS = {
 #: The learning rates of the papers (REFERENCES.md) for the SD trainers that fell at the shared 3e-4 within 30 minutes.
 SD_PAPER_LR = {"rwr": "1e-5", "d3po": "3e-5", "raft": "9e-6", "spo": "6e-5"}
 
-#: The trainers given 60 minutes on the soft verifier, one a part (two parts side by side): each model's
-#: group-advantage baseline, then others of its efficiency table (not yet RAFT and RWR, which collapsed on both models
-#: at the shared lr); an SD trainer of `SD_PAPER_LR` trains at its paper's lr (`sd_soft_60_<trainer>_paper_lr`).
-LONG_RUNS = {"flow": ("grpo", "nft", "awm", "d3po", "spo"), "sd": ("grpo", "ddpo", "spo")}
+#: The trainers of each model whose 60-minute run trains at its paper's lr (`SD_PAPER_LR`) instead of the shared 3e-4:
+#: those that fell at the shared lr within 30 minutes (on flow, RAFT and RWR collapsed to under 4%; D3PO and SPO held).
+PAPER_LR_TRAINERS = {"sd": ("rwr", "d3po", "raft", "spo"), "flow": ("raft", "rwr")}
+
+#: The trainers given 60 minutes on the soft verifier, one a part (two parts side by side): every trainer of each
+#: model's efficiency table (`_paper_lr`: at its paper's lr, `<model>_soft_60_<trainer>_paper_lr`, a table of its own).
+LONG_RUNS = {
+    "flow": ("grpo", "nft", "awm", "d3po", "spo", "raft", "rwr"),
+    "sd": ("grpo", "ddpo", "spo", "d3po", "raft", "rwr"),
+}
 
 
 def _paper_lr(model: str, kind: str) -> str | None:
-    """The lr of `kind`'s 60-minute run on `model` where it is not the shared one (`SD_PAPER_LR`)."""
-    return SD_PAPER_LR.get(kind) if model == "sd" else None
+    """The lr of `kind`'s 60-minute run on `model` where it is not the shared one (`PAPER_LR_TRAINERS`)."""
+    return SD_PAPER_LR[kind] if kind in PAPER_LR_TRAINERS.get(model, ()) else None
 
 
 def _long_run(model: str, kind: str) -> Step:
@@ -375,8 +381,8 @@ SUITES: dict[str, Suite] = {
         "and SPO at their papers' learning rates (1e-5, 3e-5, 9e-6, 6e-5) instead of the shared 3e-4, "
         "`flow_soft_awm_lr_1e-4`, `flow_soft_nft_lr_1e-4` AWM and DiffusionNFT at 1e-4; "
         "`<model>_soft_60_<trainer>` train for 60 minutes (`LONG_RUNS`, evaluated every 10 minutes; about 70 minutes "
-        "a part; `sd_soft_60_<trainer>_paper_lr` at the paper's lr, a table of its own), merged at the shared lr by "
-        "`<model>_soft_60`.",
+        "a part; `<model>_soft_60_<trainer>_paper_lr` at the paper's lr, a table of its own), merged at the shared lr "
+        "by `<model>_soft_60`.",
         (
             *(
                 step
