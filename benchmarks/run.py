@@ -66,10 +66,10 @@ EFFICIENCY_PARTS = {
     "sd": (("a", "ddpo"), ("b", "grpo"), ("c", "raft"), ("d", "rwr"), ("e", "d3po"), ("f", "spo")),
 }
 
-#: The learning rates of the papers (REFERENCES.md) for the SD trainers that fell at the shared 3e-4 within 30 minutes.
-SD_PAPER_LR = {"rwr": "1e-5", "d3po": "3e-5", "raft": "9e-6", "spo": "6e-5"}
+#: The learning rates of the papers (REFERENCES.md) of the trainers that fell at the shared 3e-4 within 30 minutes.
+PAPER_LR = {"rwr": "1e-5", "d3po": "3e-5", "raft": "9e-6", "spo": "6e-5"}
 
-#: The trainers of each model whose 60-minute run trains at its paper's lr (`SD_PAPER_LR`) instead of the shared 3e-4:
+#: The trainers of each model whose 60-minute run trains at its paper's lr (`PAPER_LR`) instead of the shared 3e-4:
 #: those that fell at the shared lr within 30 minutes (on flow, RAFT and RWR collapsed to under 4%; D3PO and SPO held).
 PAPER_LR_TRAINERS = {"sd": ("rwr", "d3po", "raft", "spo"), "flow": ("raft", "rwr")}
 
@@ -83,7 +83,7 @@ LONG_RUNS = {
 
 def _paper_lr(model: str, kind: str) -> str | None:
     """The lr of `kind`'s 60-minute run on `model` where it is not the shared one (`PAPER_LR_TRAINERS`)."""
-    return SD_PAPER_LR[kind] if kind in PAPER_LR_TRAINERS.get(model, ()) else None
+    return PAPER_LR[kind] if kind in PAPER_LR_TRAINERS.get(model, ()) else None
 
 
 def _long_run(model: str, kind: str) -> Step:
@@ -398,7 +398,7 @@ SUITES: dict[str, Suite] = {
                     f"--model sd --reward shapes_soft --trainers {kind} --lr {lr} --minutes 30 "
                     f"--name train_efficiency_sd_soft_{kind}_paper_lr",
                 )
-                for kind, lr in SD_PAPER_LR.items()
+                for kind, lr in PAPER_LR.items()
             ),
             # AWM and DiffusionNFT, which peaked at 20 minutes and then fell back (`flow_soft_60_awm`, `_nft`), at a
             # third of the shared lr
