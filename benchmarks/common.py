@@ -97,6 +97,14 @@ def write_results(name: str, data: dict, markdown: str) -> None:
         print(f"wrote {path}")
 
 
+def save_image(image, path: str) -> None:
+    """Writes a PIL image to `path` as a PNG, atomically, creating its folder (a script run on its own writes to
+    `results/unsorted/`, which may not exist yet)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    image.save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path)
+
+
 def run_sides(script: str, sides: tuple[str, ...], argv: list[str]) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Runs `script --one SIDE PATH *argv` for each side, each in a fresh process (so that each one's peak memory is
     its own). Returns the JSON row each printed last, and the array each saved to PATH.
@@ -200,4 +208,4 @@ def line_chart(
                 marker(x, y, shape, color)
         marker(right + 26, top + 20 * i + 10, shape, color, r=5)
         draw.text((right + 38, top + 20 * i + 4), label, fill="black")
-    image.save(path)
+    save_image(image, path)

@@ -20,7 +20,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, save_image, write_results  # noqa: E402
 
 from ttalign.shapes.evaluate import paired  # noqa: E402
 
@@ -89,7 +89,7 @@ def plot(runs: list[dict], path: str, width: int = 720, height: int = 440) -> No
             draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
         draw.rectangle([right + 20, top + 20 * i + 4, right + 32, top + 20 * i + 16], fill=color)
         draw.text((right + 38, top + 20 * i + 4), label, fill="black")
-    image.save(path)
+    save_image(image, path)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, environment, write_results  # noqa: E402
+from common import RESULTS, environment, save_image, write_results  # noqa: E402
 
 from ttalign.methods import method_from_spec  # noqa: E402
 from ttalign.shapes import evaluation_prompts, load_pipeline, sampling_defaults  # noqa: E402
@@ -82,7 +82,7 @@ def main() -> None:
         + markdown_table([result], baseline=baseline)
     )
     write_results(name, data, markdown)
-    example_grid(result).save(os.path.join(RESULTS, f"{name}.png"))
+    save_image(example_grid(result), os.path.join(RESULTS, f"{name}.png"))
     print(markdown)
 
 

@@ -127,6 +127,7 @@ def train_for(trainer, seconds: float, rewards: list[float] | None = None) -> fl
 
     trainer.training_step = timed
     trainer.config.max_steps = 10**9
+    trainer.set_progress_bar_config(total=None)  # bounded by time: the bar counts steps
     start = time.perf_counter()
     try:
         trainer.train()

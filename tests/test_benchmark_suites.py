@@ -95,3 +95,15 @@ def test_the_real_width_suite_builds_the_published_sizes():
         assert count(FluxTransformer2DModel(**R.FLUX_DEV)) == 11_901_408_320
         assert count(R._clip(R.CLIP_G, True, "gelu")) == 694_659_840
         assert count(R._t5(24)) == 4_762_310_656
+
+
+def test_a_chart_is_written_whole_into_a_folder_it_creates(tmp_path, monkeypatch):
+    """A script run on its own writes to `results/unsorted/`, which a fresh clone does not have."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("benchmark_common", ROOT / "benchmarks" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    path = tmp_path / "not" / "yet" / "chart.png"
+    common.line_chart({"a": [(0.0, 1.0), (1.0, 2.0)]}, str(path), "x", "y")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["chart.png"]  # no temporary file left

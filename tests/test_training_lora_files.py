@@ -103,3 +103,29 @@ def test_stack_loras_refuses_what_it_cannot_stack_exactly(tmp_path):
 def test_lora_alpha_is_validated():
     with pytest.raises(ValueError, match="lora_alpha"):
         TrainingConfig(lora_alpha=0)
+
+
+class _ToyTrainer(LoRATrainer):
+    """A trainer whose step is a plain loss on the LoRA weights: the loop without sampling."""
+
+    name = "toy"
+
+    def training_step(self, generator):
+        return sum((p.float() ** 2).sum() for p in self.params), {}
+
+
+@pytest.mark.parametrize(
+    "options, shown, hidden",
+    [({}, "toy: 100%", None), ({"total": None}, "toy: 2it", "/2"), ({"disable": True}, None, "toy")],
+)
+def test_the_training_bar_takes_diffusers_progress_bar_options(tmp_path, capsys, options, shown, hidden):
+    """`set_progress_bar_config` as on diffusers pipelines: `total=None` counts the steps of a run bounded by time."""
+    trainer = _ToyTrainer(_pipe(), TrainingConfig(output_dir=str(tmp_path / "run"), max_steps=2))
+    trainer.set_progress_bar_config(**options)
+    trainer.train()
+    assert trainer.step == 2
+    err = capsys.readouterr().err
+    if shown:
+        assert shown in err
+    if hidden:
+        assert hidden not in err

@@ -147,6 +147,12 @@ class LoRATrainer:
         self.step = 0
         self._rng = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
         self.size = config.resolution or family.default_image_size
+        self._progress_bar_config: dict = {}
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Options of the training loop's tqdm bar, as diffusers' `DiffusionPipeline.set_progress_bar_config`:
+        `disable=True` hides it, `total=None` counts steps without a total (a run bounded by time, not steps)."""
+        self._progress_bar_config = dict(kwargs)
 
     @property
     def unet(self):
@@ -268,9 +274,9 @@ class LoRATrainer:
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
         metrics: dict = {}
         self.denoiser.train()
-        bar = tqdm(
-            total=config.max_steps, initial=self.step, desc=self.name, disable=not self.accelerator.is_main_process
-        )
+        bar_options = {"total": config.max_steps, "desc": self.name, **self._progress_bar_config}
+        bar_options["disable"] = bar_options.get("disable", False) or not self.accelerator.is_main_process
+        bar = tqdm(initial=self.step, **bar_options)
         while self.step < config.max_steps:
             for _ in range(config.gradient_accumulation_steps):
                 with self.accelerator.accumulate(self.denoiser):
