@@ -245,7 +245,7 @@ class LoRATrainer:
             scale = (self.config.lora_alpha or self.config.lora_rank) / self.config.lora_rank
             if scale != 1:
                 # diffusers' format keeps no alpha (it loads a LoRA at alpha = rank): the scale goes into B
-                layers = {k: v * scale if ".lora_B." in k else v for k, v in layers.items()}
+                layers = {k: v * scale if k.endswith(LORA_UP_KEYS) else v for k, v in layers.items()}
             self.model.save_lora(directory, layers)
         self.accelerator.wait_for_everyone()
 
