@@ -80,20 +80,25 @@ LONG_RUNS = {
     "sd": ("grpo", "ddpo", "spo", "d3po", "raft", "rwr"),
 }
 
+#: The trainers given 60 minutes on the learned shapes VQA reward, at the shared lr: SPO, the one trainer that rose on
+#: it within 30 minutes on both models (`<model>_vqa_60_<trainer>`, tables of their own).
+LONG_RUNS_VQA = {"flow": ("spo",), "sd": ("spo",)}
+
 
 def _paper_lr(model: str, kind: str) -> str | None:
     """The lr of `kind`'s 60-minute run on `model` where it is not the shared one (`PAPER_LR_TRAINERS`)."""
     return PAPER_LR[kind] if kind in PAPER_LR_TRAINERS.get(model, ()) else None
 
 
-def _long_run(model: str, kind: str) -> Step:
-    """`kind`'s 60-minute run on `model`, evaluated every 10 minutes (`_paper_lr`: named `..._paper_lr`)."""
-    lr = _paper_lr(model, kind)
-    name = f"{model}_soft_60_{kind}" + ("_paper_lr" if lr else "")
+def _long_run(model: str, kind: str, reward: str = "soft") -> Step:
+    """`kind`'s 60-minute run on `model` with the reward `shapes_<reward>`, evaluated every 10 minutes (on the soft
+    verifier `_paper_lr`: named `..._paper_lr`)."""
+    lr = _paper_lr(model, kind) if reward == "soft" else None
+    name = f"{model}_{reward}_60_{kind}" + ("_paper_lr" if lr else "")
     return Step(
         name,
         "train_efficiency.py",
-        f"--model {model} --reward shapes_soft --trainers {kind} --minutes 60 --eval-every 10"
+        f"--model {model} --reward shapes_{reward} --trainers {kind} --minutes 60 --eval-every 10"
         + (f" --lr {lr}" if lr else "")
         + f" --name train_efficiency_{name}",
     )
@@ -382,7 +387,7 @@ SUITES: dict[str, Suite] = {
         "`flow_soft_awm_lr_1e-4`, `flow_soft_nft_lr_1e-4` AWM and DiffusionNFT at 1e-4; "
         "`<model>_soft_60_<trainer>` train for 60 minutes (`LONG_RUNS`, evaluated every 10 minutes; about 70 minutes "
         "a part; `<model>_soft_60_<trainer>_paper_lr` at the paper's lr, a table of its own), merged at the shared lr "
-        "by `<model>_soft_60`.",
+        "by `<model>_soft_60`; `<model>_vqa_60_<trainer>` train 60 minutes on the learned reward (`LONG_RUNS_VQA`).",
         (
             *(
                 step
@@ -413,6 +418,7 @@ SUITES: dict[str, Suite] = {
             ),
             # 60 minutes of training, one trainer a part (two side by side), evaluated every 10 minutes
             *(_long_run(model, kind) for model, kinds in LONG_RUNS.items() for kind in kinds),
+            *(_long_run(model, kind, "vqa") for model, kinds in LONG_RUNS_VQA.items() for kind in kinds),
             *(
                 Step(
                     f"{model}_soft_60",
