@@ -29,20 +29,33 @@ def main() -> None:
         raise SystemExit(f"--lora {args.lora!r} holds no {LORA_WEIGHTS}")
     if not args.scale > 0:
         raise SystemExit(f"--scale must be > 0, got {args.scale}")
-    record = os.path.join(args.lora, "training.json")
+    refuse_rescaled(args.lora)
+    rescale(args.lora, args.scale, args.out)
+
+
+def refuse_rescaled(folder: str) -> None:
+    """Stops when the record beside the LoRA in `folder` says it was rescaled already: a scale chosen for the LoRA it
+    came from would apply twice."""
+    record = os.path.join(folder, "training.json")
     if os.path.isfile(record):
         with open(record) as f:
             trained_by = json.load(f).get("trained_by", "")
         if "rescale" in trained_by:
-            raise SystemExit(f"the LoRA in {args.lora!r} was rescaled already (its training.json says so)")
+            raise SystemExit(f"the LoRA in {folder!r} was rescaled already (its training.json says so)")
+
+
+def rescale(folder: str, scale: float, out: str) -> None:
+    """Writes the LoRA in `folder` with its up projections times `scale` to `out` (written whole, then moved in)."""
+    source = os.path.join(folder, LORA_WEIGHTS)
     with safe_open(source, "pt") as f:
-        state = {k: f.get_tensor(k) * args.scale if k.endswith(UP) else f.get_tensor(k) for k in f.keys()}
+        state = {k: f.get_tensor(k) * scale if k.endswith(UP) else f.get_tensor(k) for k in f.keys()}
     if not any(k.endswith(UP) for k in state):
         raise SystemExit(f"{source!r} has no up projections ({' or '.join(UP)})")
-    os.makedirs(args.out, exist_ok=True)
-    save_file(state, os.path.join(args.out, LORA_WEIGHTS), metadata={"format": "pt"})
-    count = sum(k.endswith(UP) for k in state)
-    print(f"wrote {os.path.join(args.out, LORA_WEIGHTS)}: {count} up projections x {args.scale:g}")
+    os.makedirs(out, exist_ok=True)
+    target = os.path.join(out, LORA_WEIGHTS)
+    save_file(state, target + ".tmp", metadata={"format": "pt"})
+    os.replace(target + ".tmp", target)
+    print(f"wrote {target}: {sum(k.endswith(UP) for k in state)} up projections x {scale:g}")
 
 
 if __name__ == "__main__":

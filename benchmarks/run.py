@@ -448,7 +448,8 @@ SUITES: dict[str, Suite] = {
         "region re-weighting drew (as `training --only dpo_guided`, 120 evaluation images after training), or "
         "particle steering on the soft verifier (`sd_dpo_particle`, 800 captions), or a second on-policy DPO round "
         "from the installed SD LoRA (`sd_dpo_round2`, saved stacked on it); LoRAs saved at half strength before "
-        "`save_lora` kept alpha / rank, rescaled (`*_rescale`); then the LoRAs on "
+        "`save_lora` kept alpha / rank, rescaled (`*_rescale`); the installed LoRAs' strength chosen on a selection "
+        "set apart from the evaluation set (`<model>_scale`); then the LoRAs on "
         "the whole evaluation set (240 x 4) against their base, installed in ttalign/shapes/tuned/<model>/ where "
         "better than the base and than the LoRA installed there.",
         (
@@ -574,6 +575,26 @@ SUITES: dict[str, Suite] = {
                 "tuned_eval.py",
                 "--model flow --lora benchmarks/.cache/tuned_awm/flow/awm --install --name tuned_flow_awm_eval "
                 "--trained-by 'python benchmarks/run.py tuned_loras --only flow_awm'",
+            ),
+            # the shipped LoRAs' strength, chosen on a selection set apart from the evaluation set, then judged on it
+            *(
+                step
+                for model, scales in (("flow", "0.5,0.75,1,1.25,1.5,1.75,2"), ("sd", "0.5,0.75,1,1.25,1.5"))
+                for step in (
+                    Step(
+                        f"{model}_scale",
+                        "lora_scale.py",
+                        f"--model {model} --lora ttalign/shapes/tuned/{model} --scales {scales} "
+                        f"--out benchmarks/.cache/scaled/{model} --name lora_scale_{model}",
+                    ),
+                    Step(
+                        f"eval_{model}_scaled",
+                        "tuned_eval.py",
+                        f"--model {model} --lora benchmarks/.cache/scaled/{model} --install "
+                        f"--name tuned_{model}_scaled_eval --trained-by 'the LoRA installed before, rescaled by "
+                        f"python benchmarks/run.py tuned_loras --only {model}_scale'",
+                    ),
+                )
             ),
         ),
         quoted_in=("docs/training.md",),

@@ -107,3 +107,43 @@ def test_a_chart_is_written_whole_into_a_folder_it_creates(tmp_path, monkeypatch
     common.line_chart({"a": [(0.0, 1.0), (1.0, 2.0)]}, str(path), "x", "y")
     assert path.read_bytes().startswith(b"\x89PNG")
     assert sorted(p.name for p in path.parent.iterdir()) == ["chart.png"]  # no temporary file left
+
+
+def test_a_lora_strength_is_chosen_away_from_the_evaluation_set(tmp_path, monkeypatch):
+    """`lora_scale.py`'s selection set avoids the evaluation captions wherever a category has others, its choice
+    breaks ties towards the file's own scale, and the chosen LoRA is written with only its up projections scaled."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ttalign.shapes import CATEGORIES, evaluation_prompts
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import lora_scale as L
+
+    held_out = {p for per in (20, 40) for p, _ in evaluation_prompts(per)}
+    prompts, outside = L.selection_prompts(10, seed=4321, exclude=held_out)
+    assert [c for _, c in prompts] == [c for c in CATEGORIES for _ in range(10)]
+    for category in CATEGORIES:
+        captions = [p for p, c in prompts if c == category]
+        assert sum(p not in held_out for p in captions) == outside[category]
+        assert all(p not in held_out for p in captions[: outside[category]])
+    assert outside["single_object"] == 0 and outside["position"] == 10  # 3 single-object captions; many layouts
+
+    assert L.best_scale({0.5: 0.4, 1.0: 0.45, 1.5: 0.45, 2.0: 0.3}) == 1.0
+    assert L.best_scale({0.5: 0.4, 1.5: 0.45, 2.0: 0.45}) == 1.5
+    assert L.parse_scales("0.5,1,2") == [0.5, 1.0, 2.0]
+    for bad in ("0,1", "1,1", "a,1"):
+        with pytest.raises(SystemExit, match="--scales"):
+            L.parse_scales(bad)
+
+    state = {"x.lora.down.weight": torch.ones(2, 3), "x.lora.up.weight": torch.full((3, 2), 2.0)}
+    save_file(state, str(tmp_path / "pytorch_lora_weights.safetensors"))
+    L.rescale(str(tmp_path), 1.5, str(tmp_path / "out"))
+    scaled = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    assert torch.equal(scaled["x.lora.down.weight"], state["x.lora.down.weight"])
+    assert torch.equal(scaled["x.lora.up.weight"], 3.0 * torch.ones(3, 2))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pytorch_lora_weights.safetensors"]
+    (tmp_path / "training.json").write_text('{"trained_by": "rescaled by python benchmarks/run.py ..."}')
+    with pytest.raises(SystemExit, match="rescaled already"):
+        L.refuse_rescaled(str(tmp_path))

@@ -79,6 +79,29 @@ def test_stacked_rounds_give_the_last_rounds_model_on_the_first_base(tmp_path):
     assert (_denoise(alone.unet) - expected).abs().max() > 1e-3
 
 
+def test_fuse_lora_scales_the_update(tmp_path):
+    """`fuse_lora(scale=s)` fuses s times the LoRA's weight update into the weights, and refuses a scale that is not
+    positive."""
+    trainer = _trained(_pipe(), tmp_path, seed=0, lora_rank=4)
+    trainer.save_lora(str(tmp_path / "lora"))
+    base = _pipe()
+    weights = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    fused = {}
+    for scale in (1.0, 0.5):
+        pipe = _pipe()
+        fuse_lora(pipe, str(tmp_path / "lora"), scale=scale)
+        fused[scale] = pipe.unet.state_dict()
+        assert not any("lora" in k for k in fused[scale])  # no adapter layers left
+    changed = [k for k in weights if not torch.equal(fused[1.0][k], weights[k])]
+    assert changed  # the LoRA moved some weights
+    for k in changed:
+        torch.testing.assert_close(
+            fused[0.5][k] - weights[k], 0.5 * (fused[1.0][k] - weights[k]), rtol=1e-4, atol=1e-6
+        )
+    with pytest.raises(ValueError, match="scale must be > 0, got 0"):
+        fuse_lora(_pipe(), str(tmp_path / "lora"), scale=0)
+
+
 def test_stack_loras_refuses_what_it_cannot_stack_exactly(tmp_path):
     a, b, c = (str(tmp_path / name) for name in "abc")
     for folder, keys in (

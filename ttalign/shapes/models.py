@@ -34,14 +34,17 @@ def sampling_defaults(pipe) -> dict:
     return dict(FLOW_SAMPLING_DEFAULTS if "flow_matching" in family_for(pipe).features else SAMPLING_DEFAULTS)
 
 
-def fuse_lora(pipe, folder: str) -> None:
-    """Loads the LoRA in `folder` (diffusers' format) with `pipe.load_lora_weights` and fuses it into the weights: the
-    pipeline keeps no adapter layers. Needs peft (`pip install ttalign[train]`)."""
+def fuse_lora(pipe, folder: str, scale: float = 1.0) -> None:
+    """Loads the LoRA in `folder` (diffusers' format) with `pipe.load_lora_weights` and fuses it into the weights at
+    `scale` (diffusers' `lora_scale`: the LoRA's update times `scale`): the pipeline keeps no adapter layers. Needs
+    peft (`pip install ttalign[train]`)."""
     from ttalign.pipelines.base import diffusers_errors_only
 
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
     with diffusers_errors_only():  # a denoiser-only LoRA has no text-encoder keys, which diffusers would warn about
         pipe.load_lora_weights(folder)
-        pipe.fuse_lora()
+        pipe.fuse_lora(lora_scale=scale)
         pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
 
 
