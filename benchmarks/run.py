@@ -92,7 +92,7 @@ def _paper_lr(model: str, kind: str) -> str | None:
 
 def _long_run(model: str, kind: str, reward: str = "soft") -> Step:
     """`kind`'s 60-minute run on `model` with the reward `shapes_<reward>`, evaluated every 10 minutes (on the soft
-    verifier `_paper_lr`: named `..._paper_lr`)."""
+    verifier `_paper_lr`: named `..._paper_lr`), its LoRA kept for `tuned_eval.py`."""
     lr = _paper_lr(model, kind) if reward == "soft" else None
     name = f"{model}_{reward}_60_{kind}" + ("_paper_lr" if lr else "")
     return Step(
@@ -100,7 +100,7 @@ def _long_run(model: str, kind: str, reward: str = "soft") -> Step:
         "train_efficiency.py",
         f"--model {model} --reward shapes_{reward} --trainers {kind} --minutes 60 --eval-every 10"
         + (f" --lr {lr}" if lr else "")
-        + f" --name train_efficiency_{name}",
+        + f" --save-lora benchmarks/.cache/efficiency/{name} --name train_efficiency_{name}",
     )
 
 
@@ -579,7 +579,7 @@ SUITES: dict[str, Suite] = {
             # the shipped LoRAs' strength, chosen on a selection set apart from the evaluation set, then judged on it
             *(
                 step
-                for model, scales in (("flow", "0.5,0.75,1,1.25,1.5,1.75,2"), ("sd", "0.5,0.75,1,1.25,1.5"))
+                for model, scales in (("flow", "0.5,1,1.25,1.5,1.75,2"), ("sd", "0.75,1,1.25,1.5"))
                 for step in (
                     Step(
                         f"{model}_scale",
