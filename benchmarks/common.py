@@ -97,6 +97,15 @@ def write_results(name: str, data: dict, markdown: str) -> None:
         print(f"wrote {path}")
 
 
+def recorded_trained_by(folder: str) -> str:
+    """The `trained_by` of the record beside the LoRA in `folder` (`training.json`; empty when there is none)."""
+    try:
+        with open(os.path.join(folder, "training.json")) as f:
+            return str(json.load(f).get("trained_by", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def save_image(image, path: str) -> None:
     """Writes a PIL image to `path` as a PNG, atomically, creating its folder (a script run on its own writes to
     `results/unsorted/`, which may not exist yet)."""

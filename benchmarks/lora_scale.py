@@ -1,7 +1,8 @@
 """Chooses the strength of a tuned shapes LoRA away from the evaluation set: verified success of the model with the
 LoRA fused at each of `--scales` (multiples of the update in its file; the base model as scale 0) on a selection set
 of its own, with the LoRA at the best scale written to `--out` (its up projections multiplied, as `rescale_lora.py`
-does) for `tuned_eval.py` to judge on the evaluation set.
+does, and a `training.json` whose `trained_by` adds this command to the source's) for `tuned_eval.py` to judge on the
+evaluation set.
 
 The selection set: `--per-category` captions of each category drawn from their own seeded stream, none of them in the
 evaluation set where the category has captions outside it (single objects and colours have few captions, all of them
@@ -14,6 +15,7 @@ in the evaluation set: those repeat them), each image from noise the evaluation 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -23,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, write_results  # noqa: E402
+from common import environment, recorded_trained_by, write_results  # noqa: E402
 from rescale_lora import refuse_rescaled, rescale  # noqa: E402
 
 from ttalign.shapes import CATEGORIES, evaluation_prompts, load_pipeline, sample_scene, sampling_defaults  # noqa: E402
@@ -136,6 +138,9 @@ def main() -> None:
     )
     if args.out:
         rescale(args.lora, chosen, args.out)
+        source = recorded_trained_by(args.lora) or f"the LoRA in {args.lora}"
+        with open(os.path.join(args.out, "training.json"), "w") as f:
+            json.dump({"trained_by": f"{source}, rescaled x{chosen:g} by {command}"}, f, indent=1)
     print(markdown)
 
 

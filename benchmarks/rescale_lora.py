@@ -8,9 +8,9 @@ strength (diffusers loads a LoRA file at alpha = rank); `--scale alpha/rank` giv
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
+from common import recorded_trained_by
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -36,12 +36,8 @@ def main() -> None:
 def refuse_rescaled(folder: str) -> None:
     """Stops when the record beside the LoRA in `folder` says it was rescaled already: a scale chosen for the LoRA it
     came from would apply twice."""
-    record = os.path.join(folder, "training.json")
-    if os.path.isfile(record):
-        with open(record) as f:
-            trained_by = json.load(f).get("trained_by", "")
-        if "rescale" in trained_by:
-            raise SystemExit(f"the LoRA in {folder!r} was rescaled already (its training.json says so)")
+    if "rescale" in recorded_trained_by(folder):
+        raise SystemExit(f"the LoRA in {folder!r} was rescaled already (its training.json says so)")
 
 
 def rescale(folder: str, scale: float, out: str) -> None:

@@ -577,6 +577,7 @@ SUITES: dict[str, Suite] = {
                 "--trained-by 'python benchmarks/run.py tuned_loras --only flow_awm'",
             ),
             # the shipped LoRAs' strength, chosen on a selection set apart from the evaluation set, then judged on it
+            # (the record of the LoRA `lora_scale.py` writes carries the command that trained it and its own)
             *(
                 step
                 for model, scales in (("flow", "0.5,1,1.25,1.5,1.75,2"), ("sd", "0.75,1,1.25,1.5"))
@@ -591,8 +592,7 @@ SUITES: dict[str, Suite] = {
                         f"eval_{model}_scaled",
                         "tuned_eval.py",
                         f"--model {model} --lora benchmarks/.cache/scaled/{model} --install "
-                        f"--name tuned_{model}_scaled_eval --trained-by 'the LoRA installed before, rescaled by "
-                        f"python benchmarks/run.py tuned_loras --only {model}_scale'",
+                        f"--name tuned_{model}_scaled_eval",
                     ),
                 )
             ),

@@ -22,7 +22,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, write_results  # noqa: E402
+from common import environment, recorded_trained_by, write_results  # noqa: E402
 
 from ttalign.shapes import CATEGORIES, evaluation_prompts, load_pipeline, sampling_defaults  # noqa: E402
 from ttalign.shapes.evaluate import evaluate, paired  # noqa: E402
@@ -47,7 +47,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=("sd", "flow"), required=True)
     parser.add_argument("--lora", required=True, help=f"a folder holding {LORA_FILE}")
-    parser.add_argument("--trained-by", default="", help="the command that trained the LoRA (kept in its record)")
+    parser.add_argument(
+        "--trained-by",
+        default="",
+        help="the command that trained the LoRA, kept in its record (default: the `trained_by` of the folder's "
+        "training.json)",
+    )
     parser.add_argument("--per-category", type=int, default=40)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument(
@@ -59,6 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     if not os.path.isfile(os.path.join(args.lora, LORA_FILE)):
         raise SystemExit(f"--lora {args.lora!r} holds no {LORA_FILE}")
+    args.trained_by = args.trained_by or recorded_trained_by(args.lora)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     os.environ.setdefault("TTALIGN_QUIET", "1")
     prompts = evaluation_prompts(args.per_category)

@@ -144,6 +144,9 @@ def test_a_lora_strength_is_chosen_away_from_the_evaluation_set(tmp_path, monkey
     assert torch.equal(scaled["x.lora.down.weight"], state["x.lora.down.weight"])
     assert torch.equal(scaled["x.lora.up.weight"], 3.0 * torch.ones(3, 2))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pytorch_lora_weights.safetensors"]
-    (tmp_path / "training.json").write_text('{"trained_by": "rescaled by python benchmarks/run.py ..."}')
+    assert L.recorded_trained_by(str(tmp_path)) == ""  # no record
+    L.refuse_rescaled(str(tmp_path))
+    (tmp_path / "training.json").write_text('{"trained_by": "a, rescaled x1.5 by python benchmarks/lora_scale.py"}')
+    assert L.recorded_trained_by(str(tmp_path)).startswith("a, rescaled")
     with pytest.raises(SystemExit, match="rescaled already"):
         L.refuse_rescaled(str(tmp_path))
