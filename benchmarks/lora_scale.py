@@ -139,8 +139,10 @@ def main() -> None:
     if args.out:
         rescale(args.lora, chosen, args.out)
         source = recorded_trained_by(args.lora) or f"the LoRA in {args.lora}"
-        with open(os.path.join(args.out, "training.json"), "w") as f:
+        record = os.path.join(args.out, "training.json")
+        with open(record + ".tmp", "w") as f:
             json.dump({"trained_by": f"{source}, rescaled x{chosen:g} by {command}"}, f, indent=1)
+        os.replace(record + ".tmp", record)
     print(markdown)
 
 
